@@ -1,0 +1,65 @@
+"""The ``fdivctl`` command: one subcommand per stage (DESIGN.md).
+
+Each subcommand lives in its own module and only wires options to a stage;
+errors that are the user's to fix (:class:`fdivctl.errors.UserError`) become
+one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from fdivctl import __version__
+from fdivctl.cli import divergences as divergences_cmd
+from fdivctl.cli import planned
+from fdivctl.errors import UserError
+
+app = typer.Typer(
+    name="fdivctl",
+    help=(
+        "LLM post-training in which the divergence is a first-class choice. "
+        "Each command reads and writes files, so stages chain in shell scripts."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fdivctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """fdivctl: rollout → score → teacher-logits → train / distill → eval."""
+
+
+divergences_cmd.register(app)
+planned.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as err:
+        typer.echo(f"fdivctl: error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("fdivctl: aborted", err=True)
+        sys.exit(130)

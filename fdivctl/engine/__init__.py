@@ -1,0 +1,22 @@
+"""The shared loss engine: chunked fused lm_head + divergence (DESIGN.md)."""
+
+from fdivctl.engine.fused import (
+    GRAD_MODES,
+    TokenOutputs,
+    default_chunk_size,
+    divergence_loss,
+    token_outputs,
+)
+from fdivctl.engine.targets import FullLogits, TeacherHead, Target, TopK
+
+__all__ = [
+    "GRAD_MODES",
+    "FullLogits",
+    "Target",
+    "TeacherHead",
+    "TokenOutputs",
+    "TopK",
+    "default_chunk_size",
+    "divergence_loss",
+    "token_outputs",
+]

@@ -1,0 +1,206 @@
+"""The public entry points of the loss engine.
+
+* :func:`divergence_loss` — masked, weighted mean divergence between the
+  student (hidden ``h [N, H]`` through the head ``W [V, H]``) and a target,
+  with gradients for ``h``, ``W`` and the bias;
+* :func:`token_outputs` — per-token log-prob of given ids, entropy, and
+  divergence, each differentiable, from the same chunked pass.
+
+Neither ever holds the ``[N, V]`` student logits.  Two gradient strategies
+(DESIGN.md, "the loss engine"):
+
+* ``grad_mode="forward"`` (default for :func:`divergence_loss`): the chunk's
+  gradient is taken during the forward pass and stored (``grad h`` ``[N, H]``,
+  ``grad W`` fp32 ``[V, H]``); backward only scales them.  3 matmuls per chunk,
+  6·N·H·V FLOPs; extra memory is the stored gradients.
+* ``grad_mode="recompute"``: forward keeps nothing but the inputs; backward
+  recomputes each chunk's logits.  4 matmuls, 8·N·H·V FLOPs, least memory.
+  :func:`token_outputs` always recomputes, since its cotangents (the caller's
+  use of the per-token values) are unknown at forward time.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fdivctl.divergences import Divergence, get
+from fdivctl.engine.matmul import matmul_weight
+from fdivctl.engine.sweep import SweepPlan, sweep
+from fdivctl.engine.targets import Target
+from fdivctl.engine.validation import (
+    check_head,
+    check_per_token,
+    check_scalars,
+    check_target,
+    check_token_ids,
+    check_weights,
+)
+
+GRAD_MODES = ("forward", "recompute")
+
+# Elements of one [chunk, V] fp32 buffer when chunk_size is not given; a chunk
+# holds a handful of such buffers at once (logits, log q, target, grad).
+_CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 22}
+
+
+class TokenOutputs(NamedTuple):
+    """Per-token results ``[N]`` of :func:`token_outputs`; ``None`` where not requested."""
+
+    logprob: torch.Tensor | None
+    entropy: torch.Tensor | None
+    divergence: torch.Tensor | None
+
+
+def default_chunk_size(n_tokens: int, vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk so that one ``[chunk, V]`` fp32 buffer stays near a fixed budget."""
+    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cuda"])
+    return max(1, min(n_tokens, max(8, budget // vocab_size)))
+
+
+class _TokenOutputsFn(torch.autograd.Function):
+    """Per-token outputs; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan):
+        weight_mm = matmul_weight(weight)
+        outputs, _ = sweep(hidden, weight_mm, bias, plan)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        return tuple(outputs[name] for name in plan.outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        hidden, weight, bias = ctx.saved_tensors
+        plan: SweepPlan = ctx.plan
+        cotangents = {n: g for n, g in zip(plan.outputs, grad_outputs) if g is not None}
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not cotangents or not any(needs):
+            return None, None, None, None
+        _, grads = sweep(hidden, matmul_weight(weight), bias, plan, cotangents, needs)
+        return (
+            grads.hidden,
+            None if grads.weight is None else grads.weight.to(weight.dtype),
+            None if grads.bias is None else grads.bias.to(bias.dtype),
+            None,
+        )
+
+
+class _DivergenceLossFn(torch.autograd.Function):
+    """``Σ_t c_t D_t`` with the gradient taken during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, coef, plan):
+        needs = tuple(ctx.needs_input_grad[:3])
+        outputs, grads = sweep(
+            hidden, matmul_weight(weight), bias, plan, {"divergence": coef}, needs
+        )
+        ctx.grads = (
+            grads.hidden,
+            None if grads.weight is None else grads.weight.to(weight.dtype),
+            None if grads.bias is None else grads.bias.to(bias.dtype),
+        )
+        return (outputs["divergence"] * coef).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (*scaled, None, None)
+
+
+def _as_divergence(divergence: str | Divergence) -> Divergence:
+    return get(divergence) if isinstance(divergence, str) else get(divergence)
+
+
+def _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size):
+    check_head(hidden, weight, bias)
+    check_scalars(temperature, chunk_size)
+    n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    check_token_ids(token_ids, n_tokens, vocab_size)
+    if (target is None) != (divergence is None):
+        raise ValueError("target and divergence must be given together")
+    check_target(target, n_tokens, vocab_size)
+    return SweepPlan(
+        token_ids=token_ids,
+        entropy=entropy,
+        target=target,
+        divergence=None if divergence is None else _as_divergence(divergence),
+        temperature=float(temperature),
+        chunk_size=chunk_size or default_chunk_size(n_tokens, vocab_size, hidden.device),
+    )
+
+
+def token_outputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+    entropy: bool = False,
+    target: Target | None = None,
+    divergence: str | Divergence | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> TokenOutputs:
+    """Per-token ``log q(y_t)``, ``H(q_t)`` and ``D(q_t‖p_t)`` at ``temperature``, differentiable.
+
+    ``q_t = softmax((h_t Wᵀ + b) / T)``.  Request any subset: ``token_ids``
+    ``[N]`` for log-probs, ``entropy=True``, ``target`` with ``divergence``.
+    Results are fp32 (fp64 for fp64 inputs).
+    """
+    plan = _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size)
+    if not plan.outputs:
+        raise ValueError("token_outputs: request token_ids, entropy=True, or a target with a divergence")
+    values = dict(zip(plan.outputs, _TokenOutputsFn.apply(hidden, weight, bias, plan)))
+    return TokenOutputs(*(values.get(name) for name in TokenOutputs._fields))
+
+
+def divergence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: Target,
+    divergence: str | Divergence,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    grad_mode: str = "forward",
+) -> torch.Tensor:
+    """Masked weighted mean divergence ``Σ_t m_t w_t D(q_t‖p_t) / Σ_t m_t w_t``.
+
+    ``mask`` ``[N]`` (bool; False rows are skipped entirely, never computed) and
+    ``weights`` ``[N]`` (default 1) select and weight tokens.  When no token
+    carries weight the loss is 0 with zero gradients.  The result is an fp32
+    scalar (fp64 for fp64 inputs).
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode={grad_mode!r}; valid: {', '.join(GRAD_MODES)}")
+    plan = _plan(hidden, weight, bias, None, False, target, divergence, temperature, chunk_size)
+    n_tokens = hidden.shape[0]
+    check_per_token("mask", mask, n_tokens)
+    check_weights(weights, n_tokens)
+    if mask is not None:
+        rows = mask.to(torch.bool).nonzero().squeeze(-1)
+        if rows.numel() < n_tokens:
+            hidden = hidden[rows]
+            plan.target = target.take(rows)
+            weights = None if weights is None else weights[rows]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    coef = (
+        torch.ones(hidden.shape[0], dtype=acc, device=hidden.device)
+        if weights is None
+        else weights.to(acc)
+    )
+    total = coef.sum()
+    if hidden.shape[0] == 0 or total == 0:
+        return (hidden.sum() * 0 + weight.sum() * 0).to(acc)
+    coef = coef / total
+    if grad_mode == "forward":
+        return _DivergenceLossFn.apply(hidden, weight, bias, coef, plan)
+    (per_token,) = _TokenOutputsFn.apply(hidden, weight, bias, plan)
+    return (per_token * coef).sum()

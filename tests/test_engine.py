@@ -1,0 +1,234 @@
+"""The chunked loss engine against the unchunked PyTorch / float64 references."""
+
+import pytest
+import torch
+
+from fdivctl import divergences, engine
+from reference import ENTRIES, entry_id, reference_full, reference_topk
+
+N, H, V = 29, 12, 40
+
+
+def _tensors(dtype=torch.float64, seed=0, n=N, h=H, v=V, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(v, h, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    b = (torch.randn(v, generator=g, dtype=torch.float64) * 0.3).to(dtype) if bias else None
+    t_hidden = torch.randn(n, h + 3, generator=g, dtype=torch.float64).to(dtype)
+    t_weight = (torch.randn(v, h + 3, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    return hidden, weight, b, t_hidden, t_weight
+
+
+def _topk(teacher_logits, k, temperature=1.0):
+    log_p = torch.log_softmax(teacher_logits.double() / temperature, -1)
+    lp, ids = log_p.topk(k, -1)
+    log_tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1.0))
+    return ids.to(torch.int32), lp, log_tail
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+def _leaf(t):
+    return None if t is None else t.clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
+@pytest.mark.parametrize("kind", ["full", "head"])
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+def test_dense_targets_match_unchunked_reference(entry, kind, grad_mode):
+    name, params = entry
+    hidden, weight, bias, th, tw = _tensors(bias=True)
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[[0, 5, 6, 28]] = False
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.1
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    target = engine.FullLogits(th @ tw.T) if kind == "full" else engine.TeacherHead(th, tw)
+    ours = engine.divergence_loss(
+        h, w, target, divergences.get(name, **params), bias=b, mask=mask, weights=weights,
+        temperature=1.7, chunk_size=5, grad_mode=grad_mode,
+    )
+    h2, w2, b2 = _leaf(hidden), _leaf(weight), _leaf(bias)
+    per_token = reference_full(name, params, h2 @ w2.T + b2, th @ tw.T, temperature=1.7)
+    cw = weights * mask
+    ref = (per_token * cw).sum() / cw.sum()
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for g_ours, g_ref in zip(_grads(ours, h, w, b), _grads(ref, h2, w2, b2)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
+@pytest.mark.parametrize("tail", ["tail", "renormalize", "ignore"])
+def test_topk_target_matches_bucket_reference(entry, tail):
+    name, params = entry
+    hidden, weight, _, th, tw = _tensors(seed=1)
+    ids, lp, log_tail = _topk(th @ tw.T, k=7)
+    h, w = _leaf(hidden), _leaf(weight)
+    ours = engine.divergence_loss(
+        h, w, engine.TopK(ids, lp, log_tail, tail=tail), divergences.get(name, **params), chunk_size=4
+    )
+    h2, w2 = _leaf(hidden), _leaf(weight)
+    ref = reference_topk(name, params, h2 @ w2.T, ids, lp, log_tail, tail).mean()
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    for g_ours, g_ref in zip(_grads(ours, h, w), _grads(ref, h2, w2)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
+def test_full_k_store_equals_full_logits_even_when_re_tempered(entry):
+    """k = V leaves an empty tail: the sparse form is the full form; re-tempering is exact."""
+    name, params = entry
+    hidden, weight, _, th, tw = _tensors(seed=2)
+    teacher = th @ tw.T
+    ids, lp, log_tail = _topk(teacher, k=V, temperature=2.0)
+    d = divergences.get(name, **params)
+    sparse = engine.divergence_loss(hidden, weight, engine.TopK(ids, lp, log_tail, temperature=2.0), d, temperature=0.8)
+    dense = engine.divergence_loss(hidden, weight, engine.FullLogits(teacher), d, temperature=0.8)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, N, 1000])
+def test_token_outputs_match_reference_for_any_chunking(chunk_size):
+    hidden, weight, bias, th, tw = _tensors(seed=4, bias=True)
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    out = engine.token_outputs(
+        h, w, bias=b, token_ids=ids, entropy=True, target=engine.TeacherHead(th, tw),
+        divergence="jsd", temperature=0.9, chunk_size=chunk_size,
+    )
+    h2, w2, b2 = _leaf(hidden), _leaf(weight), _leaf(bias)
+    logits = (h2 @ w2.T + b2) / 0.9
+    log_q = torch.log_softmax(logits, -1)
+    ref_lp = log_q.gather(-1, ids[:, None]).squeeze(-1)
+    ref_ent = -(log_q.exp() * log_q).sum(-1)
+    ref_div = reference_full("jsd", {}, h2 @ w2.T + b2, th @ tw.T, temperature=0.9)
+    for ours, ref in ((out.logprob, ref_lp), (out.entropy, ref_ent), (out.divergence, ref_div)):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    # an arbitrary use of all three outputs, as an RL objective would make
+    gen = torch.Generator().manual_seed(6)
+    a, c, e = (torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(3))
+    ours = (a * out.logprob.exp() + c * out.entropy + e * out.divergence).sum()
+    ref = (a * ref_lp.exp() + c * ref_ent + e * ref_div).sum()
+    for g_ours, g_ref in zip(_grads(ours, h, w, b), _grads(ref, h2, w2, b2)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_token_outputs_unused_output_gets_no_gradient_work():
+    hidden, weight, *_ = _tensors(seed=7)
+    h, w = _leaf(hidden), _leaf(weight)
+    out = engine.token_outputs(h, w, token_ids=torch.zeros(N, dtype=torch.long), entropy=True)
+    (g,) = torch.autograd.grad(out.logprob.sum(), h)
+    log_q = torch.log_softmax(hidden @ weight.T, -1)
+    expected = (torch.nn.functional.one_hot(torch.zeros(N, dtype=torch.long), V) - log_q.exp()) @ weight
+    torch.testing.assert_close(g, expected)
+
+
+def test_fully_masked_batch_gives_zero_loss_and_zero_grads():
+    hidden, weight, _, th, tw = _tensors(seed=8)
+    h, w = _leaf(hidden), _leaf(weight)
+    loss = engine.divergence_loss(h, w, engine.TeacherHead(th, tw), "fkl", mask=torch.zeros(N, dtype=torch.bool))
+    assert float(loss.detach()) == 0.0
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert gh.abs().max() == 0 and gw.abs().max() == 0
+
+
+def test_masked_rows_get_zero_hidden_gradient():
+    hidden, weight, _, th, tw = _tensors(seed=9)
+    mask = torch.arange(N) % 3 == 0
+    h = _leaf(hidden)
+    loss = engine.divergence_loss(h, weight, engine.FullLogits(th @ tw.T), "rkl", mask=mask, chunk_size=2)
+    (gh,) = torch.autograd.grad(loss, h)
+    assert gh[~mask].abs().max() == 0 and gh[mask].abs().max() > 0
+
+
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_on_cpu_match_fp32_math(grad_mode, dtype):
+    hidden, weight, _, th, tw = _tensors(dtype=dtype, seed=10, n=33, h=32, v=64)
+    h, w = _leaf(hidden), _leaf(weight)
+    loss = engine.divergence_loss(h, w, engine.TeacherHead(th, tw), "jsd", chunk_size=8, grad_mode=grad_mode)
+    assert loss.dtype == torch.float32
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert gh.dtype == dtype and gw.dtype == dtype
+    # reference: the same low-precision numbers, all math in float64
+    h2, w2 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ref = reference_full("jsd", {}, h2 @ w2.T, th.double() @ tw.double().T).mean()
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh.double(), rh, rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(gw.double(), rw, rtol=2e-2, atol=1e-4)
+
+
+def test_no_grad_inputs_and_inference_mode():
+    hidden, weight, _, th, tw = _tensors(seed=11)
+    with torch.no_grad():
+        loss = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "tv")
+    ref = reference_full("tv", {}, hidden @ weight.T, th @ tw.T).mean()
+    torch.testing.assert_close(loss, ref)
+
+
+def test_vocab_policies():
+    hidden, weight, _, th, _ = _tensors(seed=12)
+    g = torch.Generator().manual_seed(13)
+    padded_head = torch.randn(V + 24, H + 3, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="vocabulary size 64 but the student head has 40"):
+        engine.divergence_loss(hidden, weight, engine.TeacherHead(th, padded_head), "fkl")
+    truncated = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, padded_head, vocab="truncate"), "fkl")
+    direct = engine.divergence_loss(hidden, weight, engine.FullLogits(th @ padded_head[:V].T), "fkl")
+    torch.testing.assert_close(truncated, direct)
+    small = th @ padded_head[: V - 4].T
+    padded = engine.divergence_loss(hidden, weight, engine.FullLogits(small, vocab="pad"), "rkl")
+    by_hand = engine.FullLogits(torch.cat((small, torch.full((N, 4), float("-inf"), dtype=small.dtype)), -1))
+    torch.testing.assert_close(padded, engine.divergence_loss(hidden, weight, by_hand, "rkl"))
+    assert torch.isfinite(padded)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t: dict(hidden=t["h"][:, :5]), r"disagree on H"),
+        (lambda t: dict(hidden=t["h"].float()), r"must be one floating dtype"),
+        (lambda t: dict(hidden=t["h"][0]), r"hidden must be \[N, H\]"),
+        (lambda t: dict(target=engine.FullLogits(t["tl"][:, :7])), r"vocabulary size 7 but the student head has 40"),
+        (lambda t: dict(target=engine.FullLogits(t["tl"][:10])), r"target logits have shape \(10, 40\); expected \[29, V\]"),
+        (lambda t: dict(target=engine.TopK(torch.zeros(N, 41, dtype=torch.int32), torch.zeros(N, 41, dtype=torch.float64), torch.zeros(N, dtype=torch.float64))), r"k=41 exceeds the student vocabulary size 40"),
+        (lambda t: dict(target=engine.TopK(torch.full((N, 3), 40, dtype=torch.int32), torch.zeros(N, 3, dtype=torch.float64), torch.zeros(N, dtype=torch.float64))), r"top-k ids out of range"),
+        (lambda t: dict(target=engine.TopK(torch.zeros(N, 3), torch.zeros(N, 3), torch.zeros(N))), r"must be int32 or int64"),
+        (lambda t: dict(target=engine.FullLogits(t["tl"].index_fill(0, torch.tensor([3]), float("nan")))), r"target logits \(29, 40\) contains NaN"),
+        (lambda t: dict(hidden=t["h"].index_fill(0, torch.tensor([3]), float("nan"))), r"hidden \(29, 12\) contains NaN or inf"),
+        (lambda t: dict(mask=torch.ones(N - 1, dtype=torch.bool)), r"mask has shape \(28,\); expected \[29\]"),
+        (lambda t: dict(weights=torch.full((N,), float("nan"), dtype=torch.float64)), r"weights \(29,\) contain NaN"),
+        (lambda t: dict(temperature=0.0), r"temperature must be > 0"),
+        (lambda t: dict(grad_mode="sideways"), r"grad_mode='sideways'; valid: forward, recompute"),
+        (lambda t: dict(divergence="kld"), r"unknown divergence 'kld'"),
+        (lambda t: dict(target=th_object()), r"target must be a FullLogits, TeacherHead or TopK"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(make, message):
+    hidden, weight, _, th, tw = _tensors(seed=14)
+    tensors = {"h": hidden, "tl": th @ tw.T}
+    kwargs = dict(hidden=hidden, weight=weight, target=engine.FullLogits(th @ tw.T), divergence="fkl")
+    kwargs.update(make(tensors))
+    with pytest.raises(ValueError, match=message):
+        engine.divergence_loss(
+            kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("target"), kwargs.pop("divergence"), **kwargs
+        )
+
+
+def th_object():
+    return torch.zeros(N, V)
+
+
+def test_token_ids_are_checked():
+    hidden, weight, *_ = _tensors(seed=15)
+    with pytest.raises(ValueError, match=r"token_ids out of range \[0, 40\)"):
+        engine.token_outputs(hidden, weight, token_ids=torch.full((N,), 40))
+    with pytest.raises(ValueError, match="request token_ids"):
+        engine.token_outputs(hidden, weight)
+
+
+def test_default_chunk_size_bounds_the_chunk_buffer():
+    assert engine.default_chunk_size(100_000, 32768, torch.device("cpu")) == 128
+    assert engine.default_chunk_size(5, 32768, torch.device("cpu")) == 5
+    assert engine.default_chunk_size(100_000, 151936, torch.device("cuda")) == 220
