@@ -56,8 +56,12 @@ class Divergence(ABC):
         """``f(u)`` elementwise, for ``u = exp(log_ratio) = q/p``."""
 
     def support_divergence(self, log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-        """``Σ_i p_i f(q_i/p_i)`` over the last dimension of two aligned log-probability tensors."""
-        return self.pointwise(floor_log(log_q), floor_log(log_p)).sum(dim=-1)
+        """``Σ_i p_i f(q_i/p_i)`` over the last dimension of two aligned log-probability tensors.
+
+        Both inputs must be finite (``-inf`` floored by :func:`floor_log`); the
+        engine guarantees it without copies, :meth:`token_divergence` floors.
+        """
+        return self.pointwise(log_q, log_p).sum(dim=-1)
 
     def token_divergence(
         self,
@@ -81,7 +85,7 @@ class Divergence(ABC):
         dtype = compute_dtype(student_logits, target_logits)
         log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
         log_p = torch.log_softmax(target_logits.to(dtype) / temperature, dim=-1)
-        return self.support_divergence(log_q, log_p)
+        return self.support_divergence(floor_log(log_q), floor_log(log_p))
 
     def reference_sample_loss(
         self, log_ratio: torch.Tensor, clamp: float = LOG_RATIO_CLAMP

@@ -28,8 +28,7 @@ def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> to
         return log_b
     if weight_a >= 1.0:
         return log_a
-    stacked = torch.stack((log_a + math.log(weight_a), log_b + math.log1p(-weight_a)))
-    return torch.logsumexp(stacked, dim=0)
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

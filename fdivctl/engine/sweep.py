@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fdivctl.divergences import Divergence
-from fdivctl.divergences.logspace import compute_dtype, floor_log
+from fdivctl.divergences.logspace import compute_dtype
 from fdivctl.engine.matmul import backprop_linear, linear_fp32
 from fdivctl.engine.targets import Target
 
@@ -58,14 +58,19 @@ class SweepGrads:
 
 
 def chunk_outputs(plan: SweepPlan, logits: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
-    """The requested per-token quantities for one chunk of student logits (fp32, ``[c, V]``)."""
-    log_q = torch.log_softmax(logits / plan.temperature, dim=-1)
+    """The requested per-token quantities for one chunk of student logits (fp32, ``[c, V]``).
+
+    The student's logits are finite (the head's inputs are checked), so its
+    log-probs are finite too and need no floor.
+    """
+    if plan.temperature != 1.0:
+        logits = logits / plan.temperature
+    log_q = torch.log_softmax(logits, dim=-1)
     out: dict[str, torch.Tensor] = {}
     if plan.token_ids is not None:
         out["logprob"] = log_q.gather(-1, plan.token_ids[rows].long().unsqueeze(-1)).squeeze(-1)
     if plan.entropy:
-        safe = floor_log(log_q)
-        out["entropy"] = -(safe.exp() * safe).sum(-1)
+        out["entropy"] = -(log_q.exp() * log_q).sum(-1)
     if plan.divergence is not None:
         log_q_s, log_p_s = plan.target.support(rows, log_q, plan.temperature)
         out["divergence"] = plan.divergence.support_divergence(log_q_s, log_p_s)

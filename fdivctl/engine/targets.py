@@ -95,7 +95,10 @@ class _DenseTarget(Target):
             logits = logits[:, :vocab_size]
         elif width < vocab_size:
             logits = torch.nn.functional.pad(logits, (0, vocab_size - width), value=float("-inf"))
-        return torch.log_softmax(logits / temperature, dim=-1)
+        if temperature != 1.0:
+            logits = logits / temperature
+        # the target carries no gradient: floor -inf (padding) in place, no copy
+        return torch.log_softmax(logits, dim=-1).clamp_min_(LOG_FLOOR)
 
 
 class FullLogits(_DenseTarget):
