@@ -15,7 +15,11 @@ forward+backward step, median of ``--repeats``), and ``memory_method``:
   inputs were built;
 * cpu: each variant runs in a fresh subprocess; peak = the process's RSS
   high-water mark (``ru_maxrss``) minus its RSS once the inputs exist.
-  tracemalloc cannot see torch's allocations, so it is not used.
+  tracemalloc cannot see torch's allocations, so it is not used.  The
+  memory worker pins glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``) so
+  that freed buffers leave the RSS instead of lingering in the heap; the
+  timing worker runs with the default allocator, whose peaks are reported
+  too (``*_peak_bytes_default_malloc``).
 
 Usage::
 
@@ -28,20 +32,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-import psutil
 import torch
 
 from fdivctl import divergences, engine
 
-CPU_QUICK = [(1024, 256, 8192), (2048, 512, 16384)]
-CPU_FULL = CPU_QUICK + [(4096, 1024, 32768)]
-CUDA_SHAPES = [(8192, 2048, 128256), (16384, 4096, 128256), (8192, 4096, 151936)]
+CPU_QUICK = [(2048, 512, 16384)]
+CPU_FULL = [(1024, 256, 8192), (2048, 512, 16384), (4096, 1024, 32768)]
+CUDA_SHAPES = [(8192, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 151936)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOPK = 64
 
@@ -66,8 +70,7 @@ def build_inputs(shape, dtype, device, target_kind, seed=0):
     else:  # topk: ids, log-probs and tail as the logit store gives them
         raw = torch.randn(n, TOPK + 1, generator=g, device=device)
         log_buckets = torch.log_softmax(raw, -1)
-        inputs["ids"] = torch.randint(0, v, (n, TOPK), generator=g, device=device, dtype=torch.int32)
-        inputs["ids"] = torch.argsort(torch.rand(n, v, generator=g, device=device), -1)[:, :TOPK].to(torch.int32) if v * n <= 1 << 24 else _distinct_ids(n, v, g, device)
+        inputs["ids"] = _distinct_ids(n, v, g, device)
         inputs["logprobs"] = log_buckets[:, :TOPK].to(torch.bfloat16)
         inputs["log_tail"] = log_buckets[:, TOPK]
     return inputs
@@ -139,6 +142,8 @@ def measure(variant, shape, dtype, device, target_kind, divergence, repeats, gra
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        import psutil  # CPU path only
+
         base = psutil.Process().memory_info().rss
     loss = step(inputs)
     _sync(device)
@@ -154,21 +159,29 @@ def measure(variant, shape, dtype, device, target_kind, divergence, repeats, gra
         step(inputs)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return {"peak_bytes": int(peak), "seconds": statistics.median(times), "loss": float(loss)}
+    seconds = statistics.median(times) if times else None
+    return {"peak_bytes": int(peak), "seconds": seconds, "loss": float(loss)}
 
 
-def _measure_in_subprocess(variant, args, shape, div_spec):
+def _worker(variant, args, shape, div_spec, repeats, env=None):
     cmd = [
         sys.executable, __file__, "--worker", variant, "--device", args.device, "--dtype", args.dtype,
-        "--target", args.target, "--repeats", str(args.repeats), "--grad-mode", args.grad_mode,
+        "--target", args.target, "--repeats", str(repeats), "--grad-mode", args.grad_mode,
         "--worker-shape", ",".join(map(str, shape)), "--divergences", div_spec,
     ]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise SystemExit(f"benchmark worker {variant} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure_in_subprocesses(variant, args, shape, div_spec):
+    """Peak from a worker with a pinned mmap threshold; time from one with the default allocator."""
+    memory = _worker(variant, args, shape, div_spec, 0, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    timing = _worker(variant, args, shape, div_spec, args.repeats)
+    return {**timing, "peak_bytes": memory["peak_bytes"], "peak_bytes_default_malloc": timing["peak_bytes"]}
 
 
 def run_shape(args, shape, div_spec):
@@ -176,7 +189,7 @@ def run_shape(args, shape, div_spec):
     results = {}
     for variant in ("naive", "engine"):
         if args.device == "cpu":
-            results[variant] = _measure_in_subprocess(variant, args, shape, div_spec)
+            results[variant] = _measure_in_subprocesses(variant, args, shape, div_spec)
         else:
             try:
                 results[variant] = measure(
@@ -202,7 +215,9 @@ def run_shape(args, shape, div_spec):
         "target": args.target,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "grad_mode": args.grad_mode,
-        "memory_method": "cuda max_memory_allocated" if args.device == "cuda" else "subprocess RSS high-water (ru_maxrss) minus RSS after inputs",
+        "memory_method": "cuda max_memory_allocated" if args.device == "cuda" else (
+            "subprocess RSS high-water (ru_maxrss) minus RSS after inputs, MALLOC_MMAP_THRESHOLD_=131072"
+        ),
         "naive_peak_bytes": naive["peak_bytes"],
         "engine_peak_bytes": eng["peak_bytes"],
         "memory_ratio": ratio(naive["peak_bytes"], eng["peak_bytes"]),
@@ -210,6 +225,11 @@ def run_shape(args, shape, div_spec):
         "engine_s": eng["seconds"],
         "time_ratio": ratio(naive["seconds"], eng["seconds"]),
         "naive_oom": bool(naive.get("oom")),
+        **{
+            f"{name}_peak_bytes_default_malloc": results[name]["peak_bytes_default_malloc"]
+            for name in ("naive", "engine")
+            if "peak_bytes_default_malloc" in results[name]
+        },
         "loss": eng["loss"],
     }
 
@@ -230,7 +250,8 @@ def parse_args(argv=None):
     parser.add_argument("--worker-shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     return args
 
 

@@ -85,7 +85,7 @@ def test_full_k_store_equals_full_logits_even_when_re_tempered(entry):
     d = divergences.get(name, **params)
     sparse = engine.divergence_loss(hidden, weight, engine.TopK(ids, lp, log_tail, temperature=2.0), d, temperature=0.8)
     dense = engine.divergence_loss(hidden, weight, engine.FullLogits(teacher), d, temperature=0.8)
-    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(sparse, dense, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, N, 1000])
@@ -231,4 +231,4 @@ def test_token_ids_are_checked():
 def test_default_chunk_size_bounds_the_chunk_buffer():
     assert engine.default_chunk_size(100_000, 32768, torch.device("cpu")) == 128
     assert engine.default_chunk_size(5, 32768, torch.device("cpu")) == 5
-    assert engine.default_chunk_size(100_000, 151936, torch.device("cuda")) == 220
+    assert engine.default_chunk_size(100_000, 151936, torch.device("cuda")) == 441

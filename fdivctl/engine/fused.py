@@ -42,7 +42,7 @@ GRAD_MODES = ("forward", "recompute")
 
 # Elements of one [chunk, V] fp32 buffer when chunk_size is not given; a chunk
 # holds a handful of such buffers at once (logits, log q, target, grad).
-_CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 22}
+_CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 
 
 class TokenOutputs(NamedTuple):

@@ -68,7 +68,8 @@ def backprop_linear(
     x_mm = x.to(weight_mm.dtype)
     if grad_weight_acc is not None:
         if weight_mm.dtype in LOW_PRECISION:
-            grad_weight_acc += torch.mm(g.T, x_mm, out_dtype=torch.float32)
+            # in place, fp32 result: no [V, H] temporary per chunk
+            torch.addmm(grad_weight_acc, g.T, x_mm, out_dtype=torch.float32, out=grad_weight_acc)
         else:
             grad_weight_acc.addmm_(g.T, x_mm)
     return (g @ weight_mm).to(x.dtype) if input_grad else None

@@ -1,0 +1,70 @@
+"""Sparse top-k summaries of a head's distribution, chunk by chunk (no gradients).
+
+For each token row ``t`` with ``log p_t = log_softmax((h_t Wᵀ + b) / T)``:
+
+* ``ids``, ``logprobs`` — the k most probable ids and their log-probs;
+* ``log_tail``          — ``log(1 − Σ_topk p) = logsumexp`` of the other ids'
+  log-probs, computed directly (no cancellation; ``−inf`` when k = V);
+* ``token_logprob``     — ``log p_t(y_t)`` of a given token, which may lie
+  outside the top-k (the reference log-prob RL objectives need).
+
+This is what the logit store keeps (DESIGN.md, "Logit store"); the engine's
+:class:`~fdivctl.engine.targets.TopK` reads it back as a k+1-bucket target.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fdivctl.engine.fused import default_chunk_size
+from fdivctl.engine.matmul import linear_fp32, matmul_weight
+
+
+class TopKSummary(NamedTuple):
+    ids: torch.Tensor  # int32 [N, k]
+    logprobs: torch.Tensor  # fp32 [N, k]
+    log_tail: torch.Tensor  # fp32 [N]
+    token_logprob: torch.Tensor  # fp32 [N]
+
+
+@torch.no_grad()
+def head_topk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    token_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> TopKSummary:
+    """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k={k} must lie in [1, {vocab}] (the head's vocabulary size)")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    weight_mm = matmul_weight(weight)
+    chunk = chunk_size or default_chunk_size(n, vocab, hidden.device)
+    device = hidden.device
+    out = TopKSummary(
+        torch.empty(n, k, dtype=torch.int32, device=device),
+        torch.empty(n, k, dtype=torch.float32, device=device),
+        torch.empty(n, dtype=torch.float32, device=device),
+        torch.empty(n, dtype=torch.float32, device=device),
+    )
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        logits = linear_fp32(hidden[rows], weight_mm, bias).float()
+        if temperature != 1.0:
+            logits /= temperature
+        log_p = torch.log_softmax(logits, dim=-1)
+        del logits
+        top, ids = log_p.topk(k, dim=-1)
+        out.ids[rows] = ids.to(torch.int32)
+        out.logprobs[rows] = top
+        out.token_logprob[rows] = log_p.gather(-1, token_ids[rows].long().unsqueeze(-1)).squeeze(-1)
+        out.log_tail[rows] = torch.logsumexp(log_p.scatter_(-1, ids, float("-inf")), dim=-1)
+    return out

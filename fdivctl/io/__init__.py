@@ -1,0 +1,1 @@
+"""File contracts: atomic writes, hashes, Parquet tables, the logit store, checkpoints."""

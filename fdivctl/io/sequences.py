@@ -1,0 +1,90 @@
+"""Sequences to score: prompt + completion token ids with their row keys.
+
+Accepted tables (Parquet):
+
+* rollouts from ``fdivctl rollout``: ``prompt_token_ids`` and
+  ``completion_token_ids`` (list<int>);
+* any table with text ``prompt`` and ``completion`` columns, tokenized here
+  with the given tokenizer: the prompt with the tokenizer's special tokens,
+  the completion without (so ``prompt_ids + completion_ids`` is the sequence).
+
+Row keys are ``prompt_id`` (any scalar; kept as text) and ``sample_idx``
+(default 0); without ``prompt_id`` the row number is the key.  Keys must be
+unique.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fdivctl.errors import UserError
+from fdivctl.io.tables import is_int_list, provenance, read_table
+
+
+@dataclass
+class Sequences:
+    prompt_ids: list[str]
+    sample_idx: list[int]
+    prompt_tokens: list[np.ndarray]
+    completion_tokens: list[np.ndarray]
+    tokenizer_hash: str | None  # recorded in the file's provenance, when it has one
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def _int_lists(table: pa.Table, column: str, path: Path) -> list[np.ndarray]:
+    if not is_int_list(table.schema.field(column).type):
+        raise UserError(f"{path}: column {column!r} must be list<int>, got {table.schema.field(column).type}")
+    return [np.asarray(v if v is not None else [], dtype=np.int64) for v in table.column(column).to_pylist()]
+
+
+def _texts(table: pa.Table, column: str, path: Path) -> list[str]:
+    field = table.schema.field(column).type
+    if not (pa.types.is_string(field) or pa.types.is_large_string(field)):
+        raise UserError(f"{path}: column {column!r} must be text, got {field}")
+    values = table.column(column).to_pylist()
+    if any(v is None for v in values):
+        raise UserError(f"{path}: column {column!r} has null values")
+    return values
+
+
+def load_sequences(path: str | Path, tokenizer=None) -> Sequences:
+    """Read a sequences table; ``tokenizer`` is needed only for text columns."""
+    path = Path(path)
+    table = read_table(path)
+    names = table.column_names
+    if "prompt_token_ids" in names and "completion_token_ids" in names:
+        prompts = _int_lists(table, "prompt_token_ids", path)
+        completions = _int_lists(table, "completion_token_ids", path)
+    elif "prompt" in names and "completion" in names:
+        if tokenizer is None:
+            raise UserError(f"{path}: text columns need a tokenizer")
+        prompt_text, completion_text = _texts(table, "prompt", path), _texts(table, "completion", path)
+        prompts = [np.asarray(x, dtype=np.int64) for x in tokenizer(prompt_text, add_special_tokens=True)["input_ids"]]
+        completions = [
+            np.asarray(x, dtype=np.int64) for x in tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+        ]
+    else:
+        raise UserError(
+            f"{path}: needs prompt_token_ids + completion_token_ids (list<int>) or prompt + completion "
+            f"(text) columns; it has {', '.join(names)}"
+        )
+    n = table.num_rows
+    prompt_ids = (
+        [str(v) for v in table.column("prompt_id").to_pylist()] if "prompt_id" in names else [str(i) for i in range(n)]
+    )
+    if "sample_idx" in names:
+        if not pa.types.is_integer(table.schema.field("sample_idx").type):
+            raise UserError(f"{path}: column 'sample_idx' must be integer")
+        sample_idx = [int(v) for v in table.column("sample_idx").to_pylist()]
+    else:
+        sample_idx = [0] * n
+    keys = set(zip(prompt_ids, sample_idx))
+    if len(keys) != n:
+        raise UserError(f"{path}: (prompt_id, sample_idx) is not unique across rows")
+    return Sequences(prompt_ids, sample_idx, prompts, completions, provenance(path).get("tokenizer_hash"))

@@ -1,0 +1,1 @@
+"""Stages: each command's work as an importable function (the CLI only wires options)."""

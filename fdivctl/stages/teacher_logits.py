@@ -1,0 +1,221 @@
+"""``teacher-logits``: score sequences under a teacher once and cache its top-k distributions.
+
+For every scored token ``y_t`` (completion tokens; with ``include_prompt``
+also prompt tokens after the first) the teacher, teacher-forced on the
+sequence, gives ``p_t = softmax(logits_{t−1} / T)``; the store keeps its
+top-k ids and log-probs, ``log(1 − Σ top-k p_t)``, and ``log p_t(y_t)``
+(:func:`fdivctl.engine.topk.head_topk`).  The head is applied to the
+final hidden states in chunks, so ``[tokens, V]`` logits never exist.
+
+Work is cut into shards by a deterministic plan (:func:`plan_shards`), and
+batches never cross a shard, so a shard's bytes do not depend on which
+process wrote it or whether the run was interrupted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fdivctl.engine.topk import head_topk
+from fdivctl.errors import UserError
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.hashing import file_sha256, model_hash, tokenizer_hash
+from fdivctl.io.logit_store import STORE_DTYPES, StoreWriter, plan_shards
+from fdivctl.io.sequences import Sequences, load_sequences
+
+
+@dataclass
+class TeacherLogitsOptions:
+    k: int = 64
+    temperature: float = 1.0
+    dtype: str = "bf16"
+    batch_size: int = 8
+    max_tokens_per_shard: int = 1_000_000
+    shard: tuple[int, int] = (0, 1)
+    include_prompt: bool = False
+    device: str = "auto"
+    model_dtype: str = "auto"
+    allow_tokenizer_mismatch: bool = False
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise UserError(f"--k must be ≥ 1, got {self.k}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.dtype not in STORE_DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}; valid: {', '.join(STORE_DTYPES)}")
+        if self.batch_size < 1 or self.max_tokens_per_shard < 1:
+            raise UserError("--batch-size and --max-tokens-per-shard must be ≥ 1")
+        i, n = self.shard
+        if not 0 <= i < n:
+            raise UserError(f"--shard {i}/{n}: need 0 ≤ i < n")
+
+
+def scored_span(prompt: np.ndarray, completion: np.ndarray, include_prompt: bool) -> tuple[int, int]:
+    """(first scored position, completion_start offset) of one sequence."""
+    if include_prompt:
+        return 1, max(len(prompt) - 1, 0)
+    return len(prompt), 0
+
+
+def _token_counts(seqs: Sequences, include_prompt: bool) -> list[int]:
+    counts = []
+    for row, (p, c) in enumerate(zip(seqs.prompt_tokens, seqs.completion_tokens)):
+        if len(p) == 0 and len(c) > 0 and not include_prompt:
+            raise UserError(
+                f"row {row} (prompt_id {seqs.prompt_ids[row]!r}) has an empty prompt: its first "
+                "completion token has no context to be scored in"
+            )
+        first, _ = scored_span(p, c, include_prompt)
+        counts.append(max(len(p) + len(c) - first, 0))
+    return counts
+
+
+def _decoder_and_head(model):
+    config = model.config
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1.0):
+            raise UserError(f"teacher models with {attr} are not supported yet")
+    head = model.get_output_embeddings()
+    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+
+
+@torch.no_grad()
+def _score_rows(model_parts, seqs: Sequences, rows: range, opts: TeacherLogitsOptions, pad_id: int):
+    """Top-k summaries for the scored tokens of ``rows``, concatenated in row order."""
+    decoder, weight, bias = model_parts
+    device = weight.device
+    full = [np.concatenate((seqs.prompt_tokens[r], seqs.completion_tokens[r])) for r in rows]
+    firsts = [scored_span(seqs.prompt_tokens[r], seqs.completion_tokens[r], opts.include_prompt)[0] for r in rows]
+    length = max((len(f) for f in full), default=0)
+    input_ids = torch.full((len(full), max(length, 1)), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for b, tokens in enumerate(full):
+        input_ids[b, : len(tokens)] = torch.from_numpy(tokens)
+        attention[b, : len(tokens)] = 1
+    hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+    batch_idx, positions, targets = [], [], []
+    for b, (tokens, first) in enumerate(zip(full, firsts)):
+        scored = np.arange(first, len(tokens))
+        batch_idx.append(np.full(len(scored), b))
+        positions.append(scored - 1)
+        targets.append(tokens[first:])
+    batch_idx_t = torch.from_numpy(np.concatenate(batch_idx)).to(device)
+    positions_t = torch.from_numpy(np.concatenate(positions)).to(device)
+    token_ids = torch.from_numpy(np.concatenate(targets)).to(device)
+    summary = head_topk(
+        hidden[batch_idx_t, positions_t], weight, opts.k, token_ids, bias=bias, temperature=opts.temperature
+    )
+    return summary, token_ids
+
+
+def run_teacher_logits(
+    teacher: str | Path,
+    sequences: str | Path,
+    out_dir: str | Path,
+    opts: TeacherLogitsOptions,
+    on_tokens: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> dict:
+    """Fill the store at ``out_dir`` with this process's shards; finalize it when all are done.
+
+    ``on_plan(tokens_to_do)`` is called once before scoring, ``on_tokens(n)``
+    after each batch.  Returns a summary: shards written and skipped, tokens,
+    and whether the store is complete.
+    """
+    opts.check()
+    tokenizer = load_tokenizer(teacher, "teacher")
+    tok_hash = tokenizer_hash(tokenizer)
+    seqs = load_sequences(sequences, tokenizer)
+    if seqs.tokenizer_hash and seqs.tokenizer_hash != tok_hash and not opts.allow_tokenizer_mismatch:
+        raise UserError(
+            f"tokenizer mismatch: {sequences} was tokenized with {seqs.tokenizer_hash[:16]}… but teacher "
+            f"{teacher} has {tok_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)"
+        )
+    counts = _token_counts(seqs, opts.include_prompt)
+    plan = plan_shards(counts, opts.max_tokens_per_shard)
+    config_vocab = _head_rows(teacher)
+    settings = {
+        "teacher": str(Path(teacher).resolve()),
+        "teacher_hash": model_hash(teacher),
+        "tokenizer_hash": tok_hash,
+        "vocab_size": config_vocab,
+        "k": opts.k,
+        "temperature": opts.temperature,
+        "dtype": opts.dtype,
+        "include_prompt": opts.include_prompt,
+        "batch_size": opts.batch_size,
+        "max_tokens_per_shard": opts.max_tokens_per_shard,
+        "source": str(Path(sequences).resolve()),
+        "source_sha256": file_sha256(sequences),
+        "source_rows": len(seqs),
+        "n_tokens": int(sum(counts)),
+        "shards": plan,
+    }
+    if opts.k > config_vocab:
+        raise UserError(f"--k {opts.k} exceeds the teacher's vocabulary size {config_vocab}")
+    writer = StoreWriter(out_dir, settings)
+    mine = [i for i in range(len(plan)) if i % opts.shard[1] == opts.shard[0]]
+    todo = [i for i in mine if not writer.is_done(i)]
+    if on_plan:
+        on_plan(sum(plan[i]["n_tokens"] for i in todo))
+    if todo:
+        model = load_causal_lm(teacher, opts.model_dtype, opts.device, "teacher")
+        parts = _decoder_and_head(model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        store_dtype = STORE_DTYPES[opts.dtype]
+        for i in todo:
+            _write_shard(writer, i, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens)
+    complete = writer.finalize()
+    return {
+        "shards_written": len(todo),
+        "shards_skipped": len(mine) - len(todo),
+        "shards_total": len(plan),
+        "tokens": int(sum(plan[i]["n_tokens"] for i in todo)),
+        "complete": complete,
+    }
+
+
+def _head_rows(teacher: str | Path) -> int:
+    """The teacher head's vocabulary size, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(teacher)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return int(config.vocab_size)
+
+
+def _write_shard(writer, index, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens):
+    start_row, end_row = writer.shards[index]["rows"]
+    pieces: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "log_tail": [], "token_logprob": [], "token_ids": []}
+    spans, offset = [], 0
+    for batch_start in range(start_row, end_row, opts.batch_size):
+        rows = range(batch_start, min(batch_start + opts.batch_size, end_row))
+        summary, token_ids = _score_rows(parts, seqs, rows, opts, pad_id)
+        pieces["ids"].append(summary.ids.cpu())
+        pieces["logprobs"].append(summary.logprobs.to(store_dtype).cpu())
+        pieces["log_tail"].append(summary.log_tail.cpu())
+        pieces["token_logprob"].append(summary.token_logprob.cpu())
+        pieces["token_ids"].append(token_ids.to(torch.int32).cpu())
+        for r in rows:
+            _, completion_start = scored_span(seqs.prompt_tokens[r], seqs.completion_tokens[r], opts.include_prompt)
+            spans.append(
+                {
+                    "prompt_id": seqs.prompt_ids[r],
+                    "sample_idx": seqs.sample_idx[r],
+                    "source_row": r,
+                    "start": offset,
+                    "length": counts[r],
+                    "completion_start": completion_start,
+                }
+            )
+            offset += counts[r]
+        if on_tokens:
+            on_tokens(int(token_ids.numel()))
+    tensors = {name: torch.cat(parts_list) for name, parts_list in pieces.items()}
+    writer.write_shard(index, tensors, spans)
