@@ -53,7 +53,7 @@ planned.register(app)
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except UserError as err:
         typer.echo(f"fdivctl: error: {err}", err=True)
         sys.exit(2)
@@ -65,3 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         typer.echo("fdivctl: aborted", err=True)
         sys.exit(130)
+    # with standalone_mode=False click returns typer.Exit's code instead of raising it
+    if isinstance(code, int) and code:
+        sys.exit(code)

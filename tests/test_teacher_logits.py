@@ -1,0 +1,254 @@
+"""teacher-logits on a tiny random Qwen2 teacher: round trip, resume, verify, shards, errors."""
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fdivctl.cli import main
+from fdivctl.io.logit_store import LogitStore, verify_store
+from fdivctl.io.tables import write_table
+
+
+def _sequences(path: Path, tokenizer, n: int = 12, seed: int = 0) -> Path:
+    """A rollouts-like table: token ids of varied lengths, two samples per prompt."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    rows = {"prompt_id": [], "sample_idx": [], "prompt_token_ids": [], "completion_token_ids": []}
+    for i in range(n):
+        rows["prompt_id"].append(f"p{i // 2}")
+        rows["sample_idx"].append(i % 2)
+        rows["prompt_token_ids"].append(torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist())
+        rows["completion_token_ids"].append(torch.randint(3, vocab, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist())
+    table = pa.table(
+        {
+            "prompt_id": rows["prompt_id"],
+            "sample_idx": pa.array(rows["sample_idx"], pa.int64()),
+            "prompt_token_ids": pa.array(rows["prompt_token_ids"], pa.list_(pa.int32())),
+            "completion_token_ids": pa.array(rows["completion_token_ids"], pa.list_(pa.int32())),
+        }
+    )
+    write_table(path, table, {})
+    return path
+
+
+def _cli(*args, check=True):
+    """Run the fdivctl entry point in-process; return (returncode, stdout, stderr) like subprocess."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(done.stderr)
+    return done
+
+
+@pytest.fixture(scope="module")
+def seqs(tmp_path_factory, tiny_teacher):
+    return _sequences(tmp_path_factory.mktemp("seqs") / "rollouts.parquet", AutoTokenizer.from_pretrained(tiny_teacher))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_teacher, seqs):
+    out = tmp_path_factory.mktemp("store") / "logits"
+    _cli("teacher-logits", tiny_teacher, seqs, out, "--k", 16, "--temperature", 1.5,
+         "--dtype", "fp32", "--max-tokens-per-shard", 12, "--batch-size", 3, "--device", "cpu")
+    return out
+
+
+def _store_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if not p.name.startswith(".")}
+
+
+def test_round_trip_matches_a_direct_forward(store, seqs, tiny_teacher):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    table = pq.read_table(seqs).to_pylist()
+    reader = LogitStore(store)
+    assert len(reader) == len(table) and reader.k == 16 and reader.temperature == 1.5
+    for row in table:
+        got = reader.sequence(row["prompt_id"], row["sample_idx"])
+        prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
+        assert got.token_ids.tolist() == completion
+        if not completion:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0].float()
+        log_p = torch.log_softmax(logits[len(prompt) - 1 : -1] / 1.5, -1)
+        top, ids = log_p.topk(16, -1)
+        torch.testing.assert_close(got.logprobs, top, atol=1e-5, rtol=1e-5)
+        assert (got.ids == ids.to(torch.int32)).float().mean() > 0.99  # ties may swap
+        torch.testing.assert_close(got.log_tail, torch.log1p(-top.exp().sum(-1)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            got.token_logprob, log_p.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_manifest_records_provenance(store, seqs):
+    manifest = json.loads((store / "manifest.json").read_text())
+    for key in ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "temperature", "dtype", "source_sha256",
+                "source_rows", "shards"):
+        assert key in manifest
+    assert manifest["vocab_size"] == 320 and manifest["source_rows"] == 12
+    assert len(manifest["shards"]) > 2 and all(len(s["sha256"]) == 64 for s in manifest["shards"])
+    assert verify_store(store) == []
+    assert _cli("teacher-logits", "--verify", store).stdout.strip().endswith("ok")
+
+
+def test_resume_after_interruption_gives_an_identical_store(tmp_path, store, seqs, tiny_teacher):
+    """The on-disk state a kill leaves (some shards done, a temp file, no manifest), then a rerun."""
+    partial = tmp_path / "logits"
+    shutil.copytree(store, partial)
+    (partial / "manifest.json").unlink()
+    (partial / "index.parquet").unlink()
+    for name in ("shard-00001.json", "shard-00001.safetensors", "shard-00002.json"):
+        (partial / name).unlink()
+    (partial / ".shard-00001.safetensors.abc.tmp").write_bytes(b"half a shard")
+    with pytest.raises(Exception, match="incomplete"):
+        LogitStore(partial)
+    done = _cli("teacher-logits", tiny_teacher, seqs, partial, "--k", 16, "--temperature", 1.5, "--dtype", "fp32",
+                "--max-tokens-per-shard", 12, "--batch-size", 3, "--device", "cpu")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["shards_written"] == 2 and summary["complete"]
+    (partial / ".shard-00001.safetensors.abc.tmp").unlink()
+    assert _store_files(partial) == _store_files(store)
+
+
+def test_killed_process_resumes(tmp_path, seqs, tiny_teacher, store):
+    """A real SIGKILL midway (when it lands before the end), then the same command again."""
+    out = tmp_path / "logits"
+    args = [sys.executable, "-m", "fdivctl", "teacher-logits", str(tiny_teacher), str(seqs), str(out), "--k", "16",
+            "--temperature", "1.5", "--dtype", "fp32", "--max-tokens-per-shard", "12", "--batch-size", "3",
+            "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "shard-00001.json").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    _cli(*args[3:])
+    assert verify_store(out) == []
+    assert _store_files(out) == _store_files(store)
+
+
+def test_sharded_processes_make_the_same_store(tmp_path, seqs, tiny_teacher, store):
+    out = tmp_path / "logits"
+    common = ["--k", 16, "--temperature", 1.5, "--dtype", "fp32", "--max-tokens-per-shard", 12,
+              "--batch-size", 3, "--device", "cpu"]
+    first = json.loads(_cli("teacher-logits", tiny_teacher, seqs, out, *common, "--shard", "0/2").stdout.splitlines()[-1])
+    assert not first["complete"] and not (out / "manifest.json").exists()
+    second = json.loads(_cli("teacher-logits", tiny_teacher, seqs, out, *common, "--shard", "1/2").stdout.splitlines()[-1])
+    assert second["complete"]
+    assert _store_files(out) == _store_files(store)
+
+
+def test_verify_detects_corruption_missing_shard_and_duplicated_row(tmp_path, store):
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(store, corrupted)
+    shard = corrupted / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert any("checksum" in p for p in verify_store(corrupted))
+    done = _cli("teacher-logits", "--verify", corrupted, check=False)
+    assert done.returncode == 1 and "checksum" in done.stderr
+
+    missing = tmp_path / "missing"
+    shutil.copytree(store, missing)
+    (missing / "shard-00000.safetensors").unlink()
+    assert any("missing" in p for p in verify_store(missing))
+
+    duplicated = tmp_path / "duplicated"
+    shutil.copytree(store, duplicated)
+    index = pq.read_table(duplicated / "index.parquet").to_pylist()
+    index[1] = {**index[1], "source_row": index[0]["source_row"]}
+    pq.write_table(pa.Table.from_pylist(index, schema=pq.read_schema(duplicated / "index.parquet")), duplicated / "index.parquet")
+    problems = verify_store(duplicated)
+    assert any("more than once" in p for p in problems) and any("not covered" in p for p in problems)
+
+
+def test_include_prompt_and_low_precision_storage(tmp_path, seqs, tiny_teacher):
+    out = tmp_path / "logits"
+    _cli("teacher-logits", tiny_teacher, seqs, out, "--k", 8, "--include-prompt", "--dtype", "bf16", "--device", "cpu")
+    reader = LogitStore(out)
+    row = pq.read_table(seqs).to_pylist()[0]
+    got = reader.sequence(row["prompt_id"], row["sample_idx"])
+    full = row["prompt_token_ids"] + row["completion_token_ids"]
+    assert got.token_ids.tolist() == full[1:]
+    assert got.completion_start == len(row["prompt_token_ids"]) - 1
+    assert got.logprobs.dtype == torch.bfloat16
+    assert verify_store(out) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard_bytes = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
+    assert shard_bytes / manifest["n_tokens"] <= 6 * 8 + 16 + 1  # +1: the safetensors header, amortized
+
+
+def test_text_sequences_are_tokenized_with_the_teacher(tmp_path, tiny_teacher):
+    path = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"prompt": ["Compute 3 + 4.", "Compute 9 * 9."], "completion": [" The answer is 7.", " 81"]}), path)
+    out = tmp_path / "logits"
+    _cli("teacher-logits", tiny_teacher, path, out, "--k", 4, "--device", "cpu")
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    got = LogitStore(out).sequence("0", 0)
+    assert got.token_ids.tolist() == tok(" The answer is 7.", add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, store, tiny_teacher, seqs):
+    reader = LogitStore(store)
+    with pytest.raises(Exception, match="tokenizer mismatch: student has tokenizer hash 0000"):
+        reader.check_tokenizer("0" * 64, "student")
+    reader.check_tokenizer("0" * 64, "student", allow_mismatch=True)
+    # a rollouts file recorded with another tokenizer
+    other = tmp_path / "other.parquet"
+    write_table(other, pq.read_table(seqs), {"tokenizer_hash": "f" * 64})
+    done = _cli("teacher-logits", tiny_teacher, other, tmp_path / "x", "--device", "cpu", check=False)
+    assert done.returncode == 2 and "tokenizer mismatch" in done.stderr and "ffff" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_store_for_other_sequences_is_named(store):
+    with pytest.raises(Exception, match="made for other sequences"):
+        LogitStore(store).sequence("nope", 0)
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (pa.table({"prompt": ["a"]}), "needs prompt_token_ids \\+ completion_token_ids"),
+        (pa.table({"prompt_token_ids": ["x"], "completion_token_ids": ["y"]}), "must be list<int>"),
+        (pa.table({"prompt_id": ["a", "a"], "prompt": ["x", "y"], "completion": ["1", "2"]}), "is not unique"),
+        (pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}), "the table is empty"),
+    ],
+)
+def test_bad_sequences_exit_2_without_output(tmp_path, tiny_teacher, table, message):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(table, path)
+    done = _cli("teacher-logits", tiny_teacher, path, tmp_path / "out", "--device", "cpu", check=False)
+    assert done.returncode == 2, done.stderr
+    assert message.replace("\\", "") in done.stderr.replace("\\", "") and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_teacher_and_options(tmp_path, seqs, tiny_teacher):
+    done = _cli("teacher-logits", tmp_path, seqs, tmp_path / "out", check=False)
+    assert done.returncode == 2 and "no config.json" in done.stderr
+    done = _cli("teacher-logits", tiny_teacher, seqs, tmp_path / "out", "--k", 999, "--device", "cpu", check=False)
+    assert done.returncode == 2 and "exceeds the teacher's vocabulary size 320" in done.stderr
+    done = _cli("teacher-logits", tiny_teacher, seqs, tmp_path / "out", "--shard", "2/2", check=False)
+    assert done.returncode == 2 and "--shard" in done.stderr
+    done = _cli("teacher-logits", tiny_teacher, tmp_path / "none.parquet", tmp_path / "out", check=False)
+    assert done.returncode == 2 and "no such file" in done.stderr
