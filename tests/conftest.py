@@ -5,7 +5,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
-import tiny  # noqa: E402
+from fdivctl import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -60,11 +60,11 @@ def head_topk(
         logits = linear_fp32(hidden[rows], weight_mm, bias).float()
         if temperature != 1.0:
             logits /= temperature
-        log_p = torch.log_softmax(logits, dim=-1)
-        del logits
-        top, ids = log_p.topk(k, dim=-1)
+        # log p = logits − lse: top-k and gathers read the raw logits, no [c, V] log-softmax is written
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        top, ids = logits.topk(k, dim=-1)
         out.ids[rows] = ids.to(torch.int32)
-        out.logprobs[rows] = top
-        out.token_logprob[rows] = log_p.gather(-1, token_ids[rows].long().unsqueeze(-1)).squeeze(-1)
-        out.log_tail[rows] = torch.logsumexp(log_p.scatter_(-1, ids, float("-inf")), dim=-1)
+        out.logprobs[rows] = top - lse
+        out.token_logprob[rows] = (logits.gather(-1, token_ids[rows].long().unsqueeze(-1)) - lse).squeeze(-1)
+        out.log_tail[rows] = torch.logsumexp(logits.scatter_(-1, ids, float("-inf")), dim=-1) - lse.squeeze(-1)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +47,10 @@ def load_tokenizer(path: str | Path, role: str = "model"):
 def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto", role: str = "model"):
     """A causal LM in eval mode on ``device``; ``dtype`` auto keeps the checkpoint's dtype (fp32 on CPU)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
     path = check_model_dir(path, role)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")

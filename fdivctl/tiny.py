@@ -1,6 +1,8 @@
-"""Small real models for tests: random-init Qwen2 + a byte-level BPE tokenizer trained here.
+"""Small real models built in-process: random-init Qwen2 + a byte-level BPE tokenizer trained here.
 
-Nothing is downloaded; the loading code under test is the real ``from_pretrained(path)``.
+Used by the tests, the benchmarks and the built-in demo.  Nothing is
+downloaded; what reads these directories is the real ``from_pretrained(path)``
+that users call on real checkpoints.
 """
 
 from __future__ import annotations
@@ -40,19 +42,30 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 300) -> PreTrainedTok
     return fast
 
 
-def make_model(out_dir: str | Path, tokenizer, seed: int = 0, hidden: int = 128, layers: int = 2) -> Qwen2ForCausalLM:
+def make_model(
+    out_dir: str | Path,
+    tokenizer,
+    seed: int = 0,
+    hidden: int = 128,
+    layers: int = 2,
+    vocab_size: int | None = None,
+) -> Qwen2ForCausalLM:
     """A random Qwen2 (head_dim 64) saved with its tokenizer.
 
     transformers rebuilds a tokenizer by the directory's model type when it
     loads it (Qwen2's adds ``<|endoftext|>``), so the head is sized, padded to
-    a multiple of 64 as real checkpoints are, from the tokenizer as users load it.
+    a multiple of 64 as real checkpoints are, from the tokenizer as users load it
+    (or ``vocab_size``, when given and large enough).
     """
     torch.manual_seed(seed)
     Qwen2Config().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     loaded = AutoTokenizer.from_pretrained(out_dir)
+    needed = -(-len(loaded) // 64) * 64
+    if vocab_size is not None and vocab_size < len(loaded):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(loaded)} ids)")
     config = Qwen2Config(
-        vocab_size=-(-len(loaded) // 64) * 64,
+        vocab_size=vocab_size or needed,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

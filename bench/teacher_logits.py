@@ -1,0 +1,124 @@
+"""Logit-store cost: bytes per token and write throughput vs a bare teacher forward.
+
+For each k in ``--ks`` and storage dtype in ``--dtypes`` the real
+``teacher-logits`` stage writes a store for the same sequences; beside it, in
+the same run, a bare teacher forward (``model(input_ids).logits``, the same
+batches, the same model load) goes over the same tokens.  Prints one JSON
+object per (k, dtype) with ``tokens`` (prompt + completion tokens through the
+teacher), ``scored_tokens``, ``store_tokens_per_s``, ``bare_tokens_per_s``,
+``throughput_ratio`` (store/bare = bare_s/store_s; target ≥ 0.8),
+``bytes_per_token`` (all shard files / scored tokens) and its target
+``6·k + 16``.  Both timings include loading the model; the store's also
+includes hashing the source and teacher and writing the files.
+
+    python bench/teacher_logits.py --quick                 # CPU, small model
+    python bench/teacher_logits.py                         # CPU, V=32768
+    python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 --vocab 151936
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from fdivctl import tiny
+from fdivctl.io.checkpoints import load_causal_lm
+from fdivctl.io.tables import write_table
+from fdivctl.stages.teacher_logits import TeacherLogitsOptions, run_teacher_logits
+
+
+def make_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_len: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    table = pa.table(
+        {
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "sample_idx": pa.array([0] * n, pa.int64()),
+            "prompt_token_ids": pa.array(torch.randint(3, vocab, (n, prompt_len), generator=g).tolist(), pa.list_(pa.int32())),
+            "completion_token_ids": pa.array(
+                torch.randint(3, vocab, (n, completion_len), generator=g).tolist(), pa.list_(pa.int32())
+            ),
+        }
+    )
+    write_table(path, table, {})
+
+
+@torch.no_grad()
+def bare_forward(model_dir: Path, n: int, seq_len: int, vocab: int, batch_size: int, device: str, model_dtype: str) -> float:
+    """Seconds to load the teacher and run ``model(input_ids).logits`` over the same batches."""
+    start = time.perf_counter()
+    model = load_causal_lm(model_dir, model_dtype, device, "teacher")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (n, seq_len), generator=g)
+    for b in range(0, n, batch_size):
+        batch = ids[b : b + batch_size].to(model.device)
+        logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+        logits.float().sum().item()  # the logits are used, and the device is synchronized
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="a small model and few tokens, under a minute")
+    parser.add_argument("--ks", default="16,64,256")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--completion-len", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model-dtype", default="auto")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.vocab, args.sequences, args.completion_len = 8192, 32, 96
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tokenizer = tiny.train_tokenizer(tmp / "tok")
+        model_dir = tmp / "teacher"
+        tiny.make_model(model_dir, tokenizer, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab)
+        seqs = tmp / "seqs.parquet"
+        make_sequences(seqs, args.vocab, args.sequences, args.prompt_len, args.completion_len)
+        seq_len = args.prompt_len + args.completion_len
+        bare_forward(model_dir, args.batch_size, seq_len, args.vocab, args.batch_size, args.device, args.model_dtype)  # warm-up
+        for k in (int(x) for x in args.ks.split(",")):
+            for dtype in args.dtypes.split(","):
+                out = tmp / f"store-{k}-{dtype}"
+                opts = TeacherLogitsOptions(
+                    k=k, dtype=dtype, batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype
+                )
+                start = time.perf_counter()
+                summary = run_teacher_logits(model_dir, seqs, out, opts)
+                store_s = time.perf_counter() - start
+                bare_s = bare_forward(
+                    model_dir, args.sequences, seq_len, args.vocab, args.batch_size, args.device, args.model_dtype
+                )
+                scored = summary["tokens"]
+                tokens = args.sequences * seq_len
+                shard_bytes = sum(p.stat().st_size for p in out.glob("shard-*.safetensors"))
+                print(json.dumps({
+                    "k": k,
+                    "dtype": dtype,
+                    "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+                    "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
+                    "tokens": tokens,
+                    "scored_tokens": scored,
+                    "store_s": store_s,
+                    "bare_s": bare_s,
+                    "store_tokens_per_s": tokens / store_s,
+                    "bare_tokens_per_s": tokens / bare_s,
+                    "throughput_ratio": bare_s / store_s,
+                    "bytes_per_token": shard_bytes / scored,
+                    "bytes_per_token_target": 6 * k + 16,
+                }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
