@@ -47,7 +47,8 @@ def head_topk(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     weight_mm = matmul_weight(weight)
-    chunk = chunk_size or default_chunk_size(n, vocab, hidden.device)
+    # no gradients: a chunk holds only its logits, so it can be 4× the engine's default
+    chunk = chunk_size or 4 * default_chunk_size(n, vocab, hidden.device)
     device = hidden.device
     out = TopKSummary(
         torch.empty(n, k, dtype=torch.int32, device=device),
@@ -60,11 +61,14 @@ def head_topk(
         logits = linear_fp32(hidden[rows], weight_mm, bias).float()
         if temperature != 1.0:
             logits /= temperature
-        # log p = logits − lse: top-k and gathers read the raw logits, no [c, V] log-softmax is written
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        # One full-width reduction: lse_rest over the non-top-k logits (the tail), then
+        # lse = logaddexp(lse_rest, logsumexp(top)); no [c, V] log-softmax is written.
         top, ids = logits.topk(k, dim=-1)
+        token_logit = logits.gather(-1, token_ids[rows].long().unsqueeze(-1)).squeeze(-1)
+        lse_rest = torch.logsumexp(logits.scatter_(-1, ids, float("-inf")), dim=-1)
+        lse = torch.logaddexp(lse_rest, torch.logsumexp(top, dim=-1))
         out.ids[rows] = ids.to(torch.int32)
-        out.logprobs[rows] = top - lse
-        out.token_logprob[rows] = (logits.gather(-1, token_ids[rows].long().unsqueeze(-1)) - lse).squeeze(-1)
-        out.log_tail[rows] = torch.logsumexp(logits.scatter_(-1, ids, float("-inf")), dim=-1) - lse.squeeze(-1)
+        out.logprobs[rows] = top - lse.unsqueeze(-1)
+        out.token_logprob[rows] = token_logit - lse
+        out.log_tail[rows] = lse_rest - lse
     return out
