@@ -8,7 +8,6 @@ from fdivctl.errors import UserError
 
 PLANNED = {
     "rollout": "sample completions with vLLM or transformers → rollouts.parquet",
-    "score": "verify rollouts (math, exact, regex, sql, python) → scored.parquet",
     "train": "RL with verifiable rewards (GRPO family, DPH-RL, f-DPO) → checkpoint",
     "distill": "offline / on-policy distillation with any divergence → checkpoint",
     "eval": "pass@k, diversity, forgetting, calibration → metrics.json + plots",

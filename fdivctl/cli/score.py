@@ -1,0 +1,38 @@
+"""``fdivctl score``: verify rollouts in parallel, each under a time limit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from fdivctl.cli.progress import progress_bar
+from fdivctl.rewards.verifiers import make_verifier
+from fdivctl.stages.score import score_table
+
+
+def command(
+    rollouts: Path = typer.Argument(..., help="Rollouts Parquet (from `fdivctl rollout`, or any table with "
+                                    "prompt_id and completion)."),
+    out: Path = typer.Argument(..., help="Scored Parquet to write: the input plus reward, correct, verdict, pass_rate."),
+    verifier: str = typer.Option(
+        "math", help="math | math-verify | exact | regex | sql | python:MODULE:FUNC (a function (completion, row) → float)."
+    ),
+    pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
+    db: Path = typer.Option(None, help="SQLite database for --verifier sql (default: the row's db_path column)."),
+    sql_timeout: float = typer.Option(5.0, help="Seconds each SQL query may run."),
+    workers: int = typer.Option(4, help="Verifier processes."),
+    timeout: float = typer.Option(10.0, help="Seconds one row's verification may take; past it the row scores 0."),
+) -> None:
+    """Verify completions and write reward, correct, verdict and per-prompt pass_rate."""
+    spec = make_verifier(verifier, pattern=pattern, db=str(db) if db else None, sql_timeout=sql_timeout)
+    with progress_bar("score", "rows") as progress:
+        task = progress.add_task("score", total=None)
+        summary = score_table(rollouts, out, spec, workers=workers, timeout=timeout,
+                              on_done=lambda n: progress.advance(task, n))
+    typer.echo(json.dumps({"scored": str(out), **summary}))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(command)

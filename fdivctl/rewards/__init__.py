@@ -1,0 +1,1 @@
+"""Verifiers: completion (+ its row) → reward, correct, verdict."""

@@ -1,0 +1,221 @@
+"""score: verifiers (math, exact, regex, sql, python) and the parallel, time-limited pool."""
+
+import contextlib
+import hashlib
+import io
+import sqlite3
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fdivctl.cli import main
+from fdivctl.io.tables import provenance, write_table
+from fdivctl.rewards.math_answer import extract_answer, verify_math
+from fdivctl.rewards.sql_exec import verify_sql
+from fdivctl.rewards.verifiers import make_verifier
+
+MATH_CASES = [
+    # (completion, gold, correct)
+    ("So the result is \\boxed{\\frac{1}{2}}.", "0.5", True),
+    ("\\boxed{\\dfrac{3}{4}}", "3/4", True),
+    ("\\boxed{\\tfrac{3}{4}}", "\\frac{3}{4}", True),
+    ("The answer is 1,234.", "1234", True),
+    ("The answer is 1,234,567", "1234567", True),
+    ("\\boxed{50\\%}", "50", True),
+    ("\\boxed{50\\%}", "0.5", True),
+    ("\\boxed{12.5\\%}", "0.125", True),
+    ("x = \\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", True),
+    ("first 3 then 17 and finally 42", "42", True),
+    ("\\boxed{\\boxed{7}}", "7", True),
+    ("\\boxed{ 3.0 }", "3", True),
+    ("\\boxed{\\text{(A)}}", "(A)", True),
+    ("\\boxed{\\pi/2}", "\\frac{\\pi}{2}", True),
+    ("\\boxed{-\\frac{1}{3}}", "-1/3", True),
+    ("\\boxed{90^\\circ}", "90", True),
+    ("\\boxed{\\left(1, 2\\right)}", "(1,2)", True),
+    ("$\\boxed{\\$5}$", "5", True),
+    ("\\boxed{\\frac12}", "0.5", True),
+    ("\\boxed{0.3333333333}", "1/3", True),  # within the relative tolerance 1e-6
+    ("\\boxed{0.333}", "1/3", False),
+    ("\\boxed{2x}", "x*2", True),
+    ("The answer is $-4$.", "-4", True),
+    ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}", True),
+    ("\\boxed{3}", "4", False),
+    ("no numbers here", "5", False),
+    ("\\boxed{1/0}", "1", False),
+    ("\\boxed{x+1}", "x+2", False),
+    ("\\boxed{\\frac{1}{3}}", "0.33", False),
+    ("\\boxed{25\\%}", "0.3", False),
+    ("The answer is 12. Later I say 13", "12", True),
+    ("\\boxed{\\sqrt{2}}", "1.41421356237", False),
+    ("\\boxed{(1, 2)}", "(2, 1)", False),
+    ("\\boxed{-5}", "5", False),
+    ("\\boxed{1{,}000}", "1000", False),
+]
+
+
+@pytest.mark.parametrize("completion, gold, correct", MATH_CASES)
+def test_math_answers(completion, gold, correct):
+    ok, verdict = verify_math(completion, gold)
+    assert ok is correct, verdict
+
+
+def test_boxed_extraction_honours_nested_braces():
+    assert extract_answer("\\boxed{1} then \\boxed{\\frac{a}{b^{2}}} end") == "\\frac{a}{b^{2}}"
+    assert extract_answer("\\boxed{unclosed") == "unclosed" or extract_answer("\\boxed{unclosed") is None
+
+
+@pytest.fixture
+def database(tmp_path):
+    path = tmp_path / "shop.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE items(id INTEGER, name TEXT, price REAL);"
+        "INSERT INTO items VALUES (1,'pen',1.5),(2,'ink',3.0),(3,'pad',2.0),(4,'pen',1.5);"
+    )
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sql_execution_match_is_a_multiset_comparison(database):
+    gold = "SELECT name FROM items WHERE price < 2"
+    assert verify_sql("```sql\nSELECT name FROM items WHERE price <= 1.5;\n```", gold, str(database))[0]
+    assert not verify_sql("SELECT DISTINCT name FROM items WHERE price < 2", gold, str(database))[0]
+    assert verify_sql("SELECT name FROM items WHERE id IN (4, 1)", gold, str(database))[0]
+    ok, verdict = verify_sql("SELECT nme FROM items", gold, str(database))
+    assert not ok and "no such column" in verdict
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["DROP TABLE items", "INSERT INTO items VALUES (9,'x',0)", "UPDATE items SET price = 0",
+     "DELETE FROM items", "ATTACH DATABASE 'x.db' AS x", "PRAGMA query_only = OFF; DELETE FROM items"],
+)
+def test_sql_writes_cannot_change_the_database(database, attack):
+    before = _digest(database)
+    ok, verdict = verify_sql(attack, "SELECT 1", str(database))
+    assert not ok and "failed" in verdict
+    assert _digest(database) == before
+
+
+def test_sql_timeout(database):
+    slow = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    )
+    ok, verdict = verify_sql(slow, "SELECT 1", str(database), time_limit=0.5)
+    assert not ok and "timeout" in verdict
+
+
+def _cli(*args):
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _rollouts(path, completions, answers, prompt_ids=None, extra=None):
+    n = len(completions)
+    columns = {
+        "prompt_id": prompt_ids or [f"p{i // 2}" for i in range(n)],
+        "sample_idx": pa.array([i % 2 for i in range(n)], pa.int64()),
+        "completion": completions,
+        "answer": answers,
+        **(extra or {}),
+    }
+    write_table(path, pa.table(columns), {"tokenizer_hash": "abc"})
+    return path
+
+
+def test_score_cli_math_adds_columns_and_pass_rate(tmp_path):
+    src = _rollouts(
+        tmp_path / "r.parquet",
+        ["\\boxed{4}", "\\boxed{5}", "The answer is 9", "\\boxed{9}"],
+        ["4", "4", "9", "9"],
+    )
+    done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "math", "--workers", 2)
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.column("correct").to_pylist() == [True, False, True, True]
+    assert table.column("reward").type == pa.float32()
+    assert table.column("pass_rate").to_pylist() == [0.5, 0.5, 1.0, 1.0]
+    assert table.column("sample_idx").to_pylist() == [0, 1, 0, 1]  # carried columns kept
+    record = provenance(tmp_path / "s.parquet")
+    assert record["tokenizer_hash"] == "abc" and record["scored_by"]["verifier"] == "math"
+
+
+def test_score_cli_sql_with_db_column(tmp_path, database):
+    src = _rollouts(
+        tmp_path / "r.parquet",
+        ["SELECT name FROM items WHERE price > 2", "DROP TABLE items"],
+        ["SELECT name FROM items WHERE price = 3.0"] * 2,
+        extra={"db_path": [str(database)] * 2},
+    )
+    before = _digest(database)
+    assert _cli("score", src, tmp_path / "s.parquet", "--verifier", "sql").returncode == 0
+    assert pq.read_table(tmp_path / "s.parquet").column("correct").to_pylist() == [True, False]
+    assert _digest(database) == before
+
+
+def test_exact_regex_and_user_function(tmp_path):
+    src = _rollouts(tmp_path / "r.parquet", ["yes", " yes ", "abc123"], ["yes", "no", "3"], prompt_ids=["a", "b", "c"])
+    assert _cli("score", src, tmp_path / "e.parquet", "--verifier", "exact").returncode == 0
+    assert pq.read_table(tmp_path / "e.parquet").column("correct").to_pylist() == [True, False, False]
+    assert _cli("score", src, tmp_path / "x.parquet", "--verifier", "regex", "--pattern", r"\d+$").returncode == 0
+    assert pq.read_table(tmp_path / "x.parquet").column("correct").to_pylist() == [False, False, True]
+    done = _cli("score", src, tmp_path / "u.parquet", "--verifier", "python:user_reward:length_reward")
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(tmp_path / "u.parquet").column("reward").to_pylist() == [1.0, 1.0, 0.0]
+
+
+def test_pathological_rows_cannot_hang_the_run(tmp_path):
+    src = _rollouts(tmp_path / "r.parquet", ["x", "y"], ["1", "1"], prompt_ids=["a", "b"])
+    done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "python:user_reward:slow_reward", "--timeout", 1)
+    assert done.returncode == 0
+    assert pq.read_table(tmp_path / "s.parquet").column("verdict").to_pylist() == ["timeout after 1s"] * 2
+
+
+def test_huge_and_deeply_nested_completions(tmp_path):
+    nested = "\\boxed{" * 5000 + "1" + "}" * 5000
+    huge = "1 + " * 200_000 + "\\boxed{2}"
+    src = _rollouts(tmp_path / "r.parquet", [nested, huge, "\\boxed{(((((" * 200], ["1", "2", "3"], prompt_ids=["a", "b", "c"])
+    done = _cli("score", src, tmp_path / "s.parquet", "--timeout", 5)
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(tmp_path / "s.parquet").column("correct").to_pylist()[1] is True
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--verifier", "nope"], "unknown verifier 'nope'"),
+        (["--verifier", "python:no_such_module:f"], "cannot import"),
+        (["--verifier", "regex", "--pattern", "("], "not a valid regular expression"),
+    ],
+)
+def test_bad_verifier_options(tmp_path, args, message):
+    src = _rollouts(tmp_path / "r.parquet", ["a"], ["a"], prompt_ids=["a"])
+    done = _cli("score", src, tmp_path / "s.parquet", *args)
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_bad_input_files(tmp_path):
+    pq.write_table(pa.table({"prompt_id": ["a"], "completion": ["x"]}), tmp_path / "noanswer.parquet")
+    done = _cli("score", tmp_path / "noanswer.parquet", tmp_path / "s.parquet")
+    assert done.returncode == 2 and "missing column 'answer'" in done.stderr
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    done = _cli("score", tmp_path / "junk.parquet", tmp_path / "s.parquet")
+    assert done.returncode == 2 and "not a readable Parquet file" in done.stderr
+    assert not (tmp_path / "s.parquet").exists()
