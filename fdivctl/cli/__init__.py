@@ -15,6 +15,7 @@ import typer
 from fdivctl import __version__
 from fdivctl.cli import divergences as divergences_cmd
 from fdivctl.cli import planned
+from fdivctl.cli import rollout as rollout_cmd
 from fdivctl.cli import score as score_cmd
 from fdivctl.cli import teacher_logits as teacher_logits_cmd
 from fdivctl.errors import UserError
@@ -47,6 +48,7 @@ def _root(
 
 
 divergences_cmd.register(app)
+rollout_cmd.register(app)
 score_cmd.register(app)
 teacher_logits_cmd.register(app)
 planned.register(app)

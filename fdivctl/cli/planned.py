@@ -7,7 +7,6 @@ import typer
 from fdivctl.errors import UserError
 
 PLANNED = {
-    "rollout": "sample completions with vLLM or transformers → rollouts.parquet",
     "train": "RL with verifiable rewards (GRPO family, DPH-RL, f-DPO) → checkpoint",
     "distill": "offline / on-policy distillation with any divergence → checkpoint",
     "eval": "pass@k, diversity, forgetting, calibration → metrics.json + plots",

@@ -1,0 +1,1 @@
+"""Rollout backends: ``hf`` (transformers ``generate``); ``vllm`` is planned."""

@@ -1,0 +1,72 @@
+"""The ``hf`` backend: batched ``model.generate`` with left padding.
+
+Per generated token the recorded log-prob is ``log_softmax(logits / T)[y_t]``
+from the model's raw logits (before top-k / top-p truncation), i.e. the
+log-prob a teacher-forced forward pass of the same model at temperature T
+gives; with T = 0 (greedy) it is taken at T = 1.  A sequence stops at EOS or
+when its text contains a stop string; its tokens up to and including the
+stopping token are kept (``finish_reason = "stop"``), else ``"length"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fdivctl.generation.sampling import Completion, SamplingOptions
+
+
+class HFGenerator:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], opts: SamplingOptions, seed: int) -> list[list[Completion]]:
+        """``opts.n`` completions for each prompt (token ids), reproducible for a given ``seed``."""
+        device = self.model.device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention[i, width - len(p) :] = 1
+        greedy = opts.temperature == 0
+        kwargs = dict(
+            do_sample=not greedy,
+            max_new_tokens=opts.max_new_tokens,
+            num_return_sequences=opts.n,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+        )
+        if not greedy:
+            kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
+        if opts.stop:
+            kwargs.update(stop_strings=opts.stop, tokenizer=self.tokenizer)
+        torch.manual_seed(seed)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        new_tokens = out.sequences[:, width:]
+        temperature = 1.0 if greedy else opts.temperature
+        logprobs = torch.stack(
+            [torch.log_softmax(step.float() / temperature, -1).gather(-1, new_tokens[:, t : t + 1]).squeeze(-1)
+             for t, step in enumerate(out.logits)],
+            dim=1,
+        ).cpu()
+        completions = [self._completion(new_tokens[i].tolist(), logprobs[i].tolist(), opts) for i in range(len(new_tokens))]
+        return [completions[i * opts.n : (i + 1) * opts.n] for i in range(len(prompts))]
+
+    def _completion(self, tokens: list[int], logprobs: list[float], opts: SamplingOptions) -> Completion:
+        end, reason = len(tokens), "length"
+        for t, token in enumerate(tokens):
+            if token in self.eos_ids:
+                end, reason = t + 1, "stop"
+                break
+            if opts.stop and any(s in self.tokenizer.decode(tokens[: t + 1]) for s in opts.stop):
+                end, reason = t + 1, "stop"
+                break
+        kept = tokens[:end]
+        return Completion(kept, logprobs[:end], self.tokenizer.decode(kept, skip_special_tokens=True), reason)

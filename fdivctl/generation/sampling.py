@@ -1,0 +1,41 @@
+"""Sampling parameters and one generated completion, shared by every backend."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from fdivctl.errors import UserError
+
+
+@dataclass
+class SamplingOptions:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.n < 1:
+            raise UserError(f"--n must be ≥ 1, got {self.n}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_new_tokens < 1:
+            raise UserError("--top-k must be ≥ 0 and --max-new-tokens ≥ 1")
+        if self.temperature == 0 and self.n > 1:
+            raise UserError("--temperature 0 (greedy) gives one distinct sample: use --n 1")
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each generated token under the sampling temperature
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"

@@ -1,0 +1,223 @@
+"""``rollout``: sample completions for a prompts table, streaming, resumable, shardable.
+
+Prompts are read in batches (memory does not grow with the file).  With
+``shard = (i, n)`` this process takes every n-th prompt, starting at the i-th.
+Each batch's rows are written to ``OUT.parts/part-NNNNNN.parquet`` (atomic);
+``resume`` skips parts already written; at the end the parts are joined into
+``OUT`` (atomic) and removed.  A batch's seed is ``seed + batch number``, so a
+resumed run samples exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fdivctl.errors import UserError
+from fdivctl.generation.hf import HFGenerator
+from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.io.atomic import atomic_path, write_json
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.hashing import model_hash, tokenizer_hash
+from fdivctl.io.tables import provenance, read_table, write_table
+
+BACKENDS = ("auto", "hf", "vllm")
+GENERATED = {
+    "prompt_id": pa.string(),
+    "sample_idx": pa.int64(),
+    "prompt": pa.string(),
+    "prompt_token_ids": pa.list_(pa.int32()),
+    "completion": pa.string(),
+    "completion_token_ids": pa.list_(pa.int32()),
+    "completion_logprobs": pa.list_(pa.float32()),
+    "finish_reason": pa.string(),
+}
+
+
+@dataclass
+class RolloutOptions:
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    backend: str = "auto"
+    batch_size: int = 16
+    dtype: str = "auto"
+    device: str = "auto"
+    chat: bool = False
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` → hf (the vLLM backend is planned); ``vllm`` says it is not available yet."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        raise UserError("--backend vllm is not built yet in this version; use --backend hf")
+    return "hf"
+
+
+def _check_prompts(path: Path) -> pq.ParquetFile:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+    names = file.schema_arrow.names
+    if "prompt_id" not in names or ("prompt" not in names and "messages" not in names):
+        raise UserError(f"{path}: needs columns prompt_id and prompt (or messages); it has {', '.join(names)}")
+    if file.metadata.num_rows == 0:
+        raise UserError(f"{path}: the table is empty")
+    clash = [c for c in GENERATED if c not in ("prompt_id", "prompt") and c in names]
+    if clash:
+        raise UserError(f"{path}: column {clash[0]!r} would be overwritten by rollout's output")
+    return file
+
+
+def _encode(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
+    """(prompt text, prompt token ids); chat template for ``messages`` rows or with ``chat``."""
+    messages = row.get("messages")
+    if messages is not None or chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("the tokenizer has no chat template (drop --chat, or give plain prompt text)")
+        messages = messages if messages is not None else [{"role": "user", "content": row["prompt"]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    if row.get("prompt") is None:
+        raise UserError(f"prompt_id {row.get('prompt_id')!r}: the prompt is null")
+    return row["prompt"], tokenizer(row["prompt"])["input_ids"]
+
+
+def _batches(file: pq.ParquetFile, batch_size: int, shard: tuple[int, int]):
+    """(batch number, pyarrow table of this shard's prompts), streamed."""
+    i, n = shard
+    ordinal, number, pending = 0, 0, []
+    for record_batch in file.iter_batches(batch_size=1024):
+        table = pa.Table.from_batches([record_batch])
+        keep = [r for r in range(table.num_rows) if (ordinal + r) % n == i]
+        ordinal += table.num_rows
+        if keep:
+            pending.append(table.take(keep))
+        while pending and sum(t.num_rows for t in pending) >= batch_size:
+            merged = pa.concat_tables(pending)
+            yield number, merged.slice(0, batch_size)
+            number += 1
+            rest = merged.slice(batch_size)
+            pending = [rest] if rest.num_rows else []
+    if pending:
+        yield number, pa.concat_tables(pending)
+
+
+def run_rollout(
+    model_dir: str | Path,
+    prompts: str | Path,
+    out: str | Path,
+    opts: RolloutOptions,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write ``out``; ``on_batch(samples, tokens)`` after each batch.  Returns a summary."""
+    opts.sampling.check()
+    if opts.batch_size < 1:
+        raise UserError("--batch-size must be ≥ 1")
+    backend = resolve_backend(opts.backend)
+    prompts, out = Path(prompts), Path(out)
+    file = _check_prompts(prompts)
+    tokenizer = load_tokenizer(model_dir, "model")
+    record = {
+        "model": str(Path(model_dir).resolve()),
+        "model_hash": model_hash(model_dir),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "sampling": opts.sampling.as_record(),
+        "backend": backend,
+        "shard": list(opts.shard),
+        "batch_size": opts.batch_size,
+        "chat": opts.chat,
+        "source": str(prompts.resolve()),
+    }
+    parts = out.with_name(out.name + ".parts")
+    if parts.exists():
+        if not opts.resume:
+            raise UserError(f"{parts} holds an interrupted run: pass --resume to continue it, or remove it")
+        previous = json.loads((parts / "run.json").read_text())
+        if previous != record:
+            raise UserError(f"--resume: {parts} was made with other settings; remove it or use the same ones")
+    else:
+        parts.mkdir(parents=True)
+        write_json(parts / "run.json", record)
+    model = load_causal_lm(model_dir, opts.dtype, opts.device, "model")
+    generator = HFGenerator(model, tokenizer)
+    samples = tokens = 0
+    for number, batch in _batches(file, opts.batch_size, opts.shard):
+        part = parts / f"part-{number:06d}.parquet"
+        if part.exists():
+            continue
+        rows = batch.to_pylist()
+        encoded = [_encode(tokenizer, row, opts.chat) for row in rows]
+        results = generator.generate([ids for _, ids in encoded], opts.sampling, opts.sampling.seed + number)
+        table = _rows_table(batch, rows, encoded, results)
+        with atomic_path(part) as tmp:
+            pq.write_table(table, tmp)
+        batch_tokens = sum(len(c.token_ids) for per_prompt in results for c in per_prompt)
+        samples += table.num_rows
+        tokens += batch_tokens
+        if on_batch:
+            on_batch(table.num_rows, batch_tokens)
+    _join_parts(parts, out, record)
+    return {"samples_generated": samples, "tokens_generated": tokens, "backend": backend}
+
+
+def _rows_table(batch: pa.Table, rows, encoded, results) -> pa.Table:
+    n = len(results[0])
+    take = [i for i in range(len(rows)) for _ in range(n)]
+    columns = {
+        "prompt_id": [str(rows[i]["prompt_id"]) for i in take],
+        "sample_idx": [s for _ in rows for s in range(n)],
+        "prompt": [encoded[i][0] for i in take],
+        "prompt_token_ids": [encoded[i][1] for i in take],
+        "completion": [c.text for per in results for c in per],
+        "completion_token_ids": [c.token_ids for per in results for c in per],
+        "completion_logprobs": [c.logprobs for per in results for c in per],
+        "finish_reason": [c.finish_reason for per in results for c in per],
+    }
+    table = pa.table({k: pa.array(v, GENERATED[k]) for k, v in columns.items()})
+    carried = batch.take(take)
+    for name in carried.column_names:
+        if name not in GENERATED:
+            table = table.append_column(carried.schema.field(name), carried.column(name))
+    return table
+
+
+def _join_parts(parts: Path, out: Path, record: dict) -> None:
+    files = sorted(parts.glob("part-*.parquet"))
+    if not files:
+        shutil.rmtree(parts)
+        raise UserError("this shard received no prompts (more shards than prompts?)")
+    write_table(out, pa.concat_tables(pq.read_table(f) for f in files), record)
+    shutil.rmtree(parts)
+
+
+def merge_rollouts(inputs: list[Path], out: Path) -> int:
+    """Join shard outputs of one rollout run; refuse files from different runs or duplicate rows."""
+
+    if not inputs:
+        raise UserError("merge needs at least one input file")
+    tables, first = [], None
+    for path in inputs:
+        table = read_table(path)
+        record = {k: v for k, v in provenance(path).items() if k != "shard"}
+        if first is None:
+            first = record
+        elif record != first:
+            raise UserError(f"{path}: made by another run than {inputs[0]} (model, sampling or source differ)")
+        tables.append(table)
+    merged = pa.concat_tables(tables, promote_options="default")
+    keys = list(zip(merged.column("prompt_id").to_pylist(), merged.column("sample_idx").to_pylist()))
+    if len(set(keys)) != len(keys):
+        raise UserError("the inputs overlap: some (prompt_id, sample_idx) appear twice")
+    write_table(out, merged, {**first, "merged_from": [str(p) for p in inputs]})
+    return merged.num_rows

@@ -1,0 +1,170 @@
+"""rollout (hf backend) on a tiny random Qwen2: schema, log-probs, seeds, resume, shards, errors."""
+
+import contextlib
+import io
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fdivctl.cli import main
+from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.io.tables import provenance
+from fdivctl.stages.rollout import RolloutOptions, run_rollout
+
+PROMPTS = ["Compute 1 + 2.", "Compute 3 * 4.", "Compute 9 - 1.", "Compute 10 + 10.", "Compute 7 * 7."]
+
+
+def _cli(*args):
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    pq.write_table(
+        pa.table({"prompt_id": [f"q{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS,
+                  "answer": ["3", "12", "8", "20", "49"], "level": pa.array([1, 2, 1, 2, 3], pa.int8())}),
+        path,
+    )
+    return path
+
+
+ARGS = ["--n", 3, "--max-new-tokens", 12, "--temperature", 0.8, "--top-k", 50, "--seed", 7,
+        "--batch-size", 2, "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory, tiny_teacher, prompts):
+    out = tmp_path_factory.mktemp("rollouts") / "r.parquet"
+    done = _cli("rollout", tiny_teacher, prompts, out, *ARGS)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_schema_counts_and_carried_columns(rollouts, tiny_teacher):
+    table = pq.read_table(rollouts)
+    schema = table.schema
+    assert schema.field("completion_token_ids").type == pa.list_(pa.int32())
+    assert schema.field("prompt_token_ids").type == pa.list_(pa.int32())
+    assert schema.field("completion_logprobs").type == pa.list_(pa.float32())
+    assert schema.field("level").type == pa.int8()  # carried untouched
+    assert table.num_rows == 3 * len(PROMPTS)
+    rows = table.to_pylist()
+    assert [r["sample_idx"] for r in rows[:3]] == [0, 1, 2]
+    assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    for r in rows:
+        assert r["completion"] == tok.decode(r["completion_token_ids"], skip_special_tokens=True)
+        assert r["prompt_token_ids"] == tok(r["prompt"])["input_ids"]
+        assert all(lp <= 0 for lp in r["completion_logprobs"])
+        assert len(r["completion_logprobs"]) == len(r["completion_token_ids"])
+    record = provenance(rollouts)
+    assert record["backend"] == "hf" and record["sampling"]["seed"] == 7 and len(record["model_hash"]) == 64
+    assert len(record["tokenizer_hash"]) == 64
+
+
+def test_logprobs_equal_a_teacher_forced_forward(rollouts, tiny_teacher):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    for r in pq.read_table(rollouts).to_pylist():
+        ids = r["prompt_token_ids"] + r["completion_token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, len(r["prompt_token_ids"]) - 1 : -1]
+        expected = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(r["completion_token_ids"])[:, None])
+        torch.testing.assert_close(torch.tensor(r["completion_logprobs"]), expected.squeeze(-1), atol=1e-4, rtol=0)
+
+
+def test_seeded_runs_are_reproducible_and_seeds_matter(tmp_path, rollouts, tiny_teacher, prompts):
+    again = tmp_path / "again.parquet"
+    assert _cli("rollout", tiny_teacher, prompts, again, *ARGS).returncode == 0
+    assert pq.read_table(again).equals(pq.read_table(rollouts))
+    other = tmp_path / "other.parquet"
+    assert _cli("rollout", tiny_teacher, prompts, other, *ARGS[:-4], "--seed", 8, "--batch-size", 2, "--device", "cpu").returncode == 0
+    assert pq.read_table(other).column("completion_token_ids") != pq.read_table(rollouts).column("completion_token_ids")
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, rollouts, tiny_teacher, prompts):
+    out = tmp_path / "r.parquet"
+    opts = RolloutOptions(
+        sampling=SamplingOptions(n=3, temperature=0.8, top_k=50, max_new_tokens=12, seed=7),
+        batch_size=2, device="cpu",
+    )
+
+    def interrupt(samples, tokens):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_rollout(tiny_teacher, prompts, out, opts, on_batch=interrupt)
+    parts = tmp_path / "r.parquet.parts"
+    assert (parts / "part-000000.parquet").exists() and not out.exists()
+    refused = _cli("rollout", tiny_teacher, prompts, out, *ARGS)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    done = _cli("rollout", tiny_teacher, prompts, out, *ARGS, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert '"samples_generated": 9' in done.stdout  # 2 of 3 batches were left
+    assert pq.read_table(out).equals(pq.read_table(rollouts)) and not parts.exists()
+
+
+def test_shards_merge_to_every_prompt_once(tmp_path, tiny_teacher, prompts):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.parquet"
+        assert _cli("rollout", tiny_teacher, prompts, out, *ARGS, "--shard", f"{i}/2").returncode == 0
+        outs.append(out)
+    assert pq.read_table(outs[0]).column("prompt_id").to_pylist()[::3] == ["q0", "q2", "q4"]
+    merged = tmp_path / "merged.parquet"
+    done = _cli("merge", merged, *outs)
+    assert done.returncode == 0, done.stderr
+    keys = sorted(zip(*[pq.read_table(merged).column(c).to_pylist() for c in ("prompt_id", "sample_idx")]))
+    assert keys == sorted((f"q{i}", s) for i in range(5) for s in range(3))
+    overlap = _cli("merge", tmp_path / "bad.parquet", outs[0], outs[0])
+    assert overlap.returncode == 2 and "overlap" in overlap.stderr
+
+
+def test_greedy_and_stop_strings(tmp_path, tiny_teacher, prompts):
+    out = tmp_path / "g.parquet"
+    assert _cli("rollout", tiny_teacher, prompts, out, "--temperature", 0, "--max-new-tokens", 6, "--device", "cpu").returncode == 0
+    first = pq.read_table(out).to_pylist()[0]
+    stop = first["completion"][2:4] if len(first["completion"]) >= 4 else first["completion"][:1]
+    out2 = tmp_path / "s.parquet"
+    assert _cli("rollout", tiny_teacher, prompts, out2, "--temperature", 0, "--max-new-tokens", 6, "--stop", stop,
+                "--device", "cpu").returncode == 0
+    row = pq.read_table(out2).to_pylist()[0]
+    assert row["finish_reason"] == "stop" and stop in row["completion"]
+    assert row["completion_token_ids"] == first["completion_token_ids"][: len(row["completion_token_ids"])]
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (pa.table({"prompt": ["x"]}), "needs columns prompt_id and prompt"),
+        (pa.table({"prompt_id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), "the table is empty"),
+        (pa.table({"prompt_id": ["a"], "prompt": ["x"], "completion": ["y"]}), "would be overwritten"),
+    ],
+)
+def test_bad_prompts(tmp_path, tiny_teacher, table, message):
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path)
+    done = _cli("rollout", tiny_teacher, path, tmp_path / "r.parquet", "--device", "cpu")
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "r.parquet.parts").exists()
+
+
+def test_bad_model_and_options(tmp_path, prompts, tiny_teacher):
+    done = _cli("rollout", tmp_path, prompts, tmp_path / "r.parquet")
+    assert done.returncode == 2 and "no config.json" in done.stderr
+    done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--top-p", 0)
+    assert done.returncode == 2 and "--top-p" in done.stderr
+    done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--backend", "vllm")
+    assert done.returncode == 2 and "vllm" in done.stderr
+    assert not (tmp_path / "r.parquet").exists()
