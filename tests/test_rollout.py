@@ -165,6 +165,6 @@ def test_bad_model_and_options(tmp_path, prompts, tiny_teacher):
     assert done.returncode == 2 and "no config.json" in done.stderr
     done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--top-p", 0)
     assert done.returncode == 2 and "--top-p" in done.stderr
-    done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--backend", "vllm")
-    assert done.returncode == 2 and "vllm" in done.stderr
+    done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--backend", "tgi")
+    assert done.returncode == 2 and "valid: auto, hf, vllm" in done.stderr
     assert not (tmp_path / "r.parquet").exists()

@@ -25,7 +25,10 @@ def rollout(
     max_new_tokens: int = typer.Option(256, help="Longest completion, in tokens."),
     seed: int = typer.Option(0, help="Random seed; batch b samples with seed + b."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
-    backend: str = typer.Option("auto", help="hf (transformers generate) or auto; vllm is planned."),
+    backend: str = typer.Option(
+        "auto", help="hf (transformers generate), vllm, or auto (vllm when installed and on CUDA, else hf)."
+    ),
+    tensor_parallel_size: int = typer.Option(1, help="vLLM tensor-parallel GPUs per engine."),
     batch_size: int = typer.Option(16, help="Prompts per generate call."),
     dtype: str = typer.Option("auto", help="Model dtype: auto, fp32, bf16, fp16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
@@ -38,7 +41,7 @@ def rollout(
         sampling=SamplingOptions(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                  max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or [])),
         backend=backend, batch_size=batch_size, dtype=dtype, device=device, chat=chat,
-        shard=parse_shard(shard), resume=resume,
+        shard=parse_shard(shard), resume=resume, tensor_parallel_size=tensor_parallel_size,
     )
     with progress_bar("rollout", "samples") as progress:
         task = progress.add_task("rollout", total=None)

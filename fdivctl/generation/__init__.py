@@ -1,1 +1,1 @@
-"""Rollout backends: ``hf`` (transformers ``generate``); ``vllm`` is planned."""
+"""Rollout backends: ``hf`` (transformers ``generate``) and ``vllm``; one schema."""

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from fdivctl.errors import UserError
 from fdivctl.generation.hf import HFGenerator
 from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
 from fdivctl.io.atomic import atomic_path, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import model_hash, tokenizer_hash
@@ -50,15 +52,23 @@ class RolloutOptions:
     chat: bool = False
     shard: tuple[int, int] = (0, 1)
     resume: bool = False
+    tensor_parallel_size: int = 1
 
 
-def resolve_backend(backend: str) -> str:
-    """``auto`` → hf (the vLLM backend is planned); ``vllm`` says it is not available yet."""
+def resolve_backend(backend: str, device: str) -> str:
+    """``auto`` → vllm when it is importable and the run is on CUDA, else hf.
+
+    On the CPU vLLM is slower than ``generate`` at small sizes (PLATFORM.md);
+    ask for it explicitly there.
+    """
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "vllm":
-        raise UserError("--backend vllm is not built yet in this version; use --backend hf")
-    return "hf"
+    if backend == "auto":
+        on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        return "vllm" if on_cuda and vllm_available() else "hf"
+    if backend == "vllm" and not vllm_available():
+        raise UserError("--backend vllm: vLLM is not installed (pip install 'fdivctl[vllm]')")
+    return backend
 
 
 def _check_prompts(path: Path) -> pq.ParquetFile:
@@ -124,7 +134,7 @@ def run_rollout(
     opts.sampling.check()
     if opts.batch_size < 1:
         raise UserError("--batch-size must be ≥ 1")
-    backend = resolve_backend(opts.backend)
+    backend = resolve_backend(opts.backend, opts.device)
     prompts, out = Path(prompts), Path(out)
     file = _check_prompts(prompts)
     tokenizer = load_tokenizer(model_dir, "model")
@@ -149,8 +159,10 @@ def run_rollout(
     else:
         parts.mkdir(parents=True)
         write_json(parts / "run.json", record)
-    model = load_causal_lm(model_dir, opts.dtype, opts.device, "model")
-    generator = HFGenerator(model, tokenizer)
+    if backend == "vllm":
+        generator = VLLMGenerator(model_dir, opts.dtype, opts.tensor_parallel_size)
+    else:
+        generator = HFGenerator(load_causal_lm(model_dir, opts.dtype, opts.device, "model"), tokenizer)
     samples = tokens = 0
     for number, batch in _batches(file, opts.batch_size, opts.shard):
         part = parts / f"part-{number:06d}.parquet"
