@@ -1,8 +1,5 @@
 """rollout (hf backend) on a tiny random Qwen2: schema, log-probs, seeds, resume, shards, errors."""
 
-import contextlib
-import io
-import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,23 +7,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fdivctl.cli import main
 from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.io.tables import provenance
 from fdivctl.stages.rollout import RolloutOptions, run_rollout
+from cli_runner import run_cli
 
 PROMPTS = ["Compute 1 + 2.", "Compute 3 * 4.", "Compute 9 - 1.", "Compute 10 + 10.", "Compute 7 * 7."]
 
 
 def _cli(*args):
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code or 0
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +158,30 @@ def test_bad_model_and_options(tmp_path, prompts, tiny_teacher):
     done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--backend", "tgi")
     assert done.returncode == 2 and "valid: auto, hf, vllm" in done.stderr
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_chat_template_for_messages_and_chat_flag(tmp_path, tiny_teacher):
+    model_dir = tmp_path / "chat-model"
+    import shutil
+
+    shutil.copytree(tiny_teacher, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    tok.save_pretrained(model_dir)
+    path = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({
+        "prompt_id": ["a", "b"],
+        "prompt": ["Compute 1 + 2.", "Compute 3 * 4."],
+        "messages": [[{"role": "user", "content": "Compute 5 + 5."}], None],
+    }), path)
+    out = tmp_path / "r.parquet"
+    assert run_cli("rollout", model_dir, path, out, "--max-new-tokens", 4, "--device", "cpu").returncode == 0
+    rows = pq.read_table(out).to_pylist()
+    assert rows[0]["prompt"] == "[user] Compute 5 + 5.\n[assistant] "  # messages → template
+    assert rows[1]["prompt"] == "Compute 3 * 4."  # no messages: the plain prompt
+    assert rows[0]["prompt_token_ids"] == tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+    out2 = tmp_path / "r2.parquet"
+    assert run_cli("rollout", model_dir, path, out2, "--max-new-tokens", 4, "--chat", "--device", "cpu").returncode == 0
+    assert pq.read_table(out2).to_pylist()[1]["prompt"] == "[user] Compute 3 * 4.\n[assistant] "
+    refused = run_cli("rollout", tiny_teacher, path, tmp_path / "r3.parquet", "--chat", "--device", "cpu")
+    assert refused.returncode == 2 and "no chat template" in refused.stderr

@@ -1,20 +1,16 @@
 """score: verifiers (math, exact, regex, sql, python) and the parallel, time-limited pool."""
 
-import contextlib
 import hashlib
-import io
 import sqlite3
-import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fdivctl.cli import main
 from fdivctl.io.tables import provenance, write_table
 from fdivctl.rewards.math_answer import extract_answer, verify_math
 from fdivctl.rewards.sql_exec import verify_sql
-from fdivctl.rewards.verifiers import make_verifier
+from cli_runner import run_cli
 
 MATH_CASES = [
     # (completion, gold, correct)
@@ -116,14 +112,7 @@ def test_sql_timeout(database):
 
 
 def _cli(*args):
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code or 0
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return run_cli(*args)
 
 
 def _rollouts(path, completions, answers, prompt_ids=None, extra=None):

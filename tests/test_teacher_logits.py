@@ -1,7 +1,5 @@
 """teacher-logits on a tiny random Qwen2 teacher: round trip, resume, verify, shards, errors."""
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -14,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fdivctl.cli import main
 from fdivctl.io.logit_store import LogitStore, verify_store
 from fdivctl.io.tables import write_table
+from cli_runner import run_cli
 
 
 def _sequences(path: Path, tokenizer, n: int = 12, seed: int = 0) -> Path:
@@ -42,18 +40,7 @@ def _sequences(path: Path, tokenizer, n: int = 12, seed: int = 0) -> Path:
 
 
 def _cli(*args, check=True):
-    """Run the fdivctl entry point in-process; return (returncode, stdout, stderr) like subprocess."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code or 0
-    done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-    if check and code != 0:
-        raise AssertionError(done.stderr)
-    return done
+    return run_cli(*args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
+from fdivctl.cli.options import parse_shard
 from fdivctl.cli.progress import progress_bar
-from fdivctl.cli.teacher_logits import parse_shard
 from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout
 

@@ -7,21 +7,11 @@ from pathlib import Path
 
 import typer
 
+from fdivctl.cli.options import parse_shard
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
 from fdivctl.io.logit_store import verify_store
 from fdivctl.stages.teacher_logits import TeacherLogitsOptions, run_teacher_logits
-
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"i/n"`` → (i, n)."""
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {spec!r}: expected i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise UserError(f"--shard {spec}: need 0 ≤ i < n")
-    return i, n
 
 
 def command(

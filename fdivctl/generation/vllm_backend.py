@@ -4,6 +4,9 @@ Prompts go in as token ids.  Per generated token the recorded log-prob is the
 sampled token's log-prob after temperature scaling (``logprobs_mode=
 "processed_logprobs"``), the same quantity the ``hf`` backend records; stop
 strings stay in the text (``include_stop_str_in_output``), as with ``hf``.
+The text is decoded from the token ids with the model's tokenizer, as ``hf``
+does (vLLM's incremental detokenizer holds back a trailing partial UTF-8
+character, so its own text can differ from the ids).
 
 On the CPU (vllm-cpu, PLATFORM.md) the engine runs eager with a KV cache sized
 by ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 1 here) and a small
@@ -33,11 +36,19 @@ def vllm_available() -> bool:
 
 
 class VLLMGenerator:
-    def __init__(self, model_dir, dtype: str = "auto", tensor_parallel_size: int = 1, max_model_len: int | None = None):
+    def __init__(
+        self,
+        model_dir,
+        tokenizer,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+    ):
         try:
             from vllm import LLM
         except ImportError:
             raise UserError("--backend vllm: vLLM is not installed (pip install 'fdivctl[vllm]')") from None
+        self.tokenizer = tokenizer
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -76,6 +87,7 @@ class VLLMGenerator:
                 ids = list(sample.token_ids)
                 logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, ids)]
                 reason = "stop" if sample.finish_reason == "stop" else "length"
-                per_prompt.append(Completion(ids, logprobs, sample.text, reason))
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                per_prompt.append(Completion(ids, logprobs, text, reason))
             results.append(per_prompt)
         return results

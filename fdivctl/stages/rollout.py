@@ -160,7 +160,7 @@ def run_rollout(
         parts.mkdir(parents=True)
         write_json(parts / "run.json", record)
     if backend == "vllm":
-        generator = VLLMGenerator(model_dir, opts.dtype, opts.tensor_parallel_size)
+        generator = VLLMGenerator(model_dir, tokenizer, opts.dtype, opts.tensor_parallel_size)
     else:
         generator = HFGenerator(load_causal_lm(model_dir, opts.dtype, opts.device, "model"), tokenizer)
     samples = tokens = 0
