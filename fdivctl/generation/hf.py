@@ -3,7 +3,9 @@
 Per generated token the recorded log-prob is ``log_softmax(logits / T)[y_t]``
 from the model's raw logits (before top-k / top-p truncation), i.e. the
 log-prob a teacher-forced forward pass of the same model at temperature T
-gives; with T = 0 (greedy) it is taken at T = 1.  A sequence stops at EOS or
+gives; with T = 0 (greedy) it is taken at T = 1.  A logits processor records
+it during generation, holding one step's ``[B, V]`` log-probs at a time (not
+every step's logits, which would be T·B·V).  A sequence stops at EOS or
 when its text contains a stop string; its tokens up to and including the
 stopping token are kept (``finish_reason = "stop"``), else ``"length"``.
 """
@@ -11,8 +13,37 @@ stopping token are kept (``finish_reason = "stop"``), else ``"length"``.
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from fdivctl.generation.sampling import Completion, SamplingOptions
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records ``log_softmax(raw / T)`` of each sampled token; leaves the scores unchanged.
+
+    At step t it keeps the step's log-probs; at step t+1 ``input_ids`` ends with
+    the token sampled at t, which it looks up.  :meth:`finish` takes the last one.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, tokens[:, None]).squeeze(-1))
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``[B, steps]`` log-probs, given the final sequences."""
+        self._take(sequences[:, -1])
+        self.previous = None
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((len(sequences), 0), dtype=torch.float)
 
 
 class HFGenerator:
@@ -34,12 +65,12 @@ class HFGenerator:
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention[i, width - len(p) :] = 1
         greedy = opts.temperature == 0
+        recorder = SampledLogprobs(1.0 if greedy else opts.temperature)
         kwargs = dict(
             do_sample=not greedy,
             max_new_tokens=opts.max_new_tokens,
             num_return_sequences=opts.n,
-            output_logits=True,
-            return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([recorder]),
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
         )
@@ -48,14 +79,9 @@ class HFGenerator:
         if opts.stop:
             kwargs.update(stop_strings=opts.stop, tokenizer=self.tokenizer)
         torch.manual_seed(seed)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-        new_tokens = out.sequences[:, width:]
-        temperature = 1.0 if greedy else opts.temperature
-        logprobs = torch.stack(
-            [torch.log_softmax(step.float() / temperature, -1).gather(-1, new_tokens[:, t : t + 1]).squeeze(-1)
-             for t, step in enumerate(out.logits)],
-            dim=1,
-        ).cpu()
+        sequences = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        new_tokens = sequences[:, width:]
+        logprobs = recorder.finish(sequences).cpu()
         completions = [self._completion(new_tokens[i].tolist(), logprobs[i].tolist(), opts) for i in range(len(new_tokens))]
         return [completions[i * opts.n : (i + 1) * opts.n] for i in range(len(prompts))]
 

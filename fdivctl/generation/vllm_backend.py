@@ -44,6 +44,8 @@ class VLLMGenerator:
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
     ):
+        # vLLM logs to stdout, where fdivctl prints its one-line JSON summary for pipelines
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
             from vllm import LLM
         except ImportError:
