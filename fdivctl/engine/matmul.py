@@ -17,7 +17,7 @@ import torch
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_fp32_output(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` operands here."""
     if dtype not in LOW_PRECISION or device_type != "cuda":

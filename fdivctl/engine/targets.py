@@ -46,7 +46,7 @@ class Target(ABC):
         """Number of tokens (rows) the target covers."""
 
     @abstractmethod
-    def take(self, index: torch.Tensor) -> "Target":
+    def take(self, index: torch.Tensor) -> Target:
         """The target restricted to rows ``index``."""
 
     @abstractmethod

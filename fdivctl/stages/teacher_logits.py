@@ -191,17 +191,22 @@ def _head_rows(teacher: str | Path) -> int:
 
 
 def _write_shard(writer, index, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens):
+    """Score one shard's rows batch by batch; results stay on the device until the shard is written.
+
+    One device→host copy per shard: no per-batch synchronisation, so preparing
+    the next batch on the CPU overlaps the device's work on this one.
+    """
     start_row, end_row = writer.shards[index]["rows"]
-    pieces: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "log_tail": [], "token_logprob": [], "token_ids": []}
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "logprobs", "log_tail", "token_logprob", "token_ids")}
     spans, offset = [], 0
     for batch_start in range(start_row, end_row, opts.batch_size):
         rows = range(batch_start, min(batch_start + opts.batch_size, end_row))
         summary, token_ids = _score_rows(parts, seqs, rows, opts, pad_id)
-        pieces["ids"].append(summary.ids.cpu())
-        pieces["logprobs"].append(summary.logprobs.to(store_dtype).cpu())
-        pieces["log_tail"].append(summary.log_tail.cpu())
-        pieces["token_logprob"].append(summary.token_logprob.cpu())
-        pieces["token_ids"].append(token_ids.to(torch.int32).cpu())
+        pieces["ids"].append(summary.ids)
+        pieces["logprobs"].append(summary.logprobs.to(store_dtype))
+        pieces["log_tail"].append(summary.log_tail)
+        pieces["token_logprob"].append(summary.token_logprob)
+        pieces["token_ids"].append(token_ids.to(torch.int32))
         for r in rows:
             _, completion_start = scored_span(seqs.prompt_tokens[r], seqs.completion_tokens[r], opts.include_prompt)
             spans.append(
@@ -216,6 +221,6 @@ def _write_shard(writer, index, parts, seqs, opts, pad_id, store_dtype, counts, 
             )
             offset += counts[r]
         if on_tokens:
-            on_tokens(int(token_ids.numel()))
-    tensors = {name: torch.cat(parts_list) for name, parts_list in pieces.items()}
+            on_tokens(sum(counts[r] for r in rows))
+    tensors = {name: torch.cat(parts_list).cpu() for name, parts_list in pieces.items()}
     writer.write_shard(index, tensors, spans)
