@@ -85,6 +85,13 @@ def _decoder_and_head(model):
     return model.get_decoder(), head.weight, getattr(head, "bias", None)
 
 
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device without waiting for the device (pinned memory) on CUDA."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @torch.no_grad()
 def _score_rows(model_parts, seqs: Sequences, rows: range, opts: TeacherLogitsOptions, pad_id: int):
     """Top-k summaries for the scored tokens of ``rows``, concatenated in row order."""
@@ -98,16 +105,16 @@ def _score_rows(model_parts, seqs: Sequences, rows: range, opts: TeacherLogitsOp
     for b, tokens in enumerate(full):
         input_ids[b, : len(tokens)] = torch.from_numpy(tokens)
         attention[b, : len(tokens)] = 1
-    hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+    hidden = decoder(input_ids=_upload(input_ids, device), attention_mask=_upload(attention, device)).last_hidden_state
     batch_idx, positions, targets = [], [], []
     for b, (tokens, first) in enumerate(zip(full, firsts)):
         scored = np.arange(first, len(tokens))
         batch_idx.append(np.full(len(scored), b))
         positions.append(scored - 1)
         targets.append(tokens[first:])
-    batch_idx_t = torch.from_numpy(np.concatenate(batch_idx)).to(device)
-    positions_t = torch.from_numpy(np.concatenate(positions)).to(device)
-    token_ids = torch.from_numpy(np.concatenate(targets)).to(device)
+    batch_idx_t = _upload(torch.from_numpy(np.concatenate(batch_idx)), device)
+    positions_t = _upload(torch.from_numpy(np.concatenate(positions)), device)
+    token_ids = _upload(torch.from_numpy(np.concatenate(targets)), device)
     summary = head_topk(
         hidden[batch_idx_t, positions_t], weight, opts.k, token_ids, bias=bias, temperature=opts.temperature
     )
