@@ -8,6 +8,7 @@ fdivctl version).  Writes are atomic.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,12 +42,37 @@ def provenance(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def _with_record(schema: pa.Schema, record: dict) -> pa.Schema:
+    record = {"fdivctl_version": __version__, **record}
+    return schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(record, sort_keys=True).encode()})
+
+
 def write_table(path: str | Path, table: pa.Table, record: dict) -> None:
     """Write ``table`` atomically with ``record`` (plus the fdivctl version) as its provenance."""
-    record = {"fdivctl_version": __version__, **record}
-    metadata = {**(table.schema.metadata or {}), METADATA_KEY: json.dumps(record, sort_keys=True).encode()}
     with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(metadata), tmp)
+        pq.write_table(table.replace_schema_metadata(_with_record(table.schema, record).metadata), tmp)
+
+
+def write_tables(path: str | Path, tables: Iterable[pa.Table], record: dict) -> int:
+    """Stream ``tables`` (one schema) into one Parquet file, atomically; return the row count.
+
+    Only one table is in memory at a time.
+    """
+    writer, rows = None, 0
+    with atomic_path(path) as tmp:
+        try:
+            for table in tables:
+                if writer is None:
+                    schema = _with_record(table.schema, record)
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.cast(schema))
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise UserError(f"{path}: nothing to write")
+    return rows
 
 
 def require_columns(table: pa.Table, path: str | Path, needed: list[str], hint: str = "") -> None:

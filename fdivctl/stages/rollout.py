@@ -27,7 +27,7 @@ from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
 from fdivctl.io.atomic import atomic_path, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import model_hash, tokenizer_hash
-from fdivctl.io.tables import provenance, read_table, write_table
+from fdivctl.io.tables import provenance, read_table, write_tables
 
 BACKENDS = ("auto", "hf", "vllm")
 GENERATED = {
@@ -209,27 +209,24 @@ def _join_parts(parts: Path, out: Path, record: dict) -> None:
     if not files:
         shutil.rmtree(parts)
         raise UserError("this shard received no prompts (more shards than prompts?)")
-    write_table(out, pa.concat_tables(pq.read_table(f) for f in files), record)
+    write_tables(out, (pq.read_table(f) for f in files), record)
     shutil.rmtree(parts)
 
 
 def merge_rollouts(inputs: list[Path], out: Path) -> int:
-    """Join shard outputs of one rollout run; refuse files from different runs or duplicate rows."""
-
+    """Join shard outputs of one rollout run, streaming; refuse files of different runs or shared rows."""
     if not inputs:
         raise UserError("merge needs at least one input file")
-    tables, first = [], None
+    first, keys, n_keys = None, set(), 0
     for path in inputs:
-        table = read_table(path)
+        key_table = read_table(path, columns=["prompt_id", "sample_idx"])
         record = {k: v for k, v in provenance(path).items() if k != "shard"}
         if first is None:
             first = record
         elif record != first:
             raise UserError(f"{path}: made by another run than {inputs[0]} (model, sampling or source differ)")
-        tables.append(table)
-    merged = pa.concat_tables(tables, promote_options="default")
-    keys = list(zip(merged.column("prompt_id").to_pylist(), merged.column("sample_idx").to_pylist()))
-    if len(set(keys)) != len(keys):
+        keys.update(zip(key_table.column("prompt_id").to_pylist(), key_table.column("sample_idx").to_pylist()))
+        n_keys += key_table.num_rows
+    if len(keys) != n_keys:
         raise UserError("the inputs overlap: some (prompt_id, sample_idx) appear twice")
-    write_table(out, merged, {**first, "merged_from": [str(p) for p in inputs]})
-    return merged.num_rows
+    return write_tables(out, (read_table(p) for p in inputs), {**first, "merged_from": [str(p) for p in inputs]})
