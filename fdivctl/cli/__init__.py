@@ -14,6 +14,7 @@ import typer
 
 from fdivctl import __version__
 from fdivctl.cli import divergences as divergences_cmd
+from fdivctl.cli import evaluate as evaluate_cmd
 from fdivctl.cli import planned
 from fdivctl.cli import rollout as rollout_cmd
 from fdivctl.cli import score as score_cmd
@@ -49,6 +50,7 @@ def _root(
 
 divergences_cmd.register(app)
 rollout_cmd.register(app)
+evaluate_cmd.register(app)
 score_cmd.register(app)
 teacher_logits_cmd.register(app)
 planned.register(app)

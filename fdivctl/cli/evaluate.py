@@ -1,0 +1,100 @@
+"""``fdivctl eval``: metrics.json, per_prompt.parquet, plots, and a table on the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fdivctl.errors import UserError
+from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.rewards.verifiers import make_verifier
+from fdivctl.stages.evaluate import EvalOptions, run_eval
+from fdivctl.stages.rollout import RolloutOptions, run_rollout
+from fdivctl.stages.score import score_table
+
+TABLE_FIGURES = ("mean_reward", "greedy_pass@1", "distinct_correct", "distinct_4", "mean_length", "ece")
+
+
+def _parse_runs(specs: list[str]) -> dict[str, Path]:
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise UserError(f"--run {spec!r}: expected NAME=FILE")
+        if name in runs:
+            raise UserError(f"--run {name!r} given twice")
+        runs[name] = Path(path)
+    return runs
+
+
+def _parse_ks(spec: str) -> list[int]:
+    try:
+        return [int(k) for k in spec.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--k {spec!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+
+
+def metrics_table(report: dict) -> Table:
+    """The terminal table: the same numbers as metrics.json, 4 decimals."""
+    ks = report["k"]
+    table = Table(title="fdivctl eval")
+    columns = ["run", "group", "prompts", *[f"pass@{k}" for k in ks], f"maj@{ks[-1]}"]
+    sample = next(iter(report["runs"].values()))["all"]
+    columns += [f for f in TABLE_FIGURES if f in sample]
+    if report["base"]:
+        columns += [f"forgetting@{ks[-1]}", f"newly_solved@{ks[-1]}"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "group") else "right")
+    for run, figures in report["runs"].items():
+        groups = [("all", figures["all"]), *figures.get("domains", {}).items()]
+        for group, values in groups:
+            cells = [run, group]
+            for column in columns[2:]:
+                value = values.get(column)
+                cells.append("–" if value is None else (str(value) if column == "prompts" else f"{value:.4f}"))
+            table.add_row(*cells)
+    return table
+
+
+def command(
+    out: Path = typer.Argument(..., help="Output directory: metrics.json, per_prompt.parquet, PNG plots."),
+    run: list[str] = typer.Option(None, "--run", help="A scored Parquet to evaluate, as NAME=FILE (repeatable)."),
+    base: str = typer.Option(None, help="Run to compare against: forgetting and newly solved prompts, scatter plots."),
+    k: str = typer.Option("1,2,4,8", "--k", help="Values of k for pass@k and maj@k (each ≤ samples per prompt)."),
+    bootstrap: int = typer.Option(0, help="Bootstrap resamples over prompts for 95 % intervals of pass@k (0 = off)."),
+    domain_column: str = typer.Option(None, help="Column that splits every figure by domain (e.g. in/out of domain)."),
+    answers: str = typer.Option("math", help="How answers are normalized for maj@k and distinct answers: math or text."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    model: Path = typer.Option(None, help="Shortcut: sample this model on --prompts, score, then evaluate it."),
+    prompts: Path = typer.Option(None, help="Prompts Parquet for --model."),
+    verifier: str = typer.Option("math", help="Verifier for --model (as in `fdivctl score`)."),
+    n: int = typer.Option(8, "--n", help="Samples per prompt for --model."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature for --model."),
+    max_new_tokens: int = typer.Option(256, help="Longest completion for --model."),
+    device: str = typer.Option("auto", help="Device for --model."),
+) -> None:
+    """Evaluate scored runs: pass@k (unbiased), maj@k, diversity, calibration, forgetting, with plots."""
+    runs = _parse_runs(run or [])
+    if model is not None:
+        if prompts is None:
+            raise UserError("--model needs --prompts")
+        name = model.name or "model"
+        spec = make_verifier(verifier)
+        out.mkdir(parents=True, exist_ok=True)
+        rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"
+        sampling = SamplingOptions(n=n, temperature=temperature, max_new_tokens=max_new_tokens)
+        run_rollout(model, prompts, rollouts, RolloutOptions(sampling=sampling, device=device))
+        score_table(rollouts, scored, spec)
+        runs[name] = scored
+    opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,
+                       answers=answers, seed=seed)
+    report = run_eval(runs, out, opts)
+    Console(width=200).print(metrics_table(report))
+    typer.echo(f"wrote {out / 'metrics.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(command)

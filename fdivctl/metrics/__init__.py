@@ -1,0 +1,1 @@
+"""Evaluation metrics on scored samples: pass@k, maj@k, diversity, calibration, forgetting."""

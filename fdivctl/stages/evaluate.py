@@ -1,0 +1,167 @@
+"""``eval``: pass@k, maj@k, diversity, calibration and forgetting of scored runs, with plots.
+
+Inputs are scored Parquet files (``prompt_id``, ``correct``; optional
+``sample_idx``, ``reward``, ``completion``, ``completion_token_ids``,
+``greedy`` (bool: that row is the greedy sample, reported as greedy pass@1 and
+left out of pass@k), ``confidence`` (for ECE) and a domain column).  Answers
+for maj@k and distinct-correct counts are normalized like the ``math``
+verifier (``answers="math"``) or as stripped text (``"text"``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from fdivctl.errors import UserError
+from fdivctl.io.atomic import atomic_path, write_json
+from fdivctl.io.tables import read_table, require_columns, write_table
+from fdivctl.metrics import plots
+from fdivctl.metrics.diversity import distinct_correct
+from fdivctl.metrics.report import PromptSamples, aggregate, score_prompts, versus_base
+from fdivctl.rewards.math_answer import extract_answer, normalize
+
+ANSWER_MODES = ("math", "text")
+
+
+@dataclass
+class EvalOptions:
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    base: str | None = None
+    bootstrap: int = 0
+    domain_column: str | None = None
+    answers: str = "math"
+    seed: int = 0
+
+
+def _answer(completion: str | None, mode: str) -> str | None:
+    if completion is None:
+        return None
+    if mode == "text":
+        return completion.strip() or None
+    found = extract_answer(completion)
+    return normalize(found) if found is not None else None
+
+
+def load_run(name: str, path: Path, opts: EvalOptions) -> list[PromptSamples]:
+    """The prompts of one scored file, samples ordered by sample_idx."""
+    table = read_table(path)
+    require_columns(table, path, ["prompt_id", "correct"], " (is it the output of `fdivctl score`?)")
+    if opts.domain_column:
+        require_columns(table, path, [opts.domain_column], " (from --domain-column)")
+    if not pa.types.is_boolean(table.schema.field("correct").type):
+        raise UserError(f"{path}: column 'correct' must be bool, got {table.schema.field('correct').type}")
+    rows = table.to_pylist()
+    rows.sort(key=lambda r: (str(r["prompt_id"]), r.get("sample_idx") or 0))
+    grouped: dict[str, PromptSamples] = {}
+    for row in rows:
+        pid = str(row["prompt_id"])
+        if pid not in grouped:
+            domain = str(row[opts.domain_column]) if opts.domain_column else "all"
+            grouped[pid] = PromptSamples(pid, domain, [], [], [], [], [] if "confidence" in row else None)
+        prompt = grouped[pid]
+        if row.get("greedy"):
+            prompt.greedy_correct = bool(row["correct"])
+            continue
+        prompt.correct.append(bool(row["correct"]))
+        prompt.answers.append(_answer(row.get("completion"), opts.answers))
+        prompt.rewards.append(float(row["reward"]) if row.get("reward") is not None else float(row["correct"]))
+        tokens = row.get("completion_token_ids")
+        prompt.tokens.append(tokens if tokens is not None else (row.get("completion") or "").split())
+        if prompt.confidence is not None:
+            prompt.confidence.append(float(row["confidence"]))
+    prompts = [p for p in grouped.values() if p.n]
+    if not prompts:
+        raise UserError(f"{path}: no sampled (non-greedy) rows")
+    fewest = min(prompts, key=lambda p: p.n)
+    if max(opts.ks) > fewest.n:
+        raise UserError(
+            f"run {name} ({path}): prompt {fewest.prompt_id!r} has n={fewest.n} samples, fewer than "
+            f"k={max(opts.ks)}; lower --k or sample more (--n) per prompt"
+        )
+    score_prompts(prompts, opts.ks)
+    return prompts
+
+
+def _by_domain(prompts: list[PromptSamples]) -> dict[str, list[PromptSamples]]:
+    groups: dict[str, list[PromptSamples]] = defaultdict(list)
+    for p in prompts:
+        groups[p.domain].append(p)
+    return dict(groups)
+
+
+def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
+    """Compute every figure, write metrics.json, per_prompt.parquet and the plots; return the metrics."""
+    if not runs:
+        raise UserError("give at least one --run NAME=FILE (or --model with --prompts)")
+    if opts.answers not in ANSWER_MODES:
+        raise UserError(f"--answers {opts.answers!r}; valid: {', '.join(ANSWER_MODES)}")
+    if not opts.ks or min(opts.ks) < 1:
+        raise UserError("--k needs positive integers, e.g. 1,2,4,8")
+    if opts.base is not None and opts.base not in runs:
+        raise UserError(f"--base {opts.base!r} is not one of the runs ({', '.join(runs)})")
+    opts.ks = sorted(set(opts.ks))
+    loaded = {name: load_run(name, path, opts) for name, path in runs.items()}
+    metrics: dict[str, dict] = {}
+    for name, prompts in loaded.items():
+        figures = {"all": aggregate(prompts, opts.ks, opts.bootstrap, opts.seed)}
+        if opts.domain_column:
+            figures["domains"] = {
+                d: aggregate(ps, opts.ks, opts.bootstrap, opts.seed) for d, ps in sorted(_by_domain(prompts).items())
+            }
+        if opts.base and name != opts.base:
+            figures["all"].update(versus_base(prompts, loaded[opts.base], opts.ks))
+            for d, ps in _by_domain(prompts).items() if opts.domain_column else ():
+                figures["domains"][d].update(versus_base(ps, loaded[opts.base], opts.ks))
+        metrics[name] = figures
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_per_prompt(loaded, out_dir / "per_prompt.parquet", opts)
+    _write_plots(loaded, metrics, out_dir, opts)
+    report = {"k": opts.ks, "base": opts.base, "runs": metrics,
+              "inputs": {name: str(path) for name, path in runs.items()}}
+    write_json(out_dir / "metrics.json", report)
+    return report
+
+
+def _write_per_prompt(loaded: dict[str, list[PromptSamples]], path: Path, opts: EvalOptions) -> None:
+    rows = []
+    for name, prompts in loaded.items():
+        for p in prompts:
+            row = {"run": name, "prompt_id": p.prompt_id, "domain": p.domain, "n": p.n, "c": p.c,
+                   "solve_rate": p.c / p.n, "distinct_correct": distinct_correct(p.answers, p.correct)}
+            row.update({f"pass@{k}": p.pass_k[k] for k in opts.ks})
+            row.update({f"maj@{k}": p.maj_k[k] for k in opts.ks})
+            rows.append(row)
+    write_table(path, pa.Table.from_pylist(rows), {"k": opts.ks})
+
+
+def _write_plots(loaded, metrics, out_dir: Path, opts: EvalOptions) -> None:
+    def save(draw, name, *args):
+        with atomic_path(out_dir / name) as tmp:
+            draw(*args, tmp.with_suffix(".png"))
+            tmp.with_suffix(".png").replace(tmp)
+
+    save(plots.passk_curves, "passk.png", metrics, opts.ks)
+    counts = {
+        run: {"all": [distinct_correct(p.answers, p.correct) for p in prompts],
+              **({d: [distinct_correct(p.answers, p.correct) for p in ps] for d, ps in _by_domain(prompts).items()}
+                 if opts.domain_column else {})}
+        for run, prompts in loaded.items()
+    }
+    save(plots.distinct_correct_histogram, "distinct_correct.png", counts)
+    if opts.base:
+        base_rate = {p.prompt_id: p.c / p.n for p in loaded[opts.base]}
+        for run, prompts in loaded.items():
+            if run == opts.base:
+                continue
+            pairs: dict[str, list[tuple[float, float]]] = {"all": []}
+            for p in prompts:
+                if p.prompt_id in base_rate:
+                    pair = (base_rate[p.prompt_id], p.c / p.n)
+                    pairs["all"].append(pair)
+                    if opts.domain_column:
+                        pairs.setdefault(p.domain, []).append(pair)
+            save(plots.solve_rate_scatter, f"scatter_{run}_vs_{opts.base}.png", run, opts.base, pairs)

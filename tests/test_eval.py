@@ -1,0 +1,160 @@
+"""eval: pass@k against exact combinatorics and Monte-Carlo, maj@k, forgetting, ECE, plots, table."""
+
+import json
+import random
+from fractions import Fraction
+from math import comb
+
+import matplotlib.image
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+
+from cli_runner import run_cli
+from fdivctl.cli.evaluate import metrics_table
+from fdivctl.metrics.calibration import expected_calibration_error
+from fdivctl.metrics.diversity import distinct_correct, distinct_n
+from fdivctl.metrics.passk import majority_correct, pass_at_k
+
+
+@pytest.mark.parametrize(
+    "n, c, k",
+    [(10, 3, 1), (10, 3, 5), (10, 0, 1), (10, 0, 10), (10, 10, 1), (10, 10, 10), (10, 7, 10), (16, 1, 8),
+     (1024, 0, 512), (1024, 1, 1), (1024, 17, 64), (1024, 1000, 1024), (1024, 3, 1000)],
+)
+def test_pass_at_k_equals_the_exact_combinatorial_value(n, c, k):
+    exact = 1 - Fraction(comb(n - c, k), comb(n, k))
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12)
+
+
+def test_pass_at_k_matches_a_monte_carlo_estimate():
+    rng = random.Random(0)
+    n, c, k = 20, 4, 5
+    pool = [True] * c + [False] * (n - c)
+    hits = sum(any(rng.sample(pool, k)) for _ in range(200_000))
+    assert pass_at_k(n, c, k) == pytest.approx(hits / 200_000, abs=0.005)
+
+
+def test_pass_at_k_rejects_k_above_n():
+    with pytest.raises(ValueError, match="1 ≤ k ≤ n"):
+        pass_at_k(4, 1, 8)
+
+
+def test_majority_vote():
+    answers = ["1", "2", "2", None, "3"]
+    assert majority_correct(answers, [False, True, True, False, False], 3)
+    assert not majority_correct(answers, [True, False, False, False, False], 3)
+    assert majority_correct(["1", "2"], [True, False], 2)  # tie: the first-seen answer wins
+    assert not majority_correct([None, None], [False, False], 2)
+
+
+def test_diversity_and_calibration():
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 1) == pytest.approx(4 / 6)
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert distinct_correct(["a", "b", "a", "c"], [True, True, True, False]) == 2
+    assert expected_calibration_error([0.9, 0.9, 0.1, 0.1], [True, False, False, False]) == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
+    assert expected_calibration_error([1.0, 0.0], [True, False]) == 0.0
+
+
+def _scored(path, solve, n=8, domains=None, extra=None):
+    """A scored table: prompt i has solve[i] correct samples out of n, each with its own answer."""
+    rows = []
+    for i, c in enumerate(solve):
+        for s in range(n):
+            ok = s < c
+            row = {"prompt_id": f"q{i}", "sample_idx": s, "completion": f"\\boxed{{{s if ok else 99}}}",
+                   "correct": ok, "reward": float(ok)}
+            if domains:
+                row["domain"] = domains[i]
+            if extra:
+                row.update(extra(i, s, ok))
+            rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_forgetting_and_newly_solved_on_constructed_runs(tmp_path):
+    # base solves q0, q1 at k=8 (c ≥ 1); run loses q1, keeps q0, newly solves q2; q3 stays unsolved
+    base = _scored(tmp_path / "base.parquet", [4, 1, 0, 0])
+    run = _scored(tmp_path / "run.parquet", [8, 0, 2, 0])
+    done = run_cli("eval", tmp_path / "out", "--run", f"base={base}", "--run", f"rl={run}", "--base", "base", "--k", "1,8")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"]["rl"]["all"]
+    assert figures["forgetting@8"] == 0.5 and figures["newly_solved@8"] == 0.5
+    # at k=1 "solved" means pass@1 ≥ ½: base solves q0 only (4/8); the run keeps it, solves nothing new
+    assert figures["forgetting@1"] == 0.0 and figures["newly_solved@1"] == 0.0
+    assert figures["pass@1"] == pytest.approx((1 + 0 + 0.25 + 0) / 4)
+    assert figures["distinct_correct"] == pytest.approx((8 + 0 + 2 + 0) / 4)
+
+
+def test_report_files_plots_and_table_agree(tmp_path):
+    domains = ["in", "in", "out", "out", "in", "out"]
+    base = _scored(tmp_path / "b.parquet", [8, 3, 1, 0, 5, 2], domains=domains,
+                   extra=lambda i, s, ok: {"confidence": 0.8 if ok else 0.3, "greedy": s == 7})
+    run = _scored(tmp_path / "r.parquet", [8, 8, 0, 0, 7, 1], domains=domains,
+                  extra=lambda i, s, ok: {"confidence": 0.9, "greedy": False})
+    out = tmp_path / "out"
+    done = run_cli("eval", out, "--run", f"base={base}", "--run", f"rl={run}", "--base", "base",
+                   "--k", "1,2,4", "--bootstrap", "300", "--domain-column", "domain")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    base_all = report["runs"]["base"]["all"]
+    assert base_all["samples"] == 6 * 7  # the greedy row is not a sample
+    assert base_all["greedy_pass@1"] == pytest.approx(1 / 6)  # only q0 has its 8th sample correct
+    assert "ece" in base_all and set(report["runs"]["rl"]["domains"]) == {"in", "out"}
+    lo, hi = base_all["pass@2_ci95"]
+    assert lo <= base_all["pass@2"] <= hi
+    per_prompt = pq.read_table(out / "per_prompt.parquet")
+    assert per_prompt.num_rows == 12 and "pass@4" in per_prompt.column_names
+    for name in ("passk.png", "distinct_correct.png", "scatter_rl_vs_base.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        pixels = matplotlib.image.imread(out / name)
+        assert pixels.std() > 0.05  # not a blank canvas
+    console = Console(record=True, width=300)
+    console.print(metrics_table(report))
+    text = console.export_text()
+    for run_name, figures in report["runs"].items():
+        line = next(l for l in text.splitlines() if l.strip("│ ").startswith(run_name) and " all " in l)
+        for key in ("pass@1", "pass@4", "maj@4", "mean_reward", "distinct_correct"):
+            assert f"{figures['all'][key]:.4f}" in line
+    assert f"{report['runs']['rl']['all']['forgetting@4']:.4f}" in text
+    assert f"{report['runs']['base']['all']['pass@1']:.4f}" in done.stdout
+
+
+def test_model_shortcut_runs_rollout_score_and_eval(tmp_path, tiny_teacher):
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["Compute 1 + 2.", "Compute 3 * 4."],
+                             "answer": ["3", "12"]}), prompts)
+    done = run_cli("eval", tmp_path / "out", "--model", tiny_teacher, "--prompts", prompts, "--n", 4,
+                   "--k", "1,4", "--max-new-tokens", 6, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    name = tiny_teacher.name
+    assert report["runs"][name]["all"]["samples"] == 8
+    assert (tmp_path / "out" / f"{name}.scored.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--k", "1,16"], "has n=8 samples, fewer than k=16"),
+        (["--base", "nope"], "--base 'nope' is not one of the runs"),
+        (["--k", "a,b"], "expected comma-separated integers"),
+        (["--answers", "vibes"], "--answers 'vibes'; valid: math, text"),
+        (["--domain-column", "lang"], "missing column 'lang'"),
+    ],
+)
+def test_bad_eval_input(tmp_path, args, message):
+    scored = _scored(tmp_path / "s.parquet", [1, 2])
+    done = run_cli("eval", tmp_path / "out", "--run", f"s={scored}", *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_bad_run_spec_and_unscored_file(tmp_path):
+    assert "expected NAME=FILE" in run_cli("eval", tmp_path / "o", "--run", "nofile").stderr
+    pq.write_table(pa.table({"prompt_id": ["a"], "completion": ["x"]}), tmp_path / "raw.parquet")
+    done = run_cli("eval", tmp_path / "o", "--run", f"r={tmp_path / 'raw.parquet'}")
+    assert done.returncode == 2 and "missing column 'correct'" in done.stderr
