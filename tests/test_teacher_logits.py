@@ -239,3 +239,20 @@ def test_bad_teacher_and_options(tmp_path, seqs, tiny_teacher):
     assert done.returncode == 2 and "--shard" in done.stderr
     done = _cli("teacher-logits", tiny_teacher, tmp_path / "none.parquet", tmp_path / "out", check=False)
     assert done.returncode == 2 and "no such file" in done.stderr
+
+
+def test_verify_detects_a_wrong_dtype_with_a_consistent_checksum(tmp_path, store):
+    from safetensors.torch import load_file, save_file
+
+    from fdivctl.io.hashing import file_sha256
+
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    shard = bad / "shard-00000.safetensors"
+    tensors = load_file(str(shard))
+    tensors["logprobs"] = tensors["logprobs"].to(torch.float16)
+    save_file(tensors, str(shard))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = file_sha256(shard)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert any("logprobs has dtype F16, expected F32" in p for p in verify_store(bad))

@@ -111,10 +111,6 @@ class _DivergenceLossFn(torch.autograd.Function):
         return (*scaled, None, None)
 
 
-def _as_divergence(divergence: str | Divergence) -> Divergence:
-    return get(divergence) if isinstance(divergence, str) else get(divergence)
-
-
 def _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size):
     check_head(hidden, weight, bias)
     check_scalars(temperature, chunk_size)
@@ -127,7 +123,7 @@ def _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperat
         token_ids=token_ids,
         entropy=entropy,
         target=target,
-        divergence=None if divergence is None else _as_divergence(divergence),
+        divergence=None if divergence is None else get(divergence),
         temperature=float(temperature),
         chunk_size=chunk_size or default_chunk_size(n_tokens, vocab_size, hidden.device),
     )

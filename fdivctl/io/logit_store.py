@@ -247,9 +247,10 @@ def verify_store(directory: str | Path) -> list[str]:
         return [str(err)]
     problems: list[str] = []
     manifest = store.manifest
-    k, dtype = int(manifest["k"]), STORE_DTYPES[manifest["dtype"]]
-    expected_dtypes = {"ids": torch.int32, "logprobs": dtype, "log_tail": torch.float32,
-                       "token_logprob": torch.float32, "token_ids": torch.int32}
+    k = int(manifest["k"])
+    logprob_dtype = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[manifest["dtype"]]
+    expected_dtypes = {"ids": "I32", "logprobs": logprob_dtype, "log_tail": "F32",
+                       "token_logprob": "F32", "token_ids": "I32"}
     for i, entry in enumerate(manifest["shards"]):
         path = directory / entry["file"]
         if not path.is_file():
@@ -269,8 +270,10 @@ def verify_store(directory: str | Path) -> list[str]:
                 want = (n, k) if name in ("ids", "logprobs") else (n,)
                 if shape != want:
                     problems.append(f"shard {i}: {name} has shape {shape}, manifest implies {want}")
-                if handle.get_tensor(name).dtype != expected_dtypes[name]:
-                    problems.append(f"shard {i}: {name} has the wrong dtype")
+                if tensor_slice.get_dtype() != expected_dtypes[name]:
+                    problems.append(
+                        f"shard {i}: {name} has dtype {tensor_slice.get_dtype()}, expected {expected_dtypes[name]}"
+                    )
     index = store._index
     rows = sorted(index["source_row"])
     n_rows = int(manifest["source_rows"])
