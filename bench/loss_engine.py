@@ -19,7 +19,8 @@ forward+backward step, median of ``--repeats``), and ``memory_method``:
   memory worker pins glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``) so
   that freed buffers leave the RSS instead of lingering in the heap; the
   timing worker runs with the default allocator, whose peaks are reported
-  too (``*_peak_bytes_default_malloc``).
+  too (``*_peak_bytes_default_malloc``, for the first divergence of a run
+  only: later ones share that process's high-water mark).
 
 Usage::
 
@@ -43,7 +44,7 @@ import torch
 
 from fdivctl import divergences, engine
 
-CPU_QUICK = [(2048, 512, 16384)]
+CPU_QUICK = [(2048, 256, 16384)]
 CPU_FULL = [(1024, 256, 8192), (2048, 512, 16384), (4096, 1024, 32768)]
 CUDA_SHAPES = [(8192, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 151936)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -163,42 +164,55 @@ def measure(variant, shape, dtype, device, target_kind, divergence, repeats, gra
     return {"peak_bytes": int(peak), "seconds": seconds, "loss": float(loss)}
 
 
-def _worker(variant, args, shape, div_spec, repeats, env=None):
+def _worker(variant, args, shape, div_specs, repeats, env=None):
+    """Measure ``variant`` for each divergence in a fresh process; one result dict per divergence."""
     cmd = [
         sys.executable, __file__, "--worker", variant, "--device", args.device, "--dtype", args.dtype,
         "--target", args.target, "--repeats", str(repeats), "--grad-mode", args.grad_mode,
-        "--worker-shape", ",".join(map(str, shape)), "--divergences", div_spec,
+        "--worker-shape", ",".join(map(str, shape)), "--divergences", ",".join(div_specs),
     ]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise SystemExit(f"benchmark worker {variant} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-len(div_specs):]]
 
 
-def _measure_in_subprocesses(variant, args, shape, div_spec):
-    """Peak from a worker with a pinned mmap threshold; time from one with the default allocator."""
-    memory = _worker(variant, args, shape, div_spec, 0, {"MALLOC_MMAP_THRESHOLD_": "131072"})
-    timing = _worker(variant, args, shape, div_spec, args.repeats)
-    return {**timing, "peak_bytes": memory["peak_bytes"], "peak_bytes_default_malloc": timing["peak_bytes"]}
+def _measure_in_subprocesses(variant, args, shape, div_specs):
+    """Per divergence: peak from its own process with a pinned mmap threshold (the RSS high-water
+    mark is per process); times from one default-allocator process for all divergences."""
+    timings = _worker(variant, args, shape, div_specs, args.repeats)
+    results = []
+    for i, (spec, timing) in enumerate(zip(div_specs, timings)):
+        (memory,) = _worker(variant, args, shape, [spec], 0, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+        # the timing process's high-water mark is clean for its first divergence only
+        default_peak = timing["peak_bytes"] if i == 0 else None
+        results.append({**timing, "peak_bytes": memory["peak_bytes"], "peak_bytes_default_malloc": default_peak})
+    return results
 
 
-def run_shape(args, shape, div_spec):
-    divergence = divergences.parse(div_spec)
+def run_shape(args, shape, div_specs):
+    """One record per divergence at ``shape``, naive and engine measured side by side."""
     results = {}
     for variant in ("naive", "engine"):
         if args.device == "cpu":
-            results[variant] = _measure_in_subprocesses(variant, args, shape, div_spec)
-        else:
+            results[variant] = _measure_in_subprocesses(variant, args, shape, div_specs)
+            continue
+        results[variant] = []
+        for spec in div_specs:
             try:
-                results[variant] = measure(
-                    variant, shape, DTYPES[args.dtype], args.device, args.target, divergence,
+                results[variant].append(measure(
+                    variant, shape, DTYPES[args.dtype], args.device, args.target, divergences.parse(spec),
                     args.repeats, args.grad_mode, args.chunk_size,
-                )
+                ))
             except torch.cuda.OutOfMemoryError:
-                results[variant] = {"peak_bytes": None, "seconds": None, "loss": None, "oom": True}
+                results[variant].append({"peak_bytes": None, "seconds": None, "loss": None, "oom": True})
             torch.cuda.empty_cache()
+    return [_record(args, shape, spec, {v: results[v][i] for v in results}) for i, spec in enumerate(div_specs)]
+
+
+def _record(args, shape, div_spec, results):
     naive, eng = results["naive"], results["engine"]
     if naive["loss"] is not None and eng["loss"] is not None:
         rel = abs(naive["loss"] - eng["loss"]) / max(abs(naive["loss"]), 1e-12)
@@ -259,11 +273,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         shape = tuple(int(x) for x in args.worker_shape.split(","))
-        result = measure(
-            args.worker, shape, DTYPES[args.dtype], "cpu", args.target,
-            divergences.parse(args.divergences), args.repeats, args.grad_mode, args.chunk_size,
-        )
-        print(json.dumps(result))
+        for spec in args.divergences.split(","):
+            result = measure(
+                args.worker, shape, DTYPES[args.dtype], "cpu", args.target,
+                divergences.parse(spec), args.repeats, args.grad_mode, args.chunk_size,
+            )
+            print(json.dumps(result), flush=True)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -274,8 +289,8 @@ def main(argv=None):
     else:
         shapes = CPU_QUICK if args.quick else CPU_FULL
     for shape in shapes:
-        for div_spec in args.divergences.split(","):
-            print(json.dumps(run_shape(args, shape, div_spec)), flush=True)
+        for record in run_shape(args, shape, args.divergences.split(",")):
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
