@@ -13,6 +13,7 @@ import click
 import typer
 
 from fdivctl import __version__
+from fdivctl.cli import distill as distill_cmd
 from fdivctl.cli import divergences as divergences_cmd
 from fdivctl.cli import evaluate as evaluate_cmd
 from fdivctl.cli import planned
@@ -51,6 +52,7 @@ def _root(
 divergences_cmd.register(app)
 rollout_cmd.register(app)
 evaluate_cmd.register(app)
+distill_cmd.register(app)
 score_cmd.register(app)
 teacher_logits_cmd.register(app)
 planned.register(app)

@@ -8,7 +8,6 @@ from fdivctl.errors import UserError
 
 PLANNED = {
     "train": "RL with verifiable rewards (GRPO family, DPH-RL, f-DPO) → checkpoint",
-    "distill": "offline / on-policy distillation with any divergence → checkpoint",
 }
 
 

@@ -1,0 +1,1 @@
+"""Training objectives composed from the loss engine and the divergence registry."""

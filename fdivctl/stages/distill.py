@@ -1,0 +1,167 @@
+"""``distill``: pull a student toward a teacher on fixed sequences, offline or online.
+
+Teacher signal: ``logits`` (a store from ``teacher-logits``: top-k + tail,
+read memory-mapped and checked token by token against the batch) or
+``teacher`` (a model run under no_grad; its logits are made chunk by chunk
+inside the engine).  The student's final hidden states at the positions that
+predict the completion tokens go through :func:`fdivctl.objectives.kd.kd_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fdivctl import divergences, engine
+from fdivctl.errors import UserError
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.hashing import tokenizer_hash
+from fdivctl.io.logit_store import LogitStore
+from fdivctl.io.sequences import Sequences, load_sequences
+from fdivctl.objectives.kd import KDBatch, kd_loss
+from fdivctl.training.checkpoint import has_state
+from fdivctl.training.loop import LoopOptions, run_loop
+
+
+@dataclass
+class DistillOptions:
+    loss: str = "fkl"  # a registry spec ("jsd:beta=0.3") or "ce"
+    temperature: float = 1.0
+    mix_ce: float = 0.0
+    tail: str = "tail"
+    vocab: str = "strict"
+    dtype: str = "auto"
+    device: str = "auto"
+    allow_tokenizer_mismatch: bool = False
+    loop: LoopOptions = field(default_factory=LoopOptions)
+
+    def divergence(self) -> divergences.Divergence | None:
+        if self.loss == "ce":
+            return None
+        try:
+            return divergences.parse(self.loss)
+        except ValueError as err:
+            raise UserError(f"--loss: {err} (or ce)") from None
+
+
+def _padded(seqs: Sequences, rows: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    full = [np.concatenate((seqs.prompt_tokens[r], seqs.completion_tokens[r])) for r in rows]
+    width = max(1, max(len(f) for f in full))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, tokens in enumerate(full):
+        ids[b, : len(tokens)] = torch.from_numpy(tokens)
+        mask[b, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(seqs: Sequences, rows: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch index, predicting position, scored token) of every completion token of ``rows``."""
+    b_idx, pos, tok = [], [], []
+    for b, r in enumerate(rows):
+        p, c = len(seqs.prompt_tokens[r]), len(seqs.completion_tokens[r])
+        if c and not p:
+            raise UserError(f"row {r} has an empty prompt: its first completion token has no context")
+        b_idx.append(np.full(c, b))
+        pos.append(np.arange(p - 1, p + c - 1))
+        tok.append(seqs.completion_tokens[r])
+    as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)  # noqa: E731
+    return as_tensor(b_idx), as_tensor(pos), as_tensor(tok)
+
+
+def _store_target(store: LogitStore, seqs: Sequences, rows: list[int], tail: str, device) -> engine.TopK:
+    parts = {"ids": [], "logprobs": [], "log_tail": []}
+    for r in rows:
+        stored = store.sequence(seqs.prompt_ids[r], seqs.sample_idx[r])
+        start = stored.completion_start
+        if stored.token_ids[start:].tolist() != seqs.completion_tokens[r].tolist():
+            raise UserError(
+                f"logit store {store.directory} was made for other sequences: the tokens of prompt_id "
+                f"{seqs.prompt_ids[r]!r} sample_idx {seqs.sample_idx[r]} differ from the data's"
+            )
+        parts["ids"].append(stored.ids[start:])
+        parts["logprobs"].append(stored.logprobs[start:].float())
+        parts["log_tail"].append(stored.log_tail[start:])
+    cat = {k: torch.cat(v).to(device) for k, v in parts.items()}
+    return engine.TopK(cat["ids"], cat["logprobs"], cat["log_tail"], temperature=store.temperature, tail=tail)
+
+
+def prepare_distill(
+    student: Path,
+    data: Path,
+    opts: DistillOptions,
+    logits: Path | None = None,
+    teacher: Path | None = None,
+    resume_from: Path | None = None,
+):
+    """(model, tokenizer, number of examples, loss_fn(example indices) → (loss, figures))."""
+    divergence = opts.divergence()
+    if divergence is not None and (logits is None) == (teacher is None):
+        raise UserError("give exactly one teacher signal: --logits DIR (offline) or --teacher MODEL (online)")
+    if divergence is None and (logits is not None or teacher is not None):
+        raise UserError("--loss ce uses no teacher: drop --logits/--teacher")
+    if not opts.temperature > 0:
+        raise UserError(f"--temperature must be > 0, got {opts.temperature}")
+    tokenizer = load_tokenizer(student, "student")
+    student_hash = tokenizer_hash(tokenizer)
+    seqs = load_sequences(data, tokenizer)
+    if seqs.tokenizer_hash and seqs.tokenizer_hash != student_hash and not opts.allow_tokenizer_mismatch:
+        raise UserError(f"tokenizer mismatch: {data} was tokenized with {seqs.tokenizer_hash[:16]}…, the student "
+                        f"has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
+    store = None
+    if logits is not None:
+        store = LogitStore(logits)
+        store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
+    teacher_parts = None
+    if teacher is not None:
+        teacher_hash = tokenizer_hash(load_tokenizer(teacher, "teacher"))
+        if teacher_hash != student_hash and not opts.allow_tokenizer_mismatch:
+            raise UserError(f"tokenizer mismatch: teacher {teacher} has {teacher_hash[:16]}…, student {student} "
+                            f"has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
+        t_model = load_causal_lm(teacher, opts.dtype, opts.device, "teacher")
+        t_model.requires_grad_(False)
+        t_head = t_model.get_output_embeddings()
+        teacher_parts = (t_model.get_decoder(), t_head.weight, getattr(t_head, "bias", None))
+    model = load_causal_lm(resume_from or student, opts.dtype, opts.device, "student").train()
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = head.weight.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def loss_fn(rows: list[int]):
+        input_ids, attention = _padded(seqs, rows, pad_id, device)
+        b_idx, pos, tokens = _positions(seqs, rows, device)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
+        target = None
+        if store is not None:
+            target = _store_target(store, seqs, rows, opts.tail, device)
+        elif teacher_parts is not None:
+            t_decoder, t_weight, t_bias = teacher_parts
+            with torch.no_grad():
+                t_hidden = t_decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
+            target = engine.TeacherHead(t_hidden, t_weight, t_bias, vocab=opts.vocab)
+        batch = KDBatch(hidden, tokens, target)
+        try:
+            return kd_loss(batch, head.weight, getattr(head, "bias", None), divergence, opts.temperature, opts.mix_ce)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    return model, tokenizer, len(seqs), loss_fn
+
+
+def run_distill(
+    student: Path,
+    out: Path,
+    data: Path,
+    opts: DistillOptions,
+    logits: Path | None = None,
+    teacher: Path | None = None,
+    on_step: Callable[[int, int, dict], None] | None = None,
+) -> dict:
+    """Distill into ``out``; with ``opts.loop.resume`` continue the checkpoint there."""
+    resume_from = out if opts.loop.resume and has_state(out) else None
+    model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
+    return run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step)

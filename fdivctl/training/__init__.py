@@ -1,0 +1,1 @@
+"""The optimization loop shared by ``train`` and ``distill``: optimizer, schedule, checkpoints, resume."""

@@ -1,0 +1,55 @@
+"""Checkpoints: a ``save_pretrained`` directory plus ``fdivctl_state/`` for exact resume.
+
+``fdivctl_state/state.pt`` holds the optimizer and scheduler states, the step,
+and the RNG states.  A checkpoint is written to a temporary sibling directory
+and renamed into place, so ``OUT`` always holds either the previous complete
+checkpoint or the new one (DESIGN.md, "Checkpoints").
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_DIR = "fdivctl_state"
+
+
+def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int, extra: dict) -> None:
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / STATE_DIR).mkdir()
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            **extra,
+        },
+        tmp / STATE_DIR / "state.pt",
+    )
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(out: Path) -> dict:
+    state = torch.load(Path(out) / STATE_DIR / "state.pt", weights_only=False)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state
+
+
+def has_state(out: Path) -> bool:
+    return (Path(out) / STATE_DIR / "state.pt").is_file()
