@@ -139,3 +139,78 @@ def test_store_for_other_sequences_is_refused(tmp_path, student, data, full_stor
     pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(data)), other)
     done = run_cli("distill", student, tmp_path / "out", "--data", other, "--logits", full_store, "--device", "cpu")
     assert done.returncode == 2 and "made for other sequences" in done.stderr
+
+
+def test_divergence_schedule_parses_and_switches(tmp_path, student, data, full_store):
+    from fdivctl.schedules.divergence_schedule import DivergenceSchedule
+
+    schedule = DivergenceSchedule.parse("fkl:0.5,jsd:beta=0.3:0.25,rkl:0.25")
+    assert [schedule.at(s, 8).name for s in range(8)] == ["fkl"] * 4 + ["jsd"] * 2 + ["rkl"] * 2
+    assert schedule.at(5, 8).params == {"beta": 0.3}
+    for bad, message in (("fkl:0.5,rkl:0.4", "sum to 0.9"), ("fkl", "SPEC:FRACTION"), ("fkl:x", "not a number")):
+        with pytest.raises(ValueError, match=message):
+            DivergenceSchedule.parse(bad)
+    log = tmp_path / "log.jsonl"
+    done = run_cli("distill", student, tmp_path / "out", "--data", data, "--logits", full_store, "--temperature", 2,
+                   "--schedule", "fkl:0.5,rkl:0.5", "--max-steps", 4, "--batch-size", 4, "--log-jsonl", log,
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert [("fkl" in line, "rkl" in line) for line in _steps(log)] == [(True, False)] * 2 + [(False, True)] * 2
+    bad = run_cli("distill", student, tmp_path / "out2", "--data", data, "--logits", full_store,
+                  "--schedule", "fkl:0.5,rkl:0.6", "--device", "cpu")
+    assert bad.returncode == 2 and "--schedule: schedule fractions sum to 1.1, not 1" in bad.stderr
+
+
+def test_nan_loss_stops_without_a_corrupted_checkpoint(tmp_path, student, data, full_store):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(student, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(n for n in weights if "mlp" in n)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    done = run_cli("distill", broken, tmp_path / "out", "--data", data, "--logits", full_store, "--device", "cpu")
+    assert done.returncode == 2
+    assert "non-finite loss at step 1: stopped; no checkpoint was written yet" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _text_split(path, lines):
+    prompts, completions = zip(*(line.split(". The") for line in lines))
+    pq.write_table(pa.table({"prompt": [p + "." for p in prompts], "completion": [" The" + c for c in completions]}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, tokenizer_dir):
+    """A tiny teacher trained with `distill --loss ce` on the synthetic arithmetic task."""
+    root = tmp_path_factory.mktemp("trained")
+    tiny.make_model(root / "init", AutoTokenizer.from_pretrained(tokenizer_dir), seed=11)
+    train = _text_split(root / "train.parquet", tiny.corpus(256, seed=21))
+    done = run_cli("distill", root / "init", root / "teacher", "--data", train, "--loss", "ce", "--lr", 3e-3,
+                   "--batch-size", 32, "--max-steps", 200, "--lr-schedule", "cosine", "--warmup", 10, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    return root / "teacher"
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+def test_distillation_moves_the_student_toward_the_teacher(tmp_path, tokenizer_dir, trained_teacher, loss):
+    tiny.make_model(tmp_path / "student", AutoTokenizer.from_pretrained(tokenizer_dir), seed=12, layers=1)
+    train = _text_split(tmp_path / "train.parquet", tiny.corpus(128, seed=31))
+    held_out = _text_split(tmp_path / "held_out.parquet", tiny.corpus(64, seed=41))
+
+    def held_out_divergence(model_dir):
+        _, _, n, loss_fn = prepare_distill(model_dir, held_out, _opts(tmp_path, loss), teacher=trained_teacher)
+        with torch.no_grad():
+            return loss_fn(list(range(n)))[0].item()
+
+    before = held_out_divergence(tmp_path / "student")
+    done = run_cli("distill", tmp_path / "student", tmp_path / "out", "--data", train, "--teacher", trained_teacher,
+                   "--loss", loss, "--lr", 3e-3, "--batch-size", 32, "--max-steps", 100, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    after = held_out_divergence(tmp_path / "out")
+    print(f"held-out {loss}: {before:.4f} -> {after:.4f} ({after / before:.1%})")
+    assert after <= 0.5 * before, (before, after)

@@ -21,6 +21,8 @@ def command(
     loss: str = typer.Option("fkl", help="A registry divergence (fkl, rkl, jsd, tv, hellinger, alpha, skl, srkl; "
                              "params as jsd:beta=0.3) or ce (plain SFT)."),
     beta: float = typer.Option(None, help="Shorthand for --loss jsd:beta=BETA."),
+    schedule: str = typer.Option(None, help="Divergences by share of steps, e.g. fkl:0.5,rkl:0.5 (PACED's two "
+                                 "stages); replaces --loss; shares must sum to 1."),
     temperature: float = typer.Option(1.0, help="Distillation temperature (student and teacher divided by it)."),
     mix_ce: float = typer.Option(0.0, help="Weight of the ground-truth cross-entropy added to the divergence."),
     tail: str = typer.Option("tail", help="Top-k store form: tail (k+1 buckets), renormalize, or ignore."),
@@ -48,7 +50,7 @@ def command(
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
                        save_every=save_every, log_jsonl=log_jsonl, resume=resume)
-    opts = DistillOptions(loss=loss, temperature=temperature, mix_ce=mix_ce, tail=tail, vocab=vocab, dtype=dtype,
+    opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, tail=tail, vocab=vocab, dtype=dtype,
                           device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
     with progress_bar("distill", "steps") as progress:
         task = progress.add_task("distill", total=None)

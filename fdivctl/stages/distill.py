@@ -23,6 +23,7 @@ from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, load_sequences
 from fdivctl.objectives.kd import KDBatch, kd_loss
+from fdivctl.schedules.divergence_schedule import DivergenceSchedule
 from fdivctl.training.checkpoint import has_state
 from fdivctl.training.loop import LoopOptions, run_loop
 
@@ -30,6 +31,7 @@ from fdivctl.training.loop import LoopOptions, run_loop
 @dataclass
 class DistillOptions:
     loss: str = "fkl"  # a registry spec ("jsd:beta=0.3") or "ce"
+    schedule: str | None = None  # "fkl:0.5,rkl:0.5": replaces loss
     temperature: float = 1.0
     mix_ce: float = 0.0
     tail: str = "tail"
@@ -39,13 +41,16 @@ class DistillOptions:
     allow_tokenizer_mismatch: bool = False
     loop: LoopOptions = field(default_factory=LoopOptions)
 
-    def divergence(self) -> divergences.Divergence | None:
-        if self.loss == "ce":
-            return None
+    def divergences(self) -> DivergenceSchedule | None:
+        """The divergence of each step (a one-stage schedule for a fixed --loss); None for ce."""
         try:
-            return divergences.parse(self.loss)
+            if self.schedule:
+                return DivergenceSchedule.parse(self.schedule)
+            if self.loss == "ce":
+                return None
+            return DivergenceSchedule([(divergences.parse(self.loss), 1.0)])
         except ValueError as err:
-            raise UserError(f"--loss: {err} (or ce)") from None
+            raise UserError(f"--{'schedule' if self.schedule else 'loss'}: {err}") from None
 
 
 def _padded(seqs: Sequences, rows: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +103,11 @@ def prepare_distill(
     teacher: Path | None = None,
     resume_from: Path | None = None,
 ):
-    """(model, tokenizer, number of examples, loss_fn(example indices) → (loss, figures))."""
-    divergence = opts.divergence()
-    if divergence is not None and (logits is None) == (teacher is None):
+    """(model, tokenizer, number of examples, loss_fn(example indices, step, total) → (loss, figures))."""
+    schedule = opts.divergences()
+    if schedule is not None and (logits is None) == (teacher is None):
         raise UserError("give exactly one teacher signal: --logits DIR (offline) or --teacher MODEL (online)")
-    if divergence is None and (logits is not None or teacher is not None):
+    if schedule is None and (logits is not None or teacher is not None):
         raise UserError("--loss ce uses no teacher: drop --logits/--teacher")
     if not opts.temperature > 0:
         raise UserError(f"--temperature must be > 0, got {opts.temperature}")
@@ -131,10 +136,13 @@ def prepare_distill(
     device = head.weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def loss_fn(rows: list[int]):
+    def loss_fn(rows: list[int], step: int = 0, total: int = 1):
+        divergence = None if schedule is None else schedule.at(step, total)
         input_ids, attention = _padded(seqs, rows, pad_id, device)
         b_idx, pos, tokens = _positions(seqs, rows, device)
         hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
+        if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
+            return hidden.new_tensor(float("nan")), {}
         target = None
         if store is not None:
             target = _store_target(store, seqs, rows, opts.tail, device)

@@ -82,12 +82,12 @@ def run_loop(
     model,
     tokenizer,
     n_examples: int,
-    loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict]],
+    loss_fn: Callable[[list[int], int, int], tuple[torch.Tensor, dict]],
     out: Path,
     opts: LoopOptions,
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Optimize ``loss_fn(example indices) → (loss, figures)``; checkpoint into ``out``."""
+    """Optimize ``loss_fn(example indices, step, total steps) → (loss, figures)``; checkpoint into ``out``."""
     opts.check()
     total = total_steps(n_examples, opts)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,7 +110,7 @@ def run_loop(
             figures_sum: dict[str, float] = {}
             micro = batches_for_step(n_examples, step, opts)
             for indices in micro:
-                loss, figures = loss_fn(indices)
+                loss, figures = loss_fn(indices, step, total)
                 if not torch.isfinite(loss):
                     kept = f"{out} keeps the last good checkpoint" if has_state(out) else "no checkpoint was written yet"
                     raise UserError(f"non-finite loss at step {step + 1}: stopped; {kept}")
