@@ -214,3 +214,18 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path, tokenizer_d
     after = held_out_divergence(tmp_path / "out")
     print(f"held-out {loss}: {before:.4f} -> {after:.4f} ({after / before:.1%})")
     assert after <= 0.5 * before, (before, after)
+
+
+def test_several_teachers_mix_per_token(tmp_path, student, data, tiny_teacher, tokenizer_dir):
+    second = tmp_path / "second"
+    tiny.make_model(second, AutoTokenizer.from_pretrained(tokenizer_dir), seed=9)
+    for weights in ("confidence", "0.7,0.3"):
+        log = tmp_path / f"{weights}.jsonl"
+        done = run_cli("distill", student, tmp_path / f"out-{weights}", "--data", data, "--teacher", tiny_teacher,
+                       "--teacher", second, "--teacher-weights", weights, "--max-steps", 1, "--log-jsonl", log,
+                       "--device", "cpu")
+        assert done.returncode == 0, done.stderr
+    assert _steps(tmp_path / "confidence.jsonl")[0]["fkl"] != _steps(tmp_path / "0.7,0.3.jsonl")[0]["fkl"]
+    bad = run_cli("distill", student, tmp_path / "bad", "--data", data, "--teacher", tiny_teacher, "--teacher",
+                  second, "--teacher-weights", "1", "--device", "cpu")
+    assert bad.returncode == 2 and "need 2 non-negative weights" in bad.stderr

@@ -202,7 +202,7 @@ def test_vocab_policies():
         (lambda t: dict(temperature=0.0), r"temperature must be > 0"),
         (lambda t: dict(grad_mode="sideways"), r"grad_mode='sideways'; valid: forward, recompute"),
         (lambda t: dict(divergence="kld"), r"unknown divergence 'kld'"),
-        (lambda t: dict(target=th_object()), r"target must be a FullLogits, TeacherHead or TopK"),
+        (lambda t: dict(target=th_object()), r"target must be a FullLogits, TeacherHead, TeacherMixture or TopK"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(make, message):
@@ -232,3 +232,37 @@ def test_default_chunk_size_bounds_the_chunk_buffer():
     assert engine.default_chunk_size(100_000, 32768, torch.device("cpu")) == 128
     assert engine.default_chunk_size(5, 32768, torch.device("cpu")) == 5
     assert engine.default_chunk_size(100_000, 151936, torch.device("cuda")) == 441
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [2.0, 0.0, 1.0], "confidence"])
+def test_teacher_mixture_matches_an_explicit_mixture(weights):
+    hidden, weight, _, th, tw = _tensors(seed=16)
+    g = torch.Generator().manual_seed(17)
+    n_teachers = 3 if len(weights) == 3 else 2
+    heads = [(th, tw)] + [(th, torch.randn(V, H + 3, generator=g, dtype=torch.float64)) for _ in range(n_teachers - 1)]
+    target = engine.TeacherMixture([engine.TeacherHead(h_, w_) for h_, w_ in heads], weights)
+    h, w = _leaf(hidden), _leaf(weight)
+    ours = engine.divergence_loss(h, w, target, "jsd", temperature=1.3, chunk_size=6)
+    probs = torch.stack([torch.softmax(h_ @ w_.T / 1.3, -1) for h_, w_ in heads])  # [T, N, V]
+    if weights == "confidence":
+        mix_w = probs.amax(-1, keepdim=True)
+        mix_w = mix_w / mix_w.sum(0, keepdim=True)
+    else:
+        mix_w = torch.tensor(weights, dtype=torch.float64).view(-1, 1, 1) / sum(weights)
+    p = (mix_w * probs).sum(0)
+    h2, w2 = _leaf(hidden), _leaf(weight)
+    log_q = torch.log_softmax(h2 @ w2.T / 1.3, -1)
+    from reference import reference_divergence
+
+    ref = reference_divergence("jsd", {}, log_q, p.log()).mean()
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    for g_ours, g_ref in zip(_grads(ours, h, w), _grads(ref, h2, w2)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-8, atol=1e-11)
+
+
+def test_teacher_mixture_rejects_bad_weights():
+    hidden, weight, _, th, tw = _tensors(seed=18)
+    with pytest.raises(ValueError, match="must be 2 non-negative numbers"):
+        engine.TeacherMixture([engine.TeacherHead(th, tw)] * 2, [1.0])
+    with pytest.raises(ValueError, match="valid: a list of numbers or 'confidence'"):
+        engine.TeacherMixture([engine.TeacherHead(th, tw)], "entropy")

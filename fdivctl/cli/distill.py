@@ -17,7 +17,11 @@ def command(
     out: Path = typer.Argument(..., help="Checkpoint directory to write (HF format + fdivctl_state/)."),
     data: Path = typer.Option(..., help="Sequences Parquet (rollouts or prompt/completion text) to distill on."),
     logits: Path = typer.Option(None, help="Offline teacher signal: a store from `fdivctl teacher-logits`."),
-    teacher: Path = typer.Option(None, help="Online teacher signal: a teacher model directory (run under no_grad)."),
+    teacher: list[Path] = typer.Option(None, "--teacher", help="Online teacher signal: a teacher model directory "
+                                       "(run under no_grad); repeat for a per-token mixture of teachers."),
+    teacher_weights: str = typer.Option(None, help="Several teachers: fixed weights (0.7,0.3) or confidence "
+                                        "(per token, each teacher's top-token probability; MAD-OPD). Default "
+                                        "confidence."),
     loss: str = typer.Option("fkl", help="A registry divergence (fkl, rkl, jsd, tv, hellinger, alpha, skl, srkl; "
                              "params as jsd:beta=0.3) or ce (plain SFT)."),
     beta: float = typer.Option(None, help="Shorthand for --loss jsd:beta=BETA."),
@@ -51,7 +55,8 @@ def command(
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
                        save_every=save_every, log_jsonl=log_jsonl, resume=resume)
     opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, tail=tail, vocab=vocab, dtype=dtype,
-                          device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
+                          device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                          teacher_weights=teacher_weights, loop=loop)
     with progress_bar("distill", "steps") as progress:
         task = progress.add_task("distill", total=None)
 
@@ -59,7 +64,7 @@ def command(
             progress.update(task, completed=step, total=total,
                             description=f"distill loss {figures.get('loss', float('nan')):.4f}")
 
-        summary = run_distill(student, out, data, opts, logits=logits, teacher=teacher, on_step=on_step)
+        summary = run_distill(student, out, data, opts, logits=logits, teacher=teacher or None, on_step=on_step)
     typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 
 

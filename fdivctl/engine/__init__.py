@@ -7,13 +7,14 @@ from fdivctl.engine.fused import (
     divergence_loss,
     token_outputs,
 )
-from fdivctl.engine.targets import FullLogits, TeacherHead, Target, TopK
+from fdivctl.engine.targets import FullLogits, Target, TeacherHead, TeacherMixture, TopK
 
 __all__ = [
     "GRAD_MODES",
     "FullLogits",
     "Target",
     "TeacherHead",
+    "TeacherMixture",
     "TokenOutputs",
     "TopK",
     "default_chunk_size",

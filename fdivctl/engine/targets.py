@@ -6,6 +6,8 @@ Three target kinds, all giving for a chunk of tokens the aligned pair
 * :class:`FullLogits` — a teacher's logits ``[N, V]`` (support = vocabulary);
 * :class:`TeacherHead` — a teacher's hidden states ``[N, Hₜ]`` and head
   ``[Vₜ, Hₜ]``: its logits are made per chunk and never exist in full;
+* :class:`TeacherMixture` — several teachers' heads, mixed per token with
+  fixed weights or MAD-OPD's confidence weights;
 * :class:`TopK` — a sparse target from the logit store: ids ``[N, k]``,
   log-probs ``[N, k]`` at the store's temperature, and the log tail mass
   ``log(1 − Σ top-k p)`` ``[N]``.  ``tail="tail"`` (default) compares k+1
@@ -179,6 +181,53 @@ class TeacherHead(_DenseTarget):
             self._weight_mm = matmul_weight(self.weight.detach())
         logits = linear_fp32(self.hidden[rows].detach(), self._weight_mm, self.bias)
         return log_q, self._log_p(logits.to(log_q.dtype), log_q.shape[-1], temperature)
+
+
+class TeacherMixture(Target):
+    """A per-token mixture of teachers: ``p_t = Σ_i w_{t,i} p_{t,i}``, in log space.
+
+    ``weights`` is a list (fixed ``w_i``, normalized to sum to 1) or
+    ``"confidence"``: ``w_{t,i} ∝ max_v p_{t,i}(v)``, each teacher weighted by
+    its own top-token probability at that position (MAD-OPD's
+    confidence-weighted mixture; seed: "MAD-OPD: Breaking the Ceiling in
+    On-Policy Distillation via Multi-Agent Debate").
+    """
+
+    def __init__(self, teachers: list[TeacherHead], weights: list[float] | str = "confidence"):
+        if not teachers:
+            raise ValueError("TeacherMixture needs at least one teacher")
+        if isinstance(weights, str):
+            if weights != "confidence":
+                raise ValueError(f"weights={weights!r}; valid: a list of numbers or 'confidence'")
+        else:
+            if len(weights) != len(teachers) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+                raise ValueError(
+                    f"weights {list(weights)} must be {len(teachers)} non-negative numbers with a positive sum"
+                )
+            weights = [w / sum(weights) for w in weights]
+        self.teachers = teachers
+        self.weights = weights
+
+    @property
+    def n_tokens(self) -> int:
+        return self.teachers[0].n_tokens
+
+    def take(self, index):
+        return TeacherMixture([t.take(index) for t in self.teachers], self.weights)
+
+    def validate(self, n_tokens, vocab_size):
+        for teacher in self.teachers:
+            teacher.validate(n_tokens, vocab_size)
+
+    def support(self, rows, log_q, temperature):
+        log_ps = torch.stack([t.support(rows, log_q, temperature)[1] for t in self.teachers])  # [T, c, V]
+        if self.weights == "confidence":
+            log_w = log_ps.amax(dim=-1, keepdim=True)
+            log_w = log_w - torch.logsumexp(log_w, dim=0, keepdim=True)
+        else:
+            w = torch.tensor(self.weights, dtype=log_ps.dtype, device=log_ps.device)
+            log_w = w.clamp_min(1e-300).log().view(-1, 1, 1)
+        return log_q, torch.logsumexp(log_ps + log_w, dim=0).clamp_min_(LOG_FLOOR)
 
 
 class TopK(Target):

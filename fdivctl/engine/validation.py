@@ -64,7 +64,7 @@ def check_target(target: Target | None, n_tokens: int, vocab_size: int) -> None:
         return
     if not isinstance(target, Target):
         raise ValueError(
-            f"target must be a FullLogits, TeacherHead or TopK target, got {type(target).__name__}"
+            f"target must be a FullLogits, TeacherHead, TeacherMixture or TopK target, got {type(target).__name__}"
         )
     target.validate(n_tokens, vocab_size)
 

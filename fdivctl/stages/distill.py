@@ -39,6 +39,7 @@ class DistillOptions:
     dtype: str = "auto"
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
+    teacher_weights: str | None = None  # several teachers: "0.7,0.3" or "confidence" (default)
     loop: LoopOptions = field(default_factory=LoopOptions)
 
     def divergences(self) -> DivergenceSchedule | None:
@@ -95,16 +96,44 @@ def _store_target(store: LogitStore, seqs: Sequences, rows: list[int], tail: str
     return engine.TopK(cat["ids"], cat["logprobs"], cat["log_tail"], temperature=store.temperature, tail=tail)
 
 
+def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
+    if spec is not None and n_teachers < 2:
+        raise UserError("--teacher-weights needs several --teacher")
+    if spec is None or spec == "confidence":
+        return "confidence"
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--teacher-weights {spec!r}: expected numbers like 0.7,0.3 or 'confidence'") from None
+    if len(weights) != n_teachers or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise UserError(f"--teacher-weights {spec!r}: need {n_teachers} non-negative weights with a positive sum")
+    return weights
+
+
+def _load_teacher(teacher: Path, student: Path, student_hash: str, opts: DistillOptions):
+    """(decoder, head weight, head bias) of a frozen teacher whose tokenizer matches the student's."""
+    teacher_hash = tokenizer_hash(load_tokenizer(teacher, "teacher"))
+    if teacher_hash != student_hash and not opts.allow_tokenizer_mismatch:
+        raise UserError(f"tokenizer mismatch: teacher {teacher} has {teacher_hash[:16]}…, student {student} "
+                        f"has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
+    model = load_causal_lm(teacher, opts.dtype, opts.device, "teacher")
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+
+
 def prepare_distill(
     student: Path,
     data: Path,
     opts: DistillOptions,
     logits: Path | None = None,
-    teacher: Path | None = None,
+    teacher: Path | list[Path] | None = None,
     resume_from: Path | None = None,
 ):
     """(model, tokenizer, number of examples, loss_fn(example indices, step, total) → (loss, figures))."""
     schedule = opts.divergences()
+    teachers = [] if teacher is None else [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
+    teacher = teachers or None
     if schedule is not None and (logits is None) == (teacher is None):
         raise UserError("give exactly one teacher signal: --logits DIR (offline) or --teacher MODEL (online)")
     if schedule is None and (logits is not None or teacher is not None):
@@ -121,16 +150,8 @@ def prepare_distill(
     if logits is not None:
         store = LogitStore(logits)
         store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
-    teacher_parts = None
-    if teacher is not None:
-        teacher_hash = tokenizer_hash(load_tokenizer(teacher, "teacher"))
-        if teacher_hash != student_hash and not opts.allow_tokenizer_mismatch:
-            raise UserError(f"tokenizer mismatch: teacher {teacher} has {teacher_hash[:16]}…, student {student} "
-                            f"has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
-        t_model = load_causal_lm(teacher, opts.dtype, opts.device, "teacher")
-        t_model.requires_grad_(False)
-        t_head = t_model.get_output_embeddings()
-        teacher_parts = (t_model.get_decoder(), t_head.weight, getattr(t_head, "bias", None))
+    weights = _teacher_weights(opts.teacher_weights, len(teachers))
+    teacher_parts = [_load_teacher(t, student, student_hash, opts) for t in teachers]
     model = load_causal_lm(resume_from or student, opts.dtype, opts.device, "student").train()
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
@@ -146,11 +167,13 @@ def prepare_distill(
         target = None
         if store is not None:
             target = _store_target(store, seqs, rows, opts.tail, device)
-        elif teacher_parts is not None:
-            t_decoder, t_weight, t_bias = teacher_parts
-            with torch.no_grad():
-                t_hidden = t_decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
-            target = engine.TeacherHead(t_hidden, t_weight, t_bias, vocab=opts.vocab)
+        elif teacher_parts:
+            heads = []
+            for t_decoder, t_weight, t_bias in teacher_parts:
+                with torch.no_grad():
+                    t_hidden = t_decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
+                heads.append(engine.TeacherHead(t_hidden, t_weight, t_bias, vocab=opts.vocab))
+            target = heads[0] if len(heads) == 1 else engine.TeacherMixture(heads, weights)
         batch = KDBatch(hidden, tokens, target)
         try:
             return kd_loss(batch, head.weight, getattr(head, "bias", None), divergence, opts.temperature, opts.mix_ce)
@@ -166,7 +189,7 @@ def run_distill(
     data: Path,
     opts: DistillOptions,
     logits: Path | None = None,
-    teacher: Path | None = None,
+    teacher: Path | list[Path] | None = None,
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
     """Distill into ``out``; with ``opts.loop.resume`` continue the checkpoint there."""
