@@ -229,3 +229,15 @@ def test_several_teachers_mix_per_token(tmp_path, student, data, tiny_teacher, t
     bad = run_cli("distill", student, tmp_path / "bad", "--data", data, "--teacher", tiny_teacher, "--teacher",
                   second, "--teacher-weights", "1", "--device", "cpu")
     assert bad.returncode == 2 and "need 2 non-negative weights" in bad.stderr
+
+
+def test_empty_prompt_is_refused_by_distill_and_teacher_logits(tmp_path, student, data, tiny_teacher):
+    rows = pq.read_table(data).to_pylist()
+    rows[2]["prompt_token_ids"] = []
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(data)), bad)
+    done = run_cli("distill", student, tmp_path / "out", "--data", bad, "--teacher", tiny_teacher, "--device", "cpu")
+    assert done.returncode == 2 and "prompt_id 'p2') has an empty prompt" in done.stderr
+    done = run_cli("teacher-logits", tiny_teacher, bad, tmp_path / "store", "--device", "cpu")
+    assert done.returncode == 2 and "has an empty prompt" in done.stderr
+    assert not (tmp_path / "store").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from fdivctl.errors import UserError
 from fdivctl.io.tables import is_int_list, provenance, read_table
@@ -35,6 +36,53 @@ class Sequences:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+    def first_scored(self, row: int, include_prompt: bool) -> int:
+        """Position of the first scored token: the first completion token, or with
+        ``include_prompt`` the second prompt token (the first has no context).
+
+        A completion after an empty prompt cannot be scored: its first token has no context.
+        """
+        prompt, completion = self.prompt_tokens[row], self.completion_tokens[row]
+        if include_prompt:
+            return 1
+        if len(prompt) == 0 and len(completion) > 0:
+            raise UserError(
+                f"row {row} (prompt_id {self.prompt_ids[row]!r}) has an empty prompt: its first "
+                "completion token has no context to be scored in"
+            )
+        return len(prompt)
+
+    def scored_count(self, row: int, include_prompt: bool) -> int:
+        """How many tokens of ``row`` are scored."""
+        total = len(self.prompt_tokens[row]) + len(self.completion_tokens[row])
+        return max(total - self.first_scored(row, include_prompt), 0)
+
+    def completion_start(self, row: int, include_prompt: bool) -> int:
+        """Offset of the first completion token among the row's scored tokens."""
+        return max(len(self.prompt_tokens[row]) - 1, 0) if include_prompt else 0
+
+    def batch(self, rows, pad_id: int, include_prompt: bool = False) -> dict[str, torch.Tensor]:
+        """Teacher-forcing tensors for ``rows`` (CPU, int64).
+
+        ``input_ids``/``attention_mask`` ``[B, L]`` (prompt + completion, right-padded), and for
+        every scored token in row order: ``batch_index``, ``position`` (the position whose
+        hidden state predicts it) and ``token``.
+        """
+        full = [np.concatenate((self.prompt_tokens[r], self.completion_tokens[r])) for r in rows]
+        input_ids = torch.full((len(full), max(1, max((len(f) for f in full), default=0))), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        batch_index, position, token = [], [], []
+        for b, (r, tokens) in enumerate(zip(rows, full)):
+            input_ids[b, : len(tokens)] = torch.from_numpy(tokens)
+            attention[b, : len(tokens)] = 1
+            scored = np.arange(self.first_scored(r, include_prompt), len(tokens))
+            batch_index.append(np.full(len(scored), b))
+            position.append(scored - 1)
+            token.append(tokens[scored])
+        as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
+        return {"input_ids": input_ids, "attention_mask": attention, "batch_index": as_tensor(batch_index),
+                "position": as_tensor(position), "token": as_tensor(token)}
 
 
 def _int_lists(table: pa.Table, column: str, path: Path) -> list[np.ndarray]:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fdivctl import divergences, engine
@@ -52,31 +51,6 @@ class DistillOptions:
             return DivergenceSchedule([(divergences.parse(self.loss), 1.0)])
         except ValueError as err:
             raise UserError(f"--{'schedule' if self.schedule else 'loss'}: {err}") from None
-
-
-def _padded(seqs: Sequences, rows: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    full = [np.concatenate((seqs.prompt_tokens[r], seqs.completion_tokens[r])) for r in rows]
-    width = max(1, max(len(f) for f in full))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, tokens in enumerate(full):
-        ids[b, : len(tokens)] = torch.from_numpy(tokens)
-        mask[b, : len(tokens)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(seqs: Sequences, rows: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(batch index, predicting position, scored token) of every completion token of ``rows``."""
-    b_idx, pos, tok = [], [], []
-    for b, r in enumerate(rows):
-        p, c = len(seqs.prompt_tokens[r]), len(seqs.completion_tokens[r])
-        if c and not p:
-            raise UserError(f"row {r} has an empty prompt: its first completion token has no context")
-        b_idx.append(np.full(c, b))
-        pos.append(np.arange(p - 1, p + c - 1))
-        tok.append(seqs.completion_tokens[r])
-    as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)  # noqa: E731
-    return as_tensor(b_idx), as_tensor(pos), as_tensor(tok)
 
 
 def _store_target(store: LogitStore, seqs: Sequences, rows: list[int], tail: str, device) -> engine.TopK:
@@ -143,6 +117,8 @@ def prepare_distill(
     tokenizer = load_tokenizer(student, "student")
     student_hash = tokenizer_hash(tokenizer)
     seqs = load_sequences(data, tokenizer)
+    for row in range(len(seqs)):  # refuse unscorable rows before any training, not when their batch comes
+        seqs.first_scored(row, include_prompt=False)
     if seqs.tokenizer_hash and seqs.tokenizer_hash != student_hash and not opts.allow_tokenizer_mismatch:
         raise UserError(f"tokenizer mismatch: {data} was tokenized with {seqs.tokenizer_hash[:16]}…, the student "
                         f"has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
@@ -159,8 +135,9 @@ def prepare_distill(
 
     def loss_fn(rows: list[int], step: int = 0, total: int = 1):
         divergence = None if schedule is None else schedule.at(step, total)
-        input_ids, attention = _padded(seqs, rows, pad_id, device)
-        b_idx, pos, tokens = _positions(seqs, rows, device)
+        batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
+        input_ids, attention, tokens = batch["input_ids"], batch["attention_mask"], batch["token"]
+        b_idx, pos = batch["batch_index"], batch["position"]
         hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
         if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
             return hidden.new_tensor(float("nan")), {}

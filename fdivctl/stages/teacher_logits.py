@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fdivctl.engine.topk import head_topk
@@ -56,26 +55,6 @@ class TeacherLogitsOptions:
             raise UserError(f"--shard {i}/{n}: need 0 ≤ i < n")
 
 
-def scored_span(prompt: np.ndarray, completion: np.ndarray, include_prompt: bool) -> tuple[int, int]:
-    """(first scored position, completion_start offset) of one sequence."""
-    if include_prompt:
-        return 1, max(len(prompt) - 1, 0)
-    return len(prompt), 0
-
-
-def _token_counts(seqs: Sequences, include_prompt: bool) -> list[int]:
-    counts = []
-    for row, (p, c) in enumerate(zip(seqs.prompt_tokens, seqs.completion_tokens)):
-        if len(p) == 0 and len(c) > 0 and not include_prompt:
-            raise UserError(
-                f"row {row} (prompt_id {seqs.prompt_ids[row]!r}) has an empty prompt: its first "
-                "completion token has no context to be scored in"
-            )
-        first, _ = scored_span(p, c, include_prompt)
-        counts.append(max(len(p) + len(c) - first, 0))
-    return counts
-
-
 def _decoder_and_head(model):
     config = model.config
     for attr in ("final_logit_softcapping", "logit_scale"):
@@ -96,28 +75,11 @@ def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _score_rows(model_parts, seqs: Sequences, rows: range, opts: TeacherLogitsOptions, pad_id: int):
     """Top-k summaries for the scored tokens of ``rows``, concatenated in row order."""
     decoder, weight, bias = model_parts
-    device = weight.device
-    full = [np.concatenate((seqs.prompt_tokens[r], seqs.completion_tokens[r])) for r in rows]
-    firsts = [scored_span(seqs.prompt_tokens[r], seqs.completion_tokens[r], opts.include_prompt)[0] for r in rows]
-    length = max((len(f) for f in full), default=0)
-    input_ids = torch.full((len(full), max(length, 1)), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for b, tokens in enumerate(full):
-        input_ids[b, : len(tokens)] = torch.from_numpy(tokens)
-        attention[b, : len(tokens)] = 1
-    hidden = decoder(input_ids=_upload(input_ids, device), attention_mask=_upload(attention, device)).last_hidden_state
-    batch_idx, positions, targets = [], [], []
-    for b, (tokens, first) in enumerate(zip(full, firsts)):
-        scored = np.arange(first, len(tokens))
-        batch_idx.append(np.full(len(scored), b))
-        positions.append(scored - 1)
-        targets.append(tokens[first:])
-    batch_idx_t = _upload(torch.from_numpy(np.concatenate(batch_idx)), device)
-    positions_t = _upload(torch.from_numpy(np.concatenate(positions)), device)
-    token_ids = _upload(torch.from_numpy(np.concatenate(targets)), device)
-    summary = head_topk(
-        hidden[batch_idx_t, positions_t], weight, opts.k, token_ids, bias=bias, temperature=opts.temperature
-    )
+    batch = {k: _upload(v, weight.device) for k, v in seqs.batch(rows, pad_id, opts.include_prompt).items()}
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    token_ids = batch["token"]
+    summary = head_topk(hidden[batch["batch_index"], batch["position"]], weight, opts.k, token_ids, bias=bias,
+                        temperature=opts.temperature)
     return summary, token_ids
 
 
@@ -144,7 +106,7 @@ def run_teacher_logits(
             f"tokenizer mismatch: {sequences} was tokenized with {seqs.tokenizer_hash[:16]}… but teacher "
             f"{teacher} has {tok_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)"
         )
-    counts = _token_counts(seqs, opts.include_prompt)
+    counts = [seqs.scored_count(row, opts.include_prompt) for row in range(len(seqs))]
     plan = plan_shards(counts, opts.max_tokens_per_shard)
     config_vocab = _head_rows(teacher)
     settings = {
@@ -215,7 +177,6 @@ def _write_shard(writer, index, parts, seqs, opts, pad_id, store_dtype, counts, 
         pieces["token_logprob"].append(summary.token_logprob)
         pieces["token_ids"].append(token_ids.to(torch.int32))
         for r in rows:
-            _, completion_start = scored_span(seqs.prompt_tokens[r], seqs.completion_tokens[r], opts.include_prompt)
             spans.append(
                 {
                     "prompt_id": seqs.prompt_ids[r],
@@ -223,7 +184,7 @@ def _write_shard(writer, index, parts, seqs, opts, pad_id, store_dtype, counts, 
                     "source_row": r,
                     "start": offset,
                     "length": counts[r],
-                    "completion_start": completion_start,
+                    "completion_start": seqs.completion_start(r, opts.include_prompt),
                 }
             )
             offset += counts[r]
