@@ -21,11 +21,20 @@ from fdivctl.io.atomic import atomic_path
 METADATA_KEY = b"fdivctl"
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file as a table, or one clear UserError (missing, not Parquet, empty)."""
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file opened for streaming (footer read only), or one UserError (missing, not Parquet)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file as a table, or one clear UserError (missing, not Parquet, empty)."""
+    open_parquet(path)
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:

@@ -1,4 +1,7 @@
-"""Headless PNG plots (matplotlib, Agg backend): one panel per domain ("all" first)."""
+"""Headless PNG plots (matplotlib, Agg backend): one panel per domain ("all" first).
+
+Each writes PNG whatever the path's suffix, so callers can hand it a temporary name.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def passk_curves(metrics: dict, ks: list[int], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -55,7 +58,7 @@ def solve_rate_scatter(run: str, base: str, pairs: dict[str, list[tuple[float, f
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(group)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -74,7 +77,7 @@ def distinct_correct_histogram(counts: dict[str, dict[str, list[int]]], path: Pa
         ax.set_title(group)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -141,8 +141,7 @@ def _write_per_prompt(loaded: dict[str, list[PromptSamples]], path: Path, opts: 
 def _write_plots(loaded, metrics, out_dir: Path, opts: EvalOptions) -> None:
     def save(draw, name, *args):
         with atomic_path(out_dir / name) as tmp:
-            draw(*args, tmp.with_suffix(".png"))
-            tmp.with_suffix(".png").replace(tmp)
+            draw(*args, tmp)
 
     save(plots.passk_curves, "passk.png", metrics, opts.ks)
     counts = {

@@ -27,7 +27,7 @@ from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
 from fdivctl.io.atomic import atomic_path, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import model_hash, tokenizer_hash
-from fdivctl.io.tables import provenance, read_table, write_tables
+from fdivctl.io.tables import open_parquet, provenance, read_table, write_tables
 
 BACKENDS = ("auto", "hf", "vllm")
 GENERATED = {
@@ -72,12 +72,7 @@ def resolve_backend(backend: str, device: str) -> str:
 
 
 def _check_prompts(path: Path) -> pq.ParquetFile:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        file = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+    file = open_parquet(path)
     names = file.schema_arrow.names
     if "prompt_id" not in names or ("prompt" not in names and "messages" not in names):
         raise UserError(f"{path}: needs columns prompt_id and prompt (or messages); it has {', '.join(names)}")
