@@ -27,14 +27,17 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(out_dir: str | Path, vocab_size: int = 300) -> PreTrainedTokenizerFast:
+def train_tokenizer(out_dir: str | Path, vocab_size: int = 300, texts: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``texts`` (default :func:`corpus`); ``vocab_size=None`` merges nothing
+    (one token per byte: what arithmetic on digits wants)."""
+    vocab_size = vocab_size or len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(texts or corpus(), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
     )
@@ -49,6 +52,7 @@ def make_model(
     hidden: int = 128,
     layers: int = 2,
     vocab_size: int | None = None,
+    max_positions: int = 512,
 ) -> Qwen2ForCausalLM:
     """A random Qwen2 (head_dim 64) saved with its tokenizer.
 
@@ -71,7 +75,7 @@ def make_model(
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
         num_key_value_heads=hidden // 64,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

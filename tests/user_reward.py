@@ -10,3 +10,9 @@ def slow_reward(completion: str, row: dict) -> float:
 
     time.sleep(60)
     return 1.0
+
+
+def raises_on_odd(completion: str, row: dict) -> float:
+    if row.get("sample_idx", 0) % 2:
+        raise ValueError("this verifier fails on odd samples")
+    return 1.0

@@ -13,13 +13,14 @@ import click
 import typer
 
 from fdivctl import __version__
+from fdivctl.cli import demo as demo_cmd
 from fdivctl.cli import distill as distill_cmd
 from fdivctl.cli import divergences as divergences_cmd
 from fdivctl.cli import evaluate as evaluate_cmd
-from fdivctl.cli import planned
 from fdivctl.cli import rollout as rollout_cmd
 from fdivctl.cli import score as score_cmd
 from fdivctl.cli import teacher_logits as teacher_logits_cmd
+from fdivctl.cli import train as train_cmd
 from fdivctl.errors import UserError
 
 app = typer.Typer(
@@ -55,7 +56,8 @@ evaluate_cmd.register(app)
 distill_cmd.register(app)
 score_cmd.register(app)
 teacher_logits_cmd.register(app)
-planned.register(app)
+train_cmd.register(app)
+demo_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,8 @@ def command(
                                     "prompt_id and completion)."),
     out: Path = typer.Argument(..., help="Scored Parquet to write: the input plus reward, correct, verdict, pass_rate."),
     verifier: str = typer.Option(
-        "math", help="math | math-verify | exact | regex | sql | python:MODULE:FUNC (a function (completion, row) → float)."
+        "math", help="math | math-verify | exact | regex | sql | python:MODULE:FUNC (a function (completion, row) → "
+        "float; row holds the rollout's text and scalar columns)."
     ),
     pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
     db: Path = typer.Option(None, help="SQLite database for --verifier sql (default: the row's db_path column)."),

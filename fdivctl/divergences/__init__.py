@@ -8,7 +8,7 @@
 """
 
 from fdivctl.divergences.base import Divergence
-from fdivctl.divergences.estimators import estimator_names, sample_kl
+from fdivctl.divergences.estimators import estimator_names, sample_divergence, sample_kl
 from fdivctl.divergences.registry import get, names, param_defaults, parse
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "names",
     "param_defaults",
     "parse",
+    "sample_divergence",
     "sample_kl",
 ]

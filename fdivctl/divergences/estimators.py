@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from fdivctl.divergences.base import LOG_RATIO_CLAMP
+from fdivctl.divergences.base import LOG_RATIO_CLAMP, Divergence
 
 
 def _k1(log_r: torch.Tensor) -> torch.Tensor:
@@ -79,3 +79,32 @@ def sample_kl(
         )
     log_r = (log_p - log_q).clamp(-clamp, clamp)
     return _ESTIMATORS[estimator](log_r)
+
+
+def sample_divergence(
+    divergence: Divergence,
+    log_q: torch.Tensor,
+    log_p: torch.Tensor,
+    estimator: str = "k3",
+    clamp: float = LOG_RATIO_CLAMP,
+) -> torch.Tensor:
+    """Per-token estimate of ``D_f(q‖p) = E_p[f(q/p)]`` from tokens sampled from the model ``q``.
+
+    Importance-weighting the generator, ``E_p[f(u)] = E_q[f(u)/u]`` with
+    ``u = q/p``, gives for any registry entry
+
+    * ``k1``: ``f(u)/u`` — for reverse KL (``f = u log u``) this is ``log u``, Schulman's k1;
+    * ``k3``: ``(f(u) − f′(1)(u − 1))/u`` — unbiased too, since ``E_q[(u − 1)/u] = 0``,
+      and for reverse KL it is ``r − 1 − log r`` with ``r = 1/u``, Schulman's k3.
+
+    ``k2``, ``abs`` and ``k3+`` are defined for reverse KL only (:func:`sample_kl`).
+    """
+    if divergence.name == "rkl":
+        return sample_kl(log_q, log_p, estimator, clamp)
+    if estimator not in ("k1", "k3"):
+        raise ValueError(f"estimator {estimator!r} is defined for rkl only; {divergence.name} takes k1, k3 or full")
+    if log_q.shape != log_p.shape:
+        raise ValueError(f"log_q {tuple(log_q.shape)} and log_p {tuple(log_p.shape)} must have the same shape")
+    log_u = (log_q - log_p).clamp(-clamp, clamp)
+    value = divergence.generator(log_u) if estimator == "k1" else divergence.reference_sample_loss(log_u, clamp)
+    return value * torch.exp(-log_u)

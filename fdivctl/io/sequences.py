@@ -104,7 +104,13 @@ def _texts(table: pa.Table, column: str, path: Path) -> list[str]:
 def load_sequences(path: str | Path, tokenizer=None) -> Sequences:
     """Read a sequences table; ``tokenizer`` is needed only for text columns."""
     path = Path(path)
-    table = read_table(path)
+    seqs = sequences_from_table(read_table(path), path, tokenizer)
+    seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
+    return seqs
+
+
+def sequences_from_table(table: pa.Table, path: Path, tokenizer=None) -> Sequences:
+    """The sequences of a table already in memory (``path`` names it in errors; no tokenizer hash)."""
     names = table.column_names
     if "prompt_token_ids" in names and "completion_token_ids" in names:
         prompts = _int_lists(table, "prompt_token_ids", path)
@@ -135,4 +141,4 @@ def load_sequences(path: str | Path, tokenizer=None) -> Sequences:
     keys = set(zip(prompt_ids, sample_idx))
     if len(keys) != n:
         raise UserError(f"{path}: (prompt_id, sample_idx) is not unique across rows")
-    return Sequences(prompt_ids, sample_idx, prompts, completions, provenance(path).get("tokenizer_hash"))
+    return Sequences(prompt_ids, sample_idx, prompts, completions, None)

@@ -20,9 +20,10 @@ from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import Sequences, load_sequences
+from fdivctl.io.sequences import load_sequences
 from fdivctl.objectives.kd import KDBatch, kd_loss
 from fdivctl.schedules.divergence_schedule import DivergenceSchedule
+from fdivctl.stages.signals import FrozenModel, check_same_tokenizer, scored_hidden, store_target
 from fdivctl.training.checkpoint import has_state
 from fdivctl.training.loop import LoopOptions, run_loop
 
@@ -53,23 +54,6 @@ class DistillOptions:
             raise UserError(f"--{'schedule' if self.schedule else 'loss'}: {err}") from None
 
 
-def _store_target(store: LogitStore, seqs: Sequences, rows: list[int], tail: str, device) -> engine.TopK:
-    parts = {"ids": [], "logprobs": [], "log_tail": []}
-    for r in rows:
-        stored = store.sequence(seqs.prompt_ids[r], seqs.sample_idx[r])
-        start = stored.completion_start
-        if stored.token_ids[start:].tolist() != seqs.completion_tokens[r].tolist():
-            raise UserError(
-                f"logit store {store.directory} was made for other sequences: the tokens of prompt_id "
-                f"{seqs.prompt_ids[r]!r} sample_idx {seqs.sample_idx[r]} differ from the data's"
-            )
-        parts["ids"].append(stored.ids[start:])
-        parts["logprobs"].append(stored.logprobs[start:].float())
-        parts["log_tail"].append(stored.log_tail[start:])
-    cat = {k: torch.cat(v).to(device) for k, v in parts.items()}
-    return engine.TopK(cat["ids"], cat["logprobs"], cat["log_tail"], temperature=store.temperature, tail=tail)
-
-
 def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
     if spec is not None and n_teachers < 2:
         raise UserError("--teacher-weights needs several --teacher")
@@ -82,18 +66,6 @@ def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
     if len(weights) != n_teachers or any(w < 0 for w in weights) or not sum(weights) > 0:
         raise UserError(f"--teacher-weights {spec!r}: need {n_teachers} non-negative weights with a positive sum")
     return weights
-
-
-def _load_teacher(teacher: Path, student: Path, student_hash: str, opts: DistillOptions):
-    """(decoder, head weight, head bias) of a frozen teacher whose tokenizer matches the student's."""
-    teacher_hash = tokenizer_hash(load_tokenizer(teacher, "teacher"))
-    if teacher_hash != student_hash and not opts.allow_tokenizer_mismatch:
-        raise UserError(f"tokenizer mismatch: teacher {teacher} has {teacher_hash[:16]}…, student {student} "
-                        f"has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
-    model = load_causal_lm(teacher, opts.dtype, opts.device, "teacher")
-    model.requires_grad_(False)
-    head = model.get_output_embeddings()
-    return model.get_decoder(), head.weight, getattr(head, "bias", None)
 
 
 def prepare_distill(
@@ -127,7 +99,9 @@ def prepare_distill(
         store = LogitStore(logits)
         store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
     weights = _teacher_weights(opts.teacher_weights, len(teachers))
-    teacher_parts = [_load_teacher(t, student, student_hash, opts) for t in teachers]
+    for t in teachers:
+        check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
+    frozen = [FrozenModel.load(t, "teacher", opts.dtype, opts.device) for t in teachers]
     model = load_causal_lm(resume_from or student, opts.dtype, opts.device, "student").train()
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
@@ -136,24 +110,18 @@ def prepare_distill(
     def loss_fn(rows: list[int], step: int = 0, total: int = 1):
         divergence = None if schedule is None else schedule.at(step, total)
         batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
-        input_ids, attention, tokens = batch["input_ids"], batch["attention_mask"], batch["token"]
-        b_idx, pos = batch["batch_index"], batch["position"]
-        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
+        hidden = scored_hidden(decoder, batch)
         if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
             return hidden.new_tensor(float("nan")), {}
         target = None
         if store is not None:
-            target = _store_target(store, seqs, rows, opts.tail, device)
-        elif teacher_parts:
-            heads = []
-            for t_decoder, t_weight, t_bias in teacher_parts:
-                with torch.no_grad():
-                    t_hidden = t_decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state[b_idx, pos]
-                heads.append(engine.TeacherHead(t_hidden, t_weight, t_bias, vocab=opts.vocab))
+            target = store_target(store, seqs, rows, opts.tail, device)
+        elif frozen:
+            heads = [t.target(t.hidden(batch), opts.vocab) for t in frozen]
             target = heads[0] if len(heads) == 1 else engine.TeacherMixture(heads, weights)
-        batch = KDBatch(hidden, tokens, target)
         try:
-            return kd_loss(batch, head.weight, getattr(head, "bias", None), divergence, opts.temperature, opts.mix_ce)
+            return kd_loss(KDBatch(hidden, batch["token"], target), head.weight, getattr(head, "bias", None),
+                           divergence, opts.temperature, opts.mix_ce)
         except ValueError as err:
             raise UserError(str(err)) from None
 

@@ -84,7 +84,7 @@ def _check_prompts(path: Path) -> pq.ParquetFile:
     return file
 
 
-def _encode(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
+def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
     """(prompt text, prompt token ids); chat template for ``messages`` rows or with ``chat``."""
     messages = row.get("messages")
     if messages is not None or chat:
@@ -164,9 +164,9 @@ def run_rollout(
         if part.exists():
             continue
         rows = batch.to_pylist()
-        encoded = [_encode(tokenizer, row, opts.chat) for row in rows]
+        encoded = [encode_prompt(tokenizer, row, opts.chat) for row in rows]
         results = generator.generate([ids for _, ids in encoded], opts.sampling, opts.sampling.seed + number)
-        table = _rows_table(batch, rows, encoded, results)
+        table = rollout_rows(batch, rows, encoded, results)
         with atomic_path(part) as tmp:
             pq.write_table(table, tmp)
         batch_tokens = sum(len(c.token_ids) for per_prompt in results for c in per_prompt)
@@ -178,7 +178,8 @@ def run_rollout(
     return {"samples_generated": samples, "tokens_generated": tokens, "backend": backend}
 
 
-def _rows_table(batch: pa.Table, rows, encoded, results) -> pa.Table:
+def rollout_rows(batch: pa.Table, rows, encoded, results) -> pa.Table:
+    """The rollout table of one batch of prompts: one row per completion, the prompts' columns carried."""
     n = len(results[0])
     take = [i for i in range(len(rows)) for _ in range(n)]
     columns = {

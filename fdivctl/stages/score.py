@@ -41,7 +41,10 @@ def score_table(
         field = table.schema.field(column).type
         if column == "completion" and not (pa.types.is_string(field) or pa.types.is_large_string(field)):
             raise UserError(f"{rollouts}: column 'completion' must be text, got {field}")
-    rows = table.select(list(dict.fromkeys(verifier.required_columns() + ["prompt_id"]))).to_pylist()
+    columns = verifier.required_columns() + ["prompt_id"]
+    if verifier.kind == "python":  # a user function sees the row's scalar columns (token lists stay here)
+        columns += [f.name for f in table.schema if not pa.types.is_list(f.type)]
+    rows = table.select(list(dict.fromkeys(columns))).to_pylist()
     results = run_pool(verifier, rows, workers, timeout, on_done)
     by_prompt: dict[object, list[bool]] = defaultdict(list)
     for row, (_, correct, _) in zip(rows, results):

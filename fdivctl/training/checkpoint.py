@@ -4,6 +4,10 @@
 and the RNG states.  A checkpoint is written to a temporary sibling directory
 and renamed into place, so ``OUT`` always holds either the previous complete
 checkpoint or the new one (DESIGN.md, "Checkpoints").
+
+``fdivctl_run/`` holds a run's own artifacts (an RL run's per-iteration
+rollouts, cached reference log-probs); it is moved, not copied, from the
+previous checkpoint into the new one, so it survives every save.
 """
 
 from __future__ import annotations
@@ -16,12 +20,23 @@ import numpy as np
 import torch
 
 STATE_DIR = "fdivctl_state"
+RUN_DIR = "fdivctl_run"
+
+
+def run_dir(out: Path) -> Path:
+    """Where a run keeps its artifacts inside its checkpoint directory (created on demand)."""
+    path = Path(out) / RUN_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int, extra: dict) -> None:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     old = out.with_name(f".{out.name}.old")
+    if (tmp / RUN_DIR).is_dir() and not (out / RUN_DIR).exists():  # a save interrupted after the move
+        out.mkdir(parents=True, exist_ok=True)
+        (tmp / RUN_DIR).rename(out / RUN_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -36,6 +51,8 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int
         },
         tmp / STATE_DIR / "state.pt",
     )
+    if (out / RUN_DIR).is_dir():
+        (out / RUN_DIR).rename(tmp / RUN_DIR)
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)

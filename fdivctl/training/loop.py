@@ -1,10 +1,12 @@
-"""A single-process optimization loop over a fixed list of examples.
+"""Single-process optimization: the optimizer state and the loop over a fixed example list.
 
-AdamW; learning rate with linear warm-up then constant, linear or cosine
-decay; gradient accumulation; gradient clipping; a deterministic example
-order (epoch e shuffles with ``seed + e``) so that resuming at step s replays
-exactly what an uninterrupted run would do.  A non-finite loss stops the run
-with the last good checkpoint kept.
+:class:`Trainer` owns AdamW, the learning-rate schedule (linear warm-up then
+constant, linear or cosine decay over ``total`` schedule units), gradient
+accumulation, clipping and checkpoints; every command that updates a model
+goes through it.  :func:`run_loop` drives it over a fixed list of examples
+with a deterministic order (epoch e shuffles with ``seed + e``), so resuming
+at step s replays exactly what an uninterrupted run would do.  A non-finite
+loss stops the run with the last good checkpoint kept.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fdivctl.errors import UserError
-from fdivctl.training.checkpoint import has_state, load_state, save_checkpoint
+from fdivctl.training.checkpoint import RUN_DIR, has_state, load_state, save_checkpoint
 
 SCHEDULES = ("constant", "linear", "cosine")
+
+#: a micro-batch's loss closure: () → (loss, figures); the step's loss and figures are the sums over its closures
+MicroBatch = Callable[[], tuple[torch.Tensor, dict]]
 
 
 @dataclass
@@ -63,6 +68,91 @@ def _lr_lambda(opts: LoopOptions, total: int) -> Callable[[int], float]:
     return factor
 
 
+def check_fresh_output(out: Path, resume: bool) -> None:
+    """Refuse to start a new run in a non-empty directory (``resume`` continues one instead)."""
+    if not resume and Path(out).exists() and any(Path(out).iterdir()):
+        raise UserError(f"{out} exists and is not empty: pass --resume to continue it, or choose a new directory")
+
+
+class Trainer:
+    """AdamW + schedule + checkpoints of one model in ``out``.
+
+    ``total`` is the length of the learning-rate schedule in the caller's units
+    (optimizer steps for :func:`run_loop`, iterations for online RL): the caller
+    advances it with :meth:`advance_schedule`.  With ``opts.resume`` and a
+    checkpoint in ``out`` the optimizer, schedule, step and RNG are restored and
+    :attr:`state` holds what the caller saved with it.  ``out`` may already
+    hold this run's ``fdivctl_run/`` (a stage that writes it first checks
+    :func:`check_fresh_output`).
+    """
+
+    def __init__(self, model, tokenizer, out: Path, opts: LoopOptions, total: int):
+        opts.check()
+        self.model, self.tokenizer, self.out, self.opts = model, tokenizer, Path(out), opts
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(opts, total))
+        self.step = 0
+        self.state: dict = {}
+        if opts.resume and has_state(self.out):
+            self.state = load_state(self.out)
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.scheduler.load_state_dict(self.state["scheduler"])
+            self.step = self.state["step"]
+        elif self.out.exists() and any(p.name != RUN_DIR for p in self.out.iterdir()):
+            check_fresh_output(self.out, resume=False)
+
+    def update(self, micro_batches: Iterable[MicroBatch]) -> dict:
+        """One optimizer step on the sum of the micro-batches' losses (the caller scales them).
+
+        Returns the step's figures: the sums of the micro-batches' figures,
+        ``grad_norm``, ``lr``, ``tokens_per_s``.
+        """
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        figures: dict[str, float] = {}
+        for micro in micro_batches:
+            loss, parts = micro()
+            if not torch.isfinite(loss):
+                kept = f"{self.out} keeps the last good checkpoint" if has_state(self.out) else \
+                    "no checkpoint was written yet"
+                raise UserError(f"non-finite loss at step {self.step + 1}: stopped; {kept}")
+            loss.backward()
+            for key, value in parts.items():
+                figures[key] = figures.get(key, 0.0) + value
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.opts.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        seconds = time.perf_counter() - start
+        return {**figures, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_s": figures.get("tokens", 0.0) / seconds}
+
+    def advance_schedule(self) -> None:
+        self.scheduler.step()
+
+    def save(self, extra: dict | None = None) -> None:
+        save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, self.scheduler, self.step, extra or {})
+
+
+class JsonlLog:
+    """Appends one JSON object per line to ``path`` (or does nothing without a path)."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a") if path else None
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __enter__(self) -> JsonlLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
+
+
 def batches_for_step(n_examples: int, step: int, opts: LoopOptions) -> list[list[int]]:
     """The ``grad_accum`` micro-batches (example indices) of optimizer step ``step``."""
     per_step = opts.batch_size * opts.grad_accum
@@ -78,6 +168,16 @@ def total_steps(n_examples: int, opts: LoopOptions) -> int:
     return opts.max_steps if opts.max_steps is not None else per_epoch * opts.epochs
 
 
+def _averaged(loss_fn, rows: list[int], step: int, total: int, count: int) -> MicroBatch:
+    """A micro-batch whose loss and figures are divided by ``count`` (its token count is kept)."""
+
+    def micro() -> tuple[torch.Tensor, dict]:
+        loss, figures = loss_fn(rows, step, total)
+        return loss / count, {k: v if k == "tokens" else v / count for k, v in figures.items()}
+
+    return micro
+
+
 def run_loop(
     model,
     tokenizer,
@@ -88,52 +188,19 @@ def run_loop(
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
     """Optimize ``loss_fn(example indices, step, total steps) → (loss, figures)``; checkpoint into ``out``."""
-    opts.check()
     total = total_steps(n_examples, opts)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opts, total))
-    step = 0
-    if opts.resume and has_state(out):
-        state = load_state(out)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty: pass --resume to continue it, or choose a new directory")
-    log = open(opts.log_jsonl, "a") if opts.log_jsonl else None
+    trainer = Trainer(model, tokenizer, out, opts, total)
     last: dict = {}
-    try:
-        while step < total:
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            figures_sum: dict[str, float] = {}
-            micro = batches_for_step(n_examples, step, opts)
-            for indices in micro:
-                loss, figures = loss_fn(indices, step, total)
-                if not torch.isfinite(loss):
-                    kept = f"{out} keeps the last good checkpoint" if has_state(out) else "no checkpoint was written yet"
-                    raise UserError(f"non-finite loss at step {step + 1}: stopped; {kept}")
-                (loss / len(micro)).backward()
-                for key, value in figures.items():
-                    share = 1 if key == "tokens" else len(micro)  # tokens add up, the rest average
-                    figures_sum[key] = figures_sum.get(key, 0.0) + value / share
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            seconds = time.perf_counter() - start
-            last = {"step": step, **figures_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": figures_sum.get("tokens", 0.0) / seconds}
-            if log:
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-            if opts.save_every and step % opts.save_every == 0 and step < total:
-                save_checkpoint(out, model, tokenizer, optimizer, scheduler, step, {})
+    with JsonlLog(opts.log_jsonl) as log:
+        while trainer.step < total:
+            micro = batches_for_step(n_examples, trainer.step, opts)
+            figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
+            trainer.advance_schedule()
+            last = {"step": trainer.step, **figures}
+            log.write(last)
+            if opts.save_every and trainer.step % opts.save_every == 0 and trainer.step < total:
+                trainer.save()
             if on_step:
-                on_step(step, total, last)
-    finally:
-        if log:
-            log.close()
-    save_checkpoint(out, model, tokenizer, optimizer, scheduler, step, {})
-    return {"steps": step, **last}
+                on_step(trainer.step, total, last)
+    trainer.save()
+    return {"steps": trainer.step, **last}

@@ -1,0 +1,165 @@
+"""``fdivctl train``: RL with verifiable rewards (GRPO, Dr.GRPO, DAPO, DPH-RL), f-DPO and SFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from fdivctl.cli.progress import progress_bar
+from fdivctl.errors import UserError
+from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.rewards.verifiers import make_verifier
+from fdivctl.stages.distill import DistillOptions, run_distill
+from fdivctl.stages.dph_partition import run_partition
+from fdivctl.stages.policy_update import RLOptions
+from fdivctl.stages.preference import FDPOOptions, run_fdpo
+from fdivctl.stages.rollout import RolloutOptions
+from fdivctl.stages.train_rl import OnlineOptions, run_online, run_staged
+from fdivctl.training.loop import LoopOptions
+
+ALGOS = ("grpo", "drgrpo", "dapo", "dph", "fdpo", "sft")
+
+
+def command(
+    policy: Path = typer.Argument(..., help="Policy model directory (save_pretrained format): the initial policy."),
+    out: Path = typer.Argument(..., help="Checkpoint directory to write (HF format + fdivctl_state/); with "
+                               "--partition, the partition directory."),
+    algo: str = typer.Option("grpo", help="grpo | drgrpo (no std, no length normalisation) | dapo (clip-higher, "
+                             "token-mean, dynamic sampling, overlong penalty) | dph (DPH-RL) | fdpo (preference "
+                             "pairs) | sft (cross-entropy on prompt/completion)."),
+    rollouts: Path = typer.Option(None, help="Staged mode: scored rollouts Parquet (rollout → score); the old "
+                                  "policy's log-probs are its completion_logprobs."),
+    prompts: Path = typer.Option(None, help="Online mode (and --partition): prompts Parquet with prompt_id, prompt "
+                                 "and the verifier's columns (e.g. answer)."),
+    pairs: Path = typer.Option(None, help="--algo fdpo: Parquet with prompt, chosen, rejected (text); optional "
+                               "ref_chosen_logp / ref_rejected_logp."),
+    data: Path = typer.Option(None, help="--algo sft: sequences Parquet (prompt/completion text or token ids)."),
+    verifier: str = typer.Option("math", help="Online and --partition: math | math-verify | exact | regex | sql | "
+                                 "python:MODULE:FUNC."),
+    pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
+    iterations: int = typer.Option(10, help="Online: sample → score → update iterations."),
+    prompts_per_iteration: int = typer.Option(8, help="Online: prompts sampled per iteration."),
+    group_size: int = typer.Option(8, help="Online: samples per prompt (the GRPO group)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature; log-probs are taken at it too (staged: "
+                                      "the rollouts' recorded temperature)."),
+    top_p: float = typer.Option(1.0, help="Online sampling nucleus mass."),
+    max_new_tokens: int = typer.Option(256, help="Online sampling: longest completion in tokens."),
+    stop: list[str] = typer.Option(None, "--stop", help="Online sampling stop string (repeatable)."),
+    chat: bool = typer.Option(False, help="Wrap plain prompts in the tokenizer's chat template."),
+    score_workers: int = typer.Option(2, help="Verifier processes."),
+    clip_low: float = typer.Option(None, help="PPO clip ε_low (default 0.2)."),
+    clip_high: float = typer.Option(None, help="PPO clip ε_high (DAPO clip-higher; default 0.2, dapo/dph 0.28)."),
+    loss_agg: str = typer.Option(None, help="token-mean | seq-mean-token-sum | seq-mean-token-mean (default by "
+                                 "--algo: grpo seq-mean-token-mean, drgrpo seq-mean-token-sum, dapo token-mean)."),
+    std_norm: bool = typer.Option(None, "--std-norm/--no-std-norm", help="Divide advantages by the group's std "
+                                  "(off for drgrpo)."),
+    dynamic_sampling: bool = typer.Option(None, "--dynamic-sampling/--no-dynamic-sampling",
+                                          help="Drop groups whose rewards are all equal (on for dapo)."),
+    overlong_penalty: float = typer.Option(None, help="DAPO soft overlong penalty zone, as a share of the maximum "
+                                           "length (0 = off; dapo 0.2)."),
+    entropy_coef: float = typer.Option(0.0, help="Entropy bonus coefficient."),
+    ppo_epochs: int = typer.Option(1, help="Passes over each batch of rollouts."),
+    minibatch_size: int = typer.Option(None, help="Responses per optimizer step (default: all of the batch)."),
+    micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update)."),
+    divergence: str = typer.Option("none", help="Regularizer toward the reference: none or a registry divergence "
+                                   "(rkl, fkl, jsd, alpha, hellinger, tv, …; params as jsd:beta=0.3). --algo dph: "
+                                   "the D_pef divergence (fkl default, jsd, alpha); fdpo: rkl (DPO), fkl, jsd, alpha."),
+    div_coef: float = typer.Option(0.04, help="Coefficient of the regularizer."),
+    div_estimator: str = typer.Option("k3", help="k1 | k2 | k3 | abs | k3+ (sample estimators; k2/abs/k3+ for rkl "
+                                      "only) | full (closed form over the vocabulary through the engine)."),
+    div_in: str = typer.Option("loss", help="Place the regularizer in the loss or in the reward."),
+    ref_model: Path = typer.Option(None, help="Reference model (default: the initial policy)."),
+    ref_logits: Path = typer.Option(None, help="Staged mode: reference from a teacher-logits store of the rollouts."),
+    partition: bool = typer.Option(False, help="--algo dph: pre-sample --k + 1 completions per prompt, split "
+                                   "D_pef / D_exp, store the reference samples in OUT; no training."),
+    partition_dir: Path = typer.Option(None, help="--algo dph: the directory written by --partition."),
+    k: int = typer.Option(8, "--k", help="--partition: samples per prompt judged (plus one confirming sample)."),
+    pef_threshold: float = typer.Option(0.875, help="--partition: accuracy over k that puts a prompt in D_pef."),
+    eta: float = typer.Option(0.1, help="--algo dph: weight η of the D_pef divergence."),
+    pef_batch_size: int = typer.Option(8, help="--algo dph: reference samples per optimizer step."),
+    beta: float = typer.Option(0.1, help="--algo fdpo: β."),
+    lr: float = typer.Option(1e-6, help="Peak learning rate (AdamW)."),
+    lr_schedule: str = typer.Option("constant", help="constant, linear or cosine decay after warm-up."),
+    warmup: int = typer.Option(0, help="Warm-up length (optimizer steps; online: iterations)."),
+    batch_size: int = typer.Option(8, help="fdpo / sft: examples per micro-batch."),
+    grad_accum: int = typer.Option(1, help="fdpo / sft: micro-batches per optimizer step."),
+    max_steps: int = typer.Option(None, help="fdpo / sft: optimizer steps (default: --epochs over the data)."),
+    epochs: int = typer.Option(1, help="fdpo / sft: passes over the data."),
+    seed: int = typer.Option(0, help="Seed of sampling, prompt choice and minibatch order."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm."),
+    save_every: int = typer.Option(None, help="Checkpoint every N steps (online: iterations; default: online 1, "
+                                   "else only at the end)."),
+    log_jsonl: Path = typer.Option(None, help="Append one JSON line per step (online: per iteration): reward, "
+                                   "accuracy, pass histogram, entropy, divergence, clip fraction, length, tokens/s."),
+    resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
+    dtype: str = typer.Option("auto", help="Model dtype: auto, fp32, bf16, fp16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    allow_tokenizer_mismatch: bool = typer.Option(False, help="UNSAFE: skip the tokenizer hash checks."),
+) -> None:
+    """Train a policy: GRPO family / DPH-RL (staged on scored rollouts, or online), f-DPO on pairs, or SFT."""
+    if algo not in ALGOS:
+        raise UserError(f"--algo {algo!r}; valid: {', '.join(ALGOS)}")
+    loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
+                       max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
+                       save_every=save_every or 0, log_jsonl=log_jsonl, resume=resume)
+    sampling = SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                               stop=list(stop or []))
+    if partition:
+        if algo != "dph" or prompts is None:
+            raise UserError("--partition belongs to --algo dph and needs --prompts")
+        with progress_bar("pre-sample", "samples") as progress:
+            task = progress.add_task("pre-sample", total=None)
+            summary = run_partition(policy, prompts, out, make_verifier(verifier, pattern=pattern), k, pef_threshold,
+                                    RolloutOptions(sampling=sampling, backend="hf", dtype=dtype, device=device,
+                                                   chat=chat), workers=score_workers,
+                                    on_batch=lambda s, t: progress.advance(task, s))
+        typer.echo(json.dumps({"partition": str(out), **{k_: v for k_, v in summary.items()
+                                                         if k_ != "pef_prompt_ids"}}))
+        return
+    given = {"--rollouts": rollouts, "--prompts": prompts, "--pairs": pairs, "--data": data}
+    wanted = {"fdpo": "--pairs", "sft": "--data"}.get(algo)
+    inputs = [name for name, value in given.items() if value is not None]
+    if wanted and inputs != [wanted]:
+        raise UserError(f"--algo {algo} reads {wanted} (and no other input)")
+    if not wanted and len([i for i in inputs if i in ("--rollouts", "--prompts")]) != 1 or \
+            (not wanted and any(i in ("--pairs", "--data") for i in inputs)):
+        raise UserError(f"--algo {algo}: give --rollouts (staged) or --prompts (online), one of them")
+    with progress_bar(f"train {algo}", "steps") as progress:
+        task = progress.add_task(f"train {algo}", total=None)
+
+        def on_step(step, total, figures):
+            shown = figures.get("reward_mean", figures.get("loss", float("nan")))
+            label = "reward" if "reward_mean" in figures else "loss"
+            progress.update(task, completed=step, total=total, description=f"train {algo} {label} {shown:.4f}")
+
+        if algo == "sft":
+            summary = run_distill(policy, out, data, DistillOptions(loss="ce", dtype=dtype, device=device,
+                                                                    allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                                                                    loop=loop), on_step=on_step)
+        elif algo == "fdpo":
+            summary = run_fdpo(policy, pairs, out, FDPOOptions(divergence="rkl" if divergence == "none" else
+                                                               divergence, beta=beta, dtype=dtype, device=device,
+                                                               loop=loop), on_step=on_step)
+        else:
+            opts = RLOptions(algo=algo, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, std_norm=std_norm,
+                             dynamic_sampling=dynamic_sampling, overlong_penalty=overlong_penalty,
+                             entropy_coef=entropy_coef, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
+                             micro_batch_size=micro_batch_size, divergence=divergence, div_coef=div_coef,
+                             div_estimator=div_estimator, div_in=div_in, ref_model=ref_model, ref_logits=ref_logits,
+                             partition_dir=partition_dir, eta=eta, pef_batch_size=pef_batch_size, dtype=dtype,
+                             device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
+            if rollouts is not None:
+                summary = run_staged(policy, rollouts, out, opts, on_step=on_step)
+            else:
+                online = OnlineOptions(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
+                                       group_size=group_size, sampling=sampling, chat=chat,
+                                       score_workers=score_workers, save_every=save_every or 1)
+                summary = run_online(policy, prompts, out, make_verifier(verifier, pattern=pattern), opts, online,
+                                     on_iteration=on_step)
+    typer.echo(json.dumps({"checkpoint": str(out), **summary}))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(command)

@@ -1,0 +1,1 @@
+"""The built-in quickstart: a verifiable task with many correct answers, and the pipeline that runs on it."""

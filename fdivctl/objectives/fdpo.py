@@ -1,0 +1,72 @@
+"""f-DPO: direct preference optimization under an f-divergence (Wang et al. 2023, arXiv 2309.16240).
+
+With u = π_θ(y|x) / π_ref(y|x) for a whole response (log u = sum of its
+token log-ratios), chosen y_w and rejected y_l:
+
+    L = −log σ(β f′(u_w) − β f′(u_l))                          (Theorem 1 / Eq. 9)
+
+f′ per divergence (Table 1 of the paper): reverse KL ``log u + 1`` (standard
+DPO, Rafailov et al. 2023); forward KL ``−1/u``; Jensen–Shannon
+``log(2u/(1 + u))``; α-divergence ``(1 − u^(−α))/α``.  The paper's JS
+generator is ``u log u − (u+1) log((u+1)/2)``, twice the registry's ``jsd``
+at β = 0.5; we keep the paper's scale so that ``--beta`` means what it means
+there, and for a general registry β use ``log(u / (β + (1 − β)u))``, which is
+the registry generator's derivative divided by ``1 − β``.
+
+TRL's ``DPOTrainer(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=a)``
+scores ``u^(a−1)/(a−1)``; with ``a = 1 − α`` that is ``−u^(−α)/α``, our f′
+up to the constant ``1/α``, which cancels in the chosen − rejected difference:
+TRL's ``a`` is ``1 −`` our α.
+The implicit reward of a response is ``β f′(u)``; accuracy is the share of
+pairs whose chosen reward is the larger.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fdivctl.divergences import Divergence
+
+FDPO_DIVERGENCES = ("rkl", "fkl", "jsd", "alpha")
+
+
+def fprime(divergence: Divergence, log_u: torch.Tensor) -> torch.Tensor:
+    """``f′(u)`` of the f-DPO paper's Table 1, from ``log u``."""
+    name = divergence.name
+    if name == "rkl":
+        return log_u + 1.0
+    if name == "fkl":
+        return -torch.exp(-log_u)
+    if name == "jsd":
+        beta = divergence.params["beta"]
+        return log_u - torch.logaddexp(torch.full_like(log_u, math.log(beta)), math.log1p(-beta) + log_u)
+    if name == "alpha":
+        alpha = divergence.params["alpha"]
+        return -torch.expm1(-alpha * log_u) / alpha
+    raise ValueError(f"f-DPO takes {', '.join(FDPO_DIVERGENCES)}; got {name}")
+
+
+def fdpo_loss(
+    divergence: Divergence,
+    beta: float,
+    chosen_logp: torch.Tensor,
+    rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor,
+    ref_rejected_logp: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
+    """Mean loss over pairs ``[P]`` (sequence log-probs) and its figures: reward accuracy and margin."""
+    chosen = beta * fprime(divergence, chosen_logp - ref_chosen_logp)
+    rejected = beta * fprime(divergence, rejected_logp - ref_rejected_logp)
+    margin = chosen - rejected
+    loss = -F.logsigmoid(margin).mean()
+    figures = {
+        "loss": float(loss.detach()),
+        "reward_accuracy": float((margin > 0).float().mean()),
+        "reward_margin": float(margin.detach().mean()),
+        "chosen_reward": float(chosen.detach().mean()),
+        "rejected_reward": float(rejected.detach().mean()),
+    }
+    return loss, figures

@@ -1,0 +1,341 @@
+"""One policy-gradient update of the GRPO family on scored rollouts — shared by staged and online ``train``.
+
+Given scored rollouts (``prompt_token_ids``, ``completion_token_ids``, the
+old policy's ``completion_logprobs``, ``reward``) grouped by ``prompt_id``:
+
+1. rewards are shaped (DAPO overlong penalty; the divergence to the
+   reference when it is placed in the reward), then turned into group
+   advantages (:mod:`fdivctl.objectives.grpo`);
+2. with dynamic sampling, groups whose rewards are all equal are dropped;
+3. for ``ppo_epochs`` passes, the kept responses are shuffled (seeded) into
+   minibatches, one optimizer step each, computed in micro-batches through
+   the chunked engine (per-token log-prob, entropy and, for the ``full``
+   estimator, the closed-form divergence to the reference);
+4. with DPH-RL, each step also adds η · L_pef on a batch of stored reference
+   samples (:mod:`fdivctl.objectives.dph`).
+
+The same :class:`PolicyUpdate` serves ``train --rollouts`` and each iteration
+of ``train --prompts``, so both give the same update for the same rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fdivctl import divergences, engine
+from fdivctl.divergences import Divergence, sample_divergence
+from fdivctl.errors import UserError
+from fdivctl.io.logit_store import LogitStore
+from fdivctl.io.sequences import Sequences, sequences_from_table
+from fdivctl.io.tables import is_int_list, require_columns
+from fdivctl.objectives import dph, grpo
+from fdivctl.stages.signals import FrozenModel, scored_hidden, store_target, store_token_logprobs
+from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
+
+ALGOS = ("grpo", "drgrpo", "dapo", "dph")
+ESTIMATORS = ("k1", "k2", "k3", "abs", "k3+", "full")
+PLACEMENTS = ("loss", "reward")
+
+#: per algorithm: clip_low, clip_high, loss_agg, std_norm, dynamic_sampling, overlong buffer (share of max length)
+PRESETS: dict[str, dict] = {
+    "grpo": dict(clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean", std_norm=True, dynamic_sampling=False,
+                 overlong_penalty=0.0),
+    "drgrpo": dict(clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-sum", std_norm=False,
+                   dynamic_sampling=False, overlong_penalty=0.0),
+    "dapo": dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", std_norm=True, dynamic_sampling=True,
+                 overlong_penalty=0.2),
+    "dph": dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", std_norm=True, dynamic_sampling=False,
+                overlong_penalty=0.0),
+}
+
+
+@dataclass
+class RLOptions:
+    """Options of the GRPO family; ``None`` takes the ``algo``'s preset (:data:`PRESETS`)."""
+
+    algo: str = "grpo"
+    clip_low: float | None = None
+    clip_high: float | None = None
+    loss_agg: str | None = None
+    std_norm: bool | None = None
+    dynamic_sampling: bool | None = None
+    overlong_penalty: float | None = None  # buffer as a share of the maximum length (0: off)
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 1
+    minibatch_size: int | None = None  # responses per optimizer step; None: all of them
+    micro_batch_size: int = 8
+    temperature: float | None = None  # of the log-probs; None: the rollouts' sampling temperature
+    divergence: str = "none"
+    div_coef: float = 0.04
+    div_estimator: str = "k3"
+    div_in: str = "loss"
+    ref_model: Path | None = None
+    ref_logits: Path | None = None
+    tail: str = "tail"
+    partition_dir: Path | None = None  # DPH-RL
+    eta: float = 0.1
+    pef_batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    allow_tokenizer_mismatch: bool = False
+    loop: LoopOptions = field(default_factory=LoopOptions)
+
+    def resolve(self) -> RLOptions:
+        """Fill the preset's values in and check every option; returns self."""
+        if self.algo not in PRESETS:
+            raise UserError(f"--algo {self.algo!r}; valid here: {', '.join(PRESETS)}")
+        for key, value in PRESETS[self.algo].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.loss_agg not in grpo.LOSS_AGGS:
+            raise UserError(f"--loss-agg {self.loss_agg!r}; valid: {', '.join(grpo.LOSS_AGGS)}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise UserError("--clip-low must lie in [0, 1) and --clip-high be ≥ 0")
+        if self.ppo_epochs < 1 or self.micro_batch_size < 1 or (self.minibatch_size or 1) < 1:
+            raise UserError("--ppo-epochs, --micro-batch-size and --minibatch-size must be ≥ 1")
+        if not 0 <= self.overlong_penalty < 1:
+            raise UserError("--overlong-penalty is the penalty zone as a share of the maximum length, in [0, 1)")
+        if self.div_estimator not in ESTIMATORS:
+            raise UserError(f"--div-estimator {self.div_estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        if self.div_in not in PLACEMENTS:
+            raise UserError(f"--div-in {self.div_in!r}; valid: {', '.join(PLACEMENTS)}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise UserError("--temperature must be > 0")
+        if (self.algo == "dph") != (self.partition_dir is not None):
+            raise UserError("--algo dph needs --partition-dir (from `train --algo dph --partition`), and only it")
+        if self.algo == "dph" and self.divergence == "none":
+            self.divergence = "fkl"
+        if self.algo == "dph" and (self.eta < 0 or self.pef_batch_size < 1):
+            raise UserError("--eta must be ≥ 0 and --pef-batch-size ≥ 1")
+        return self
+
+    def regularizer(self) -> Divergence | None:
+        """The divergence to the reference policy (for dph: the D_pef generator); None for ``none``."""
+        if self.divergence == "none":
+            return None
+        try:
+            div = divergences.parse(self.divergence)
+        except ValueError as err:
+            raise UserError(f"--divergence: {err}") from None
+        if self.algo != "dph" and self.div_estimator in ("k2", "abs", "k3+") and div.name != "rkl":
+            raise UserError(f"--div-estimator {self.div_estimator} estimates KL(π‖ref) only: use --divergence rkl, "
+                            f"or k1, k3 or full for {div.name}")
+        return div
+
+
+@dataclass
+class ScoredRollouts:
+    """Scored rollouts in memory, one group index per distinct ``prompt_id``."""
+
+    seqs: Sequences
+    old_logprobs: list[np.ndarray]
+    rewards: torch.Tensor  # float32 [S]
+    correct: np.ndarray  # bool [S]
+    groups: torch.Tensor  # int64 [S]
+    lengths: torch.Tensor  # int64 [S], completion tokens
+
+    @classmethod
+    def from_table(cls, table: pa.Table, path: Path, min_group: int = 2) -> ScoredRollouts:
+        if "reward" not in table.column_names:
+            raise UserError(f"{path}: no reward column: score the rollouts first (fdivctl score)")
+        require_columns(table, path, ["prompt_id", "sample_idx", "prompt_token_ids", "completion_token_ids",
+                                      "completion_logprobs"], " (rollouts from `fdivctl rollout`, then scored)")
+        if not is_int_list(table.schema.field("completion_token_ids").type):
+            raise UserError(f"{path}: completion_token_ids must be list<int>")
+        rewards = table.column("reward").to_pylist()
+        if any(r is None or not np.isfinite(r) for r in rewards):
+            raise UserError(f"{path}: the reward column has null or non-finite values")
+        seqs = sequences_from_table(table, path)
+        old = [np.asarray(v if v is not None else [], dtype=np.float32)
+               for v in table.column("completion_logprobs").to_pylist()]
+        for row, (lp, tokens) in enumerate(zip(old, seqs.completion_tokens)):
+            if len(lp) != len(tokens):
+                raise UserError(f"{path}: row {row} has {len(tokens)} completion tokens but {len(lp)} log-probs")
+        index: dict[str, int] = {}
+        groups = torch.tensor([index.setdefault(pid, len(index)) for pid in seqs.prompt_ids], dtype=torch.long)
+        sizes = torch.bincount(groups)
+        if min_group > 1 and bool((sizes < min_group).any()):
+            small = list(index)[int((sizes < min_group).nonzero()[0])]
+            raise UserError(f"{path}: prompt_id {small!r} has {int(sizes.min())} sample(s); the GRPO family needs "
+                            f"groups of at least {min_group} samples per prompt (rollout --n)")
+        correct = (np.asarray(table.column("correct").to_pylist(), dtype=bool) if "correct" in table.column_names
+                   else np.asarray(rewards) > 0)
+        lengths = torch.tensor([len(t) for t in seqs.completion_tokens], dtype=torch.long)
+        return cls(seqs, old, torch.tensor(rewards, dtype=torch.float32), correct, groups, lengths)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class ReferencePolicy:
+    """Log-probs and closed-form targets of the frozen reference (a model, or a logit store for staged runs)."""
+
+    def __init__(self, model: FrozenModel | None, store: LogitStore | None, tail: str):
+        self.model, self.store, self.tail = model, store, tail
+
+    def token_logprobs(self, data: ScoredRollouts, rows: list[int], batch: dict, temperature: float) -> torch.Tensor:
+        if self.model is not None:
+            return self.model.token_logprobs(self.model.hidden(batch), batch["token"], temperature)
+        if abs(self.store.temperature - temperature) > 1e-6:
+            raise UserError(f"--ref-logits store is at temperature {self.store.temperature}, the rollouts' "
+                            f"log-probs at {temperature}: sample estimators need the same (or use --div-estimator "
+                            "full)")
+        return store_token_logprobs(self.store, data.seqs, rows, batch["token"].device)
+
+    def target(self, data: ScoredRollouts, rows: list[int], batch: dict) -> engine.Target:
+        if self.model is not None:
+            return self.model.target(self.model.hidden(batch))
+        return store_target(self.store, data.seqs, rows, self.tail, batch["token"].device)
+
+
+@dataclass
+class ReferenceSamples:
+    """DPH-RL's stored reference samples (correct π_0 completions of D_pef prompts) with their π_0 log-probs."""
+
+    seqs: Sequences
+    logprobs: list[np.ndarray]
+    temperature: float
+
+
+class PolicyUpdate:
+    """The model being trained, its frozen reference, and the update rule (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, opts: RLOptions, reference: ReferencePolicy | None,
+                 reference_samples: ReferenceSamples | None = None):
+        self.model, self.opts = model, opts
+        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
+        self.device = self.head.weight.device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.regularizer = opts.regularizer()
+        self.reference = reference
+        self.samples = reference_samples
+        if self.regularizer is not None and opts.algo != "dph" and reference is None:
+            raise UserError("--divergence needs a reference: --ref-model DIR or --ref-logits DIR")
+
+    # -- step 1-2: advantages -------------------------------------------------------------------------------------
+    def advantages(self, data: ScoredRollouts, temperature: float, max_length: int | None) -> tuple[torch.Tensor,
+                                                                                                    list[int], dict]:
+        """(advantage per response, the responses kept, figures)."""
+        rewards = data.rewards.clone()
+        figures: dict[str, float] = {}
+        if self.opts.overlong_penalty and max_length:
+            buffer = max(1, round(self.opts.overlong_penalty * max_length))
+            rewards += grpo.overlong_penalty(data.lengths, max_length, buffer)
+        if self.regularizer is not None and self.opts.div_in == "reward" and self.opts.algo != "dph":
+            per_response = self._response_divergence(data, temperature)
+            figures["divergence"] = float(per_response.sum() / data.lengths.sum())
+            rewards -= self.opts.div_coef * per_response
+        advantages = grpo.group_advantages(rewards, data.groups, self.opts.std_norm)
+        keep = torch.ones(len(data), dtype=torch.bool)
+        if self.opts.dynamic_sampling:
+            keep = ~grpo.equal_reward_groups(data.rewards, data.groups)
+        keep &= data.lengths > 0
+        figures["groups_kept"] = float(len(set(data.groups[keep].tolist())))
+        figures["groups_dropped"] = float(len(set(data.groups.tolist())) - figures["groups_kept"])
+        return advantages, keep.nonzero().squeeze(-1).tolist(), figures
+
+    @torch.no_grad()
+    def _response_divergence(self, data: ScoredRollouts, temperature: float) -> torch.Tensor:
+        """Σ_t of the regularizer's per-token estimate, per response, under the current policy."""
+        totals = torch.zeros(len(data))
+        for start in range(0, len(data), self.opts.micro_batch_size):
+            rows = list(range(start, min(start + self.opts.micro_batch_size, len(data))))
+            batch = self._batch(data.seqs, rows)
+            per_token = self._divergence(data, rows, batch, scored_hidden(self.decoder, batch), temperature,
+                                         torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows]))
+                                         .to(self.device))
+            lengths = data.lengths[rows]
+            totals[rows] = torch.zeros(len(rows)).index_add_(
+                0, torch.arange(len(rows)).repeat_interleave(lengths), per_token.float().cpu())
+        return totals
+
+    # -- step 3-4: minibatch steps --------------------------------------------------------------------------------
+    def steps(self, data: ScoredRollouts, kept: list[int], seed: int) -> list[list[int]]:
+        """The responses of each optimizer step: ``ppo_epochs`` seeded shuffles of ``kept`` into minibatches."""
+        size = self.opts.minibatch_size or max(1, len(kept))
+        plan = []
+        for epoch in range(self.opts.ppo_epochs):
+            order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            plan += [[kept[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+        return plan
+
+    def step(self, trainer: Trainer, data: ScoredRollouts, advantages: torch.Tensor, rows: list[int],
+             temperature: float) -> dict:
+        """One optimizer step on the responses ``rows`` (plus D_pef's term for DPH-RL)."""
+        n_tokens, n_seqs = int(data.lengths[rows].sum()), len(rows)
+        size = self.opts.micro_batch_size
+        micro = [self._micro(data, advantages, rows[s : s + size], n_tokens, n_seqs, temperature)
+                 for s in range(0, len(rows), size)]
+        if self.samples is not None and len(self.samples.seqs) and self.opts.eta:
+            micro.append(self._pef_micro(trainer.step))
+        return trainer.update(micro)
+
+    def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
+
+    def _divergence(self, data, rows, batch, hidden, temperature, logprob, full_out=None) -> torch.Tensor:
+        if self.opts.div_estimator == "full":
+            if full_out is not None:
+                return full_out
+            target = self.reference.target(data, rows, batch)
+            return engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
+                                        target=target, divergence=self.regularizer,
+                                        temperature=temperature).divergence
+        ref = self.reference.token_logprobs(data, rows, batch, temperature)
+        return sample_divergence(self.regularizer, logprob, ref, self.opts.div_estimator)
+
+    def _micro(self, data, advantages, rows, n_tokens, n_seqs, temperature):
+        opts = self.opts
+
+        def micro():
+            batch = self._batch(data.seqs, rows)
+            hidden = scored_hidden(self.decoder, batch)
+            regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
+            full = regularize and opts.div_estimator == "full"
+            target = self.reference.target(data, rows, batch) if full else None
+            out = engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
+                                       token_ids=batch["token"], entropy=True, target=target,
+                                       divergence=self.regularizer if full else None, temperature=temperature)
+            lengths = data.lengths[rows]
+            old = torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
+            adv = advantages[rows].repeat_interleave(lengths).to(self.device)
+            surrogate, clipped = grpo.clipped_surrogate(out.logprob, old, adv, opts.clip_low, opts.clip_high)
+            weights = grpo.token_weights(lengths, n_tokens, n_seqs, opts.loss_agg).to(self.device)
+            loss = (weights * surrogate).sum()
+            figures = {"tokens": float(len(adv)), "pg_loss": float(loss.detach()),
+                       "clip_frac": float(clipped.sum()) / n_tokens,
+                       "entropy": float(out.entropy.detach().sum()) / n_tokens}
+            if regularize:
+                per_token = self._divergence(data, rows, batch, hidden, temperature, out.logprob, out.divergence)
+                div_loss = (weights * per_token).sum()
+                loss = loss + opts.div_coef * div_loss
+                figures["divergence"] = float(per_token.detach().sum()) / n_tokens
+            if opts.entropy_coef:
+                loss = loss - opts.entropy_coef * (weights * out.entropy).sum()
+            figures["loss"] = float(loss.detach())
+            return loss, figures
+
+        return micro
+
+    def _pef_micro(self, step: int):
+        """η · L_pef on the reference samples of this step (a seeded cycle through them)."""
+        samples, opts = self.samples, self.opts
+        rows = batches_for_step(len(samples.seqs), step,
+                                LoopOptions(batch_size=opts.pef_batch_size, seed=opts.loop.seed))[0]
+
+        def micro():
+            batch = self._batch(samples.seqs, rows)
+            hidden = scored_hidden(self.decoder, batch)
+            logprob = engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
+                                           token_ids=batch["token"], temperature=samples.temperature).logprob
+            reference = torch.from_numpy(np.concatenate([samples.logprobs[r] for r in rows])).to(self.device)
+            pef = dph.reference_loss(self.regularizer, logprob, reference).mean()
+            loss = opts.eta * pef
+            return loss, {"pef_loss": float(pef.detach()), "loss": float(loss.detach())}
+
+        return micro

@@ -1,0 +1,125 @@
+"""``train --algo fdpo``: preference pairs, f-DPO loss (:mod:`fdivctl.objectives.fdpo`).
+
+Pairs: a Parquet table with text columns ``prompt``, ``chosen``, ``rejected``
+(the prompt tokenized with the tokenizer's special tokens, the responses
+without, as for any sequences table).  The reference log-probs
+log π_ref(y|x) of both responses come from the columns ``ref_chosen_logp``
+and ``ref_rejected_logp`` when the table has them; otherwise they are
+computed once with the initial policy (under no_grad) and cached in
+``OUT/fdivctl_run/reference_logprobs.parquet``, which a resumed run reuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fdivctl import divergences, engine
+from fdivctl.errors import UserError
+from fdivctl.io.atomic import atomic_path
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.sequences import Sequences, sequences_from_table
+from fdivctl.io.tables import read_table, require_columns
+from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
+from fdivctl.stages.signals import scored_hidden
+from fdivctl.training.checkpoint import has_state, run_dir
+from fdivctl.training.loop import LoopOptions, check_fresh_output, run_loop
+
+REFERENCE_CACHE = "reference_logprobs.parquet"
+
+
+@dataclass
+class FDPOOptions:
+    divergence: str = "rkl"
+    beta: float = 0.1
+    dtype: str = "auto"
+    device: str = "auto"
+    loop: LoopOptions = field(default_factory=LoopOptions)
+
+
+def _pairs(path: Path, tokenizer) -> tuple[Sequences, Sequences, pa.Table]:
+    table = read_table(path)
+    require_columns(table, path, ["prompt", "chosen", "rejected"], " (text columns of preference pairs)")
+    if table.num_rows == 0:
+        raise UserError(f"{path}: the table is empty")
+    sides = []
+    for side in ("chosen", "rejected"):
+        view = pa.table({"prompt": table.column("prompt"), "completion": table.column(side)})
+        seqs = sequences_from_table(view, path, tokenizer)
+        for row in range(len(seqs)):
+            if len(seqs.completion_tokens[row]) == 0:
+                raise UserError(f"{path}: row {row} has an empty {side} response")
+            seqs.first_scored(row, include_prompt=False)
+        sides.append(seqs)
+    return sides[0], sides[1], table
+
+
+def sequence_logprobs(decoder, head, seqs: Sequences, rows: list[int], pad_id: int) -> torch.Tensor:
+    """``[len(rows)]`` log π(y|x): the sum of the response tokens' log-probs, through the chunked engine."""
+    device = head.weight.device
+    batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
+    per_token = engine.token_outputs(scored_hidden(decoder, batch), head.weight, bias=getattr(head, "bias", None),
+                                     token_ids=batch["token"]).logprob
+    return torch.zeros(len(rows), dtype=per_token.dtype, device=device).index_add(0, batch["batch_index"], per_token)
+
+
+def _reference_logprobs(table: pa.Table, model, chosen: Sequences, rejected: Sequences, pad_id: int,
+                        cache: Path, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if "ref_chosen_logp" in table.column_names and "ref_rejected_logp" in table.column_names:
+        source = table
+    elif cache.exists():
+        source = pq.read_table(cache)
+    else:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        values = {"ref_chosen_logp": [], "ref_rejected_logp": []}
+        with torch.no_grad():
+            for start in range(0, len(chosen), batch_size):
+                rows = list(range(start, min(start + batch_size, len(chosen))))
+                values["ref_chosen_logp"] += sequence_logprobs(decoder, head, chosen, rows, pad_id).tolist()
+                values["ref_rejected_logp"] += sequence_logprobs(decoder, head, rejected, rows, pad_id).tolist()
+        source = pa.table({k: pa.array(v, pa.float64()) for k, v in values.items()})
+        with atomic_path(cache) as tmp:
+            pq.write_table(source, tmp)
+    as_tensor = lambda name: torch.tensor(source.column(name).to_pylist(), dtype=torch.float64)  # noqa: E731
+    return as_tensor("ref_chosen_logp"), as_tensor("ref_rejected_logp")
+
+
+def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
+             on_step: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Train ``policy`` on preference pairs with the f-DPO loss; checkpoint into ``out``."""
+    try:
+        divergence = divergences.parse(opts.divergence)
+    except ValueError as err:
+        raise UserError(f"--divergence: {err}") from None
+    if divergence.name not in FDPO_DIVERGENCES:
+        raise UserError(f"--algo fdpo takes --divergence {', '.join(FDPO_DIVERGENCES)}; got {divergence.name}")
+    if not opts.beta > 0:
+        raise UserError("--beta must be > 0")
+    check_fresh_output(out, opts.loop.resume)
+    tokenizer = load_tokenizer(policy, "policy")
+    chosen, rejected, table = _pairs(pairs, tokenizer)
+    resume_from = out if opts.loop.resume and has_state(out) else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    reference_model = load_causal_lm(policy, opts.dtype, opts.device, "policy")
+    ref_chosen, ref_rejected = _reference_logprobs(table, reference_model, chosen, rejected, pad_id,
+                                                   run_dir(out) / REFERENCE_CACHE, opts.loop.batch_size)
+    model = reference_model if resume_from is None else load_causal_lm(resume_from, opts.dtype, opts.device, "policy")
+    model.train()
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+
+    def loss_fn(rows: list[int], step: int = 0, total: int = 1):
+        device = head.weight.device
+        logp_w = sequence_logprobs(decoder, head, chosen, rows, pad_id)
+        logp_l = sequence_logprobs(decoder, head, rejected, rows, pad_id)
+        loss, figures = fdpo_loss(divergence, opts.beta, logp_w, logp_l, ref_chosen[rows].to(device, logp_w.dtype),
+                                  ref_rejected[rows].to(device, logp_w.dtype))
+        figures["tokens"] = float(sum(len(chosen.completion_tokens[r]) + len(rejected.completion_tokens[r])
+                                      for r in rows))
+        return loss, figures
+
+    return run_loop(model, tokenizer, len(chosen), loss_fn, out, opts.loop, on_step)

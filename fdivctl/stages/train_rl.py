@@ -1,0 +1,252 @@
+"""``train`` for the GRPO family and DPH-RL: staged (on a scored rollouts file) or online (sample → score → update).
+
+Staged: the rollouts' own ``completion_logprobs`` are the old policy; the
+optimizer steps of :class:`~fdivctl.stages.policy_update.PolicyUpdate` run
+one after another (resumable step by step); the learning-rate schedule spans
+those steps.
+
+Online: each iteration takes ``prompts_per_iteration`` distinct prompts (a
+shuffle seeded by ``seed + iteration``), samples ``group_size`` completions
+per prompt with the live model (``hf`` backend; seed ``seed + iteration``),
+writes ``fdivctl_run/iter-NNNN.scored.parquet`` through the normal ``score``
+stage, and updates on it exactly as the staged mode would.  The
+learning-rate schedule spans the iterations.  A checkpoint (with the
+iteration number) is written every ``save_every`` iterations; ``resume``
+continues from it and reuses an iteration's scored file when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fdivctl.errors import UserError
+from fdivctl.generation.hf import HFGenerator
+from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.hashing import tokenizer_hash
+from fdivctl.io.logit_store import LogitStore
+from fdivctl.io.sequences import sequences_from_table
+from fdivctl.io.tables import provenance, read_table, write_table
+from fdivctl.rewards.verifiers import Verifier
+from fdivctl.stages.policy_update import (
+    PolicyUpdate,
+    ReferencePolicy,
+    ReferenceSamples,
+    RLOptions,
+    ScoredRollouts,
+)
+from fdivctl.stages.rollout import encode_prompt, rollout_rows
+from fdivctl.stages.score import score_table
+from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
+from fdivctl.training.checkpoint import has_state, run_dir
+from fdivctl.training.loop import JsonlLog, Trainer, check_fresh_output
+
+PARTITION_FILE = "partition.json"
+
+
+@dataclass
+class OnlineOptions:
+    iterations: int = 10
+    prompts_per_iteration: int = 8
+    group_size: int = 8
+    sampling: SamplingOptions | None = None  # n is group_size; seed is the run's seed
+    chat: bool = False
+    score_workers: int = 2
+    score_timeout: float = 10.0
+    save_every: int = 1  # iterations
+
+    def check(self) -> None:
+        if self.iterations < 1 or self.prompts_per_iteration < 1 or self.save_every < 1:
+            raise UserError("--iterations, --prompts-per-iteration and --save-every must be ≥ 1")
+        if self.group_size < 2:
+            raise UserError("--group-size must be ≥ 2: GRPO compares samples of one prompt")
+
+
+def _load_policy(policy: Path, out: Path, opts: RLOptions):
+    resume_from = out if opts.loop.resume and has_state(out) else None
+    tokenizer = load_tokenizer(policy, "policy")
+    model = load_causal_lm(resume_from or policy, opts.dtype, opts.device, "policy").train()
+    return model, tokenizer
+
+
+def _reference(policy: Path, policy_hash: str, opts: RLOptions, online: bool) -> ReferencePolicy | None:
+    """The reference for the regularizer: ``--ref-logits`` (staged only), ``--ref-model``, else the initial policy."""
+    if opts.regularizer() is None or opts.algo == "dph":
+        return None
+    if opts.ref_logits is not None:
+        if online:
+            raise UserError("--ref-logits holds fixed sequences: online training samples new ones, use --ref-model")
+        store = LogitStore(opts.ref_logits)
+        store.check_tokenizer(policy_hash, "policy", opts.allow_tokenizer_mismatch)
+        return ReferencePolicy(None, store, opts.tail)
+    ref = opts.ref_model or policy
+    if opts.ref_model is not None:
+        check_same_tokenizer(ref, "reference model", policy_hash, f"policy {policy}", opts.allow_tokenizer_mismatch)
+    return ReferencePolicy(FrozenModel.load(ref, "reference model", opts.dtype, opts.device), None, opts.tail)
+
+
+def load_partition(directory: Path, policy_hash: str, allow_mismatch: bool) -> tuple[dict, ReferenceSamples]:
+    """DPH-RL's partition record and its reference samples."""
+    record_path = Path(directory) / PARTITION_FILE
+    if not record_path.is_file():
+        raise UserError(f"{directory}: not a DPH partition (no {PARTITION_FILE}); make one with "
+                        "`fdivctl train MODEL DIR --algo dph --partition --prompts …`")
+    record = json.loads(record_path.read_text())
+    if record["tokenizer_hash"] != policy_hash and not allow_mismatch:
+        raise UserError(f"tokenizer mismatch: partition {directory} was sampled with {record['tokenizer_hash'][:16]}…"
+                        f", the policy has {policy_hash[:16]}…")
+    path = Path(directory) / "reference.parquet"
+    table = pq.read_table(path)  # may be empty: no prompt reached D_pef
+    samples = ReferenceSamples(sequences_from_table(table, path),
+                               [np.asarray(v, dtype=np.float32) for v in table.column("completion_logprobs").to_pylist()],
+                               float(record["temperature"]))
+    return record, samples
+
+
+def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
+    opts.resolve()
+    model, tokenizer = _load_policy(policy, out, opts)
+    policy_hash = tokenizer_hash(tokenizer)
+    samples, record = None, None
+    if opts.algo == "dph":
+        record, samples = load_partition(opts.partition_dir, policy_hash, opts.allow_tokenizer_mismatch)
+    update = PolicyUpdate(model, tokenizer, opts, _reference(policy, policy_hash, opts, online), samples)
+    return model, tokenizer, policy_hash, update, record
+
+
+def _exp_only(table: pa.Table, record: dict | None) -> pa.Table:
+    """For DPH-RL, the rows of D_exp prompts (D_pef prompts are trained through their reference samples)."""
+    if record is None:
+        return table
+    pef = set(record["pef_prompt_ids"])
+    keep = [i for i, pid in enumerate(table.column("prompt_id").to_pylist()) if str(pid) not in pef]
+    return table.take(keep)
+
+
+def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
+               on_step: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Optimize on a scored rollouts file; one optimizer step per minibatch per PPO epoch."""
+    model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=False)
+    source = provenance(rollouts)
+    if source.get("tokenizer_hash") and source["tokenizer_hash"] != policy_hash and not opts.allow_tokenizer_mismatch:
+        raise UserError(f"tokenizer mismatch: {rollouts} was sampled with {source['tokenizer_hash'][:16]}…, the "
+                        f"policy has {policy_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
+    sampling = source.get("sampling", {})
+    temperature = opts.temperature or sampling.get("temperature") or 1.0
+    data = ScoredRollouts.from_table(_exp_only(read_table(rollouts), record), rollouts)
+    advantages, kept, figures = update.advantages(data, temperature, sampling.get("max_new_tokens"))
+    plan = update.steps(data, kept, opts.loop.seed)
+    trainer = Trainer(model, tokenizer, out, opts.loop, total=len(plan))
+    if "advantages" in trainer.state:  # the rewards were shaped by the policy of the first run
+        advantages = trainer.state["advantages"]
+    last: dict = {}
+    with JsonlLog(opts.loop.log_jsonl) as log:
+        while trainer.step < len(plan):
+            step_figures = update.step(trainer, data, advantages, plan[trainer.step], temperature)
+            trainer.advance_schedule()
+            last = {"step": trainer.step, **figures, **step_figures}
+            log.write(last)
+            if opts.loop.save_every and trainer.step % opts.loop.save_every == 0 and trainer.step < len(plan):
+                trainer.save({"advantages": advantages})
+            if on_step:
+                on_step(trainer.step, len(plan), last)
+    trainer.save({"advantages": advantages})
+    return {"steps": trainer.step, "responses": len(data), "responses_kept": len(kept), **last}
+
+
+def _prompt_order(n_prompts: int, iteration: int, per_iteration: int, seed: int) -> list[int]:
+    """Prompts of ``iteration``: the first ``per_iteration`` of a shuffle seeded by ``seed + iteration``."""
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + iteration)).tolist()
+    return order[: min(per_iteration, n_prompts)]
+
+
+def _pass_histogram(table: pa.Table) -> dict[str, int]:
+    """How many prompts had j correct samples, for each j."""
+    correct = Counter()
+    for pid, ok in zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist()):
+        correct[pid] += int(bool(ok))
+    return {str(j): n for j, n in sorted(Counter(correct.values()).items())}
+
+
+def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts: RLOptions, online: OnlineOptions,
+               on_iteration: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Sample, score and update for ``online.iterations`` iterations; checkpoint into ``out``."""
+    online.check()
+    check_fresh_output(out, opts.loop.resume)
+    model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=True)
+    prompt_table = _exp_only(read_table(prompts), record)
+    if prompt_table.num_rows == 0:
+        raise UserError(f"{prompts}: no prompts to train on" + (" (all are in D_pef)" if record else ""))
+    sampling = SamplingOptions(**{**(online.sampling or SamplingOptions()).as_record(), "n": online.group_size})
+    sampling.check()
+    if sampling.temperature == 0:
+        raise UserError("online RL samples: --temperature must be > 0")
+    temperature = opts.temperature or sampling.temperature
+    trainer = Trainer(model, tokenizer, out, opts.loop, total=online.iterations)
+    generator = HFGenerator(model, tokenizer)
+    artifacts = run_dir(out)
+    rows = prompt_table.to_pylist()
+    last: dict = {}
+    with JsonlLog(opts.loop.log_jsonl) as log:
+        for iteration in range(trainer.state.get("iteration", 0), online.iterations):
+            start = time.perf_counter()
+            scored = artifacts / f"iter-{iteration + 1:04d}.scored.parquet"
+            if not scored.exists():
+                picked = _prompt_order(len(rows), iteration, online.prompts_per_iteration, opts.loop.seed)
+                _sample_and_score(model, generator, tokenizer, prompt_table.take(picked), [rows[i] for i in picked],
+                                  sampling, sampling.seed + iteration, scored, verifier, online,
+                                  {"iteration": iteration + 1, "tokenizer_hash": policy_hash,
+                                   "sampling": sampling.as_record()})
+            table = read_table(scored)
+            data = ScoredRollouts.from_table(table, scored)
+            advantages, kept, figures = update.advantages(data, temperature, sampling.max_new_tokens)
+            steps = [update.step(trainer, data, advantages, rows_, temperature)
+                     for rows_ in update.steps(data, kept, opts.loop.seed + iteration)]
+            trainer.advance_schedule()
+            last = {"iteration": iteration + 1, "step": trainer.step, **figures, **_mean(steps),
+                    "reward_mean": float(data.rewards.mean()), "accuracy": float(data.correct.mean()),
+                    "response_length": float(data.lengths.float().mean()), "pass_histogram": _pass_histogram(table),
+                    "seconds": time.perf_counter() - start}
+            log.write(last)
+            if (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations:
+                trainer.save({"iteration": iteration + 1})
+            if on_iteration:
+                on_iteration(iteration + 1, online.iterations, last)
+    if not last:
+        trainer.save({"iteration": trainer.state.get("iteration", 0)})
+    return {"iterations": online.iterations, "steps": trainer.step, **last}
+
+
+def _mean(steps: list[dict]) -> dict:
+    """The steps' figures averaged (tokens summed)."""
+    if not steps:
+        return {}
+    keys = {k for s in steps for k in s}
+    return {k: (sum(s.get(k, 0.0) for s in steps) / (1 if k == "tokens" else len(steps))) for k in keys}
+
+
+def _sample_and_score(model, generator: HFGenerator, tokenizer, batch: pa.Table, rows: list[dict],
+                      sampling: SamplingOptions, seed: int, scored: Path, verifier: Verifier,
+                      online: OnlineOptions, record: dict) -> None:
+    encoded = [encode_prompt(tokenizer, row, online.chat) for row in rows]
+    model.eval()
+    try:
+        results = generator.generate([ids for _, ids in encoded], sampling, seed)
+    finally:
+        model.train()
+    rollouts = scored.with_name(scored.name.replace(".scored", ".rollouts"))
+    table = rollout_rows(batch, rows, encoded, results)
+    write_table(rollouts, table, record)
+    score_table(rollouts, scored, verifier, workers=online.score_workers, timeout=online.score_timeout)
+    rollouts.unlink()
+

@@ -1,0 +1,36 @@
+"""The quickstart (`fdivctl demo run --quick`): every stage runs and every contract holds; the science is reported,
+not asserted (issue: the comparison itself needs the full budget)."""
+
+import json
+from pathlib import Path
+
+from cli_runner import run_cli
+from fdivctl.demo import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_script_is_the_pipeline():
+    assert (ROOT / "examples" / "quickstart.sh").read_text() == pipeline.script(quick=False)
+
+
+def test_quick_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "qs"
+    done = run_cli("demo", "run", out, "--quick")
+    assert done.returncode == 0, done.stderr
+    for name in (*pipeline.EVALUATED, *pipeline.STUDENTS):
+        assert (out / name / "config.json").exists(), name
+        assert (out / "samples" / f"{name}.scored.parquet").exists(), name
+    for name in ("metrics.json", "REPORT.md", "passk.png", "distinct_correct.png", "per_prompt.parquet",
+                 "teacher-logits/manifest.json", "dph-partition/partition.json", "grpo.jsonl"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    ks = metrics["k"]
+    for run, figures in metrics["runs"].items():
+        for group in (figures["all"], *figures["domains"].values()):
+            curve = [group[f"pass@{k}"] for k in ks]
+            assert curve == sorted(curve), (run, curve)
+    assert set(metrics["runs"]["sft"]["domains"]) == {"in", "out"}
+    assert metrics["runs"]["sft"]["all"]["mean_reward"] > metrics["runs"]["random"]["all"]["mean_reward"]
+    report = (out / "REPORT.md").read_text()
+    assert all(f"| {name} | in |" in report for name in pipeline.EVALUATED)

@@ -1,0 +1,184 @@
+"""`fdivctl train` end to end on a tiny Qwen2 pre-trained (SFT) on the demo task: online and staged GRPO,
+DPH-RL partition and training, f-DPO, resume, and bad input."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_runner import run_cli
+from fdivctl.demo import pipeline
+
+VERIFIER = ["--verifier", "regex", "--pattern", r"^\s*[1-3]\+"]  # a real verifiable reward: the first digit is 1-3
+SAMPLING = ["--max-new-tokens", "10", "--group-size", "4", "--prompts-per-iteration", "4"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    pipeline.write_data(root / "data", sft_per_prompt=16, seed=0)
+    run_cli("demo", "init", root / "data" / "tokenizer", root / "random", "--hidden", 64, "--layers", 2, check=True)
+    run_cli("train", root / "random", root / "sft", "--algo", "sft", "--data", root / "data" / "sft.parquet",
+            "--lr", "3e-3", "--batch-size", 32, "--epochs", 2, "--device", "cpu", check=True)
+    return root
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _accuracy(root, model, tmp_path, name):
+    """Share of samples whose first digit is 1-3, over every training prompt (4 samples each, fixed seed)."""
+    rollouts = tmp_path / f"{name}.parquet"
+    run_cli("rollout", model, root / "data" / "prompts.parquet", rollouts, "--n", 4, "--seed", 99,
+            "--max-new-tokens", 10, "--device", "cpu", check=True)
+    run_cli("score", rollouts, tmp_path / f"{name}.scored.parquet", "--verifier", "regex", "--pattern",
+            r"^\s*[1-3]\+", "--workers", 1, check=True)
+    return pq.read_table(tmp_path / f"{name}.scored.parquet").column("correct").to_numpy().mean()
+
+
+def test_online_grpo_raises_the_reward(task, tmp_path):
+    out = tmp_path / "grpo"
+    done = run_cli("train", task / "sft", out, "--prompts", task / "data" / "prompts.parquet", *VERIFIER,
+                   "--max-new-tokens", 10, "--group-size", 8, "--prompts-per-iteration", 8, "--iterations", 12,
+                   "--ppo-epochs", 2, "--lr", "1e-3", "--device", "cpu", "--log-jsonl", tmp_path / "log.jsonl")
+    assert done.returncode == 0, done.stderr
+    log = _log(tmp_path / "log.jsonl")
+    assert [r["iteration"] for r in log] == list(range(1, 13))
+    for key in ("reward_mean", "accuracy", "pass_histogram", "entropy", "clip_frac", "response_length",
+                "tokens_per_s", "grad_norm"):
+        assert key in log[0]
+    assert sorted((out / "fdivctl_run").iterdir())[0].name == "iter-0001.scored.parquet"
+    before, after = _accuracy(task, task / "sft", tmp_path, "before"), _accuracy(task, out, tmp_path, "after")
+    assert after > before + 0.15, (before, after)
+
+
+def test_staged_and_online_give_the_same_update(task, tmp_path):
+    common = ["--lr", "1e-3", "--device", "cpu", "--divergence", "rkl", "--div-coef", "0.1", "--minibatch-size", 8,
+              "--micro-batch-size", 3]
+    online = tmp_path / "online"
+    run_cli("train", task / "sft", online, "--prompts", task / "data" / "prompts.parquet", *VERIFIER, *SAMPLING,
+            "--iterations", 1, *common, check=True)
+    scored = online / "fdivctl_run" / "iter-0001.scored.parquet"
+    staged = tmp_path / "staged"
+    run_cli("train", task / "sft", staged, "--rollouts", scored, *common, check=True)
+    a, b = _weights(online), _weights(staged)
+    assert any(not torch.equal(a[k], _weights(task / "sft")[k]) for k in a)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_online_resume_equals_an_uninterrupted_run(task, tmp_path):
+    common = ["--prompts", task / "data" / "prompts.parquet", *VERIFIER, *SAMPLING, "--lr", "1e-3",
+              "--device", "cpu"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_cli("train", task / "sft", whole, *common, "--iterations", 2, check=True)
+    run_cli("train", task / "sft", part, *common, "--iterations", 1, check=True)
+    again = run_cli("train", task / "sft", part, *common, "--iterations", 2)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    run_cli("train", task / "sft", part, *common, "--iterations", 2, "--resume", check=True)
+    a, b = _weights(whole), _weights(part)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def partition(task, tmp_path_factory):
+    """A DPH partition where half the prompts are always right (regex '.') and half never (a pattern no output has)."""
+    root = tmp_path_factory.mktemp("dph")
+    table = pq.read_table(task / "data" / "prompts.parquet")
+    always = [i % 2 == 0 for i in range(table.num_rows)]
+    table = table.set_column(table.column_names.index("answer"), "answer",
+                             pa.array(["." if a else "^NEVER$" for a in always]))
+    pq.write_table(table, root / "prompts.parquet")
+    out = root / "partition"
+    done = run_cli("train", task / "sft", out, "--algo", "dph", "--partition", "--prompts", root / "prompts.parquet",
+                   "--verifier", "regex", "--k", 4, "--max-new-tokens", 10, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def test_dph_partition_splits_and_stores_reference_samples(partition):
+    record = json.loads((partition / "partition" / "partition.json").read_text())
+    n = pq.read_table(partition / "prompts.parquet").num_rows
+    assert record["pef_prompts"] == (n + 1) // 2 and record["exp_prompts"] == n // 2
+    reference = pq.read_table(partition / "partition" / "reference.parquet")
+    assert reference.num_rows == record["pef_prompts"] * 5  # k + 1 correct samples each
+    assert set(reference.column("prompt_id").to_pylist()) == set(record["pef_prompt_ids"])
+    assert pq.read_table(partition / "partition" / "exp_prompts.parquet").num_rows == n // 2
+
+
+def test_dph_training_logs_both_losses(task, partition, tmp_path):
+    out = tmp_path / "dph"
+    done = run_cli("train", task / "sft", out, "--algo", "dph", "--partition-dir", partition / "partition",
+                   "--prompts", partition / "prompts.parquet", "--verifier", "regex", "--max-new-tokens", 10,
+                   "--group-size", 4, "--prompts-per-iteration", 4, "--iterations", 2, "--divergence", "jsd",
+                   "--eta", 0.2, "--lr", "1e-3", "--device", "cpu", "--log-jsonl", tmp_path / "log.jsonl")
+    assert done.returncode == 0, done.stderr
+    log = _log(tmp_path / "log.jsonl")
+    assert all("pef_loss" in r and "pg_loss" in r for r in log)
+    assert log[0]["pef_loss"] == pytest.approx(0.0, abs=1e-5)  # π_θ = π_0 at the first step
+    pef = set(json.loads((partition / "partition" / "partition.json").read_text())["pef_prompt_ids"])
+    sampled = pq.read_table(out / "fdivctl_run" / "iter-0001.scored.parquet").column("prompt_id").to_pylist()
+    assert not pef & set(sampled)  # online RL explores D_exp only
+
+
+def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
+    prompts = pq.read_table(task / "data" / "prompts.parquet").column("prompt").to_pylist()[:8]
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": prompts, "chosen": [" 1+1"] * 8, "rejected": [" 9+9"] * 8}), pairs)
+    out = tmp_path / "fdpo"
+    common = ["--algo", "fdpo", "--pairs", pairs, "--divergence", "jsd", "--beta", 0.5, "--lr", "3e-3",
+              "--batch-size", 4, "--lr-schedule", "constant", "--device", "cpu"]
+    run_cli("train", task / "sft", out, *common, "--max-steps", 6, "--log-jsonl", tmp_path / "log.jsonl",
+            check=True)
+    log = _log(tmp_path / "log.jsonl")
+    assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # π_θ = π_ref: −log σ(0)
+    assert log[-1]["reward_margin"] > 0 and log[-1]["reward_accuracy"] == 1.0
+    assert (out / "fdivctl_run" / "reference_logprobs.parquet").exists()
+
+
+def test_bad_input_one_line_exit_2(task, tmp_path):
+    rollouts = tmp_path / "r.parquet"
+    run_cli("rollout", task / "sft", task / "data" / "prompts.parquet", rollouts, "--n", 2, "--max-new-tokens", 6,
+            "--device", "cpu", check=True)
+    cases = {
+        "no reward column": ["--rollouts", rollouts],
+        "group": None,
+        "mismatch": None,
+    }
+    done = run_cli("train", task / "sft", tmp_path / "o1", *cases["no reward column"])
+    assert done.returncode == 2 and "no reward column" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    single = tmp_path / "single.parquet"
+    run_cli("rollout", task / "sft", task / "data" / "prompts.parquet", single, "--n", 1, "--max-new-tokens", 6,
+            "--device", "cpu", check=True)
+    run_cli("score", single, tmp_path / "single.scored.parquet", "--verifier", "regex", "--pattern", "1", check=True)
+    done = run_cli("train", task / "sft", tmp_path / "o2", "--rollouts", tmp_path / "single.scored.parquet")
+    assert done.returncode == 2 and "groups of at least 2" in done.stderr
+    other = tmp_path / "other_tok"
+    from fdivctl import tiny
+    tiny.train_tokenizer(other)
+    run_cli("demo", "init", other, tmp_path / "other_model", "--hidden", 64, "--layers", 1, check=True)
+    run_cli("score", rollouts, tmp_path / "r.scored.parquet", "--verifier", "regex", "--pattern", "1", check=True)
+    done = run_cli("train", tmp_path / "other_model", tmp_path / "o3", "--rollouts", tmp_path / "r.scored.parquet")
+    assert done.returncode == 2 and "tokenizer mismatch" in done.stderr
+    done = run_cli("train", task / "sft", tmp_path / "o4", "--rollouts", tmp_path / "r.scored.parquet",
+                   "--prompts", task / "data" / "prompts.parquet")
+    assert done.returncode == 2 and "one of them" in done.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_verifier_error_scores_zero_and_the_run_goes_on(task, tmp_path):
+    done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", task / "data" / "prompts.parquet",
+                   "--verifier", "python:user_reward:raises_on_odd", *SAMPLING, "--iterations", 1, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    scored = pq.read_table(tmp_path / "o" / "fdivctl_run" / "iter-0001.scored.parquet").to_pylist()
+    failed = [r for r in scored if r["sample_idx"] % 2]
+    assert failed and all(r["reward"] == 0 and "ValueError" in r["verdict"] for r in failed)
