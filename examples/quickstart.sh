@@ -17,28 +17,28 @@ fdivctl train "$OUT"/random "$OUT"/sft --algo sft --data "$OUT"/data/sft.parquet
 fdivctl train "$OUT"/sft "$OUT"/dph-partition --algo dph --partition --prompts "$OUT"/data/prompts.parquet --verifier python:fdivctl.demo.task:verify --k 8 --pef-threshold 0.875 --max-new-tokens 12
 
 # RL 1: GRPO without a KL term
-fdivctl train "$OUT"/sft "$OUT"/grpo --algo grpo --prompts "$OUT"/data/prompts.parquet --verifier python:fdivctl.demo.task:verify --iterations 40 --prompts-per-iteration 8 --group-size 8 --lr 2e-4 --max-new-tokens 12 --log-jsonl "$OUT"/grpo.jsonl
+fdivctl train "$OUT"/sft "$OUT"/grpo --algo grpo --prompts "$OUT"/data/prompts.parquet --verifier python:fdivctl.demo.task:verify --iterations 30 --prompts-per-iteration 8 --group-size 8 --ppo-epochs 2 --minibatch-size 16 --lr 1e-4 --max-new-tokens 12 --log-jsonl "$OUT"/grpo.jsonl
 
 # RL 2: GRPO + reverse KL to the initial policy (k3 estimator, in the loss)
-fdivctl train "$OUT"/sft "$OUT"/grpo-rkl --algo grpo --prompts "$OUT"/data/prompts.parquet --verifier python:fdivctl.demo.task:verify --iterations 40 --prompts-per-iteration 8 --group-size 8 --lr 2e-4 --max-new-tokens 12 --divergence rkl --div-coef 0.1 --div-estimator k3 --log-jsonl "$OUT"/grpo-rkl.jsonl
+fdivctl train "$OUT"/sft "$OUT"/grpo-rkl --algo grpo --prompts "$OUT"/data/prompts.parquet --verifier python:fdivctl.demo.task:verify --iterations 30 --prompts-per-iteration 8 --group-size 8 --ppo-epochs 2 --minibatch-size 16 --lr 1e-4 --max-new-tokens 12 --divergence rkl --div-coef 0.1 --div-estimator k3 --log-jsonl "$OUT"/grpo-rkl.jsonl
 
 # RL 3: DPH-RL with Jensen-Shannon on the stored reference samples (no reference model)
-fdivctl train "$OUT"/sft "$OUT"/dph-jsd --algo dph --partition-dir "$OUT"/dph-partition --prompts "$OUT"/data/prompts.parquet --verifier python:fdivctl.demo.task:verify --iterations 40 --prompts-per-iteration 8 --group-size 8 --lr 2e-4 --max-new-tokens 12 --divergence jsd --eta 0.2 --log-jsonl "$OUT"/dph-jsd.jsonl
+fdivctl train "$OUT"/sft "$OUT"/dph-jsd --algo dph --partition-dir "$OUT"/dph-partition --prompts "$OUT"/data/prompts.parquet --verifier python:fdivctl.demo.task:verify --iterations 30 --prompts-per-iteration 8 --group-size 8 --ppo-epochs 2 --minibatch-size 16 --lr 1e-4 --max-new-tokens 12 --divergence jsd --eta 0.2 --log-jsonl "$OUT"/dph-jsd.jsonl
 
-# the teacher's top-k distributions over its own samples, cached once
-fdivctl teacher-logits "$OUT"/sft "$OUT"/dph-partition/presample.scored.parquet "$OUT"/teacher-logits --k 16
+# the teacher's top-k distributions over the demonstrations, cached once for every student
+fdivctl teacher-logits "$OUT"/sft "$OUT"/data/sft.parquet "$OUT"/teacher-logits --k 16
 
-# a smaller random-init student (hidden 128, 2 layers)
-fdivctl demo init "$OUT"/data/tokenizer "$OUT"/student --hidden 128 --layers 2 --seed 1
+# a smaller random-init student (hidden 128, 4 layers)
+fdivctl demo init "$OUT"/data/tokenizer "$OUT"/student --hidden 128 --layers 4 --seed 1
 
 # distill the initial policy into the student with fkl from the one store
-fdivctl distill "$OUT"/student "$OUT"/student-fkl --data "$OUT"/dph-partition/presample.scored.parquet --logits "$OUT"/teacher-logits --loss fkl --lr 2e-3 --batch-size 32 --epochs 6
+fdivctl distill "$OUT"/student "$OUT"/student-fkl --data "$OUT"/data/sft.parquet --logits "$OUT"/teacher-logits --loss fkl --lr 2e-3 --batch-size 32 --epochs 4
 
 # distill the initial policy into the student with rkl from the one store
-fdivctl distill "$OUT"/student "$OUT"/student-rkl --data "$OUT"/dph-partition/presample.scored.parquet --logits "$OUT"/teacher-logits --loss rkl --lr 2e-3 --batch-size 32 --epochs 6
+fdivctl distill "$OUT"/student "$OUT"/student-rkl --data "$OUT"/data/sft.parquet --logits "$OUT"/teacher-logits --loss rkl --lr 2e-3 --batch-size 32 --epochs 4
 
 # distill the initial policy into the student with jsd from the one store
-fdivctl distill "$OUT"/student "$OUT"/student-jsd --data "$OUT"/dph-partition/presample.scored.parquet --logits "$OUT"/teacher-logits --loss jsd --lr 2e-3 --batch-size 32 --epochs 6
+fdivctl distill "$OUT"/student "$OUT"/student-jsd --data "$OUT"/data/sft.parquet --logits "$OUT"/teacher-logits --loss jsd --lr 2e-3 --batch-size 32 --epochs 4
 
 # sample random on the eval prompts (16 per prompt)
 fdivctl rollout "$OUT"/random "$OUT"/data/eval_prompts.parquet "$OUT"/samples/random.parquet --n 16 --seed 1234 --max-new-tokens 12

@@ -96,7 +96,7 @@ def partition(task, tmp_path_factory):
     table = pq.read_table(task / "data" / "prompts.parquet")
     always = [i % 2 == 0 for i in range(table.num_rows)]
     table = table.set_column(table.column_names.index("answer"), "answer",
-                             pa.array(["." if a else "^NEVER$" for a in always]))
+                             pa.array(["^" if a else "^NEVER$" for a in always]))
     pq.write_table(table, root / "prompts.parquet")
     out = root / "partition"
     done = run_cli("train", task / "sft", out, "--algo", "dph", "--partition", "--prompts", root / "prompts.parquet",

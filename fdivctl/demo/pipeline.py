@@ -19,7 +19,7 @@ from fdivctl.io.tables import write_table
 VERIFIER = "python:fdivctl.demo.task:verify"
 #: budgets of the full run and of ``--quick`` (CI)
 BUDGETS = {
-    "full": dict(sft_per_prompt=64, sft_epochs=14, rl_iterations=40, eval_n=16, ks="1,2,4,8,16", distill_epochs=6),
+    "full": dict(sft_per_prompt=64, sft_epochs=14, rl_iterations=30, eval_n=16, ks="1,2,4,8,16", distill_epochs=4),
     "quick": dict(sft_per_prompt=16, sft_epochs=3, rl_iterations=3, eval_n=4, ks="1,2,4", distill_epochs=1),
 }
 POLICIES = ("sft", "grpo", "grpo-rkl", "dph-jsd")
@@ -34,7 +34,8 @@ def steps(out: str, quick: bool) -> list[tuple[str, list[str]]]:
     data = f"{out}/data"
     sample = ["--max-new-tokens", MAX_NEW_TOKENS]
     rl = ["--prompts", f"{data}/prompts.parquet", "--verifier", VERIFIER, "--iterations", str(b["rl_iterations"]),
-          "--prompts-per-iteration", "8", "--group-size", "8", "--lr", "2e-4", *sample]
+          "--prompts-per-iteration", "8", "--group-size", "8", "--ppo-epochs", "2", "--minibatch-size", "16",
+          "--lr", "1e-4", *sample]
     run = [
         ("the task: in-domain training prompts, in/out-of-domain eval prompts, diverse SFT demonstrations",
          ["demo", "data", data, "--sft-per-prompt", str(b["sft_per_prompt"])]),
@@ -54,17 +55,16 @@ def steps(out: str, quick: bool) -> list[tuple[str, list[str]]]:
         ("RL 3: DPH-RL with Jensen-Shannon on the stored reference samples (no reference model)",
          ["train", f"{out}/sft", f"{out}/dph-jsd", "--algo", "dph", "--partition-dir", f"{out}/dph-partition",
           *rl, "--divergence", "jsd", "--eta", "0.2", "--log-jsonl", f"{out}/dph-jsd.jsonl"]),
-        ("the teacher's top-k distributions over its own samples, cached once",
-         ["teacher-logits", f"{out}/sft", f"{out}/dph-partition/presample.scored.parquet", f"{out}/teacher-logits",
-          "--k", "16"]),
-        ("a smaller random-init student (hidden 128, 2 layers)",
-         ["demo", "init", f"{data}/tokenizer", f"{out}/student", "--hidden", "128", "--layers", "2", "--seed", "1"]),
+        ("the teacher's top-k distributions over the demonstrations, cached once for every student",
+         ["teacher-logits", f"{out}/sft", f"{data}/sft.parquet", f"{out}/teacher-logits", "--k", "16"]),
+        ("a smaller random-init student (hidden 128, 4 layers)",
+         ["demo", "init", f"{data}/tokenizer", f"{out}/student", "--hidden", "128", "--layers", "4", "--seed", "1"]),
     ]
     for name in STUDENTS:
         loss = name.split("-")[1]
         run.append((f"distill the initial policy into the student with {loss} from the one store",
-                    ["distill", f"{out}/student", f"{out}/{name}", "--data",
-                     f"{out}/dph-partition/presample.scored.parquet", "--logits", f"{out}/teacher-logits", "--loss",
+                    ["distill", f"{out}/student", f"{out}/{name}", "--data", f"{data}/sft.parquet", "--logits",
+                     f"{out}/teacher-logits", "--loss",
                      loss, "--lr", "2e-3", "--batch-size", "32", "--epochs", str(b["distill_epochs"])]))
     for name in (*EVALUATED, *STUDENTS):
         run.append((f"sample {name} on the eval prompts ({b['eval_n']} per prompt)",
@@ -122,7 +122,7 @@ def write_report(out: Path) -> Path:
     lines = [
         "# fdivctl quickstart report",
         "",
-        "Task `digitsum` (write a target as a sum of 2-4 digits; many correct answers per prompt). "
+        "Task `digitsum` (write a target as a sum of 2 or 3 digits; many correct answers per prompt). "
         "`in` = the training prompts, `out` = held-out targets. Each model sampled "
         f"{metrics['runs']['sft']['all']['samples'] // max(1, metrics['runs']['sft']['all']['prompts'])} times "
         "per prompt at temperature 1; pass@k is the unbiased estimator; distinct correct = mean number of "

@@ -7,7 +7,7 @@ number of distinct correct answers can grow with k, and a policy that
 collapses onto a few answers shows it.
 
 Split, deterministic: in domain are the targets the policy is trained on;
-out of domain are held-out targets of the same form (every fifth target of
+out of domain are held-out targets of the same form (every third target of
 each length), never seen in SFT or RL — generalisation to them is what a
 narrowed policy loses first.  Rows carry ``terms``, ``target``, ``answer``
 (one example answer, for reference) and ``domain`` (``in`` / ``out``).
@@ -45,7 +45,7 @@ def prompts() -> list[dict]:
                 "terms": terms,
                 "target": target,
                 "answer": solutions(terms, target)[0],
-                "domain": "out" if position % 5 == 2 else "in",
+                "domain": "out" if position % 3 == 1 else "in",
             })
     return rows
 

@@ -1,0 +1,206 @@
+"""One GRPO update's loss computation, fdivctl vs TRL's GRPOTrainer recipe vs naive PyTorch, side by side.
+
+Same model, same batch (one prompt, a group of 8 responses of ``--length``
+tokens, random rewards), same reference model; forward + backward of the
+policy loss, no optimizer step:
+
+* ``fdivctl``: :class:`fdivctl.stages.policy_update.PolicyUpdate` — hidden
+  states through the chunked engine: per-token log-prob, entropy and the
+  closed-form reverse KL to the reference over the whole vocabulary
+  (``--div-estimator full``), never holding ``[tokens, V]`` logits;
+* ``trl``: what ``trl.GRPOTrainer._compute_loss`` does: the models' full
+  logits, ``trl.trainer.utils.selective_log_softmax_and_entropy`` for the
+  policy, ``selective_log_softmax`` for the reference, the k3 KL on the
+  sampled tokens (TRL has no full-vocabulary estimator; k3 is cheaper),
+  clipped surrogate, token-mean (only when ``trl`` is importable);
+* ``naive``: full logits of both models, ``log_softmax``, the exact reverse
+  KL summed over the vocabulary, clipped surrogate.
+
+Prints one JSON object per shape with ``tokens``, ``*_s`` (median of
+``--repeats``), ``*_tokens_per_s``, ``*_peak_bytes`` (CUDA:
+``max_memory_allocated`` above the models and inputs; CPU: not measured, see
+``bench/loss_engine.py`` for CPU memory) and the ratios
+``tokens_per_s_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other) and
+``peak_memory_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other).
+
+Usage::
+
+    python bench/train_step.py --quick                       # CPU, small model
+    python bench/train_step.py --device cuda --dtype bf16    # H100: hidden 2048, vocab 151936, 8 × 1024 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from fdivctl.objectives import grpo
+from fdivctl.stages.policy_update import PolicyUpdate, ReferencePolicy, RLOptions, ScoredRollouts
+from fdivctl.stages.signals import FrozenModel
+from fdivctl.training.loop import LoopOptions
+
+try:
+    from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+except ImportError:  # the TRL column is left out
+    selective_log_softmax = selective_log_softmax_and_entropy = None
+
+GROUP = 8
+SHAPES = {
+    "quick": [dict(hidden=256, layers=2, vocab=32768, length=128)],
+    "cpu": [dict(hidden=512, layers=2, vocab=32768, length=256)],
+    "cuda": [dict(hidden=2048, layers=4, vocab=151936, length=1024), dict(hidden=2048, layers=4, vocab=151936,
+                                                                          length=2048)],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class _Tokenizer:
+    pad_token_id = 0
+
+
+def _model(shape, dtype, device, seed):
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=2 * shape["hidden"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["hidden"] // 128,
+                         num_key_value_heads=shape["hidden"] // 128, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def _batch(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(1, shape["vocab"], (32,), generator=g).tolist()
+    completions = torch.randint(1, shape["vocab"], (GROUP, shape["length"]), generator=g).tolist()
+    table = pa.table({
+        "prompt_id": ["p0"] * GROUP, "sample_idx": list(range(GROUP)),
+        "prompt_token_ids": pa.array([prompt] * GROUP, pa.list_(pa.int32())),
+        "completion_token_ids": pa.array(completions, pa.list_(pa.int32())),
+        "completion_logprobs": pa.array((-torch.rand(GROUP, shape["length"], generator=g) * 5).tolist(),
+                                        pa.list_(pa.float32())),
+        "reward": pa.array(torch.randint(0, 2, (GROUP,), generator=g).float().tolist(), pa.float32()),
+    })
+    return ScoredRollouts.from_table(table, "bench")
+
+
+def _fdivctl(policy, reference, data, device):
+    opts = RLOptions(algo="grpo", divergence="rkl", div_estimator="full", micro_batch_size=GROUP,
+                     loop=LoopOptions()).resolve()
+    update = PolicyUpdate(policy, _Tokenizer(), opts, ReferencePolicy(reference, None, "tail"))
+    advantages = grpo.group_advantages(data.rewards, data.groups)
+    rows = list(range(len(data)))
+    micro = update._micro(data, advantages, rows, int(data.lengths.sum()), len(rows), 1.0)
+
+    def step():
+        loss, _ = micro()
+        loss.backward()
+
+    return step
+
+
+def _full_logits_inputs(data, device):
+    seqs = data.seqs
+    batch = {k: v.to(device) for k, v in seqs.batch(list(range(len(seqs))), 0).items()}
+    old = torch.from_numpy(np.concatenate(data.old_logprobs)).to(device)
+    adv = grpo.group_advantages(data.rewards, data.groups).repeat_interleave(data.lengths).to(device)
+    return batch, old, adv
+
+
+def _trl(policy, reference, data, device):
+    batch, old, adv = _full_logits_inputs(data, device)
+    index = (batch["batch_index"], batch["position"])
+
+    def step():
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[index]
+        logps, _entropy = selective_log_softmax_and_entropy(logits, batch["token"])
+        with torch.no_grad():
+            ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[index]
+            ref_logps = selective_log_softmax(ref_logits, batch["token"])
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        surrogate, _ = grpo.clipped_surrogate(logps, old, adv, 0.2, 0.2)
+        (surrogate + 0.04 * kl).mean().backward()
+
+    return step
+
+
+def _naive(policy, reference, data, device):
+    batch, old, adv = _full_logits_inputs(data, device)
+    index = (batch["batch_index"], batch["position"])
+
+    def step():
+        log_q = torch.log_softmax(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                  .logits[index].float(), -1)
+        with torch.no_grad():
+            log_p = torch.log_softmax(reference(input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"]).logits[index].float(), -1)
+        logps = log_q.gather(-1, batch["token"][:, None]).squeeze(-1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        surrogate, _ = grpo.clipped_surrogate(logps, old, adv, 0.2, 0.2)
+        (surrogate + 0.04 * kl).mean().backward()
+
+    return step
+
+
+def _measure(step, policy, repeats, device):
+    times, peak = [], None
+    for i in range(repeats + 1):
+        policy.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - start)
+    policy.zero_grad(set_to_none=True)
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shapes = SHAPES["quick" if args.quick else device.type]
+    for shape in shapes:
+        policy = _model(shape, DTYPES[args.dtype], device, 0).train()
+        reference = _model(shape, DTYPES[args.dtype], device, 1)
+        frozen = FrozenModel(reference.get_decoder(), reference.lm_head.weight, None)
+        reference.requires_grad_(False)
+        data = _batch(shape, 2)
+        tokens = int(data.lengths.sum())
+        result = {"shape": {**shape, "group": GROUP}, "tokens": tokens, "device": str(device), "dtype": args.dtype}
+        variants = {"fdivctl": _fdivctl(policy, frozen, data, device), "naive": _naive(policy, reference, data, device)}
+        if selective_log_softmax is not None:
+            variants["trl"] = _trl(policy, reference, data, device)
+        for name, step in variants.items():
+            seconds, peak = _measure(step, policy, args.repeats, device)
+            result[f"{name}_s"] = seconds
+            result[f"{name}_tokens_per_s"] = tokens / seconds
+            result[f"{name}_peak_bytes"] = peak
+        for other in ("trl", "naive"):
+            if f"{other}_s" in result:
+                result[f"tokens_per_s_ratio_vs_{other}"] = result[f"{other}_s"] / result["fdivctl_s"]
+                if result["fdivctl_peak_bytes"] is not None:
+                    result[f"peak_memory_ratio_vs_{other}"] = result["fdivctl_peak_bytes"] / result[f"{other}_peak_bytes"]
+        print(json.dumps(result), flush=True)
+        del policy, reference, frozen, variants
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
