@@ -48,6 +48,9 @@ def command(
     max_new_tokens: int = typer.Option(256, help="Online sampling: longest completion in tokens."),
     stop: list[str] = typer.Option(None, "--stop", help="Online sampling stop string (repeatable)."),
     chat: bool = typer.Option(False, help="Wrap plain prompts in the tokenizer's chat template."),
+    backend: str = typer.Option("hf", help="Online sampling: hf (the training model itself), vllm (one engine, "
+                                "updated weights loaded into it each iteration), or auto (vllm on CUDA when "
+                                "installed)."),
     score_workers: int = typer.Option(2, help="Verifier processes."),
     clip_low: float = typer.Option(None, help="PPO clip ε_low (default 0.2)."),
     clip_high: float = typer.Option(None, help="PPO clip ε_high (DAPO clip-higher; default 0.2, dapo/dph 0.28)."),
@@ -155,7 +158,7 @@ def command(
             else:
                 online = OnlineOptions(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
                                        group_size=group_size, sampling=sampling, chat=chat,
-                                       score_workers=score_workers, save_every=save_every or 1)
+                                       score_workers=score_workers, save_every=save_every or 1, backend=backend)
                 summary = run_online(policy, prompts, out, make_verifier(verifier, pattern=pattern), opts, online,
                                      on_iteration=on_step)
     typer.echo(json.dumps({"checkpoint": str(out), **summary}))

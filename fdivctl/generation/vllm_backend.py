@@ -13,13 +13,21 @@ by ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 1 here) and a small
 ``gpu_memory_utilization`` (vLLM reserves that share of host memory).
 vLLM starts worker processes: build the engine from a ``__main__``-guarded
 entry point (the CLI is one).
+
+Online RL keeps one engine for the whole run and, after each update, loads the
+trained weights into it (:meth:`VLLMGenerator.load_weights`: a safetensors
+file each worker reloads in place (``collective_rpc("reload_weights")``), then the prefix cache is
+reset so no KV computed with the old weights is reused).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from fdivctl.errors import UserError
 from fdivctl.generation.sampling import Completion, SamplingOptions
@@ -63,6 +71,14 @@ class VLLMGenerator:
             gpu_memory_utilization=0.2 if on_cpu else 0.9,
             logprobs_mode="processed_logprobs",
         )
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the engine's weights with ``state_dict`` (transformers names), in every worker."""
+        with tempfile.TemporaryDirectory(prefix="fdivctl-weights-") as directory:
+            path = Path(directory) / "model.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": directory})
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[list[int]], opts: SamplingOptions, seed: int) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt

@@ -309,6 +309,9 @@ class PolicyUpdate:
             loss = (weights * surrogate).sum()
             figures = {"tokens": float(len(adv)), "pg_loss": float(loss.detach()),
                        "clip_frac": float(clipped.sum()) / n_tokens,
+                       # |log π_θ − log π_old| per token: ~0 on a step's first on-policy pass unless the sampler's
+                       # weights or numerics differ from the trainer's
+                       "logprob_gap": float((out.logprob.detach() - old).abs().sum()) / n_tokens,
                        "entropy": float(out.entropy.detach().sum()) / n_tokens}
             if regularize:
                 per_token = self._divergence(data, rows, batch, hidden, temperature, out.logprob, out.divergence)

@@ -7,7 +7,9 @@ those steps.
 
 Online: each iteration takes ``prompts_per_iteration`` distinct prompts (a
 shuffle seeded by ``seed + iteration``), samples ``group_size`` completions
-per prompt with the live model (``hf`` backend; seed ``seed + iteration``),
+per prompt with the live model (seed ``seed + iteration``; ``hf`` generates
+with the training model itself, ``vllm`` keeps one engine and loads the
+updated weights into it before each iteration's sampling),
 writes ``fdivctl_run/iter-NNNN.scored.parquet`` through the normal ``score``
 stage, and updates on it exactly as the staged mode would.  The
 learning-rate schedule spans the iterations.  A checkpoint (with the
@@ -32,6 +34,7 @@ import torch
 from fdivctl.errors import UserError
 from fdivctl.generation.hf import HFGenerator
 from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.generation.vllm_backend import VLLMGenerator
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
@@ -45,7 +48,7 @@ from fdivctl.stages.policy_update import (
     RLOptions,
     ScoredRollouts,
 )
-from fdivctl.stages.rollout import encode_prompt, rollout_rows
+from fdivctl.stages.rollout import encode_prompt, resolve_backend, rollout_rows
 from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training.checkpoint import has_state, run_dir
@@ -64,6 +67,7 @@ class OnlineOptions:
     score_workers: int = 2
     score_timeout: float = 10.0
     save_every: int = 1  # iterations
+    backend: str = "hf"  # hf | vllm | auto (vllm on CUDA when installed)
 
     def check(self) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1 or self.save_every < 1:
@@ -193,7 +197,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
         raise UserError("online RL samples: --temperature must be > 0")
     temperature = opts.temperature or sampling.temperature
     trainer = Trainer(model, tokenizer, out, opts.loop, total=online.iterations)
-    generator = HFGenerator(model, tokenizer)
+    generate = _generator(model, tokenizer, policy, out, opts, online, trainer)
     artifacts = run_dir(out)
     rows = prompt_table.to_pylist()
     last: dict = {}
@@ -203,10 +207,10 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
             scored = artifacts / f"iter-{iteration + 1:04d}.scored.parquet"
             if not scored.exists():
                 picked = _prompt_order(len(rows), iteration, online.prompts_per_iteration, opts.loop.seed)
-                _sample_and_score(model, generator, tokenizer, prompt_table.take(picked), [rows[i] for i in picked],
+                _sample_and_score(generate, tokenizer, prompt_table.take(picked), [rows[i] for i in picked],
                                   sampling, sampling.seed + iteration, scored, verifier, online,
                                   {"iteration": iteration + 1, "tokenizer_hash": policy_hash,
-                                   "sampling": sampling.as_record()})
+                                   "sampling": sampling.as_record(), "backend": online.backend})
             table = read_table(scored)
             data = ScoredRollouts.from_table(table, scored)
             advantages, kept, figures = update.advantages(data, temperature, sampling.max_new_tokens)
@@ -235,15 +239,37 @@ def _mean(steps: list[dict]) -> dict:
     return {k: (sum(s.get(k, 0.0) for s in steps) / (1 if k == "tokens" else len(steps))) for k in keys}
 
 
-def _sample_and_score(model, generator: HFGenerator, tokenizer, batch: pa.Table, rows: list[dict],
+def _generator(model, tokenizer, policy: Path, out: Path, opts: RLOptions, online: OnlineOptions, trainer: Trainer):
+    """``generate(prompt ids, sampling, seed)`` with the current weights of ``model``."""
+    if resolve_backend(online.backend, opts.device) == "hf":
+        hf = HFGenerator(model, tokenizer)
+
+        def generate_hf(prompts, sampling, seed):
+            model.eval()
+            try:
+                return hf.generate(prompts, sampling, seed)
+            finally:
+                model.train()
+
+        return generate_hf
+    start = out if opts.loop.resume and has_state(out) else policy
+    engine = VLLMGenerator(start, tokenizer, opts.dtype)
+    synced = {"step": trainer.step}
+
+    def generate_vllm(prompts, sampling, seed):
+        if synced["step"] != trainer.step:
+            engine.load_weights(model.state_dict())
+            synced["step"] = trainer.step
+        return engine.generate(prompts, sampling, seed)
+
+    return generate_vllm
+
+
+def _sample_and_score(generate, tokenizer, batch: pa.Table, rows: list[dict],
                       sampling: SamplingOptions, seed: int, scored: Path, verifier: Verifier,
                       online: OnlineOptions, record: dict) -> None:
     encoded = [encode_prompt(tokenizer, row, online.chat) for row in rows]
-    model.eval()
-    try:
-        results = generator.generate([ids for _, ids in encoded], sampling, seed)
-    finally:
-        model.train()
+    results = generate([ids for _, ids in encoded], sampling, seed)
     rollouts = scored.with_name(scored.name.replace(".scored", ".rollouts"))
     table = rollout_rows(batch, rows, encoded, results)
     write_table(rollouts, table, record)
