@@ -37,7 +37,6 @@ from fdivctl.objectives import dph, grpo
 from fdivctl.stages.signals import FrozenModel, scored_hidden, store_target, store_token_logprobs
 from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
 
-ALGOS = ("grpo", "drgrpo", "dapo", "dph")
 ESTIMATORS = ("k1", "k2", "k3", "abs", "k3+", "full")
 PLACEMENTS = ("loss", "reward")
 

@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from fdivctl import divergences, engine
 from fdivctl.errors import UserError
-from fdivctl.io.atomic import atomic_path
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.sequences import Sequences, sequences_from_table
-from fdivctl.io.tables import read_table, require_columns
+from fdivctl.io.tables import read_table, require_columns, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
 from fdivctl.training.checkpoint import has_state, run_dir
@@ -68,13 +66,16 @@ def sequence_logprobs(decoder, head, seqs: Sequences, rows: list[int], pad_id: i
     return torch.zeros(len(rows), dtype=per_token.dtype, device=device).index_add(0, batch["batch_index"], per_token)
 
 
-def _reference_logprobs(table: pa.Table, model, chosen: Sequences, rejected: Sequences, pad_id: int,
-                        cache: Path, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_logprobs(table: pa.Table, load_reference: Callable[[], object], chosen: Sequences,
+                        rejected: Sequences, pad_id: int, cache: Path, batch_size: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """log π_ref of both responses: from the table's columns, the cache, or computed once (then cached)."""
     if "ref_chosen_logp" in table.column_names and "ref_rejected_logp" in table.column_names:
         source = table
     elif cache.exists():
-        source = pq.read_table(cache)
+        source = read_table(cache)
     else:
+        model = load_reference()
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         values = {"ref_chosen_logp": [], "ref_rejected_logp": []}
         with torch.no_grad():
@@ -83,8 +84,7 @@ def _reference_logprobs(table: pa.Table, model, chosen: Sequences, rejected: Seq
                 values["ref_chosen_logp"] += sequence_logprobs(decoder, head, chosen, rows, pad_id).tolist()
                 values["ref_rejected_logp"] += sequence_logprobs(decoder, head, rejected, rows, pad_id).tolist()
         source = pa.table({k: pa.array(v, pa.float64()) for k, v in values.items()})
-        with atomic_path(cache) as tmp:
-            pq.write_table(source, tmp)
+        write_table(cache, source, {"stage": "fdpo reference log-probs", "pairs": len(chosen)})
     as_tensor = lambda name: torch.tensor(source.column(name).to_pylist(), dtype=torch.float64)  # noqa: E731
     return as_tensor("ref_chosen_logp"), as_tensor("ref_rejected_logp")
 
@@ -105,10 +105,11 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     chosen, rejected, table = _pairs(pairs, tokenizer)
     resume_from = out if opts.loop.resume and has_state(out) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    reference_model = load_causal_lm(policy, opts.dtype, opts.device, "policy")
-    ref_chosen, ref_rejected = _reference_logprobs(table, reference_model, chosen, rejected, pad_id,
+    model = load_causal_lm(resume_from or policy, opts.dtype, opts.device, "policy")
+    initial = (lambda: model) if resume_from is None else (  # noqa: E731 - the policy is π_ref before training
+        lambda: load_causal_lm(policy, opts.dtype, opts.device, "reference"))
+    ref_chosen, ref_rejected = _reference_logprobs(table, initial, chosen, rejected, pad_id,
                                                    run_dir(out) / REFERENCE_CACHE, opts.loop.batch_size)
-    model = reference_model if resume_from is None else load_causal_lm(resume_from, opts.dtype, opts.device, "policy")
     model.train()
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
