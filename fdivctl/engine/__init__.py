@@ -5,6 +5,7 @@ from fdivctl.engine.fused import (
     TokenOutputs,
     default_chunk_size,
     divergence_loss,
+    token_loss,
     token_outputs,
 )
 from fdivctl.engine.targets import FullLogits, Target, TeacherHead, TeacherMixture, TopK
@@ -19,5 +20,6 @@ __all__ = [
     "TopK",
     "default_chunk_size",
     "divergence_loss",
+    "token_loss",
     "token_outputs",
 ]

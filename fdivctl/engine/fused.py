@@ -4,12 +4,14 @@
   student (hidden ``h [N, H]`` through the head ``W [V, H]``) and a target,
   with gradients for ``h``, ``W`` and the bias;
 * :func:`token_outputs` — per-token log-prob of given ids, entropy, and
-  divergence, each differentiable, from the same chunked pass.
+  divergence, each differentiable, from the same chunked pass;
+* :func:`token_loss` — the sum over tokens of any per-token function of
+  those outputs (the RL policy loss), gradient taken in the forward pass.
 
-Neither ever holds the ``[N, V]`` student logits.  Two gradient strategies
+None ever holds the ``[N, V]`` student logits.  Two gradient strategies
 (DESIGN.md, "the loss engine"):
 
-* ``grad_mode="forward"`` (default for :func:`divergence_loss`): the chunk's
+* ``grad_mode="forward"`` (default for :func:`divergence_loss`; always for :func:`token_loss`): the chunk's
   gradient is taken during the forward pass and stored (``grad h`` ``[N, H]``,
   ``grad W`` fp32 ``[V, H]``); backward only scales them.  3 matmuls per chunk,
   6·N·H·V FLOPs; extra memory is the stored gradients.
@@ -27,7 +29,7 @@ import torch
 
 from fdivctl.divergences import Divergence, get
 from fdivctl.engine.matmul import matmul_weight
-from fdivctl.engine.sweep import SweepPlan, sweep
+from fdivctl.engine.sweep import Objective, SweepPlan, linear_objective, sweep
 from fdivctl.engine.targets import Target
 from fdivctl.engine.validation import (
     check_head,
@@ -65,7 +67,7 @@ class _TokenOutputsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan):
         weight_mm = matmul_weight(weight)
-        outputs, _ = sweep(hidden, weight_mm, bias, plan)
+        outputs, _, _ = sweep(hidden, weight_mm, bias, plan)
         ctx.save_for_backward(hidden, weight, bias)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
@@ -79,7 +81,7 @@ class _TokenOutputsFn(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3])
         if not cotangents or not any(needs):
             return None, None, None, None
-        _, grads = sweep(hidden, matmul_weight(weight), bias, plan, cotangents, needs)
+        _, grads, _ = sweep(hidden, matmul_weight(weight), bias, plan, linear_objective(cotangents), needs)
         return (
             grads.hidden,
             None if grads.weight is None else grads.weight.to(weight.dtype),
@@ -88,25 +90,29 @@ class _TokenOutputsFn(torch.autograd.Function):
         )
 
 
-class _DivergenceLossFn(torch.autograd.Function):
-    """``Σ_t c_t D_t`` with the gradient taken during the forward pass."""
+class _ObjectiveFn(torch.autograd.Function):
+    """A per-token objective summed over tokens, with its gradient taken during the forward pass.
+
+    Returns the objective and the plan's per-token outputs (detached); backward only scales
+    the stored gradients by the objective's cotangent.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, coef, plan):
+    def forward(ctx, hidden, weight, bias, plan, objective):
         needs = tuple(ctx.needs_input_grad[:3])
-        outputs, grads = sweep(
-            hidden, matmul_weight(weight), bias, plan, {"divergence": coef}, needs
-        )
+        outputs, grads, total = sweep(hidden, matmul_weight(weight), bias, plan, objective, needs)
         ctx.grads = (
             grads.hidden,
             None if grads.weight is None else grads.weight.to(weight.dtype),
             None if grads.bias is None else grads.bias.to(bias.dtype),
         )
-        return (outputs["divergence"] * coef).sum()
+        values = tuple(outputs[name] for name in plan.outputs)
+        ctx.mark_non_differentiable(*values)
+        return (total, *values)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+    def backward(ctx, grad_total, *_):
+        scaled = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads)
         ctx.grads = None
         return (*scaled, None, None)
 
@@ -197,6 +203,38 @@ def divergence_loss(
         return (hidden.sum() * 0 + weight.sum() * 0).to(acc)
     coef = coef / total
     if grad_mode == "forward":
-        return _DivergenceLossFn.apply(hidden, weight, bias, coef, plan)
+        return _ObjectiveFn.apply(hidden, weight, bias, plan, linear_objective({"divergence": coef}))[0]
     (per_token,) = _TokenOutputsFn.apply(hidden, weight, bias, plan)
     return (per_token * coef).sum()
+
+
+def token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    objective: Objective,
+    *,
+    bias: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+    entropy: bool = False,
+    target: Target | None = None,
+    divergence: str | Divergence | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, TokenOutputs]:
+    """``Σ_t ℓ_t`` for a per-token loss of the per-token outputs, gradient taken in the forward pass.
+
+    ``objective(outputs, rows)`` gets a chunk's requested outputs (``"logprob"``,
+    ``"entropy"``, ``"divergence"``, each ``[c]``, differentiable) and the chunk's
+    ``rows`` (a slice into ``[N]``, to index per-token constants such as
+    advantages) and returns the chunk's summed loss.  This is the RL policy
+    loss's path: 4 matmuls per chunk (forward, target, grad h, grad W) and no
+    recompute, as :func:`divergence_loss` in ``"forward"`` mode.  Returns the
+    loss (differentiable in ``hidden``, ``weight``, ``bias``) and the detached
+    per-token outputs, for logging.
+    """
+    plan = _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size)
+    if not plan.outputs:
+        raise ValueError("token_loss: request token_ids, entropy=True, or a target with a divergence")
+    total, *values = _ObjectiveFn.apply(hidden, weight, bias, plan, objective)
+    named = dict(zip(plan.outputs, values))
+    return total, TokenOutputs(*(named.get(name) for name in TokenOutputs._fields))

@@ -8,15 +8,17 @@ made in fp32, the requested per-token quantities are computed from
 * ``entropy``    — ``H(q) = −Σ q log q``;
 * ``divergence`` — ``D(q‖p)`` against the target, summed over its support;
 
-and, when cotangents are given, the vector–Jacobian product
-``∂/∂z Σ_t Σ_k c_k[t] · out_k[t]`` is taken by autograd on that chunk alone
-and pushed through the head into ``grad h``, ``grad W`` (fp32 accumulator)
-and ``grad b``.  The chunk's ``[c, V]`` buffers are freed before the next
+and, when an objective is given — a sum over the chunk's tokens of any
+function of their outputs, e.g. ``Σ_t Σ_k c_k[t] · out_k[t]`` for fixed
+cotangents (:func:`linear_objective`) — its gradient ``∂/∂z`` is taken by
+autograd on that chunk alone and pushed through the head into ``grad h``,
+``grad W`` (fp32 accumulator) and ``grad b``; the objective's value is summed.  The chunk's ``[c, V]`` buffers are freed before the next
 chunk, so peak memory is O(c·V + V·H) instead of O(N·V).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,14 @@ from fdivctl.engine.matmul import backprop_linear, linear_fp32
 from fdivctl.engine.targets import Target
 
 OUTPUT_NAMES = ("logprob", "entropy", "divergence")
+
+#: ``objective(outputs of a chunk's tokens, their rows) → scalar``; must be a sum over those tokens
+Objective = Callable[[dict[str, torch.Tensor], slice], torch.Tensor]
+
+
+def linear_objective(cotangents: dict[str, torch.Tensor]) -> Objective:
+    """``Σ_t Σ_k c_k[t] · out_k[t]``: the vector–Jacobian product of fixed per-token cotangents."""
+    return lambda chunk, rows: sum((chunk[k] * c[rows]).sum() for k, c in cotangents.items())
 
 
 @dataclass
@@ -82,17 +92,15 @@ def sweep(
     weight_mm: torch.Tensor,
     bias: torch.Tensor | None,
     plan: SweepPlan,
-    cotangents: dict[str, torch.Tensor] | None = None,
+    objective: Objective | None = None,
     needs: tuple[bool, bool, bool] = (False, False, False),
-) -> tuple[dict[str, torch.Tensor], SweepGrads]:
-    """Run the chunks; return per-token outputs ``[N]`` and, with cotangents, the gradients.
-
-    ``needs`` says which of (hidden, weight, bias) gradients to build.
-    """
+) -> tuple[dict[str, torch.Tensor], SweepGrads, torch.Tensor | None]:
+    """Run the chunks; return per-token outputs ``[N]``, the gradients of ``objective`` (where
+    ``needs`` asks for them: hidden, weight, bias) and its summed value (None without one)."""
     n = hidden.shape[0]
     acc = compute_dtype(hidden, weight_mm)
     outputs = {name: torch.empty(n, dtype=acc, device=hidden.device) for name in plan.outputs}
-    with_grad = cotangents is not None and any(needs)
+    with_grad = objective is not None and any(needs)
     grads = SweepGrads(
         hidden=torch.empty_like(hidden) if with_grad and needs[0] else None,
         weight=torch.zeros(weight_mm.shape, dtype=acc, device=hidden.device)
@@ -102,6 +110,7 @@ def sweep(
         if with_grad and needs[2]
         else None,
     )
+    total = None if objective is None else torch.zeros((), dtype=acc, device=hidden.device)
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
         h_chunk = hidden[rows]
@@ -109,12 +118,15 @@ def sweep(
         if not with_grad:
             with torch.no_grad():
                 chunk = chunk_outputs(plan, logits, rows)
+                if objective is not None:
+                    total += objective(chunk, rows)
         else:
             logits.requires_grad_(True)
             with torch.enable_grad():
                 chunk = chunk_outputs(plan, logits, rows)
-                objective = sum((chunk[k] * c[rows]).sum() for k, c in cotangents.items())
-                (grad_logits,) = torch.autograd.grad(objective, logits)
+                value = objective(chunk, rows)
+                (grad_logits,) = torch.autograd.grad(value, logits)
+            total += value.detach()
             del logits
             grad_h = backprop_linear(
                 grad_logits, h_chunk, weight_mm, grads.weight, grads.hidden is not None
@@ -125,4 +137,4 @@ def sweep(
                 grads.bias += grad_logits.sum(0)
         for name, value in chunk.items():
             outputs[name][rows] = value.detach()
-    return outputs, grads
+    return outputs, grads, total

@@ -277,10 +277,9 @@ class PolicyUpdate:
     def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
 
-    def _divergence(self, data, rows, batch, hidden, temperature, logprob, full_out=None) -> torch.Tensor:
+    def _divergence(self, data, rows, batch, hidden, temperature, logprob) -> torch.Tensor:
+        """Per-token regularizer estimate (no grad needed): closed form (``full``) or a sample estimator."""
         if self.opts.div_estimator == "full":
-            if full_out is not None:
-                return full_out
             target = self.reference.target(data, rows, batch)
             return engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
                                         target=target, divergence=self.regularizer,
@@ -289,37 +288,50 @@ class PolicyUpdate:
         return sample_divergence(self.regularizer, logprob, ref, self.opts.div_estimator)
 
     def _micro(self, data, advantages, rows, n_tokens, n_seqs, temperature):
+        """One micro-batch's share of the minibatch loss Σ_t w_t [L_t + c·D_t − c_H·H_t], through
+        :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no ``[tokens, V]`` logits)."""
         opts = self.opts
+        regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
+        full = regularize and opts.div_estimator == "full"
 
         def micro():
             batch = self._batch(data.seqs, rows)
             hidden = scored_hidden(self.decoder, batch)
-            regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
-            full = regularize and opts.div_estimator == "full"
-            target = self.reference.target(data, rows, batch) if full else None
-            out = engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
-                                       token_ids=batch["token"], entropy=True, target=target,
-                                       divergence=self.regularizer if full else None, temperature=temperature)
             lengths = data.lengths[rows]
             old = torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
             adv = advantages[rows].repeat_interleave(lengths).to(self.device)
-            surrogate, clipped = grpo.clipped_surrogate(out.logprob, old, adv, opts.clip_low, opts.clip_high)
             weights = grpo.token_weights(lengths, n_tokens, n_seqs, opts.loss_agg).to(self.device)
-            loss = (weights * surrogate).sum()
-            figures = {"tokens": float(len(adv)), "pg_loss": float(loss.detach()),
-                       "clip_frac": float(clipped.sum()) / n_tokens,
+            target = self.reference.target(data, rows, batch) if full else None
+            ref = self.reference.token_logprobs(data, rows, batch, temperature) if regularize and not full else None
+            parts = {"pg_loss": [], "divergence": [], "clipped": []}
+
+            def objective(out, r):
+                surrogate, clipped = grpo.clipped_surrogate(out["logprob"], old[r], adv[r], opts.clip_low,
+                                                            opts.clip_high)
+                loss = (weights[r] * surrogate).sum()
+                parts["pg_loss"].append(loss.detach())
+                parts["clipped"].append(clipped.sum())
+                if regularize:
+                    divergence = out["divergence"] if full else \
+                        sample_divergence(self.regularizer, out["logprob"], ref[r], opts.div_estimator)
+                    parts["divergence"].append(divergence.detach().sum())
+                    loss = loss + opts.div_coef * (weights[r] * divergence).sum()
+                if opts.entropy_coef:
+                    loss = loss - opts.entropy_coef * (weights[r] * out["entropy"]).sum()
+                return loss
+
+            loss, out = engine.token_loss(hidden, self.head.weight, objective, bias=getattr(self.head, "bias", None),
+                                          token_ids=batch["token"], entropy=True, target=target,
+                                          divergence=self.regularizer if full else None, temperature=temperature)
+            figures = {"tokens": float(len(adv)), "pg_loss": float(sum(parts["pg_loss"])),
+                       "clip_frac": float(sum(parts["clipped"])) / n_tokens,
+                       "entropy": float(out.entropy.sum()) / n_tokens,
                        # |log π_θ − log π_old| per token: ~0 on a step's first on-policy pass unless the sampler's
                        # weights or numerics differ from the trainer's
-                       "logprob_gap": float((out.logprob.detach() - old).abs().sum()) / n_tokens,
-                       "entropy": float(out.entropy.detach().sum()) / n_tokens}
+                       "logprob_gap": float((out.logprob - old).abs().sum()) / n_tokens,
+                       "loss": float(loss.detach())}
             if regularize:
-                per_token = self._divergence(data, rows, batch, hidden, temperature, out.logprob, out.divergence)
-                div_loss = (weights * per_token).sum()
-                loss = loss + opts.div_coef * div_loss
-                figures["divergence"] = float(per_token.detach().sum()) / n_tokens
-            if opts.entropy_coef:
-                loss = loss - opts.entropy_coef * (weights * out.entropy).sum()
-            figures["loss"] = float(loss.detach())
+                figures["divergence"] = float(sum(parts["divergence"])) / n_tokens
             return loss, figures
 
         return micro
@@ -332,11 +344,12 @@ class PolicyUpdate:
 
         def micro():
             batch = self._batch(samples.seqs, rows)
-            hidden = scored_hidden(self.decoder, batch)
-            logprob = engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
-                                           token_ids=batch["token"], temperature=samples.temperature).logprob
             reference = torch.from_numpy(np.concatenate([samples.logprobs[r] for r in rows])).to(self.device)
-            pef = dph.reference_loss(self.regularizer, logprob, reference).mean()
+            n = len(reference)
+            pef, _ = engine.token_loss(
+                scored_hidden(self.decoder, batch), self.head.weight,
+                lambda out, r: dph.reference_loss(self.regularizer, out["logprob"], reference[r]).sum() / n,
+                bias=getattr(self.head, "bias", None), token_ids=batch["token"], temperature=samples.temperature)
             loss = opts.eta * pef
             return loss, {"pef_loss": float(pef.detach()), "loss": float(loss.detach())}
 
