@@ -124,6 +124,8 @@ def test_dph_training_logs_both_losses(task, partition, tmp_path):
     assert done.returncode == 0, done.stderr
     log = _log(tmp_path / "log.jsonl")
     assert all("pef_loss" in r and "pg_loss" in r for r in log)
+    record = json.loads((partition / "partition" / "partition.json").read_text())
+    assert all(r["pef_prompts"] == record["pef_prompts"] and r["exp_prompts"] == record["exp_prompts"] for r in log)
     assert log[0]["pef_loss"] == pytest.approx(0.0, abs=1e-5)  # π_θ = π_0 at the first step
     pef = set(json.loads((partition / "partition" / "partition.json").read_text())["pef_prompt_ids"])
     sampled = pq.read_table(out / "fdivctl_run" / "iter-0001.scored.parquet").column("prompt_id").to_pylist()

@@ -128,6 +128,13 @@ def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
     return model, tokenizer, policy_hash, update, record
 
 
+def _partition_sizes(record: dict | None) -> dict:
+    """DPH-RL's D_pef / D_exp sizes, logged with every step."""
+    if record is None:
+        return {}
+    return {key: record[key] for key in ("pef_prompts", "exp_prompts", "reference_samples")}
+
+
 def _exp_only(table: pa.Table, record: dict | None) -> pa.Table:
     """For DPH-RL, the rows of D_exp prompts (D_pef prompts are trained through their reference samples)."""
     if record is None:
@@ -149,6 +156,7 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     temperature = opts.temperature or sampling.get("temperature") or 1.0
     data = ScoredRollouts.from_table(_exp_only(read_table(rollouts), record), rollouts)
     advantages, kept, figures = update.advantages(data, temperature, sampling.get("max_new_tokens"))
+    figures.update(_partition_sizes(record))
     plan = update.steps(data, kept, opts.loop.seed)
     trainer = Trainer(model, tokenizer, out, opts.loop, total=len(plan))
     if "advantages" in trainer.state:  # the rewards were shaped by the policy of the first run
@@ -214,6 +222,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
             table = read_table(scored)
             data = ScoredRollouts.from_table(table, scored)
             advantages, kept, figures = update.advantages(data, temperature, sampling.max_new_tokens)
+            figures.update(_partition_sizes(record))
             steps = [update.step(trainer, data, advantages, rows_, temperature)
                      for rows_ in update.steps(data, kept, opts.loop.seed + iteration)]
             trainer.advance_schedule()
