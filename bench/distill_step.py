@@ -1,0 +1,162 @@
+"""One distillation step's loss, fdivctl vs TRL's GKDTrainer loss path, side by side on the same models and batch.
+
+* ``fdivctl``: what ``fdivctl distill --teacher`` runs per micro-batch
+  (:func:`fdivctl.objectives.kd.kd_loss`): the student's hidden states and the
+  teacher's hidden + head go through the chunked engine; no ``[tokens, V]``
+  logits of either model are held;
+* ``trl``: ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` on the two
+  models' full logits (completion positions labelled, prompt masked with −100).
+
+Both compute the generalized JSD with β = 0.5 (TRL's convention, which the
+registry's ``jsd`` follows); the script checks that the two loss values agree
+before timing.  Prints one JSON object per shape with ``*_s`` (median of
+``--repeats`` forward + backward), ``*_tokens_per_s``, ``*_peak_bytes`` and
+``tokens_per_s_ratio`` (TRL time ÷ fdivctl time) / ``peak_memory_ratio``
+(fdivctl ÷ TRL).  Peak memory: on CUDA ``max_memory_allocated`` above the
+models and inputs; on the CPU each variant runs once more in a fresh
+subprocess (``--only``): the RSS high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs`` once the models and inputs exist) above the RSS at that moment is the figure (``MALLOC_MMAP_THRESHOLD_`` pinned so
+freed buffers leave the RSS, as in ``bench/loss_engine.py``).
+Needs ``pip install trl`` (the ``bench`` extra).
+
+Usage::
+
+    python bench/distill_step.py --quick          # CPU
+    python bench/distill_step.py --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from fdivctl import divergences, engine
+from fdivctl.objectives.kd import KDBatch, kd_loss
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from trl.experimental.gkd import GKDTrainer  # noqa: E402
+
+SHAPES = {
+    "quick": [dict(hidden=256, layers=2, vocab=32768, batch=8, prompt=32, completion=128)],
+    "cpu": [dict(hidden=512, layers=2, vocab=32768, batch=8, prompt=64, completion=256)],
+    "cuda": [dict(hidden=2048, layers=4, vocab=151936, batch=8, prompt=128, completion=1024)],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _model(shape, dtype, device, seed):
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=2 * shape["hidden"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["hidden"] // 128,
+                         num_key_value_heads=shape["hidden"] // 128, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _cpu_peak(name: str, args) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    command = [sys.executable, __file__, "--only", name, "--dtype", args.dtype] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["fdivctl", "trl"], help=argparse.SUPPRESS)  # CPU memory worker
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    jsd = divergences.get("jsd", beta=0.5)
+    for shape in SHAPES["quick" if args.quick else device.type]:
+        _run_shape(shape, args, device, jsd)
+
+def _run_shape(shape: dict, args, device: torch.device, jsd) -> None:
+    """Build the models and batch of one shape, check the two losses agree, then time (and measure) both."""
+    student = _model(shape, DTYPES[args.dtype], device, 0).train()
+    teacher = _model(shape, DTYPES[args.dtype], device, 1).requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    length = shape["prompt"] + shape["completion"]
+    input_ids = torch.randint(0, shape["vocab"], (shape["batch"], length), generator=g).to(device)
+    labels = input_ids.clone()
+    labels[:, : shape["prompt"]] = -100
+    # the positions whose hidden state predicts a completion token, and those tokens
+    scored = torch.zeros(shape["batch"], length, dtype=torch.bool, device=device)
+    scored[:, shape["prompt"] - 1 : -1] = True
+    tokens = int(scored.sum())
+
+    def ours():
+        hidden = student.model(input_ids=input_ids).last_hidden_state[scored]
+        with torch.no_grad():
+            t_hidden = teacher.model(input_ids=input_ids).last_hidden_state[scored]
+        target = engine.TeacherHead(t_hidden, teacher.lm_head.weight)
+        loss, _ = kd_loss(KDBatch(hidden, input_ids[:, 1:][scored[:, :-1]], target), student.lm_head.weight,
+                          None, jsd)
+        return loss
+
+    def trl():
+        logits = student(input_ids=input_ids).logits[:, :-1]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=input_ids).logits[:, :-1]
+        return GKDTrainer.generalized_jsd_loss(logits, t_logits, labels=labels[:, 1:], beta=0.5)
+
+    variants = {"fdivctl": ours, "trl": trl}
+    if args.only:  # one step in this fresh process: print the RSS high-water mark above the inputs' RSS
+        before = _rss_now()
+        with open("/proc/self/clear_refs", "w") as clear:  # reset the high-water mark to the current RSS
+            clear.write("5")
+        variants[args.only]().backward()
+        print(_peak_rss() - before)
+        return
+    with torch.no_grad():
+        a, b = float(ours()), float(trl())
+    if abs(a - b) > 1e-3 * max(1.0, abs(b)):
+        raise SystemExit(f"the two losses differ: fdivctl {a} vs TRL {b}")
+    result = {"shape": shape, "tokens": tokens, "device": str(device), "dtype": args.dtype, "fdivctl_loss": a,
+              "trl_loss": b}
+    for name, fn in variants.items():
+        times, peak = [], None
+        for i in range(args.repeats + 1):
+            student.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            fn().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+            if i:
+                times.append(time.perf_counter() - start)
+        result[f"{name}_s"] = statistics.median(times)
+        result[f"{name}_tokens_per_s"] = tokens / result[f"{name}_s"]
+        result[f"{name}_peak_bytes"] = peak if device.type == "cuda" else _cpu_peak(name, args)
+    result["tokens_per_s_ratio"] = result["trl_s"] / result["fdivctl_s"]
+    result["peak_memory_ratio"] = result["fdivctl_peak_bytes"] / result["trl_peak_bytes"]
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
