@@ -8,10 +8,12 @@ from fdivctl.engine.fused import (
     token_loss,
     token_outputs,
 )
+from fdivctl.engine.sweep import KERNELS
 from fdivctl.engine.targets import FullLogits, Target, TeacherHead, TeacherMixture, TopK
 
 __all__ = [
     "GRAD_MODES",
+    "KERNELS",
     "FullLogits",
     "Target",
     "TeacherHead",

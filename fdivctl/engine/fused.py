@@ -19,6 +19,18 @@ None ever holds the ``[N, V]`` student logits.  Two gradient strategies
   recomputes each chunk's logits.  4 matmuls, 8·N·H·V FLOPs, least memory.
   :func:`token_outputs` always recomputes, since its cotangents (the caller's
   use of the per-token values) are unknown at forward time.
+
+Two kernels for a chunk's row work (``kernel=``, one of :data:`KERNELS`):
+``"torch"`` — PyTorch ops and autograd on the chunk, the reference and the CPU
+path; ``"triton"`` — two fused row kernels (:mod:`fdivctl.engine.triton_chunk`)
+for full-logit and teacher-head targets; ``"auto"`` (default) takes Triton on
+CUDA wherever it applies.
+
+``weight_grad_accum`` (:data:`~fdivctl.engine.sweep.WEIGHT_GRAD_ACCUM`): the
+head's gradient accumulates across chunks in fp32 (default, DESIGN.md), or with
+``"param"`` in the dtype the matmuls read the weight in — bf16 for a bf16 head
+on CUDA, as Liger-Kernel does by default: half the ``[V, H]`` memory, one
+rounding per chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import torch
 
 from fdivctl.divergences import Divergence, get
 from fdivctl.engine.matmul import matmul_weight
-from fdivctl.engine.sweep import Objective, SweepPlan, linear_objective, sweep
+from fdivctl.engine.sweep import WEIGHT_GRAD_ACCUM, Objective, SweepPlan, linear_objective, resolve_kernel, sweep
 from fdivctl.engine.targets import Target
 from fdivctl.engine.validation import (
     check_head,
@@ -112,12 +124,15 @@ class _ObjectiveFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_):
-        scaled = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads)
+        # the stored gradients are this call's own: scale them in place, no second [V, H] buffer
+        scaled = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return (*scaled, None, None)
 
 
-def _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size):
+def _plan(
+    hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+):
     check_head(hidden, weight, bias)
     check_scalars(temperature, chunk_size)
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
@@ -125,6 +140,8 @@ def _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperat
     if (target is None) != (divergence is None):
         raise ValueError("target and divergence must be given together")
     check_target(target, n_tokens, vocab_size)
+    if weight_grad_accum not in WEIGHT_GRAD_ACCUM:
+        raise ValueError(f"weight_grad_accum={weight_grad_accum!r}; valid: {', '.join(WEIGHT_GRAD_ACCUM)}")
     return SweepPlan(
         token_ids=token_ids,
         entropy=entropy,
@@ -132,6 +149,8 @@ def _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperat
         divergence=None if divergence is None else get(divergence),
         temperature=float(temperature),
         chunk_size=chunk_size or default_chunk_size(n_tokens, vocab_size, hidden.device),
+        kernel=resolve_kernel(kernel, hidden, target),
+        weight_grad_accum=weight_grad_accum,
     )
 
 
@@ -146,6 +165,8 @@ def token_outputs(
     divergence: str | Divergence | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    kernel: str = "auto",
+    weight_grad_accum: str = "fp32",
 ) -> TokenOutputs:
     """Per-token ``log q(y_t)``, ``H(q_t)`` and ``D(q_t‖p_t)`` at ``temperature``, differentiable.
 
@@ -153,7 +174,9 @@ def token_outputs(
     ``[N]`` for log-probs, ``entropy=True``, ``target`` with ``divergence``.
     Results are fp32 (fp64 for fp64 inputs).
     """
-    plan = _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size)
+    plan = _plan(
+        hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+    )
     if not plan.outputs:
         raise ValueError("token_outputs: request token_ids, entropy=True, or a target with a divergence")
     values = dict(zip(plan.outputs, _TokenOutputsFn.apply(hidden, weight, bias, plan)))
@@ -172,6 +195,8 @@ def divergence_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     grad_mode: str = "forward",
+    kernel: str = "auto",
+    weight_grad_accum: str = "fp32",
 ) -> torch.Tensor:
     """Masked weighted mean divergence ``Σ_t m_t w_t D(q_t‖p_t) / Σ_t m_t w_t``.
 
@@ -182,7 +207,9 @@ def divergence_loss(
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode={grad_mode!r}; valid: {', '.join(GRAD_MODES)}")
-    plan = _plan(hidden, weight, bias, None, False, target, divergence, temperature, chunk_size)
+    plan = _plan(
+        hidden, weight, bias, None, False, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+    )
     n_tokens = hidden.shape[0]
     check_per_token("mask", mask, n_tokens)
     check_weights(weights, n_tokens)
@@ -220,6 +247,8 @@ def token_loss(
     divergence: str | Divergence | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    kernel: str = "auto",
+    weight_grad_accum: str = "fp32",
 ) -> tuple[torch.Tensor, TokenOutputs]:
     """``Σ_t ℓ_t`` for a per-token loss of the per-token outputs, gradient taken in the forward pass.
 
@@ -232,7 +261,9 @@ def token_loss(
     loss (differentiable in ``hidden``, ``weight``, ``bias``) and the detached
     per-token outputs, for logging.
     """
-    plan = _plan(hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size)
+    plan = _plan(
+        hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+    )
     if not plan.outputs:
         raise ValueError("token_loss: request token_ids, entropy=True, or a target with a divergence")
     total, *values = _ObjectiveFn.apply(hidden, weight, bias, plan, objective)

@@ -59,7 +59,8 @@ def backprop_linear(
 ) -> torch.Tensor | None:
     """Gradient of ``linear_fp32`` for one chunk.
 
-    Adds ``grad_logitsᵀ x`` into the fp32 accumulator ``grad_weight_acc`` (when
+    Adds ``grad_logitsᵀ x`` into the accumulator ``grad_weight_acc`` (fp32, or the weight's
+    own low precision when the caller chose it; when
     given) and returns ``grad_logits @ W`` in ``x``'s dtype (when ``input_grad``).
     Low-precision weights read the gradient rounded to their dtype, with fp32
     accumulation inside the GEMM, as every fused-loss kernel does.
@@ -67,7 +68,7 @@ def backprop_linear(
     g = grad_logits.to(weight_mm.dtype)
     x_mm = x.to(weight_mm.dtype)
     if grad_weight_acc is not None:
-        if weight_mm.dtype in LOW_PRECISION:
+        if weight_mm.dtype in LOW_PRECISION and grad_weight_acc.dtype == torch.float32:
             # in place, fp32 result: no [V, H] temporary per chunk
             torch.addmm(grad_weight_acc, g.T, x_mm, out_dtype=torch.float32, out=grad_weight_acc)
         else:

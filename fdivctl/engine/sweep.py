@@ -18,6 +18,8 @@ chunk, so peak memory is O(c·V + V·H) instead of O(N·V).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +31,13 @@ from fdivctl.engine.matmul import backprop_linear, linear_fp32
 from fdivctl.engine.targets import Target
 
 OUTPUT_NAMES = ("logprob", "entropy", "divergence")
+#: row of ``triton_chunk.STAT_ROWS`` holding the first of OUTPUT_NAMES
+STAT_OFFSET = 2
+KERNELS = ("auto", "torch", "triton")
+#: the head's gradient accumulator across chunks: fp32 (default), or the dtype the matmuls read
+#: the weight in ("param": bf16 for a bf16 head on CUDA, Liger-Kernel's default; half the memory,
+#: one rounding per chunk)
+WEIGHT_GRAD_ACCUM = ("fp32", "param")
 
 #: ``objective(outputs of a chunk's tokens, their rows) → scalar``; must be a sum over those tokens
 Objective = Callable[[dict[str, torch.Tensor], slice], torch.Tensor]
@@ -49,6 +58,8 @@ class SweepPlan:
     divergence: Divergence | None
     temperature: float
     chunk_size: int
+    kernel: str = "torch"  # "torch" (reference, any device) or "triton" (resolve_kernel)
+    weight_grad_accum: str = "fp32"  # one of WEIGHT_GRAD_ACCUM
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -63,8 +74,42 @@ class SweepPlan:
 @dataclass
 class SweepGrads:
     hidden: torch.Tensor | None
-    weight: torch.Tensor | None  # fp32 accumulator
+    weight: torch.Tensor | None  # accumulator: fp32, or the matmul dtype (WEIGHT_GRAD_ACCUM)
     bias: torch.Tensor | None  # fp32 accumulator
+
+
+def triton_runs_here(device: torch.device) -> bool:
+    """Whether the Triton kernels can run for tensors on ``device``: CUDA with triton installed,
+    or any device under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_unsupported(hidden: torch.Tensor, target: Target | None) -> str | None:
+    if hidden.dtype == torch.float64:
+        return "fp64 inputs run on the PyTorch path"
+    if target is not None and not hasattr(target, "dense_logits"):
+        return f"{type(target).__name__} targets run on the PyTorch path (Triton: full logits, teacher heads)"
+    if not triton_runs_here(hidden.device):
+        return "it needs a CUDA device and triton (or TRITON_INTERPRET=1)"
+    return None
+
+
+def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None) -> str:
+    """``"torch"`` or ``"triton"`` for a requested ``kernel`` of :data:`KERNELS`.
+
+    ``"auto"`` takes Triton on CUDA wherever it applies (no fp64, a dense or no
+    target), else the PyTorch path; ``"triton"`` raises ValueError where it cannot run.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}; valid: {', '.join(KERNELS)}")
+    if kernel == "torch":
+        return "torch"
+    reason = _triton_unsupported(hidden, target)
+    if kernel == "triton" and reason:
+        raise ValueError(f"kernel='triton' cannot run here: {reason}")
+    return "triton" if reason is None and (kernel == "triton" or hidden.device.type == "cuda") else "torch"
 
 
 def chunk_outputs(plan: SweepPlan, logits: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
@@ -87,6 +132,55 @@ def chunk_outputs(plan: SweepPlan, logits: torch.Tensor, rows: slice) -> dict[st
     return out
 
 
+def _torch_chunk(
+    plan: SweepPlan, logits: torch.Tensor, rows: slice, objective: Objective | None, with_grad: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The reference path: outputs by PyTorch ops, ``∂/∂z`` by autograd on the chunk."""
+    if not with_grad:
+        with torch.no_grad():
+            chunk = chunk_outputs(plan, logits, rows)
+            return chunk, None if objective is None else objective(chunk, rows), None
+    logits.requires_grad_(True)
+    with torch.enable_grad():
+        chunk = chunk_outputs(plan, logits, rows)
+        value = objective(chunk, rows)
+        (grad_logits,) = torch.autograd.grad(value, logits)
+    return {name: v.detach() for name, v in chunk.items()}, value.detach(), grad_logits
+
+
+def _triton_chunk(
+    plan: SweepPlan,
+    logits: torch.Tensor,
+    rows: slice,
+    objective: Objective | None,
+    with_grad: bool,
+    grad_dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The fused path (:mod:`fdivctl.engine.triton_chunk`): outputs from one row kernel; the
+    objective's cotangents by autograd on those ``[c]`` outputs alone; ``∂/∂z`` from a second
+    row kernel, written in ``grad_dtype`` (in place over the logits when that is fp32)."""
+    from fdivctl.engine import triton_chunk
+
+    ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
+    target = None if plan.target is None else plan.target.dense_logits(rows)
+    args = (logits, target, logits.shape[1], ids, plan.entropy, plan.divergence, plan.temperature)
+    stats = triton_chunk.chunk_stats(*args)
+    chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
+    if not with_grad:
+        return chunk, None if objective is None else objective(chunk, rows), None
+    leaves = {name: value.detach().requires_grad_(True) for name, value in chunk.items()}
+    with torch.enable_grad():
+        value = objective(leaves, rows)
+    cotangents = torch.zeros(len(OUTPUT_NAMES), logits.shape[0], dtype=torch.float32, device=logits.device)
+    if value.requires_grad:
+        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        for name, grad in zip(leaves, grads):
+            if grad is not None:
+                cotangents[OUTPUT_NAMES.index(name)] = grad
+    out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
+    return chunk, value.detach(), triton_chunk.chunk_grad(*args, stats, cotangents, out)
+
+
 def sweep(
     hidden: torch.Tensor,
     weight_mm: torch.Tensor,
@@ -103,7 +197,9 @@ def sweep(
     with_grad = objective is not None and any(needs)
     grads = SweepGrads(
         hidden=torch.empty_like(hidden) if with_grad and needs[0] else None,
-        weight=torch.zeros(weight_mm.shape, dtype=acc, device=hidden.device)
+        weight=torch.zeros(
+            weight_mm.shape, dtype=acc if plan.weight_grad_accum == "fp32" else weight_mm.dtype, device=hidden.device
+        )
         if with_grad and needs[1]
         else None,
         bias=torch.zeros(weight_mm.shape[0], dtype=acc, device=hidden.device)
@@ -115,19 +211,14 @@ def sweep(
         rows = slice(start, min(start + plan.chunk_size, n))
         h_chunk = hidden[rows]
         logits = linear_fp32(h_chunk, weight_mm, bias)
-        if not with_grad:
-            with torch.no_grad():
-                chunk = chunk_outputs(plan, logits, rows)
-                if objective is not None:
-                    total += objective(chunk, rows)
+        if plan.kernel == "triton":
+            chunk, value, grad_logits = _triton_chunk(plan, logits, rows, objective, with_grad, weight_mm.dtype)
         else:
-            logits.requires_grad_(True)
-            with torch.enable_grad():
-                chunk = chunk_outputs(plan, logits, rows)
-                value = objective(chunk, rows)
-                (grad_logits,) = torch.autograd.grad(value, logits)
-            total += value.detach()
-            del logits
+            chunk, value, grad_logits = _torch_chunk(plan, logits, rows, objective, with_grad)
+        del logits
+        if value is not None:
+            total += value
+        if grad_logits is not None:
             grad_h = backprop_linear(
                 grad_logits, h_chunk, weight_mm, grads.weight, grads.hidden is not None
             )
@@ -135,6 +226,8 @@ def sweep(
                 grads.hidden[rows] = grad_h
             if grads.bias is not None:
                 grads.bias += grad_logits.sum(0)
+        # free this chunk's [c, V] gradient before the next chunk's logits exist
+        del grad_logits
         for name, value in chunk.items():
-            outputs[name][rows] = value.detach()
+            outputs[name][rows] = value
     return outputs, grads, total

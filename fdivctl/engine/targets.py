@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from fdivctl.divergences.logspace import LOG_FLOOR, floor_log
+from fdivctl.engine.finite import has_nan
 from fdivctl.engine.matmul import linear_fp32, matmul_weight
 
 VOCAB_POLICIES = ("strict", "truncate", "pad")
@@ -66,7 +67,7 @@ class Target(ABC):
 
 
 def _check_no_nan(name: str, tensor: torch.Tensor) -> None:
-    if torch.isnan(tensor).any():
+    if has_nan(tensor):
         raise ValueError(f"{name} {tuple(tensor.shape)} contains NaN")
 
 
@@ -128,8 +129,13 @@ class FullLogits(_DenseTarget):
         self._check_vocab("target logits", self.logits.shape[1], vocab_size)
         _check_no_nan("target logits", self.logits)
 
+    def dense_logits(self, rows: slice) -> torch.Tensor:
+        """The target's raw logits ``[c, Vₜ]`` for ``rows``, unit column stride (the Triton path reads them)."""
+        logits = self.logits[rows].detach()
+        return logits if logits.stride(-1) == 1 else logits.contiguous()
+
     def support(self, rows, log_q, temperature):
-        logits = self.logits[rows].to(log_q.dtype)
+        logits = self.dense_logits(rows).to(log_q.dtype)
         return log_q, self._log_p(logits, log_q.shape[-1], temperature)
 
 
@@ -176,11 +182,16 @@ class TeacherHead(_DenseTarget):
         _check_no_nan("teacher hidden", h)
         _check_no_nan("teacher weight", w)
 
-    def support(self, rows, log_q, temperature):
+    def dense_logits(self, rows: slice) -> torch.Tensor:
+        """The teacher's logits ``[c, Vₜ]`` for ``rows`` (fp32, or fp64 for fp64 inputs), made now."""
         if self._weight_mm is None:
             self._weight_mm = matmul_weight(self.weight.detach())
-        logits = linear_fp32(self.hidden[rows].detach(), self._weight_mm, self.bias)
-        return log_q, self._log_p(logits.to(log_q.dtype), log_q.shape[-1], temperature)
+        bias = None if self.bias is None else self.bias.detach()
+        return linear_fp32(self.hidden[rows].detach(), self._weight_mm, bias)
+
+    def support(self, rows, log_q, temperature):
+        logits = self.dense_logits(rows).to(log_q.dtype)
+        return log_q, self._log_p(logits, log_q.shape[-1], temperature)
 
 
 class TeacherMixture(Target):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fdivctl.engine.finite import all_finite
 from fdivctl.engine.targets import Target
 
 
@@ -29,7 +30,7 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if bias is not None and _shape(bias) != (weight.shape[0],):
         raise ValueError(f"bias has shape {_shape(bias)}; expected [{weight.shape[0]}]")
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if tensor is not None and not torch.isfinite(tensor).all():
+        if tensor is not None and not all_finite(tensor):
             raise ValueError(f"{name} {_shape(tensor)} contains NaN or inf")
 
 
@@ -55,7 +56,7 @@ def check_weights(weights: torch.Tensor | None, n_tokens: int) -> None:
     if weights is None:
         return
     check_per_token("weights", weights, n_tokens)
-    if not torch.isfinite(weights).all():
+    if not all_finite(weights):
         raise ValueError(f"weights {_shape(weights)} contain NaN or inf")
 
 

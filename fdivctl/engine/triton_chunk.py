@@ -1,0 +1,305 @@
+"""Triton kernels for one chunk of the sweep: per-token outputs and ``∂/∂z`` in two row passes.
+
+For a chunk of fp32 student logits ``z [c, V]`` (and, for a dense target, the
+target's logits ``t [c, Vₜ]``), one program per row:
+
+* :func:`_stats_kernel` — pass 1: online max/sum of ``z/T`` and ``t/T``
+  (log-partition functions); pass 2: ``log q(y)``, ``H(q) = −Σ q log q``,
+  ``D = Σ_i g(log q_i, log p_i)`` (the registry entry's summand) and
+  ``S = Σ_i ∂g/∂log q_i``.
+* :func:`_grad_kernel` — given per-token cotangents ``c_lp, c_ent, c_div``
+  (the objective's derivative with respect to each output) writes
+
+  ``∂L/∂z_j = (1/T) [c_div (a_j − q_j S) − c_ent q_j (log q_j + H) + c_lp (δ_{j,y} − q_j)]``
+
+  with ``a_j = ∂g/∂log q_j``: the chain rule through ``log q = z/T − log Z``
+  (``∂ log q_i / ∂z_j = (δ_ij − q_j)/T``).  It writes the gradient in the
+  dtype the backward matmuls read (bf16 for a bf16 head), so they read it
+  directly with no cast.
+
+The summands ``g`` and their derivatives ``a`` are those of
+:mod:`fdivctl.divergences` (their docstrings give the formulas and sources):
+
+* fkl ``p(log p − log q)``, ``a = −p``;
+* rkl ``q(log q − log p)``, ``a = q(log q − log p + 1)``;
+* jsd ``β p(log p − log m) + (1−β) q(log q − log m)``, ``m = βp + (1−β)q``,
+  ``a = (1−β) q (log q − log m)``;
+* tv ``½|p − q|``, ``a = ½ sign(q − p) q`` (0 where equal, as the reference);
+* hellinger ``½(√p − √q)²``, ``a = ½(q − √(pq))``;
+* alpha ``(αp + (1−α)q − p^α q^(1−α)) / (α(1−α))``, ``a = (q − p^α q^(1−α)) / α``;
+* skl ``p(log p − log r)``, ``r = λp + (1−λ)q``, ``a = −(1−λ) p q / r``;
+* srkl ``q(log q − log r)``, ``r = λq + (1−λ)p``, ``a = q(log q − log r) + (1−λ) q p / r``.
+
+Mixtures are taken in log space (logaddexp), and ``log p`` is floored at
+:data:`~fdivctl.divergences.logspace.LOG_FLOOR` so padded entries give exact
+zeros, as in the PyTorch path.  This is the pattern of Liger-Kernel's chunked
+fused-linear losses (logits of a chunk, a row kernel, the gradient handed to
+the backward matmuls), done for every registry divergence and for the RL
+outputs (log-prob, entropy) with any per-token objective on top.
+
+Runs on CUDA; on the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``,
+set before the first import of triton), which the tests use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fdivctl.divergences import Divergence
+from fdivctl.divergences.alpha import AlphaDivergence
+from fdivctl.divergences.hellinger import SquaredHellinger
+from fdivctl.divergences.jsd import GeneralizedJSD
+from fdivctl.divergences.kl import ForwardKL, ReverseKL, SkewKL, SkewReverseKL
+from fdivctl.divergences.logspace import LOG_FLOOR
+from fdivctl.divergences.tv import TotalVariation
+
+NO_DIVERGENCE = -1
+FKL, RKL, JSD, TV, HELLINGER, ALPHA, SKL, SRKL = range(8)
+STAT_ROWS = ("lse_q", "lse_p", "logprob", "entropy", "divergence", "slope")
+BLOCK = 4096
+_LOG_FLOOR = tl.constexpr(LOG_FLOOR)
+NUM_WARPS = 16
+
+
+def divergence_code(divergence: Divergence | None) -> tuple[int, float, float, float]:
+    """``(code, w, log w, log(1−w))`` for a registry entry: the kernel's switch and its parameter."""
+    if divergence is None:
+        return NO_DIVERGENCE, 0.0, 0.0, 0.0
+    if isinstance(divergence, SkewKL | SkewReverseKL) and divergence.lam == 0.0:
+        divergence = ForwardKL() if isinstance(divergence, SkewKL) else ReverseKL()
+    codes: dict[type, tuple[int, float]] = {
+        ForwardKL: (FKL, 0.5),
+        ReverseKL: (RKL, 0.5),
+        TotalVariation: (TV, 0.5),
+        SquaredHellinger: (HELLINGER, 0.5),
+    }
+    if type(divergence) in codes:
+        code, w = codes[type(divergence)]
+    elif isinstance(divergence, GeneralizedJSD):
+        code, w = JSD, divergence.beta
+    elif isinstance(divergence, AlphaDivergence):
+        code, w = ALPHA, divergence.alpha
+    elif isinstance(divergence, SkewKL):
+        code, w = SKL, divergence.lam
+    elif isinstance(divergence, SkewReverseKL):
+        code, w = SRKL, divergence.lam
+    else:
+        raise ValueError(f"no Triton kernel for divergence {divergence!r}")
+    return code, w, math.log(w), math.log1p(-w)
+
+
+def supports(divergence: Divergence | None) -> bool:
+    """Whether the kernels implement ``divergence`` (every registry entry does)."""
+    try:
+        divergence_code(divergence)
+    except ValueError:
+        return False
+    return True
+
+
+@triton.jit
+def _logaddexp(x, y):
+    m = tl.maximum(x, y)
+    return m + tl.log(tl.exp(x - m) + tl.exp(y - m))
+
+
+@triton.jit
+def _summand(lq, lp, DIV: tl.constexpr, w, log_w, log_1mw):
+    """``(g, ∂g/∂log q)`` of the divergence ``DIV`` at one support element."""
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if DIV == 0:  # fkl
+        g = p * (lp - lq)
+        a = -p
+    elif DIV == 1:  # rkl
+        g = q * (lq - lp)
+        a = g + q
+    elif DIV == 2:  # jsd, w = beta
+        lm = _logaddexp(lp + log_w, lq + log_1mw)
+        a = (1.0 - w) * q * (lq - lm)
+        g = w * p * (lp - lm) + a
+    elif DIV == 3:  # tv
+        d = q - p
+        g = 0.5 * tl.abs(d)
+        a = 0.5 * q * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    elif DIV == 4:  # hellinger
+        sq = tl.exp(0.5 * lq)
+        sp = tl.exp(0.5 * lp)
+        g = 0.5 * (sp - sq) * (sp - sq)
+        a = 0.5 * (q - sq * sp)
+    elif DIV == 5:  # alpha, w = alpha
+        geo = tl.exp(w * lp + (1.0 - w) * lq)
+        g = (w * p + (1.0 - w) * q - geo) / (w * (1.0 - w))
+        a = (q - geo) / w
+    elif DIV == 6:  # skl, w = lambda
+        lr = _logaddexp(lp + log_w, lq + log_1mw)
+        g = p * (lp - lr)
+        a = -(1.0 - w) * tl.exp(lp + lq - lr)
+    else:  # srkl, w = lambda
+        lr = _logaddexp(lq + log_w, lp + log_1mw)
+        g = q * (lq - lr)
+        a = g + (1.0 - w) * tl.exp(lq + lp - lr)
+    return g, a
+
+
+@triton.jit
+def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr):
+    """``log Σ_j exp(x_j / T)`` over one row, in one pass (running max and rescaled sum)."""
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(x, 0))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+        m = m_new
+    return m + tl.log(s)
+
+
+@triton.jit
+def _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p):
+    t = tl.load(t_row + cols, mask=mask & (cols < t_width), other=float("-inf")).to(tl.float32)
+    return tl.maximum(t * inv_t - lse_p, _LOG_FLOOR)
+
+
+@triton.jit
+def _stats_kernel(
+    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, n_rows, n_cols, inv_t,
+    w, log_w, log_1mw,
+    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    t_row = t_ptr + row * t_stride
+    lse_q = _online_lse(z_row, n_cols, inv_t, BLOCK)
+    lse_p = 0.0
+    if DIV >= 0:
+        lse_p = _online_lse(t_row, t_width, inv_t, BLOCK)
+    ent = 0.0
+    div = 0.0
+    slope = 0.0
+    if WANT_ENT or DIV >= 0:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
+            if WANT_ENT:
+                ent += tl.sum(tl.where(mask, tl.exp(lq) * lq, 0.0), 0)
+            if DIV >= 0:
+                lp = _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p)
+                g, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
+                div += tl.sum(tl.where(mask, g, 0.0), 0)
+                slope += tl.sum(tl.where(mask, a, 0.0), 0)
+    logprob = 0.0
+    if HAS_Y:
+        y = tl.load(y_ptr + row)
+        logprob = tl.load(z_row + y) * inv_t - lse_q
+    tl.store(stats_ptr + row, lse_q)
+    tl.store(stats_ptr + n_rows + row, lse_p)
+    tl.store(stats_ptr + 2 * n_rows + row, logprob)
+    tl.store(stats_ptr + 3 * n_rows + row, -ent)
+    tl.store(stats_ptr + 4 * n_rows + row, div)
+    tl.store(stats_ptr + 5 * n_rows + row, slope)
+
+
+@triton.jit
+def _grad_kernel(
+    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, cot_ptr, g_ptr, g_stride,
+    n_rows, n_cols, inv_t, w, log_w, log_1mw,
+    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    t_row = t_ptr + row * t_stride
+    g_row = g_ptr + row * g_stride
+    lse_q = tl.load(stats_ptr + row)
+    lse_p = tl.load(stats_ptr + n_rows + row)
+    entropy = tl.load(stats_ptr + 3 * n_rows + row)
+    slope = tl.load(stats_ptr + 5 * n_rows + row)
+    c_lp = tl.load(cot_ptr + row) * inv_t
+    c_ent = tl.load(cot_ptr + n_rows + row) * inv_t
+    c_div = tl.load(cot_ptr + 2 * n_rows + row) * inv_t
+    y = -1
+    if HAS_Y:
+        y = tl.load(y_ptr + row)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
+        q = tl.exp(lq)
+        grad = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_Y:
+            grad += c_lp * (tl.where(cols == y, 1.0, 0.0) - q)
+        if WANT_ENT:
+            grad -= c_ent * q * (lq + entropy)
+        if DIV >= 0:
+            lp = _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p)
+            _, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
+            grad += c_div * (a - q * slope)
+        tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def chunk_stats(
+    logits: torch.Tensor,
+    target_logits: torch.Tensor | None,
+    vocab_size: int,
+    token_ids: torch.Tensor | None,
+    entropy: bool,
+    divergence: Divergence | None,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-row ``[6, c]`` fp32: the log-partitions, log-prob, entropy, divergence and ``S`` (:data:`STAT_ROWS`).
+
+    ``logits`` ``[c, V]`` fp32 with unit column stride; ``target_logits``
+    ``[c, Vₜ]`` (any float dtype, unit column stride) is read over its first
+    ``min(Vₜ, V)`` columns, columns past ``Vₜ`` count as ``−inf`` (padding).
+    """
+    rows = logits.shape[0]
+    stats = torch.empty(len(STAT_ROWS), rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return stats
+    code, w, log_w, log_1mw = divergence_code(divergence)
+    t = logits if target_logits is None else target_logits
+    _stats_kernel[(rows,)](
+        logits, logits.stride(0), t, t.stride(0), min(t.shape[1], vocab_size),
+        logits if token_ids is None else token_ids, stats, rows, vocab_size, 1.0 / temperature,
+        w, log_w, log_1mw,
+        DIV=code, HAS_Y=token_ids is not None, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return stats
+
+
+def chunk_grad(
+    logits: torch.Tensor,
+    target_logits: torch.Tensor | None,
+    vocab_size: int,
+    token_ids: torch.Tensor | None,
+    entropy: bool,
+    divergence: Divergence | None,
+    temperature: float,
+    stats: torch.Tensor,
+    cotangents: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write ``∂L/∂z`` ``[c, V]`` into ``out`` (which may be ``logits`` itself) and return it.
+
+    ``cotangents`` ``[3, c]`` fp32 holds ``∂L/∂ log q(y)``, ``∂L/∂H`` and
+    ``∂L/∂D`` per row (zeros for outputs the objective does not use).
+    """
+    rows = logits.shape[0]
+    if rows == 0:
+        return out
+    code, w, log_w, log_1mw = divergence_code(divergence)
+    t = logits if target_logits is None else target_logits
+    _grad_kernel[(rows,)](
+        logits, logits.stride(0), t, t.stride(0), min(t.shape[1], vocab_size),
+        logits if token_ids is None else token_ids, stats, cotangents, out, out.stride(0),
+        rows, vocab_size, 1.0 / temperature, w, log_w, log_1mw,
+        DIV=code, HAS_Y=token_ids is not None, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return out
