@@ -305,3 +305,31 @@ def test_token_loss_matches_autograd_through_token_outputs(with_target):
     assert torch.allclose(outputs.logprob, ref.logprob.detach()) and outputs.logprob.requires_grad is False
     for a, b in zip(got, (hidden.grad, weight.grad, bias.grad)):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_finiteness_checks_allocate_nothing_on_clean_inputs_and_are_exact_on_bad_ones():
+    from fdivctl.engine.finite import all_finite, has_nan
+
+    x = torch.randn(300, 7)
+    assert all_finite(x) and not has_nan(x)
+    y = x.clone()
+    y[257, 3] = float("nan")
+    assert not all_finite(y) and has_nan(y)
+    y = x.clone()
+    y[5, 3], y[9, 1] = float("inf"), -float("inf")  # their sum is NaN, yet no element is
+    assert not all_finite(y) and not has_nan(y)
+    assert all_finite(torch.full((10,), 3e38))  # the sum overflows; every element is finite
+    assert all_finite(torch.empty(0, 4)) and not has_nan(torch.empty(0))
+
+
+def test_weight_grad_accum_choices():
+    hidden, weight, _, th, tw = _tensors(torch.float32)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    grads = {}
+    for accum in ("fp32", "param"):  # the CPU reads the weight in fp32: both accumulate in fp32
+        loss = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "fkl", weight_grad_accum=accum)
+        grads[accum] = torch.autograd.grad(loss, weight)[0]
+    assert torch.equal(grads["fp32"], grads["param"])
+    with pytest.raises(ValueError, match="weight_grad_accum='bf16'; valid: fp32, param"):
+        engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "fkl", weight_grad_accum="bf16")

@@ -41,6 +41,24 @@ def test_bf16_engine_matches_float64_reference(entry, grad_mode, kernel):
         assert err < 1e-2, f"relative gradient error {float(err):.2e}"
 
 
+def test_bf16_weight_grad_accumulation_stays_close_to_float64():
+    """``weight_grad_accum="param"`` (bf16 accumulator, one rounding per chunk) over 32 chunks."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    n, h, v = 2048, 256, 5003
+    hidden = torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).to(torch.bfloat16).requires_grad_(True)
+    th = torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    tw = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).to(torch.bfloat16)
+    loss = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "jsd", chunk_size=64,
+                                  weight_grad_accum="param")
+    (gw,) = torch.autograd.grad(loss, weight)
+    w64 = weight.detach().double().requires_grad_(True)
+    ref = reference_full("jsd", {"beta": 0.5}, hidden.double() @ w64.T, th.double() @ tw.double().T).mean()
+    (rw,) = torch.autograd.grad(ref, w64)
+    assert gw.dtype == torch.bfloat16
+    assert (gw.double() - rw).norm() / rw.norm() < 2e-2
+
+
 def test_fp32_output_matmul_is_used_for_bf16():
     from fdivctl.engine.matmul import native_fp32_output
 
