@@ -144,3 +144,28 @@ def test_kernel_choice():
 
     assert resolve_kernel("auto", hidden, engine.TeacherHead(th, tw)) == "torch"
     assert resolve_kernel("triton", hidden, engine.TeacherHead(th, tw)) == "triton"
+
+
+@case
+@pytest.mark.parametrize("k", [1, 7, 64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_triton_head_topk_matches_the_torch_path(k, temperature):
+    """The logit store's summary: candidate compaction + one tail pass equal topk + scatter + logsumexp;
+    a flat row (more candidates than the buffer holds) takes the exact fallback."""
+    from fdivctl.engine.topk import head_topk
+
+    g = torch.Generator().manual_seed(k)
+    n, h, v = 9, 16, 5000
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g)
+    hidden[4] = 0.0  # every logit equal: the fallback, and ties at the k-th value
+    tokens = torch.randint(0, v, (n,), generator=g)
+    got = head_topk(hidden, weight, k, tokens, temperature=temperature, kernel="triton", chunk_size=4)
+    ref = head_topk(hidden, weight, k, tokens, temperature=temperature, kernel="torch", chunk_size=4)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.log_tail, ref.log_tail, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.token_logprob, ref.token_logprob, rtol=0, atol=2e-5)
+    clean = [r for r in range(n) if r != 4]
+    assert torch.equal(got.ids[clean], ref.ids[clean])
+    logits = hidden @ weight.T
+    assert torch.equal(logits.gather(-1, got.ids.long()), logits.gather(-1, ref.ids.long()))

@@ -20,6 +20,7 @@ import torch
 
 from fdivctl.engine.fused import default_chunk_size
 from fdivctl.engine.matmul import linear_fp32, matmul_weight
+from fdivctl.engine.sweep import resolve_kernel
 
 
 class TopKSummary(NamedTuple):
@@ -39,13 +40,20 @@ def head_topk(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    kernel: str = "auto",
 ) -> TopKSummary:
-    """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``."""
+    """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``.
+
+    ``kernel``: ``"torch"`` (``torch.topk``, a scatter and ``logsumexp``), ``"triton"``
+    (:mod:`fdivctl.engine.triton_topk`: candidate compaction and one tail pass), or
+    ``"auto"`` (Triton on CUDA), as in :func:`fdivctl.engine.divergence_loss`.
+    """
     n, vocab = hidden.shape[0], weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"k={k} must lie in [1, {vocab}] (the head's vocabulary size)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    use_triton = resolve_kernel(kernel, hidden, None) == "triton"
     weight_mm = matmul_weight(weight)
     # no gradients: a chunk holds only its logits, so it can be 4× the engine's default
     chunk = chunk_size or 4 * default_chunk_size(n, vocab, hidden.device)
@@ -59,16 +67,24 @@ def head_topk(
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         logits = linear_fp32(hidden[rows], weight_mm, bias).float()
-        if temperature != 1.0:
-            logits /= temperature
-        # One full-width reduction: lse_rest over the non-top-k logits (the tail), then
-        # lse = logaddexp(lse_rest, logsumexp(top)); no [c, V] log-softmax is written.
-        top, ids = logits.topk(k, dim=-1)
-        token_logit = logits.gather(-1, token_ids[rows].long().unsqueeze(-1)).squeeze(-1)
-        lse_rest = torch.logsumexp(logits.scatter_(-1, ids, float("-inf")), dim=-1)
-        lse = torch.logaddexp(lse_rest, torch.logsumexp(top, dim=-1))
+        token_logit = logits.gather(-1, token_ids[rows].long().unsqueeze(-1)).squeeze(-1) / temperature
+        if use_triton:
+            from fdivctl.engine import triton_topk
+
+            raw_top, ids = triton_topk.chunk_topk(logits, k)  # the order does not depend on T > 0
+            lse, log_tail = triton_topk.chunk_log_partition(logits, raw_top, temperature)
+            top = raw_top / temperature
+        else:
+            if temperature != 1.0:
+                logits /= temperature
+            # One full-width reduction: lse_rest over the non-top-k logits (the tail), then
+            # lse = logaddexp(lse_rest, logsumexp(top)); no [c, V] log-softmax is written.
+            top, ids = logits.topk(k, dim=-1)
+            lse_rest = torch.logsumexp(logits.scatter_(-1, ids, float("-inf")), dim=-1)
+            lse = torch.logaddexp(lse_rest, torch.logsumexp(top, dim=-1))
+            log_tail = lse_rest - lse
         out.ids[rows] = ids.to(torch.int32)
         out.logprobs[rows] = top - lse.unsqueeze(-1)
         out.token_logprob[rows] = token_logit - lse
-        out.log_tail[rows] = lse_rest - lse
+        out.log_tail[rows] = log_tail
     return out
