@@ -19,6 +19,7 @@ from fdivctl.cli import divergences as divergences_cmd
 from fdivctl.cli import evaluate as evaluate_cmd
 from fdivctl.cli import rollout as rollout_cmd
 from fdivctl.cli import score as score_cmd
+from fdivctl.cli import soup as soup_cmd
 from fdivctl.cli import teacher_logits as teacher_logits_cmd
 from fdivctl.cli import train as train_cmd
 from fdivctl.errors import UserError
@@ -55,6 +56,7 @@ rollout_cmd.register(app)
 evaluate_cmd.register(app)
 distill_cmd.register(app)
 score_cmd.register(app)
+soup_cmd.register(app)
 teacher_logits_cmd.register(app)
 train_cmd.register(app)
 demo_cmd.register(app)

@@ -1,0 +1,61 @@
+"""``fdivctl soup`` (SALSA's reference model): weights, compatibility, atomic output."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from cli_runner import run_cli
+from fdivctl import tiny
+from fdivctl.io.checkpoints import load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    root = tmp_path_factory.mktemp("soup")
+    for name, seed, hidden in (("a", 1, 64), ("b", 2, 64), ("c", 3, 64), ("wide", 4, 128)):
+        tiny.make_model(root / name, tokenizer, seed=seed, hidden=hidden, layers=1)
+    return root
+
+
+def test_soup_is_the_weighted_average(models, tmp_path):
+    out = tmp_path / "ref"
+    done = run_cli("soup", models / "a", models / "b", models / "c", "-o", out, "--weights", "1,2,1", check=True)
+    summary = json.loads(done.stdout)
+    assert [m["weight"] for m in summary["models"]] == [0.25, 0.5, 0.25]
+    a, b, c, soup = (load_file(d / "model.safetensors") for d in (models / "a", models / "b", models / "c", out))
+    assert soup.keys() == a.keys()
+    for name in a:
+        torch.testing.assert_close(soup[name], 0.25 * a[name] + 0.5 * b[name] + 0.25 * c[name], rtol=0, atol=1e-6)
+    assert load_causal_lm(out, device="cpu").config.hidden_size == 64  # an ordinary model directory
+    assert json.loads((out / "soup.json").read_text())["models"][1]["path"] == str(models / "b")
+
+
+def test_uniform_by_default(models, tmp_path):
+    run_cli("soup", models / "a", models / "b", "-o", tmp_path / "ref", check=True)
+    a, b, soup = (load_file(d / "model.safetensors") for d in (models / "a", models / "b", tmp_path / "ref"))
+    name = next(iter(a))
+    torch.testing.assert_close(soup[name], (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["wide"], "differ at parameter"),
+    (["b", "--weights", "1"], "--weights has 1 numbers for 2 models"),
+    (["b", "--weights", "1,-1"], "must be non-negative"),
+    (["b", "--weights", "x,y"], "expected comma-separated numbers"),
+])
+def test_bad_input_is_one_line_and_exit_2(models, tmp_path, args, message):
+    out = tmp_path / "ref"
+    done = run_cli("soup", models / "a", *[models / a if a in ("b", "wide") else a for a in args], "-o", out)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_one_model_or_existing_output_is_refused(models, tmp_path):
+    assert "at least two models" in run_cli("soup", models / "a", "-o", tmp_path / "r").stderr
+    (tmp_path / "r").mkdir()
+    done = run_cli("soup", models / "a", models / "b", "-o", tmp_path / "r")
+    assert done.returncode == 2 and "exists" in done.stderr
