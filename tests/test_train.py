@@ -3,6 +3,7 @@ DPH-RL partition and training, f-DPO, resume, and bad input."""
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from cli_runner import run_cli
 from fdivctl.demo import pipeline
+from fdivctl.io.checkpoints import load_causal_lm
 
 VERIFIER = ["--verifier", "regex", "--pattern", r"^\s*[1-3]\+"]  # a real verifiable reward: the first digit is 1-3
 SAMPLING = ["--max-new-tokens", "10", "--group-size", "4", "--prompts-per-iteration", "4"]
@@ -184,3 +186,91 @@ def test_a_verifier_error_scores_zero_and_the_run_goes_on(task, tmp_path):
     scored = pq.read_table(tmp_path / "o" / "fdivctl_run" / "iter-0001.scored.parquet").to_pylist()
     failed = [r for r in scored if r["sample_idx"] % 2]
     assert failed and all(r["reward"] == 0 and "ValueError" in r["verdict"] for r in failed)
+
+
+@pytest.fixture(scope="module")
+def scored_rollouts(task, tmp_path_factory):
+    """Scored rollouts of the SFT policy (4 per prompt) for the staged KDRL runs."""
+    root = tmp_path_factory.mktemp("kdrl")
+    run_cli("rollout", task / "sft", task / "data" / "prompts.parquet", root / "r.parquet", "--n", 4, "--seed", 5,
+            "--max-new-tokens", 10, "--device", "cpu", check=True)
+    run_cli("score", root / "r.parquet", root / "r.scored.parquet", "--verifier", "regex", "--pattern",
+            r"^\s*[1-3]\+", "--workers", 1, check=True)
+    return root / "r.scored.parquet"
+
+
+def test_kdrl_with_the_policy_as_teacher_is_plain_grpo(task, scored_rollouts, tmp_path):
+    """KL(π‖π) = 0 with zero gradient: one KDRL step equals one GRPO step, and the KD figure is 0."""
+    common = ["--rollouts", scored_rollouts, "--lr", "1e-3", "--device", "cpu", "--micro-batch-size", 16]
+    run_cli("train", task / "sft", tmp_path / "grpo", *common, check=True)
+    run_cli("train", task / "sft", tmp_path / "kdrl", *common, "--teacher", task / "sft", "--kd-coef", 1.0,
+            "--log-jsonl", tmp_path / "kdrl.jsonl", check=True)
+    (line,) = _log(tmp_path / "kdrl.jsonl")
+    assert abs(line["kd"]) < 1e-9 and line["kd_coef"] == 1.0
+    a, b = _weights(tmp_path / "grpo"), _weights(tmp_path / "kdrl")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-7), key
+
+
+@pytest.mark.parametrize("mask", ["incorrect", "correct"])
+def test_kdrl_reward_guided_mask_and_annealed_coefficient(task, scored_rollouts, tmp_path, mask):
+    """The KD term covers exactly the tokens of the masked-in responses, and β decays linearly over the steps."""
+    table = pq.read_table(scored_rollouts)
+    correct = np.asarray(table.column("correct").to_pylist())
+    lengths = np.asarray([len(t) for t in table.column("completion_token_ids").to_pylist()])
+    chosen = ~correct if mask == "incorrect" else correct
+    log = tmp_path / "log.jsonl"
+    run_cli("train", task / "sft", tmp_path / "out", "--rollouts", scored_rollouts, "--lr", "1e-3", "--device", "cpu",
+            "--teacher", task / "random", "--kd-coef", "4e-3", "--kd-anneal", "1e-3", "--kd-mask", mask,
+            "--kd-estimator", "k3", "--ppo-epochs", 2, "--minibatch-size", len(table) // 2 + 1, "--log-jsonl", log,
+            check=True)
+    lines = _log(log)
+    assert [round(x["kd_coef"], 9) for x in lines] == [0.004, 0.00325, 0.0025, 0.00175]
+    # each epoch's two steps together cover every response once
+    assert lines[0]["kd_tokens"] + lines[1]["kd_tokens"] == lengths[chosen & (lengths > 0)].sum()
+    assert all((x["kd"] > 0) == (x["kd_tokens"] > 0) for x in lines)
+    assert load_causal_lm(tmp_path / "out", device="cpu") is not None
+
+
+def test_kdrl_bad_input(task, scored_rollouts, tmp_path):
+    store = tmp_path / "store"
+    cases = {
+        "give one KD teacher": ["--rollouts", scored_rollouts, "--teacher", task / "sft", "--teacher-logits", store],
+        "--kd-mask 'wrong'; valid: all, incorrect, correct": ["--rollouts", scored_rollouts, "--teacher",
+                                                              task / "sft", "--kd-mask", "wrong"],
+        "--kd-estimator 'k1'; valid: k2, k3, full": ["--rollouts", scored_rollouts, "--teacher", task / "sft",
+                                                     "--kd-estimator", "k1"],
+        "--teacher-logits holds fixed sequences": ["--prompts", task / "data" / "prompts.parquet", *VERIFIER,
+                                                   "--teacher-logits", store],
+    }
+    for message, args in cases.items():
+        done = run_cli("train", task / "sft", tmp_path / "o", *args, "--device", "cpu")
+        assert done.returncode == 2 and message in done.stderr, (message, done.stderr)
+        assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_linear_anneal():
+    from fdivctl.schedules.anneal import linear_anneal
+
+    assert linear_anneal(5e-3, None, 0.7) == 5e-3
+    assert linear_anneal(5e-3, 1e-3, 0.0) == 5e-3 and linear_anneal(5e-3, 1e-3, 2.0) == 1e-3
+    assert abs(linear_anneal(5e-3, 1e-3, 0.5) - 3e-3) < 1e-15
+
+
+def test_kdrl_from_a_full_store_equals_the_online_teacher(task, scored_rollouts, tmp_path):
+    """--teacher-logits with a k = V store and the closed-form KD gives the loss and gradient the teacher model gives."""
+    vocab = load_causal_lm(task / "random", device="cpu").config.vocab_size
+    store = tmp_path / "store"
+    run_cli("teacher-logits", task / "random", scored_rollouts, store, "--k", vocab, "--dtype", "fp32",
+            "--device", "cpu", check=True)
+    common = ["--rollouts", scored_rollouts, "--lr", "1e-3", "--device", "cpu", "--kd-estimator", "full",
+              "--kd-coef", "0.05"]
+    run_cli("train", task / "sft", tmp_path / "model", *common, "--teacher", task / "random",
+            "--log-jsonl", tmp_path / "model.jsonl", check=True)
+    run_cli("train", task / "sft", tmp_path / "store_run", *common, "--teacher-logits", store,
+            "--log-jsonl", tmp_path / "store.jsonl", check=True)
+    (a,), (b,) = _log(tmp_path / "model.jsonl"), _log(tmp_path / "store.jsonl")
+    assert a["kd"] > 0
+    # Adam's first step is ~lr·sign(g): compare the loss and the gradient, not the weights
+    for key in ("kd", "loss", "grad_norm"):
+        assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a[key], b[key])

@@ -75,6 +75,17 @@ def command(
     div_in: str = typer.Option("loss", help="Place the regularizer in the loss or in the reward."),
     ref_model: Path = typer.Option(None, help="Reference model (default: the initial policy)."),
     ref_logits: Path = typer.Option(None, help="Staged mode: reference from a teacher-logits store of the rollouts."),
+    teacher: Path = typer.Option(None, help="KDRL: a teacher model; adds β·KL(π‖teacher) on the policy's own "
+                                 "samples to the GRPO-family loss."),
+    teacher_logits: Path = typer.Option(None, help="KDRL, staged mode: the teacher from a teacher-logits store of "
+                                        "the rollouts (with --kd-estimator full, or k2/k3 from its token log-probs)."),
+    kd_coef: float = typer.Option(5e-3, help="KDRL: β, the KD coefficient (at the start when --kd-anneal is set)."),
+    kd_anneal: float = typer.Option(None, help="KDRL: β at the end of the run, reached linearly (KDRL: 5e-3 → 1e-3); "
+                                    "default constant."),
+    kd_estimator: str = typer.Option("k2", help="KDRL: k2 | k3 (sample estimators of KL(π‖teacher); k2 is what "
+                                     "KDRL found better) | full (closed form over the vocabulary)."),
+    kd_mask: str = typer.Option("all", help="KDRL's reward-guided masking: the responses the KD term applies to — "
+                                "all, incorrect (KD masked out on correct responses, as KDRL) or correct."),
     partition: bool = typer.Option(False, help="--algo dph: pre-sample --k + 1 completions per prompt, split "
                                    "D_pef / D_exp, store the reference samples in OUT; no training."),
     partition_dir: Path = typer.Option(None, help="--algo dph: the directory written by --partition."),
@@ -151,7 +162,9 @@ def command(
                              entropy_coef=entropy_coef, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
                              micro_batch_size=micro_batch_size, divergence=divergence, div_coef=div_coef,
                              div_estimator=div_estimator, div_in=div_in, ref_model=ref_model, ref_logits=ref_logits,
-                             partition_dir=partition_dir, eta=eta, pef_batch_size=pef_batch_size, dtype=dtype,
+                             partition_dir=partition_dir, eta=eta, pef_batch_size=pef_batch_size,
+                             teacher=teacher, teacher_logits=teacher_logits, kd_coef=kd_coef, kd_anneal=kd_anneal,
+                             kd_estimator=kd_estimator, kd_mask=kd_mask, dtype=dtype,
                              device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
             if rollouts is not None:
                 summary = run_staged(policy, rollouts, out, opts, on_step=on_step)

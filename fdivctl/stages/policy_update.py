@@ -34,11 +34,14 @@ from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, sequences_from_table
 from fdivctl.io.tables import is_int_list, require_columns
 from fdivctl.objectives import dph, grpo
+from fdivctl.schedules.anneal import linear_anneal
 from fdivctl.stages.signals import FrozenModel, scored_hidden, store_target, store_token_logprobs
 from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "k3+", "full")
 PLACEMENTS = ("loss", "reward")
+KD_ESTIMATORS = ("k2", "k3", "full")
+KD_MASKS = ("all", "incorrect", "correct")
 
 #: per algorithm: clip_low, clip_high, loss_agg, std_norm, dynamic_sampling, overlong buffer (share of max length)
 PRESETS: dict[str, dict] = {
@@ -79,6 +82,12 @@ class RLOptions:
     partition_dir: Path | None = None  # DPH-RL
     eta: float = 0.1
     pef_batch_size: int = 8
+    teacher: Path | None = None  # KDRL
+    teacher_logits: Path | None = None
+    kd_coef: float = 5e-3
+    kd_anneal: float | None = None  # the coefficient at the end of the run (linear); None: constant
+    kd_estimator: str = "k2"
+    kd_mask: str = "all"
     dtype: str = "auto"
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
@@ -111,7 +120,24 @@ class RLOptions:
             self.divergence = "fkl"
         if self.algo == "dph" and (self.eta < 0 or self.pef_batch_size < 1):
             raise UserError("--eta must be ≥ 0 and --pef-batch-size ≥ 1")
+        if self.teacher is not None and self.teacher_logits is not None:
+            raise UserError("give one KD teacher: --teacher MODEL or --teacher-logits STORE")
+        if self.kd_estimator not in KD_ESTIMATORS:
+            raise UserError(f"--kd-estimator {self.kd_estimator!r}; valid: {', '.join(KD_ESTIMATORS)}")
+        if self.kd_mask not in KD_MASKS:
+            raise UserError(f"--kd-mask {self.kd_mask!r}; valid: {', '.join(KD_MASKS)}")
+        if self.kd_coef < 0 or (self.kd_anneal is not None and self.kd_anneal < 0):
+            raise UserError("--kd-coef and --kd-anneal must be ≥ 0")
+        if self.kd_estimator == "full" and self.div_estimator == "full" and self.divergence != "none" \
+                and self.has_teacher:
+            raise UserError("--kd-estimator full and --div-estimator full both need a full-vocabulary target in one "
+                            "pass: use a sample estimator (k2, k3) for one of them")
         return self
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether KDRL's KD term is on (``--teacher`` or ``--teacher-logits``)."""
+        return self.teacher is not None or self.teacher_logits is not None
 
     def regularizer(self) -> Divergence | None:
         """The divergence to the reference policy (for dph: the D_pef generator); None for ``none``."""
@@ -205,7 +231,7 @@ class PolicyUpdate:
     """The model being trained, its frozen reference, and the update rule (see the module docstring)."""
 
     def __init__(self, model, tokenizer, opts: RLOptions, reference: ReferencePolicy | None,
-                 reference_samples: ReferenceSamples | None = None):
+                 reference_samples: ReferenceSamples | None = None, teacher: ReferencePolicy | None = None):
         self.model, self.opts = model, opts
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         self.device = self.head.weight.device
@@ -213,6 +239,7 @@ class PolicyUpdate:
         self.regularizer = opts.regularizer()
         self.reference = reference
         self.samples = reference_samples
+        self.teacher = teacher
         if self.regularizer is not None and opts.algo != "dph" and reference is None:
             raise UserError("--divergence needs a reference: --ref-model DIR or --ref-logits DIR")
 
@@ -268,11 +295,13 @@ class PolicyUpdate:
         """One optimizer step on the responses ``rows`` (plus D_pef's term for DPH-RL)."""
         n_tokens, n_seqs = int(data.lengths[rows].sum()), len(rows)
         size = self.opts.micro_batch_size
-        micro = [self._micro(data, advantages, rows[s : s + size], n_tokens, n_seqs, temperature)
+        kd_coef = linear_anneal(self.opts.kd_coef, self.opts.kd_anneal, trainer.progress)
+        micro = [self._micro(data, advantages, rows[s : s + size], n_tokens, n_seqs, temperature, kd_coef)
                  for s in range(0, len(rows), size)]
         if self.samples is not None and len(self.samples.seqs) and self.opts.eta:
             micro.append(self._pef_micro(trainer.step))
-        return trainer.update(micro)
+        figures = trainer.update(micro)
+        return {**figures, "kd_coef": kd_coef} if self.teacher is not None else figures
 
     def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
@@ -287,12 +316,24 @@ class PolicyUpdate:
         ref = self.reference.token_logprobs(data, rows, batch, temperature)
         return sample_divergence(self.regularizer, logprob, ref, self.opts.div_estimator)
 
-    def _micro(self, data, advantages, rows, n_tokens, n_seqs, temperature):
-        """One micro-batch's share of the minibatch loss Σ_t w_t [L_t + c·D_t − c_H·H_t], through
-        :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no ``[tokens, V]`` logits)."""
+    def _kd_mask(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
+        """KDRL's reward-guided mask, per response: 1 where the KD term applies (``--kd-mask``)."""
+        correct = torch.from_numpy(data.correct[rows])
+        mask = {"all": torch.ones_like(correct), "incorrect": ~correct, "correct": correct}[self.opts.kd_mask]
+        return mask.float()
+
+    def _micro(self, data, advantages, rows, n_tokens, n_seqs, temperature, kd_coef=0.0):
+        """One micro-batch's share of the minibatch loss Σ_t w_t [L_t + c·D_t + β·m·KD_t − c_H·H_t], through
+        :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no ``[tokens, V]`` logits).
+
+        ``KD_t`` is KDRL's per-token estimate of KL(π_θ‖π_teacher) on the policy's own samples (k2, k3, or the
+        closed form), ``m`` its reward-guided mask and ``β`` the (annealed) ``kd_coef``."""
         opts = self.opts
         regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
         full = regularize and opts.div_estimator == "full"
+        distill = self.teacher is not None
+        kd_full = distill and opts.kd_estimator == "full"
+        rkl = divergences.get("rkl")
 
         def micro():
             batch = self._batch(data.seqs, rows)
@@ -303,7 +344,11 @@ class PolicyUpdate:
             weights = grpo.token_weights(lengths, n_tokens, n_seqs, opts.loss_agg).to(self.device)
             target = self.reference.target(data, rows, batch) if full else None
             ref = self.reference.token_logprobs(data, rows, batch, temperature) if regularize and not full else None
-            parts = {"pg_loss": [], "divergence": [], "clipped": []}
+            if kd_full:
+                target = self.teacher.target(data, rows, batch)
+            teacher = self.teacher.token_logprobs(data, rows, batch, temperature) if distill and not kd_full else None
+            kd_mask = self._kd_mask(data, rows).repeat_interleave(lengths).to(self.device) if distill else None
+            parts = {"pg_loss": [], "divergence": [], "clipped": [], "kd": []}
 
             def objective(out, r):
                 surrogate, clipped = grpo.clipped_surrogate(out["logprob"], old[r], adv[r], opts.clip_low,
@@ -316,13 +361,19 @@ class PolicyUpdate:
                         sample_divergence(self.regularizer, out["logprob"], ref[r], opts.div_estimator)
                     parts["divergence"].append(divergence.detach().sum())
                     loss = loss + opts.div_coef * (weights[r] * divergence).sum()
+                if distill:
+                    kd = out["divergence"] if kd_full else \
+                        sample_divergence(rkl, out["logprob"], teacher[r], opts.kd_estimator)
+                    parts["kd"].append((kd_mask[r] * kd).detach().sum())
+                    loss = loss + kd_coef * (weights[r] * kd_mask[r] * kd).sum()
                 if opts.entropy_coef:
                     loss = loss - opts.entropy_coef * (weights[r] * out["entropy"]).sum()
                 return loss
 
+            target_divergence = rkl if kd_full else self.regularizer if full else None
             loss, out = engine.token_loss(hidden, self.head.weight, objective, bias=getattr(self.head, "bias", None),
                                           token_ids=batch["token"], entropy=True, target=target,
-                                          divergence=self.regularizer if full else None, temperature=temperature)
+                                          divergence=target_divergence, temperature=temperature)
             figures = {"tokens": float(len(adv)), "pg_loss": float(sum(parts["pg_loss"])),
                        "clip_frac": float(sum(parts["clipped"])) / n_tokens,
                        "entropy": float(out.entropy.sum()) / n_tokens,
@@ -332,6 +383,9 @@ class PolicyUpdate:
                        "loss": float(loss.detach())}
             if regularize:
                 figures["divergence"] = float(sum(parts["divergence"])) / n_tokens
+            if distill:
+                figures["kd"] = float(sum(parts["kd"])) / n_tokens
+                figures["kd_tokens"] = float(kd_mask.sum())
             return loss, figures
 
         return micro

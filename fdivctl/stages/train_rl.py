@@ -83,20 +83,38 @@ def _load_policy(policy: Path, out: Path, opts: RLOptions):
     return model, tokenizer
 
 
+def _frozen(model: Path | None, store: Path | None, role: str, flags: tuple[str, str], policy_hash: str,
+            opts: RLOptions, online: bool) -> ReferencePolicy:
+    """A frozen policy the update reads log-probs or targets from: a model, or (staged only) a logit store;
+    ``flags`` name the options (model, store) in messages."""
+    if store is not None:
+        if online:
+            raise UserError(f"{flags[1]} holds fixed sequences: online training samples new ones, use {flags[0]}")
+        logits = LogitStore(store)
+        logits.check_tokenizer(policy_hash, "policy", opts.allow_tokenizer_mismatch)
+        return ReferencePolicy(None, logits, opts.tail)
+    return ReferencePolicy(FrozenModel.load(model, role, opts.dtype, opts.device), None, opts.tail)
+
+
 def _reference(policy: Path, policy_hash: str, opts: RLOptions, online: bool) -> ReferencePolicy | None:
     """The reference for the regularizer: ``--ref-logits`` (staged only), ``--ref-model``, else the initial policy."""
     if opts.regularizer() is None or opts.algo == "dph":
         return None
-    if opts.ref_logits is not None:
-        if online:
-            raise UserError("--ref-logits holds fixed sequences: online training samples new ones, use --ref-model")
-        store = LogitStore(opts.ref_logits)
-        store.check_tokenizer(policy_hash, "policy", opts.allow_tokenizer_mismatch)
-        return ReferencePolicy(None, store, opts.tail)
-    ref = opts.ref_model or policy
     if opts.ref_model is not None:
-        check_same_tokenizer(ref, "reference model", policy_hash, f"policy {policy}", opts.allow_tokenizer_mismatch)
-    return ReferencePolicy(FrozenModel.load(ref, "reference model", opts.dtype, opts.device), None, opts.tail)
+        check_same_tokenizer(opts.ref_model, "reference model", policy_hash, f"policy {policy}",
+                             opts.allow_tokenizer_mismatch)
+    return _frozen(opts.ref_model or policy, opts.ref_logits, "reference model", ("--ref-model", "--ref-logits"),
+                   policy_hash, opts, online)
+
+
+def _teacher(policy: Path, policy_hash: str, opts: RLOptions, online: bool) -> ReferencePolicy | None:
+    """KDRL's teacher: ``--teacher MODEL`` or (staged only) ``--teacher-logits STORE``; None without one."""
+    if not opts.has_teacher:
+        return None
+    if opts.teacher is not None:
+        check_same_tokenizer(opts.teacher, "teacher", policy_hash, f"policy {policy}", opts.allow_tokenizer_mismatch)
+    return _frozen(opts.teacher, opts.teacher_logits, "teacher", ("--teacher", "--teacher-logits"), policy_hash,
+                   opts, online)
 
 
 def load_partition(directory: Path, policy_hash: str, allow_mismatch: bool) -> tuple[dict, ReferenceSamples]:
@@ -124,7 +142,8 @@ def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
     samples, record = None, None
     if opts.algo == "dph":
         record, samples = load_partition(opts.partition_dir, policy_hash, opts.allow_tokenizer_mismatch)
-    update = PolicyUpdate(model, tokenizer, opts, _reference(policy, policy_hash, opts, online), samples)
+    update = PolicyUpdate(model, tokenizer, opts, _reference(policy, policy_hash, opts, online), samples,
+                          _teacher(policy, policy_hash, opts, online))
     return model, tokenizer, policy_hash, update, record
 
 

@@ -92,6 +92,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(opts, total))
+        self.total = total
         self.step = 0
         self.state: dict = {}
         if opts.resume and has_state(self.out):
@@ -126,6 +127,11 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {**figures, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
                 "tokens_per_s": figures.get("tokens", 0.0) / seconds}
+
+    @property
+    def progress(self) -> float:
+        """The share of the schedule done, in [0, 1] (for coefficients annealed over the run)."""
+        return min(1.0, self.scheduler.last_epoch / max(1, self.total))
 
     def advance_schedule(self) -> None:
         self.scheduler.step()
