@@ -235,7 +235,7 @@ def test_kdrl_reward_guided_mask_and_annealed_coefficient(task, scored_rollouts,
 def test_kdrl_bad_input(task, scored_rollouts, tmp_path):
     store = tmp_path / "store"
     cases = {
-        "give one KD teacher": ["--rollouts", scored_rollouts, "--teacher", task / "sft", "--teacher-logits", store],
+        "give one teacher": ["--rollouts", scored_rollouts, "--teacher", task / "sft", "--teacher-logits", store],
         "--kd-mask 'wrong'; valid: all, incorrect, correct": ["--rollouts", scored_rollouts, "--teacher",
                                                               task / "sft", "--kd-mask", "wrong"],
         "--kd-estimator 'k1'; valid: k2, k3, full": ["--rollouts", scored_rollouts, "--teacher", task / "sft",
@@ -274,3 +274,28 @@ def test_kdrl_from_a_full_store_equals_the_online_teacher(task, scored_rollouts,
     # Adam's first step is ~lr·sign(g): compare the loss and the gradient, not the weights
     for key in ("kd", "loss", "grad_norm"):
         assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a[key], b[key])
+
+
+def test_rlad_mixture_logprob():
+    from fdivctl.objectives.rlad import mixture_logprob
+
+    teacher, old = torch.tensor([-1.0, -3.0, -0.2]), torch.tensor([-2.0, -0.5, -0.2])
+    expected = torch.log(0.3 * teacher.exp() + 0.7 * old.exp())
+    torch.testing.assert_close(mixture_logprob(teacher, old, 0.3), expected)
+    assert torch.equal(mixture_logprob(teacher, old, 0.0), old) and torch.equal(mixture_logprob(teacher, old, 1.0),
+                                                                                 teacher)
+
+
+def test_rlad_lambda_zero_is_grpo_and_the_teacher_moves_the_update(task, scored_rollouts, tmp_path):
+    common = ["--rollouts", scored_rollouts, "--lr", "1e-3", "--device", "cpu", "--micro-batch-size", 16]
+    run = {}
+    for name, extra in {"grpo": [], "rlad0": ["--algo", "rlad", "--teacher", task / "random", "--mix-lambda", 0],
+                        "rlad": ["--algo", "rlad", "--teacher", task / "random", "--mix-lambda", 0.5]}.items():
+        run_cli("train", task / "sft", tmp_path / name, *common, *extra, "--log-jsonl", tmp_path / f"{name}.jsonl",
+                check=True)
+        run[name] = _log(tmp_path / f"{name}.jsonl")[0]
+    for key in ("loss", "grad_norm", "clip_frac"):
+        assert run["rlad0"][key] == run["grpo"][key], key
+    assert "kd" not in run["rlad"] and abs(run["rlad"]["loss"] - run["grpo"]["loss"]) > 1e-4
+    done = run_cli("train", task / "sft", tmp_path / "x", "--algo", "rlad", *common)
+    assert done.returncode == 2 and "--algo rlad needs a teacher" in done.stderr

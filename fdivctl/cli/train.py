@@ -19,7 +19,7 @@ from fdivctl.stages.rollout import RolloutOptions
 from fdivctl.stages.train_rl import OnlineOptions, run_online, run_staged
 from fdivctl.training.loop import LoopOptions
 
-ALGOS = ("grpo", "drgrpo", "dapo", "dph", "fdpo", "sft")
+ALGOS = ("grpo", "drgrpo", "dapo", "dph", "rlad", "fdpo", "sft")
 
 
 def command(
@@ -27,8 +27,9 @@ def command(
     out: Path = typer.Argument(..., help="Checkpoint directory to write (HF format + fdivctl_state/); with "
                                "--partition, the partition directory."),
     algo: str = typer.Option("grpo", help="grpo | drgrpo (no std, no length normalisation) | dapo (clip-higher, "
-                             "token-mean, dynamic sampling, overlong penalty) | dph (DPH-RL) | fdpo (preference "
-                             "pairs) | sft (cross-entropy on prompt/completion)."),
+                             "token-mean, dynamic sampling, overlong penalty) | dph (DPH-RL) | rlad (ratio against "
+                             "a teacher–old-policy mixture; --teacher, --mix-lambda) | fdpo (preference pairs) | sft "
+                             "(cross-entropy on prompt/completion)."),
     rollouts: Path = typer.Option(None, help="Staged mode: scored rollouts Parquet (rollout → score); the old "
                                   "policy's log-probs are its completion_logprobs."),
     prompts: Path = typer.Option(None, help="Online mode (and --partition): prompts Parquet with prompt_id, prompt "
@@ -84,6 +85,8 @@ def command(
                                     "default constant."),
     kd_estimator: str = typer.Option("k2", help="KDRL: k2 | k3 (sample estimators of KL(π‖teacher); k2 is what "
                                      "KDRL found better) | full (closed form over the vocabulary)."),
+    mix_lambda: float = typer.Option(0.5, help="--algo rlad: λ of the ratio's denominator λ·π_teacher + "
+                                     "(1 − λ)·π_old (0 = GRPO)."),
     kd_mask: str = typer.Option("all", help="KDRL's reward-guided masking: the responses the KD term applies to — "
                                 "all, incorrect (KD masked out on correct responses, as KDRL) or correct."),
     partition: bool = typer.Option(False, help="--algo dph: pre-sample --k + 1 completions per prompt, split "
@@ -164,7 +167,7 @@ def command(
                              div_estimator=div_estimator, div_in=div_in, ref_model=ref_model, ref_logits=ref_logits,
                              partition_dir=partition_dir, eta=eta, pef_batch_size=pef_batch_size,
                              teacher=teacher, teacher_logits=teacher_logits, kd_coef=kd_coef, kd_anneal=kd_anneal,
-                             kd_estimator=kd_estimator, kd_mask=kd_mask, dtype=dtype,
+                             kd_estimator=kd_estimator, kd_mask=kd_mask, mix_lambda=mix_lambda, dtype=dtype,
                              device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
             if rollouts is not None:
                 summary = run_staged(policy, rollouts, out, opts, on_step=on_step)

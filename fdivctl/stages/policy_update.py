@@ -33,7 +33,7 @@ from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, sequences_from_table
 from fdivctl.io.tables import is_int_list, require_columns
-from fdivctl.objectives import dph, grpo
+from fdivctl.objectives import dph, grpo, rlad
 from fdivctl.schedules.anneal import linear_anneal
 from fdivctl.stages.signals import FrozenModel, scored_hidden, store_target, store_token_logprobs
 from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
@@ -53,6 +53,9 @@ PRESETS: dict[str, dict] = {
                  overlong_penalty=0.2),
     "dph": dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", std_norm=True, dynamic_sampling=False,
                 overlong_penalty=0.0),
+    # RLAD: GRPO's settings, the ratio against the teacher–old-policy mixture (objectives/rlad.py)
+    "rlad": dict(clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean", std_norm=True, dynamic_sampling=False,
+                 overlong_penalty=0.0),
 }
 
 
@@ -88,6 +91,7 @@ class RLOptions:
     kd_anneal: float | None = None  # the coefficient at the end of the run (linear); None: constant
     kd_estimator: str = "k2"
     kd_mask: str = "all"
+    mix_lambda: float = 0.5  # RLAD
     dtype: str = "auto"
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
@@ -121,7 +125,11 @@ class RLOptions:
         if self.algo == "dph" and (self.eta < 0 or self.pef_batch_size < 1):
             raise UserError("--eta must be ≥ 0 and --pef-batch-size ≥ 1")
         if self.teacher is not None and self.teacher_logits is not None:
-            raise UserError("give one KD teacher: --teacher MODEL or --teacher-logits STORE")
+            raise UserError("give one teacher: --teacher MODEL or --teacher-logits STORE")
+        if self.algo == "rlad" and not self.has_teacher:
+            raise UserError("--algo rlad needs a teacher: --teacher MODEL (or, staged, --teacher-logits STORE)")
+        if not 0 <= self.mix_lambda <= 1:
+            raise UserError("--mix-lambda must lie in [0, 1]")
         if self.kd_estimator not in KD_ESTIMATORS:
             raise UserError(f"--kd-estimator {self.kd_estimator!r}; valid: {', '.join(KD_ESTIMATORS)}")
         if self.kd_mask not in KD_MASKS:
@@ -136,7 +144,7 @@ class RLOptions:
 
     @property
     def has_teacher(self) -> bool:
-        """Whether KDRL's KD term is on (``--teacher`` or ``--teacher-logits``)."""
+        """Whether a teacher is given (``--teacher`` or ``--teacher-logits``): KDRL's KD term, or RLAD's ratio."""
         return self.teacher is not None or self.teacher_logits is not None
 
     def regularizer(self) -> Divergence | None:
@@ -301,7 +309,7 @@ class PolicyUpdate:
         if self.samples is not None and len(self.samples.seqs) and self.opts.eta:
             micro.append(self._pef_micro(trainer.step))
         figures = trainer.update(micro)
-        return {**figures, "kd_coef": kd_coef} if self.teacher is not None else figures
+        return {**figures, "kd_coef": kd_coef} if self.teacher is not None and self.opts.algo != "rlad" else figures
 
     def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
@@ -331,7 +339,8 @@ class PolicyUpdate:
         opts = self.opts
         regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
         full = regularize and opts.div_estimator == "full"
-        distill = self.teacher is not None
+        mixture = opts.algo == "rlad"
+        distill = self.teacher is not None and not mixture
         kd_full = distill and opts.kd_estimator == "full"
         rkl = divergences.get("rkl")
 
@@ -346,12 +355,15 @@ class PolicyUpdate:
             ref = self.reference.token_logprobs(data, rows, batch, temperature) if regularize and not full else None
             if kd_full:
                 target = self.teacher.target(data, rows, batch)
-            teacher = self.teacher.token_logprobs(data, rows, batch, temperature) if distill and not kd_full else None
+            teacher = self.teacher.token_logprobs(data, rows, batch, temperature) \
+                if (distill and not kd_full) or mixture else None
+            # the ratio's denominator: π_old, or RLAD's teacher–old mixture
+            denominator = rlad.mixture_logprob(teacher, old, opts.mix_lambda) if mixture else old
             kd_mask = self._kd_mask(data, rows).repeat_interleave(lengths).to(self.device) if distill else None
             parts = {"pg_loss": [], "divergence": [], "clipped": [], "kd": []}
 
             def objective(out, r):
-                surrogate, clipped = grpo.clipped_surrogate(out["logprob"], old[r], adv[r], opts.clip_low,
+                surrogate, clipped = grpo.clipped_surrogate(out["logprob"], denominator[r], adv[r], opts.clip_low,
                                                             opts.clip_high)
                 loss = (weights[r] * surrogate).sum()
                 parts["pg_loss"].append(loss.detach())
