@@ -299,3 +299,44 @@ def test_rlad_lambda_zero_is_grpo_and_the_teacher_moves_the_update(task, scored_
     assert "kd" not in run["rlad"] and abs(run["rlad"]["loss"] - run["grpo"]["loss"]) > 1e-4
     done = run_cli("train", task / "sft", tmp_path / "x", "--algo", "rlad", *common)
     assert done.returncode == 2 and "--algo rlad needs a teacher" in done.stderr
+
+
+def test_gaussian_curriculum_weights_and_draws():
+    from fdivctl.schedules.curriculum import draw, gaussian_weights
+
+    w = gaussian_weights(torch.tensor([0.5, 0.1, 0.9, 0.3]), mu=0.5, sigma=0.2)
+    torch.testing.assert_close(w, torch.tensor([1.0, np.exp(-2.0), np.exp(-2.0), np.exp(-0.5)], dtype=torch.float64))
+    picks = [draw(torch.tensor([1.0, 1e-9, 1e-9, 1.0]), 2, seed) for seed in range(20)]
+    assert all(sorted(p) == [0, 3] for p in picks)
+    assert sorted(draw(w, 10, 0)) == [0, 1, 2, 3]
+
+
+def test_online_gaussian_curriculum_tracks_accuracy_and_resumes(task, tmp_path):
+    """Iteration 2's prompts come from the accuracies measured in iteration 1; a resumed run picks the same."""
+    from fdivctl.stages.train_rl import OnlineOptions, _pick_prompts, _tracked_accuracy
+
+    args = ["--prompts", task / "data" / "prompts.parquet", *VERIFIER, *SAMPLING, "--lr", "1e-3", "--device", "cpu",
+            "--prompt-sampling", "gaussian", "--gcs-sigma", "0.1"]
+    full = tmp_path / "full"
+    run_cli("train", task / "sft", full, *args, "--iterations", 2, check=True)
+    artifacts = full / "fdivctl_run"
+    seen = _tracked_accuracy(artifacts, 1)
+    assert len(seen) == 4 and all(0 <= a <= 1 for a in seen.values())
+    rows = pq.read_table(task / "data" / "prompts.parquet").to_pylist()
+    online = OnlineOptions(prompts_per_iteration=4, prompt_sampling="gaussian", gcs_sigma=0.1)
+    expected = sorted(str(rows[i]["prompt_id"]) for i in _pick_prompts(rows, 1, online, 0, artifacts))
+    second = pq.read_table(artifacts / "iter-0002.scored.parquet").column("prompt_id").to_pylist()
+    assert sorted({str(p) for p in second}) == expected
+    # interrupted after iteration 1, resumed: the same second iteration
+    part = tmp_path / "part"
+    run_cli("train", task / "sft", part, *args, "--iterations", 1, check=True)
+    run_cli("train", task / "sft", part, *args, "--iterations", 2, "--resume", check=True)
+    a, b = _weights(full), _weights(part)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_prompt_sampling_is_checked(task, tmp_path):
+    done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", task / "data" / "prompts.parquet", *VERIFIER,
+                   "--prompt-sampling", "hard-first", "--device", "cpu")
+    assert done.returncode == 2 and "--prompt-sampling 'hard-first'; valid: uniform, gaussian" in done.stderr

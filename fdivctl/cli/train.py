@@ -42,6 +42,12 @@ def command(
     pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
     iterations: int = typer.Option(10, help="Online: sample → score → update iterations."),
     prompts_per_iteration: int = typer.Option(8, help="Online: prompts sampled per iteration."),
+    prompt_sampling: str = typer.Option("uniform", help="Online: how each iteration's prompts are chosen — uniform "
+                                        "(seeded shuffle) or gaussian (FG-ExPO's curriculum: weights "
+                                        "exp(−(acc − μ)²/2σ²) from each prompt's last measured accuracy; unseen "
+                                        "prompts take their pass_rate column, else μ)."),
+    gcs_mu: float = typer.Option(0.5, help="--prompt-sampling gaussian: μ, the accuracy given the most weight."),
+    gcs_sigma: float = typer.Option(0.2, help="--prompt-sampling gaussian: σ, the width of the weights."),
     group_size: int = typer.Option(8, help="Online: samples per prompt (the GRPO group)."),
     temperature: float = typer.Option(1.0, help="Sampling temperature; log-probs are taken at it too (staged: "
                                       "the rollouts' recorded temperature)."),
@@ -173,6 +179,7 @@ def command(
                 summary = run_staged(policy, rollouts, out, opts, on_step=on_step)
             else:
                 online = OnlineOptions(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
+                                       prompt_sampling=prompt_sampling, gcs_mu=gcs_mu, gcs_sigma=gcs_sigma,
                                        group_size=group_size, sampling=sampling, chat=chat,
                                        score_workers=score_workers, save_every=save_every or 1, backend=backend)
                 summary = run_online(policy, prompts, out, make_verifier(verifier, pattern=pattern), opts, online,

@@ -41,6 +41,7 @@ from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import sequences_from_table
 from fdivctl.io.tables import provenance, read_table, write_table
 from fdivctl.rewards.verifiers import Verifier
+from fdivctl.schedules import curriculum
 from fdivctl.stages.policy_update import (
     PolicyUpdate,
     ReferencePolicy,
@@ -55,6 +56,7 @@ from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import JsonlLog, Trainer, check_fresh_output
 
 PARTITION_FILE = "partition.json"
+PROMPT_SAMPLING = ("uniform", "gaussian")
 
 
 @dataclass
@@ -68,10 +70,17 @@ class OnlineOptions:
     score_timeout: float = 10.0
     save_every: int = 1  # iterations
     backend: str = "hf"  # hf | vllm | auto (vllm on CUDA when installed)
+    prompt_sampling: str = "uniform"  # uniform | gaussian (FG-ExPO's GCS, schedules/curriculum.py)
+    gcs_mu: float = 0.5
+    gcs_sigma: float = 0.2
 
     def check(self) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1 or self.save_every < 1:
             raise UserError("--iterations, --prompts-per-iteration and --save-every must be ≥ 1")
+        if self.prompt_sampling not in PROMPT_SAMPLING:
+            raise UserError(f"--prompt-sampling {self.prompt_sampling!r}; valid: {', '.join(PROMPT_SAMPLING)}")
+        if not self.gcs_sigma > 0:
+            raise UserError("--gcs-sigma must be > 0")
         if self.group_size < 2:
             raise UserError("--group-size must be ≥ 2: GRPO compares samples of one prompt")
 
@@ -201,6 +210,31 @@ def _prompt_order(n_prompts: int, iteration: int, per_iteration: int, seed: int)
     return order[: min(per_iteration, n_prompts)]
 
 
+def _tracked_accuracy(artifacts: Path, iterations: int) -> dict[str, float]:
+    """Each prompt's accuracy as last measured in the run's first ``iterations`` iterations (read back from
+    their scored rollouts, so a resumed run picks the prompts an uninterrupted one picks)."""
+    accuracy: dict[str, float] = {}
+    for iteration in range(1, iterations + 1):
+        table = read_table(artifacts / f"iter-{iteration:04d}.scored.parquet")
+        correct: dict[str, list[bool]] = {}
+        for pid, ok in zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist()):
+            correct.setdefault(str(pid), []).append(bool(ok))
+        accuracy.update({pid: sum(oks) / len(oks) for pid, oks in correct.items()})
+    return accuracy
+
+
+def _pick_prompts(rows: list[dict], iteration: int, online: OnlineOptions, seed: int, artifacts: Path) -> list[int]:
+    """The prompts of ``iteration``: a seeded uniform shuffle, or Gaussian curriculum sampling."""
+    if online.prompt_sampling == "uniform":
+        return _prompt_order(len(rows), iteration, online.prompts_per_iteration, seed)
+    seen = _tracked_accuracy(artifacts, iteration)
+    prior = [row.get("pass_rate") for row in rows]
+    accuracy = torch.tensor([seen.get(str(row["prompt_id"]), online.gcs_mu if p is None else p)
+                             for row, p in zip(rows, prior)], dtype=torch.float64)
+    weights = curriculum.gaussian_weights(accuracy, online.gcs_mu, online.gcs_sigma)
+    return curriculum.draw(weights, online.prompts_per_iteration, seed + iteration)
+
+
 def _pass_histogram(table: pa.Table) -> dict[str, int]:
     """How many prompts had j correct samples, for each j."""
     correct = Counter()
@@ -233,7 +267,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
             start = time.perf_counter()
             scored = artifacts / f"iter-{iteration + 1:04d}.scored.parquet"
             if not scored.exists():
-                picked = _prompt_order(len(rows), iteration, online.prompts_per_iteration, opts.loop.seed)
+                picked = _pick_prompts(rows, iteration, online, opts.loop.seed, artifacts)
                 _sample_and_score(generate, tokenizer, prompt_table.take(picked), [rows[i] for i in picked],
                                   sampling, sampling.seed + iteration, scored, verifier, online,
                                   {"iteration": iteration + 1, "tokenizer_hash": policy_hash,
