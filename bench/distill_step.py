@@ -36,9 +36,8 @@ import sys
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from fdivctl import divergences, engine
+from fdivctl import divergences, engine, tiny
 from fdivctl.objectives.kd import KDBatch, kd_loss
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -53,12 +52,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _model(shape, dtype, device, seed):
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=2 * shape["hidden"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["hidden"] // 128,
-                         num_key_value_heads=shape["hidden"] // 128, max_position_embeddings=4096,
-                         tie_word_embeddings=False)
-    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+    return tiny.random_lm(shape["hidden"], shape["layers"], shape["vocab"], seed).to(device=device, dtype=dtype)
 
 
 def _rss_now() -> int:

@@ -39,8 +39,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from fdivctl import tiny
 from fdivctl.objectives import grpo
 from fdivctl.stages.policy_update import PolicyUpdate, ReferencePolicy, RLOptions, ScoredRollouts
 from fdivctl.stages.signals import FrozenModel
@@ -66,12 +66,7 @@ class _Tokenizer:
 
 
 def _model(shape, dtype, device, seed):
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=2 * shape["hidden"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["hidden"] // 128,
-                         num_key_value_heads=shape["hidden"] // 128, max_position_embeddings=4096,
-                         tie_word_embeddings=False)
-    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+    return tiny.random_lm(shape["hidden"], shape["layers"], shape["vocab"], seed).to(device=device, dtype=dtype)
 
 
 def _batch(shape, seed):

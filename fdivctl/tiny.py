@@ -84,3 +84,13 @@ def make_model(
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(out_dir)
     return model
+
+
+def random_lm(hidden: int, layers: int, vocab_size: int, seed: int = 0, max_positions: int = 4096) -> Qwen2ForCausalLM:
+    """An in-memory random Qwen2 (head_dim 128, untied head) for benchmarks at real shapes; nothing is written."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                         num_key_value_heads=hidden // 128, max_position_embeddings=max_positions,
+                         tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config)

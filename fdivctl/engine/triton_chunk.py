@@ -244,6 +244,15 @@ def _grad_kernel(
         tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
+def _row_args(logits, target_logits, vocab_size, token_ids, divergence) -> tuple[tuple, dict]:
+    """The positional arguments both kernels start with and the divergence's switch and parameters."""
+    code, w, log_w, log_1mw = divergence_code(divergence)
+    t = logits if target_logits is None else target_logits
+    ids = logits if token_ids is None else token_ids  # any pointer when HAS_Y is off
+    rows = (logits, logits.stride(0), t, t.stride(0), min(t.shape[1], vocab_size), ids)
+    return rows, {"w": w, "log_w": log_w, "log_1mw": log_1mw, "DIV": code, "HAS_Y": token_ids is not None}
+
+
 def chunk_stats(
     logits: torch.Tensor,
     target_logits: torch.Tensor | None,
@@ -261,16 +270,10 @@ def chunk_stats(
     """
     rows = logits.shape[0]
     stats = torch.empty(len(STAT_ROWS), rows, dtype=torch.float32, device=logits.device)
-    if rows == 0:
-        return stats
-    code, w, log_w, log_1mw = divergence_code(divergence)
-    t = logits if target_logits is None else target_logits
-    _stats_kernel[(rows,)](
-        logits, logits.stride(0), t, t.stride(0), min(t.shape[1], vocab_size),
-        logits if token_ids is None else token_ids, stats, rows, vocab_size, 1.0 / temperature,
-        w, log_w, log_1mw,
-        DIV=code, HAS_Y=token_ids is not None, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
+    if rows:
+        head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
+        _stats_kernel[(rows,)](*head, stats, rows, vocab_size, 1.0 / temperature, **params, WANT_ENT=entropy,
+                               BLOCK=BLOCK, num_warps=NUM_WARPS)
     return stats
 
 
@@ -292,14 +295,8 @@ def chunk_grad(
     ``∂L/∂D`` per row (zeros for outputs the objective does not use).
     """
     rows = logits.shape[0]
-    if rows == 0:
-        return out
-    code, w, log_w, log_1mw = divergence_code(divergence)
-    t = logits if target_logits is None else target_logits
-    _grad_kernel[(rows,)](
-        logits, logits.stride(0), t, t.stride(0), min(t.shape[1], vocab_size),
-        logits if token_ids is None else token_ids, stats, cotangents, out, out.stride(0),
-        rows, vocab_size, 1.0 / temperature, w, log_w, log_1mw,
-        DIV=code, HAS_Y=token_ids is not None, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
+    if rows:
+        head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
+        _grad_kernel[(rows,)](*head, stats, cotangents, out, out.stride(0), rows, vocab_size, 1.0 / temperature,
+                              **params, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
