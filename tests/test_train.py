@@ -324,7 +324,7 @@ def test_online_gaussian_curriculum_tracks_accuracy_and_resumes(task, tmp_path):
     assert len(seen) == 4 and all(0 <= a <= 1 for a in seen.values())
     rows = pq.read_table(task / "data" / "prompts.parquet").to_pylist()
     online = OnlineOptions(prompts_per_iteration=4, prompt_sampling="gaussian", gcs_sigma=0.1)
-    expected = sorted(str(rows[i]["prompt_id"]) for i in _pick_prompts(rows, 1, online, 0, artifacts))
+    expected = sorted(str(rows[i]["prompt_id"]) for i in _pick_prompts(rows, 1, online, 0, seen))
     second = pq.read_table(artifacts / "iter-0002.scored.parquet").column("prompt_id").to_pylist()
     assert sorted({str(p) for p in second}) == expected
     # interrupted after iteration 1, resumed: the same second iteration

@@ -210,28 +210,33 @@ def _prompt_order(n_prompts: int, iteration: int, per_iteration: int, seed: int)
     return order[: min(per_iteration, n_prompts)]
 
 
+def _record_accuracy(accuracy: dict[str, float], table: pa.Table) -> None:
+    """Set each prompt's accuracy in ``accuracy`` to its share of correct samples in the scored ``table``."""
+    correct: dict[str, list[bool]] = {}
+    for pid, ok in zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist()):
+        correct.setdefault(str(pid), []).append(bool(ok))
+    accuracy.update({pid: sum(oks) / len(oks) for pid, oks in correct.items()})
+
+
 def _tracked_accuracy(artifacts: Path, iterations: int) -> dict[str, float]:
     """Each prompt's accuracy as last measured in the run's first ``iterations`` iterations (read back from
-    their scored rollouts, so a resumed run picks the prompts an uninterrupted one picks)."""
+    their scored rollouts once, when a run starts or resumes; the loop then updates it per iteration)."""
     accuracy: dict[str, float] = {}
     for iteration in range(1, iterations + 1):
-        table = read_table(artifacts / f"iter-{iteration:04d}.scored.parquet")
-        correct: dict[str, list[bool]] = {}
-        for pid, ok in zip(table.column("prompt_id").to_pylist(), table.column("correct").to_pylist()):
-            correct.setdefault(str(pid), []).append(bool(ok))
-        accuracy.update({pid: sum(oks) / len(oks) for pid, oks in correct.items()})
+        _record_accuracy(accuracy, read_table(artifacts / f"iter-{iteration:04d}.scored.parquet"))
     return accuracy
 
 
-def _pick_prompts(rows: list[dict], iteration: int, online: OnlineOptions, seed: int, artifacts: Path) -> list[int]:
-    """The prompts of ``iteration``: a seeded uniform shuffle, or Gaussian curriculum sampling."""
+def _pick_prompts(rows: list[dict], iteration: int, online: OnlineOptions, seed: int,
+                  accuracy: dict[str, float]) -> list[int]:
+    """The prompts of ``iteration``: a seeded uniform shuffle, or Gaussian curriculum sampling over the
+    tracked ``accuracy`` (unseen prompts: their ``pass_rate`` column, else μ)."""
     if online.prompt_sampling == "uniform":
         return _prompt_order(len(rows), iteration, online.prompts_per_iteration, seed)
-    seen = _tracked_accuracy(artifacts, iteration)
     prior = [row.get("pass_rate") for row in rows]
-    accuracy = torch.tensor([seen.get(str(row["prompt_id"]), online.gcs_mu if p is None else p)
+    estimate = torch.tensor([accuracy.get(str(row["prompt_id"]), online.gcs_mu if p is None else p)
                              for row, p in zip(rows, prior)], dtype=torch.float64)
-    weights = curriculum.gaussian_weights(accuracy, online.gcs_mu, online.gcs_sigma)
+    weights = curriculum.gaussian_weights(estimate, online.gcs_mu, online.gcs_sigma)
     return curriculum.draw(weights, online.prompts_per_iteration, seed + iteration)
 
 
@@ -262,17 +267,21 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     artifacts = run_dir(out)
     rows = prompt_table.to_pylist()
     last: dict = {}
+    first = trainer.state.get("iteration", 0)
+    accuracy = _tracked_accuracy(artifacts, first) if online.prompt_sampling == "gaussian" else {}
     with JsonlLog(opts.loop.log_jsonl) as log:
-        for iteration in range(trainer.state.get("iteration", 0), online.iterations):
+        for iteration in range(first, online.iterations):
             start = time.perf_counter()
             scored = artifacts / f"iter-{iteration + 1:04d}.scored.parquet"
             if not scored.exists():
-                picked = _pick_prompts(rows, iteration, online, opts.loop.seed, artifacts)
+                picked = _pick_prompts(rows, iteration, online, opts.loop.seed, accuracy)
                 _sample_and_score(generate, tokenizer, prompt_table.take(picked), [rows[i] for i in picked],
                                   sampling, sampling.seed + iteration, scored, verifier, online,
                                   {"iteration": iteration + 1, "tokenizer_hash": policy_hash,
                                    "sampling": sampling.as_record(), "backend": online.backend})
             table = read_table(scored)
+            if online.prompt_sampling == "gaussian":
+                _record_accuracy(accuracy, table)
             data = ScoredRollouts.from_table(table, scored)
             advantages, kept, figures = update.advantages(data, temperature, sampling.max_new_tokens)
             figures.update(_partition_sizes(record))
