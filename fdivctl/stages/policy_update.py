@@ -137,7 +137,7 @@ class RLOptions:
         if self.kd_coef < 0 or (self.kd_anneal is not None and self.kd_anneal < 0):
             raise UserError("--kd-coef and --kd-anneal must be ≥ 0")
         if self.kd_estimator == "full" and self.div_estimator == "full" and self.divergence != "none" \
-                and self.has_teacher:
+                and self.kd_on:
             raise UserError("--kd-estimator full and --div-estimator full both need a full-vocabulary target in one "
                             "pass: use a sample estimator (k2, k3) for one of them")
         return self
@@ -146,6 +146,11 @@ class RLOptions:
     def has_teacher(self) -> bool:
         """Whether a teacher is given (``--teacher`` or ``--teacher-logits``): KDRL's KD term, or RLAD's ratio."""
         return self.teacher is not None or self.teacher_logits is not None
+
+    @property
+    def kd_on(self) -> bool:
+        """Whether KDRL's KD term is in the loss: a teacher is given and it is not RLAD's ratio teacher."""
+        return self.has_teacher and self.algo != "rlad"
 
     def regularizer(self) -> Divergence | None:
         """The divergence to the reference policy (for dph: the D_pef generator); None for ``none``."""
@@ -309,7 +314,7 @@ class PolicyUpdate:
         if self.samples is not None and len(self.samples.seqs) and self.opts.eta:
             micro.append(self._pef_micro(trainer.step))
         figures = trainer.update(micro)
-        return {**figures, "kd_coef": kd_coef} if self.teacher is not None and self.opts.algo != "rlad" else figures
+        return {**figures, "kd_coef": kd_coef} if self.opts.kd_on else figures
 
     def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
@@ -340,7 +345,7 @@ class PolicyUpdate:
         regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
         full = regularize and opts.div_estimator == "full"
         mixture = opts.algo == "rlad"
-        distill = self.teacher is not None and not mixture
+        distill = opts.kd_on
         kd_full = distill and opts.kd_estimator == "full"
         rkl = divergences.get("rkl")
 
