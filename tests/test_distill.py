@@ -57,7 +57,8 @@ def _opts(tmp_path, loss, steps=2, **loop):
 
 
 @pytest.mark.parametrize(
-    "loss", ["fkl", "rkl", "jsd", "jsd:beta=0.1", "tv", "hellinger", "alpha:alpha=0.2", "skl", "srkl", "ce"]
+    "loss", ["fkl", "rkl", "jsd", "jsd:beta=0.1", "tv", "hellinger", "alpha:alpha=0.2", "skl", "srkl", "ce", "pld",
+             "sinkhorn:eps=0.05,batch=16", "bdkd"]
 )
 def test_one_step_lowers_each_loss(tmp_path, student, data, tiny_teacher, loss):
     teacher = None if loss == "ce" else tiny_teacher
@@ -67,10 +68,11 @@ def test_one_step_lowers_each_loss(tmp_path, student, data, tiny_teacher, loss):
     assert (tmp_path / "ckpt" / "config.json").exists() and (tmp_path / "ckpt" / "fdivctl_state").exists()
 
 
-def test_offline_full_k_store_equals_the_online_teacher(tmp_path, student, data, tiny_teacher, full_store):
+@pytest.mark.parametrize("name", ["jsd", "pld", "bdkd"])
+def test_offline_full_k_store_equals_the_online_teacher(tmp_path, student, data, tiny_teacher, full_store, name):
     results = []
     for kwargs in ({"logits": full_store}, {"teacher": tiny_teacher}):
-        opts = _opts(tmp_path, "jsd", steps=1)
+        opts = _opts(tmp_path, name, steps=1)
         opts.temperature = 2.0  # the store was made at T = 2
         model, _, n, loss_fn = prepare_distill(student, data, opts, **kwargs)
         loss, _ = loss_fn(list(range(n)))
@@ -78,8 +80,10 @@ def test_offline_full_k_store_equals_the_online_teacher(tmp_path, student, data,
         results.append((loss.detach(), grads))
     (loss_off, grads_off), (loss_on, grads_on) = results
     torch.testing.assert_close(loss_off, loss_on, rtol=1e-6, atol=1e-7)
+    # PLD ranks by the teacher's log-probs: fp32 near-ties may order differently in the store and online
+    atol = 5e-6 if name == "pld" else 1e-7
     for g_off, g_on in zip(grads_off, grads_on):
-        torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=atol)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, student, data, tiny_teacher, full_store):

@@ -67,8 +67,8 @@ def get(name: str | Divergence, **params: float) -> Divergence:
     return entry(**params)
 
 
-def parse(spec: str) -> Divergence:
-    """Parse a command-line spec: ``"fkl"``, ``"jsd:beta=0.3"``, ``"alpha:alpha=0.2"``."""
+def split_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``"jsd:beta=0.3"`` → ``("jsd", {"beta": 0.3})``; ValueError naming the spec when malformed."""
     name, _, rest = spec.strip().partition(":")
     params: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -79,4 +79,10 @@ def parse(spec: str) -> Divergence:
             params[key.strip()] = float(value)
         except ValueError:
             raise ValueError(f"divergence spec {spec!r}: {key.strip()} must be a number") from None
+    return name, params
+
+
+def parse(spec: str) -> Divergence:
+    """Parse a command-line spec: ``"fkl"``, ``"jsd:beta=0.3"``, ``"alpha:alpha=0.2"``."""
+    name, params = split_spec(spec)
     return get(name, **params)

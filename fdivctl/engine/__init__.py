@@ -1,5 +1,6 @@
 """The shared loss engine: chunked fused lm_head + divergence (DESIGN.md)."""
 
+from fdivctl.engine.chunk_loss import ChunkLoss
 from fdivctl.engine.fused import (
     GRAD_MODES,
     TokenOutputs,
@@ -12,6 +13,7 @@ from fdivctl.engine.sweep import KERNELS
 from fdivctl.engine.targets import FullLogits, Target, TeacherHead, TeacherMixture, TopK
 
 __all__ = [
+    "ChunkLoss",
     "GRAD_MODES",
     "KERNELS",
     "FullLogits",

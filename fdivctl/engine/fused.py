@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from fdivctl.divergences import Divergence, get
+from fdivctl.engine.chunk_loss import ChunkLoss
 from fdivctl.engine.matmul import matmul_weight
 from fdivctl.engine.sweep import WEIGHT_GRAD_ACCUM, Objective, SweepPlan, linear_objective, resolve_kernel, sweep
 from fdivctl.engine.targets import Target
@@ -140,16 +141,22 @@ def _plan(
     if (target is None) != (divergence is None):
         raise ValueError("target and divergence must be given together")
     check_target(target, n_tokens, vocab_size)
+    if divergence is not None and not isinstance(divergence, ChunkLoss):
+        divergence = get(divergence)
+    if isinstance(divergence, ChunkLoss):
+        divergence.validate(n_tokens, target)
     if weight_grad_accum not in WEIGHT_GRAD_ACCUM:
         raise ValueError(f"weight_grad_accum={weight_grad_accum!r}; valid: {', '.join(WEIGHT_GRAD_ACCUM)}")
     return SweepPlan(
         token_ids=token_ids,
         entropy=entropy,
         target=target,
-        divergence=None if divergence is None else get(divergence),
+        divergence=divergence,
         temperature=float(temperature),
-        chunk_size=chunk_size or default_chunk_size(n_tokens, vocab_size, hidden.device),
-        kernel=resolve_kernel(kernel, hidden, target),
+        chunk_size=chunk_size
+        or getattr(divergence, "chunk_rows", None)
+        or default_chunk_size(n_tokens, vocab_size, hidden.device),
+        kernel=resolve_kernel(kernel, hidden, target, divergence),
         weight_grad_accum=weight_grad_accum,
     )
 
@@ -162,7 +169,7 @@ def token_outputs(
     token_ids: torch.Tensor | None = None,
     entropy: bool = False,
     target: Target | None = None,
-    divergence: str | Divergence | None = None,
+    divergence: str | Divergence | ChunkLoss | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     kernel: str = "auto",
@@ -187,7 +194,7 @@ def divergence_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target: Target,
-    divergence: str | Divergence,
+    divergence: str | Divergence | ChunkLoss,
     *,
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
@@ -218,6 +225,8 @@ def divergence_loss(
         if rows.numel() < n_tokens:
             hidden = hidden[rows]
             plan.target = target.take(rows)
+            if isinstance(plan.divergence, ChunkLoss):
+                plan.divergence = plan.divergence.take(rows)
             weights = None if weights is None else weights[rows]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     coef = (
@@ -244,7 +253,7 @@ def token_loss(
     token_ids: torch.Tensor | None = None,
     entropy: bool = False,
     target: Target | None = None,
-    divergence: str | Divergence | None = None,
+    divergence: str | Divergence | ChunkLoss | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     kernel: str = "auto",

@@ -6,7 +6,8 @@ made in fp32, the requested per-token quantities are computed from
 
 * ``logprob``    — ``log q(y_t)`` of given token ids;
 * ``entropy``    — ``H(q) = −Σ q log q``;
-* ``divergence`` — ``D(q‖p)`` against the target, summed over its support;
+* ``divergence`` — ``D(q‖p)`` against the target, summed over its support
+  (or a :class:`~fdivctl.engine.chunk_loss.ChunkLoss`'s per-token value);
 
 and, when an objective is given — a sum over the chunk's tokens of any
 function of their outputs, e.g. ``Σ_t Σ_k c_k[t] · out_k[t]`` for fixed
@@ -27,6 +28,7 @@ import torch
 
 from fdivctl.divergences import Divergence
 from fdivctl.divergences.logspace import compute_dtype
+from fdivctl.engine.chunk_loss import ChunkLoss
 from fdivctl.engine.matmul import backprop_linear, linear_fp32
 from fdivctl.engine.targets import Target
 
@@ -55,7 +57,7 @@ class SweepPlan:
     token_ids: torch.Tensor | None
     entropy: bool
     target: Target | None
-    divergence: Divergence | None
+    divergence: Divergence | ChunkLoss | None
     temperature: float
     chunk_size: int
     kernel: str = "torch"  # "torch" (reference, any device) or "triton" (resolve_kernel)
@@ -86,7 +88,9 @@ def triton_runs_here(device: torch.device) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_unsupported(hidden: torch.Tensor, target: Target | None) -> str | None:
+def _triton_unsupported(hidden: torch.Tensor, target: Target | None, divergence) -> str | None:
+    if isinstance(divergence, ChunkLoss):
+        return f"the {divergence.name} loss runs on the PyTorch path"
     if hidden.dtype == torch.float64:
         return "fp64 inputs run on the PyTorch path"
     if target is not None and not hasattr(target, "dense_logits"):
@@ -96,17 +100,17 @@ def _triton_unsupported(hidden: torch.Tensor, target: Target | None) -> str | No
     return None
 
 
-def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None) -> str:
+def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None, divergence=None) -> str:
     """``"torch"`` or ``"triton"`` for a requested ``kernel`` of :data:`KERNELS`.
 
     ``"auto"`` takes Triton on CUDA wherever it applies (no fp64, a dense or no
-    target), else the PyTorch path; ``"triton"`` raises ValueError where it cannot run.
+    target, no :class:`ChunkLoss`), else the PyTorch path; ``"triton"`` raises ValueError where it cannot run.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; valid: {', '.join(KERNELS)}")
     if kernel == "torch":
         return "torch"
-    reason = _triton_unsupported(hidden, target)
+    reason = _triton_unsupported(hidden, target, divergence)
     if kernel == "triton" and reason:
         raise ValueError(f"kernel='triton' cannot run here: {reason}")
     return "triton" if reason is None and (kernel == "triton" or hidden.device.type == "cuda") else "torch"
@@ -126,7 +130,9 @@ def chunk_outputs(plan: SweepPlan, logits: torch.Tensor, rows: slice) -> dict[st
         out["logprob"] = log_q.gather(-1, plan.token_ids[rows].long().unsqueeze(-1)).squeeze(-1)
     if plan.entropy:
         out["entropy"] = -(log_q.exp() * log_q).sum(-1)
-    if plan.divergence is not None:
+    if isinstance(plan.divergence, ChunkLoss):
+        out["divergence"] = plan.divergence.chunk_values(log_q, plan.target, rows, plan.temperature)
+    elif plan.divergence is not None:
         log_q_s, log_p_s = plan.target.support(rows, log_q, plan.temperature)
         out["divergence"] = plan.divergence.support_divergence(log_q_s, log_p_s)
     return out

@@ -15,15 +15,22 @@ from pathlib import Path
 
 import torch
 
-from fdivctl import divergences, engine
+from fdivctl import engine
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import load_sequences
-from fdivctl.objectives.kd import KDBatch, kd_loss
+from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
+from fdivctl.objectives.pld import PlackettLuce
 from fdivctl.schedules.divergence_schedule import DivergenceSchedule
-from fdivctl.stages.signals import FrozenModel, check_same_tokenizer, scored_hidden, store_target
+from fdivctl.stages.signals import (
+    FrozenModel,
+    check_same_tokenizer,
+    scored_hidden,
+    store_target,
+    store_token_logprobs,
+)
 from fdivctl.training.checkpoint import has_state
 from fdivctl.training.loop import LoopOptions, run_loop
 
@@ -46,10 +53,10 @@ class DistillOptions:
         """The divergence of each step (a one-stage schedule for a fixed --loss); None for ce."""
         try:
             if self.schedule:
-                return DivergenceSchedule.parse(self.schedule)
+                return DivergenceSchedule.parse(self.schedule, parse_loss)
             if self.loss == "ce":
                 return None
-            return DivergenceSchedule([(divergences.parse(self.loss), 1.0)])
+            return DivergenceSchedule([(parse_loss(self.loss), 1.0)])
         except ValueError as err:
             raise UserError(f"--{'schedule' if self.schedule else 'loss'}: {err}") from None
 
@@ -113,14 +120,16 @@ def prepare_distill(
         hidden = scored_hidden(decoder, batch)
         if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
             return hidden.new_tensor(float("nan")), {}
-        target = None
+        target, token_logprob = None, None
         if store is not None:
             target = store_target(store, seqs, rows, opts.tail, device)
+            if isinstance(divergence, PlackettLuce):
+                token_logprob = store_token_logprobs(store, seqs, rows, device)
         elif frozen:
             heads = [t.target(t.hidden(batch), opts.vocab) for t in frozen]
             target = heads[0] if len(heads) == 1 else engine.TeacherMixture(heads, weights)
         try:
-            return kd_loss(KDBatch(hidden, batch["token"], target), head.weight, getattr(head, "bias", None),
+            return kd_loss(KDBatch(hidden, batch["token"], target, token_logprob), head.weight, getattr(head, "bias", None),
                            divergence, opts.temperature, opts.mix_ce)
         except ValueError as err:
             raise UserError(str(err)) from None
