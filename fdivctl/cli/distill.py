@@ -8,25 +8,53 @@ from pathlib import Path
 import typer
 
 from fdivctl.cli.progress import progress_bar
-from fdivctl.stages.distill import DistillOptions, run_distill
+from fdivctl.errors import UserError
+from fdivctl.stages.distill import DistillOptions, OnPolicyOptions, run_distill
 from fdivctl.training.loop import LoopOptions
 
 
 def command(
     student: Path = typer.Argument(..., help="Student model directory (save_pretrained format)."),
     out: Path = typer.Argument(..., help="Checkpoint directory to write (HF format + fdivctl_state/)."),
-    data: Path = typer.Option(..., help="Sequences Parquet (rollouts or prompt/completion text) to distill on."),
+    data: Path = typer.Option(None, help="Offline: sequences Parquet (rollouts or prompt/completion text) to "
+                              "distill on, teacher-forced."),
+    on_policy: bool = typer.Option(False, help="On-policy (OPD): the student samples each micro-batch's --prompts "
+                                   "with its current weights and the --teacher scores those samples."),
+    prompts: Path = typer.Option(None, help="On-policy: prompts Parquet (prompt_id + prompt text or messages)."),
+    samples_per_prompt: int = typer.Option(4, help="On-policy: samples of each prompt per micro-batch."),
+    max_new_tokens: int = typer.Option(128, help="On-policy: longest sample, in tokens."),
+    baseline: str = typer.Option("none", help="--loss opd: none, or vopd (detached per-token −KL(q‖p) baseline: "
+                                 "same expected gradient, lower variance)."),
+    baseline_topk: int = typer.Option(None, help="vopd: the baseline's KL over the teacher's top-K ids + tail "
+                                      "instead of the full vocabulary."),
+    backend: str = typer.Option("hf", help="On-policy sampling: hf, vllm, or auto (vllm on CUDA when installed)."),
+    chat: bool = typer.Option(False, help="On-policy: wrap each prompt in the tokenizer's chat template."),
     logits: Path = typer.Option(None, help="Offline teacher signal: a store from `fdivctl teacher-logits`."),
     teacher: list[Path] = typer.Option(None, "--teacher", help="Online teacher signal: a teacher model directory "
                                        "(run under no_grad); repeat for a per-token mixture of teachers."),
     teacher_weights: str = typer.Option(None, help="Several teachers: fixed weights (0.7,0.3) or confidence "
                                         "(per token, each teacher's top-token probability; MAD-OPD). Default "
                                         "confidence."),
-    loss: str = typer.Option("fkl", help="A registry divergence (fkl, rkl, jsd, tv, hellinger, alpha, skl, srkl; "
-                             "params as jsd:beta=0.3) or ce (plain SFT)."),
+    loss: str = typer.Option(None, help="A registry divergence (fkl, rkl, jsd, tv, hellinger, alpha, skl, srkl; "
+                             "params as jsd:beta=0.3); pld (Plackett-Luce list-wise); sinkhorn (SinKD, batch-wise "
+                             "OT; sinkhorn:batch=256,support_k=64); bdkd (forward/reverse KL balanced by the "
+                             "entropy gap; bdkd:mu=2); ce (plain SFT); opd (on-policy: sampled-token reward "
+                             "log p − log q as a policy gradient). Default: fkl offline, opd on-policy."),
     beta: float = typer.Option(None, help="Shorthand for --loss jsd:beta=BETA."),
     schedule: str = typer.Option(None, help="Divergences by share of steps, e.g. fkl:0.5,rkl:0.5 (PACED's two "
                                  "stages); replaces --loss; shares must sum to 1."),
+    sinkhorn_eps: float = typer.Option(None, help="--loss sinkhorn: entropic regularization ε (default 0.1)."),
+    sinkhorn_iters: int = typer.Option(None, help="--loss sinkhorn: Sinkhorn iterations (default 20)."),
+    prompt_weighting: str = typer.Option("none", help="none, or paced: weight each prompt by p^α(1−p)^β of the "
+                                         "student's pass rate p (PACED), from a pass_rate column or --pass-rates."),
+    paced_alpha: float = typer.Option(1.0, help="PACED: α of the Beta kernel."),
+    paced_beta: float = typer.Option(1.0, help="PACED: β of the Beta kernel."),
+    pass_rates: Path = typer.Option(None, help="PACED: a scored table (fdivctl score output: prompt_id, "
+                                    "pass_rate) giving each prompt's pass rate."),
+    depth_curriculum: bool = typer.Option(False, help="TCOD: expose turns of multi-turn data gradually (a turn_ids "
+                                          "column gives each completion token's 0-based turn)."),
+    depth_start: int = typer.Option(1, help="TCOD: turns exposed at step 0."),
+    depth_warmup: int = typer.Option(100, help="TCOD: steps until every turn is exposed (linear growth)."),
     temperature: float = typer.Option(1.0, help="Distillation temperature (student and teacher divided by it)."),
     mix_ce: float = typer.Option(0.0, help="Weight of the ground-truth cross-entropy added to the divergence."),
     tail: str = typer.Option("tail", help="Top-k store form: tail (k+1 buckets), renormalize, or ignore."),
@@ -41,6 +69,12 @@ def command(
     seed: int = typer.Option(0, help="Seed of the data order."),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm."),
     save_every: int = typer.Option(0, help="Checkpoint every N steps (0: only at the end)."),
+    eval_data: Path = typer.Option(None, help="Held-out sequences Parquet: its loss is logged as eval_loss."),
+    eval_logits: Path = typer.Option(None, help="The teacher-logits store of --eval-data (when training uses "
+                                     "--logits)."),
+    eval_every: int = typer.Option(0, help="Evaluate on --eval-data every N steps and after the last (0: never)."),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute decoder activations in backward: less memory, "
+                                            "about one more forward of compute."),
     log_jsonl: Path = typer.Option(None, help="Append one JSON line per step: loss, divergence, ce, grad norm, lr, "
                                    "tokens/s."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT (exact: data order, optimizer, RNG)."),
@@ -51,12 +85,27 @@ def command(
     """Distill a teacher into a student with any divergence, through the chunked loss engine."""
     if beta is not None:
         loss = f"jsd:beta={beta}"
+    if sinkhorn_eps is not None or sinkhorn_iters is not None:
+        if loss is None or not loss.startswith("sinkhorn"):
+            raise UserError("--sinkhorn-eps/--sinkhorn-iters set --loss sinkhorn's parameters: add --loss sinkhorn")
+        extra = [f"eps={sinkhorn_eps}"] * (sinkhorn_eps is not None) + [f"iters={sinkhorn_iters}"] * (
+            sinkhorn_iters is not None)
+        loss = loss + ("," if ":" in loss else ":") + ",".join(extra)
+    if on_policy != (prompts is not None) or (data is None) == (prompts is None):
+        raise UserError("give --data SEQS.parquet (offline), or --on-policy with --prompts PROMPTS.parquet")
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
-                       save_every=save_every, log_jsonl=log_jsonl, resume=resume)
-    opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, tail=tail, vocab=vocab, dtype=dtype,
-                          device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-                          teacher_weights=teacher_weights, loop=loop)
+                       save_every=save_every, log_jsonl=log_jsonl, resume=resume,
+                       grad_checkpointing=grad_checkpointing, eval_every=eval_every)
+    online = OnPolicyOptions(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, baseline=baseline,
+                             baseline_topk=baseline_topk, backend=backend, chat=chat) if on_policy else None
+    opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, tail=tail,
+                          vocab=vocab, dtype=dtype, device=device,
+                          allow_tokenizer_mismatch=allow_tokenizer_mismatch, teacher_weights=teacher_weights,
+                          on_policy=online, prompt_weighting=prompt_weighting, paced_alpha=paced_alpha,
+                          paced_beta=paced_beta, pass_rates=pass_rates, depth_curriculum=depth_curriculum,
+                          depth_start=depth_start, depth_warmup=depth_warmup, eval_data=eval_data,
+                          eval_logits=eval_logits, loop=loop)
     with progress_bar("distill", "steps") as progress:
         task = progress.add_task("distill", total=None)
 
@@ -64,7 +113,7 @@ def command(
             progress.update(task, completed=step, total=total,
                             description=f"distill loss {figures.get('loss', float('nan')):.4f}")
 
-        summary = run_distill(student, out, data, opts, logits=logits, teacher=teacher or None, on_step=on_step)
+        summary = run_distill(student, out, data or prompts, opts, logits=logits, teacher=teacher or None, on_step=on_step)
     typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 
 

@@ -38,7 +38,8 @@ class ChunkLoss(ABC):
         return self
 
     def validate(self, n_tokens: int, target: Target) -> None:
-        """Raise ValueError unless the loss can run on ``n_tokens`` rows of ``target``."""
+        """Raise ValueError unless the loss can run on ``n_tokens`` rows of ``target`` (default: it always can)."""
+        return None
 
     def __repr__(self) -> str:
         return self.name

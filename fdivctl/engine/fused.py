@@ -111,8 +111,9 @@ class _ObjectiveFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan, objective):
-        needs = tuple(ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, plan, objective, grad_enabled):
+        # under no_grad (evaluation) needs_input_grad still reflects requires_grad: take no gradient then
+        needs = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         outputs, grads, total = sweep(hidden, matmul_weight(weight), bias, plan, objective, needs)
         ctx.grads = (
             grads.hidden,
@@ -128,7 +129,7 @@ class _ObjectiveFn(torch.autograd.Function):
         # the stored gradients are this call's own: scale them in place, no second [V, H] buffer
         scaled = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return (*scaled, None, None)
+        return (*scaled, None, None, None)
 
 
 def _plan(
@@ -239,7 +240,9 @@ def divergence_loss(
         return (hidden.sum() * 0 + weight.sum() * 0).to(acc)
     coef = coef / total
     if grad_mode == "forward":
-        return _ObjectiveFn.apply(hidden, weight, bias, plan, linear_objective({"divergence": coef}))[0]
+        return _ObjectiveFn.apply(
+            hidden, weight, bias, plan, linear_objective({"divergence": coef}), torch.is_grad_enabled()
+        )[0]
     (per_token,) = _TokenOutputsFn.apply(hidden, weight, bias, plan)
     return (per_token * coef).sum()
 
@@ -275,6 +278,6 @@ def token_loss(
     )
     if not plan.outputs:
         raise ValueError("token_loss: request token_ids, entropy=True, or a target with a divergence")
-    total, *values = _ObjectiveFn.apply(hidden, weight, bias, plan, objective)
+    total, *values = _ObjectiveFn.apply(hidden, weight, bias, plan, objective, torch.is_grad_enabled())
     named = dict(zip(plan.outputs, values))
     return total, TokenOutputs(*(named.get(name) for name in TokenOutputs._fields))

@@ -1,10 +1,24 @@
-"""``distill``: pull a student toward a teacher on fixed sequences, offline or online.
+"""``distill``: pull a student toward a teacher, offline on fixed sequences or on-policy on its own samples.
 
 Teacher signal: ``logits`` (a store from ``teacher-logits``: top-k + tail,
 read memory-mapped and checked token by token against the batch) or
 ``teacher`` (a model run under no_grad; its logits are made chunk by chunk
-inside the engine).  The student's final hidden states at the positions that
-predict the completion tokens go through :func:`fdivctl.objectives.kd.kd_loss`.
+inside the engine; several teachers mix per token).  The student's final
+hidden states at the positions that predict the scored tokens go through
+:func:`fdivctl.objectives.kd.kd_loss` (any registry divergence, PLD, SinKD,
+BD-KD, ce) or, on-policy with ``loss="opd"``, through
+:func:`fdivctl.objectives.opd.opd_loss` (the sampled-token policy gradient,
+with vOPD's baseline).
+
+On-policy (``opts.on_policy``): each micro-batch's prompts are sampled
+``samples_per_prompt`` times by the student with its current weights, at the
+distillation temperature (no top-k/top-p: the samples follow q), seeded by
+(run seed, step, batch) so that a resumed run draws the same samples.
+Registry divergences and the other losses then compare the full distributions
+at the sampled states (GKD-style); ``opd`` uses the sampled tokens' rewards.
+
+Per-token weights: PACED (``prompt_weighting="paced"``, from each row's pass
+rate) and TCOD (``depth_curriculum``, from a ``turn_ids`` column) multiply.
 """
 
 from __future__ import annotations
@@ -13,17 +27,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
-from fdivctl import engine
+from fdivctl import divergences, engine
+from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
+from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import load_sequences
+from fdivctl.io.sequences import Sequences, load_sequences
+from fdivctl.io.tables import read_table, require_columns
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
+from fdivctl.objectives.opd import BASELINES, opd_loss
 from fdivctl.objectives.pld import PlackettLuce
+from fdivctl.schedules.depth import exposed_turns
 from fdivctl.schedules.divergence_schedule import DivergenceSchedule
+from fdivctl.schedules.paced import paced_weights
+from fdivctl.stages.live_sampler import live_generator
+from fdivctl.stages.rollout import encode_prompt
 from fdivctl.stages.signals import (
     FrozenModel,
     check_same_tokenizer,
@@ -34,10 +58,32 @@ from fdivctl.stages.signals import (
 from fdivctl.training.checkpoint import has_state
 from fdivctl.training.loop import LoopOptions, run_loop
 
+PROMPT_WEIGHTINGS = ("none", "paced")
+
+
+@dataclass
+class OnPolicyOptions:
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 128
+    baseline: str = "none"  # opd only: none | vopd
+    baseline_topk: int | None = None  # vOPD's KL over the teacher's top-k + tail instead of the vocabulary
+    backend: str = "hf"
+    chat: bool = False
+
+    def check(self, loss: str) -> None:
+        if self.samples_per_prompt < 1 or self.max_new_tokens < 1:
+            raise UserError("--samples-per-prompt and --max-new-tokens must be ≥ 1")
+        if self.baseline not in BASELINES:
+            raise UserError(f"--baseline {self.baseline!r}; valid: {', '.join(BASELINES)}")
+        if self.baseline != "none" and loss != "opd":
+            raise UserError(f"--baseline {self.baseline} is a baseline of --loss opd (the sampled-token reward)")
+        if self.baseline_topk is not None and (self.baseline != "vopd" or self.baseline_topk < 1):
+            raise UserError("--baseline-topk K (K ≥ 1) sets vOPD's KL support: use it with --baseline vopd")
+
 
 @dataclass
 class DistillOptions:
-    loss: str = "fkl"  # a registry spec ("jsd:beta=0.3") or "ce"
+    loss: str | None = None  # a registry spec ("jsd:beta=0.3"), pld, sinkhorn, bdkd, ce, opd; None: fkl / opd
     schedule: str | None = None  # "fkl:0.5,rkl:0.5": replaces loss
     temperature: float = 1.0
     mix_ce: float = 0.0
@@ -47,18 +93,49 @@ class DistillOptions:
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
     teacher_weights: str | None = None  # several teachers: "0.7,0.3" or "confidence" (default)
+    on_policy: OnPolicyOptions | None = None  # None: offline, on the data's sequences
+    prompt_weighting: str = "none"  # none | paced
+    paced_alpha: float = 1.0
+    paced_beta: float = 1.0
+    pass_rates: Path | None = None  # a scored table: prompt_id → pass_rate (else the data's pass_rate column)
+    depth_curriculum: bool = False
+    depth_start: int = 1
+    depth_warmup: int = 100
+    eval_data: Path | None = None  # held-out sequences, evaluated every loop.eval_every steps
+    eval_logits: Path | None = None  # the store of eval_data, when the teacher signal is a store
     loop: LoopOptions = field(default_factory=LoopOptions)
 
+    @property
+    def loss_name(self) -> str:
+        """The fixed loss's name, or "schedule" when --schedule replaces it."""
+        if self.schedule:
+            return "schedule"
+        return self.loss or ("opd" if self.on_policy else "fkl")
+
     def divergences(self) -> DivergenceSchedule | None:
-        """The divergence of each step (a one-stage schedule for a fixed --loss); None for ce."""
+        """The loss of each step (a one-stage schedule for a fixed --loss); None for ce and opd."""
         try:
             if self.schedule:
                 return DivergenceSchedule.parse(self.schedule, parse_loss)
-            if self.loss == "ce":
+            if self.loss_name in ("ce", "opd"):
                 return None
-            return DivergenceSchedule([(parse_loss(self.loss), 1.0)])
+            return DivergenceSchedule([(parse_loss(self.loss_name), 1.0)])
         except ValueError as err:
             raise UserError(f"--{'schedule' if self.schedule else 'loss'}: {err}") from None
+
+    def check(self) -> None:
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.prompt_weighting not in PROMPT_WEIGHTINGS:
+            raise UserError(f"--prompt-weighting {self.prompt_weighting!r}; valid: {', '.join(PROMPT_WEIGHTINGS)}")
+        if self.on_policy is not None:
+            self.on_policy.check(self.loss_name)
+            if self.loss_name == "ce":
+                raise UserError("--loss ce has no teacher: on-policy distillation needs one")
+            if self.depth_curriculum:
+                raise UserError("--depth-curriculum reads turn_ids of fixed multi-turn data: it is offline only")
+        elif self.loss_name == "opd":
+            raise UserError("--loss opd scores the student's own samples: add --on-policy --prompts FILE")
 
 
 def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
@@ -75,6 +152,92 @@ def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
     return weights
 
 
+def _row_weights(table: pa.Table, path: Path, prompt_ids: list[str], opts: DistillOptions) -> torch.Tensor | None:
+    """PACED's weight of each row, from ``--pass-rates`` or the table's ``pass_rate`` column; None without PACED."""
+    if opts.prompt_weighting == "none":
+        return None
+    if opts.pass_rates is not None:
+        scored = read_table(opts.pass_rates)
+        require_columns(scored, opts.pass_rates, ["prompt_id", "pass_rate"])
+        rates = dict(zip((str(p) for p in scored.column("prompt_id").to_pylist()),
+                         scored.column("pass_rate").to_pylist()))
+        missing = [pid for pid in prompt_ids if rates.get(pid) is None]
+        if missing:
+            raise UserError(f"--pass-rates {opts.pass_rates}: no pass rate for prompt_id {missing[0]!r}")
+        values = [rates[pid] for pid in prompt_ids]
+    else:
+        require_columns(table, path, ["pass_rate"], " (PACED weights prompts by the student's pass rate: run "
+                        "rollout + score of the student, or give --pass-rates SCORED.parquet)")
+        values = table.column("pass_rate").to_pylist()
+        if any(v is None for v in values):
+            raise UserError(f"{path}: column 'pass_rate' has null values")
+    try:
+        return paced_weights(torch.tensor(values, dtype=torch.float64), opts.paced_alpha, opts.paced_beta)
+    except ValueError as err:
+        raise UserError(f"--prompt-weighting paced: {err}") from None
+
+
+def _turn_ids(table: pa.Table, path: Path, seqs: Sequences) -> list[np.ndarray]:
+    """Each row's ``turn_ids`` (the 0-based turn of every completion token), checked against its tokens."""
+    require_columns(table, path, ["turn_ids"], " (--depth-curriculum needs each completion token's turn index)")
+    turns = [np.asarray(t if t is not None else [], dtype=np.int64) for t in table.column("turn_ids").to_pylist()]
+    for row, (t, tokens) in enumerate(zip(turns, seqs.completion_tokens)):
+        if len(t) != len(tokens) or (len(t) and t.min() < 0):
+            raise UserError(f"{path}: row {row}: turn_ids must give a turn index ≥ 0 for each of its "
+                            f"{len(tokens)} completion tokens, got {len(t)}")
+    return turns
+
+
+class _Teachers:
+    """The online teacher signal of a batch: one teacher, or a per-token mixture."""
+
+    def __init__(self, frozen: list[FrozenModel], weights, vocab: str):
+        self.frozen, self.weights, self.vocab = frozen, weights, vocab
+
+    def target(self, batch: dict) -> engine.Target:
+        heads = [t.target(t.hidden(batch), self.vocab) for t in self.frozen]
+        return heads[0] if len(heads) == 1 else engine.TeacherMixture(heads, self.weights)
+
+
+def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, model, batch_loss, offline_store: bool):
+    """``evaluate(step, total) → {"eval_loss", "eval_tokens"}`` on ``opts.eval_data``, or None without it.
+
+    The held-out loss is the run's loss at that step, unweighted (for ``opd``: the
+    sampled-token surrogate is not a loss to report, so ``rkl`` against the teacher).
+    """
+    if opts.eval_data is None:
+        if opts.loop.eval_every:
+            raise UserError("--eval-every needs --eval-data FILE (held-out sequences)")
+        return None
+    seqs = load_sequences(opts.eval_data, tokenizer)
+    for row in range(len(seqs)):
+        seqs.first_scored(row, include_prompt=False)
+    store = None
+    if offline_store and opts.eval_logits is None and opts.loss_name != "ce":
+        raise UserError("--eval-data with --logits needs the held-out sequences' store: --eval-logits DIR")
+    if opts.eval_logits is not None:
+        store = LogitStore(opts.eval_logits)
+        store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
+    size = opts.loop.batch_size
+
+    def evaluate(step: int, total: int) -> dict:
+        was_training = model.training
+        model.eval()
+        loss_sum, tokens = 0.0, 0.0
+        try:
+            with torch.no_grad():
+                for start in range(0, len(seqs), size):
+                    rows = list(range(start, min(start + size, len(seqs))))
+                    loss, figures = batch_loss(seqs, rows, None, step, total, store, evaluating=True)
+                    loss_sum += float(loss) * figures.get("tokens", 0.0)
+                    tokens += figures.get("tokens", 0.0)
+        finally:
+            model.train(was_training)
+        return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": tokens}
+
+    return evaluate
+
+
 def prepare_distill(
     student: Path,
     data: Path,
@@ -83,24 +246,26 @@ def prepare_distill(
     teacher: Path | list[Path] | None = None,
     resume_from: Path | None = None,
 ):
-    """(model, tokenizer, number of examples, loss_fn(example indices, step, total) → (loss, figures))."""
+    """(model, tokenizer, number of examples, loss_fn(example indices, step, total) → (loss, figures)).
+
+    ``data`` is a sequences table offline, a prompts table on-policy; examples are its rows.
+    """
+    opts.check()
     schedule = opts.divergences()
     teachers = [] if teacher is None else [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
-    teacher = teachers or None
-    if schedule is not None and (logits is None) == (teacher is None):
+    uses_teacher = opts.loss_name != "ce"
+    if uses_teacher and (logits is None) == (not teachers):
         raise UserError("give exactly one teacher signal: --logits DIR (offline) or --teacher MODEL (online)")
-    if schedule is None and (logits is not None or teacher is not None):
+    if not uses_teacher and (logits is not None or teachers):
         raise UserError("--loss ce uses no teacher: drop --logits/--teacher")
-    if not opts.temperature > 0:
-        raise UserError(f"--temperature must be > 0, got {opts.temperature}")
+    if opts.on_policy is not None and logits is not None:
+        raise UserError("--logits holds fixed sequences: on-policy distillation samples new ones, use --teacher")
+    if opts.loss_name == "opd" and len(teachers) > 1:
+        raise UserError("--loss opd rewards each sampled token by one teacher's log-prob: give one --teacher "
+                        "(several teachers on-policy: --loss jsd, rkl, …)")
     tokenizer = load_tokenizer(student, "student")
     student_hash = tokenizer_hash(tokenizer)
-    seqs = load_sequences(data, tokenizer)
-    for row in range(len(seqs)):  # refuse unscorable rows before any training, not when their batch comes
-        seqs.first_scored(row, include_prompt=False)
-    if seqs.tokenizer_hash and seqs.tokenizer_hash != student_hash and not opts.allow_tokenizer_mismatch:
-        raise UserError(f"tokenizer mismatch: {data} was tokenized with {seqs.tokenizer_hash[:16]}…, the student "
-                        f"has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
+    table = read_table(data)
     store = None
     if logits is not None:
         store = LogitStore(logits)
@@ -108,33 +273,120 @@ def prepare_distill(
     weights = _teacher_weights(opts.teacher_weights, len(teachers))
     for t in teachers:
         check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
+    if opts.on_policy is not None:
+        require_columns(table, data, ["prompt_id"], " (on-policy distillation reads a prompts table)")
+        prompt_rows = table.to_pylist()
+        encoded = [encode_prompt(tokenizer, row, opts.on_policy.chat)[1] for row in prompt_rows]
+        prompt_ids = [str(row["prompt_id"]) for row in prompt_rows]
+        seqs = None
+    else:
+        seqs = load_sequences(data, tokenizer)
+        for row in range(len(seqs)):  # refuse unscorable rows before any training, not when their batch comes
+            seqs.first_scored(row, include_prompt=False)
+        if seqs.tokenizer_hash and seqs.tokenizer_hash != student_hash and not opts.allow_tokenizer_mismatch:
+            raise UserError(f"tokenizer mismatch: {data} was tokenized with {seqs.tokenizer_hash[:16]}…, the "
+                            f"student has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and "
+                            "is unsafe)")
+        prompt_ids = seqs.prompt_ids
+    row_weights = _row_weights(table, data, prompt_ids, opts)
+    turns = _turn_ids(table, data, seqs) if opts.depth_curriculum else None
+    max_turns = max((int(t.max()) + 1 for t in turns if len(t)), default=1) if turns is not None else 1
     frozen = [FrozenModel.load(t, "teacher", opts.dtype, opts.device) for t in teachers]
+    signal = _Teachers(frozen, weights, opts.vocab)
     model = load_causal_lm(resume_from or student, opts.dtype, opts.device, "student").train()
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
     device = head.weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    current = {"step": 0}
+    generate = None
+    if opts.on_policy is not None:
+        generate = live_generator(model, tokenizer, resume_from or student, opts.on_policy.backend, opts.dtype,
+                                  opts.device, lambda: current["step"])
 
-    def loss_fn(rows: list[int], step: int = 0, total: int = 1):
+    def token_weights(rows: list[int], batch: dict, step: int):
+        """Per-token weights ``[N]`` of the batch (PACED × TCOD), or None when neither is on."""
+        if row_weights is None and turns is None:
+            return None
+        w = torch.ones(len(batch["token"]), dtype=torch.float64)
+        if row_weights is not None:
+            w *= row_weights[[rows[b] for b in batch["batch_index"].tolist()]]
+        if turns is not None:
+            depth = exposed_turns(step, opts.depth_start, opts.depth_warmup, max_turns)
+            token_turn = torch.from_numpy(np.concatenate([turns[r] for r in rows]))
+            w *= (token_turn < depth).double()
+        return w.to(device, torch.float32)
+
+    def sampled(rows: list[int], step: int) -> Sequences:
+        sampling = SamplingOptions(n=opts.on_policy.samples_per_prompt, temperature=opts.temperature,
+                                   max_new_tokens=opts.on_policy.max_new_tokens)
+        seed = (opts.loop.seed * 1_000_003 + step * 10_007 + rows[0]) % (2**31)
+        results = generate([encoded[i] for i in rows], sampling, seed)
+        per = opts.on_policy.samples_per_prompt
+        return Sequences(
+            [prompt_ids[i] for i in rows for _ in range(per)], [s for _ in rows for s in range(per)],
+            [np.asarray(encoded[i], dtype=np.int64) for i in rows for _ in range(per)],
+            [np.asarray(c.token_ids, dtype=np.int64) for per_prompt in results for c in per_prompt], None)
+
+    def batch_loss(batch_seqs: Sequences, batch_rows: list[int], example_of: list[int] | None, step: int,
+                   total: int, batch_store: LogitStore | None = store, evaluating: bool = False):
+        surrogate = opts.loss_name == "opd" and not evaluating
         divergence = None if schedule is None else schedule.at(step, total)
-        batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
+        if opts.loss_name == "opd" and evaluating:
+            divergence = divergences.get("rkl")
+        batch = {k: v.to(device) for k, v in batch_seqs.batch(batch_rows, pad_id).items()}
         hidden = scored_hidden(decoder, batch)
         if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
             return hidden.new_tensor(float("nan")), {}
-        target, token_logprob = None, None
-        if store is not None:
-            target = store_target(store, seqs, rows, opts.tail, device)
-            if isinstance(divergence, PlackettLuce):
-                token_logprob = store_token_logprobs(store, seqs, rows, device)
-        elif frozen:
-            heads = [t.target(t.hidden(batch), opts.vocab) for t in frozen]
-            target = heads[0] if len(heads) == 1 else engine.TeacherMixture(heads, weights)
+        weights_t = None if example_of is None else \
+            token_weights(example_of, {k: v.cpu() for k, v in batch.items()}, step)
         try:
-            return kd_loss(KDBatch(hidden, batch["token"], target, token_logprob), head.weight, getattr(head, "bias", None),
-                           divergence, opts.temperature, opts.mix_ce)
+            if surrogate:
+                return _opd(frozen[0], batch, hidden, head.weight, bias, opts)
+            target, token_logprob = None, None
+            if divergence is not None:
+                if batch_store is not None:
+                    target = store_target(batch_store, batch_seqs, batch_rows, opts.tail, device)
+                    if isinstance(divergence, PlackettLuce):
+                        token_logprob = store_token_logprobs(batch_store, batch_seqs, batch_rows, device)
+                else:
+                    target = signal.target(batch)
+            return kd_loss(KDBatch(hidden, batch["token"], target, token_logprob, weights_t), head.weight,
+                           bias, divergence, opts.temperature, opts.mix_ce)
         except ValueError as err:
             raise UserError(str(err)) from None
 
-    return model, tokenizer, len(seqs), loss_fn
+    def loss_fn(rows: list[int], step: int = 0, total: int = 1):
+        current["step"] = step
+        if generate is None:
+            return batch_loss(seqs, rows, rows, step, total)
+        batch_seqs = sampled(rows, step)
+        example_of = [r for r in rows for _ in range(opts.on_policy.samples_per_prompt)]
+        loss, figures = batch_loss(batch_seqs, list(range(len(batch_seqs))), example_of, step, total)
+        figures["response_length"] = figures["tokens"] / len(batch_seqs)
+        return loss, figures
+
+    loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, model, batch_loss, store is not None)
+    return model, tokenizer, len(table), loss_fn
+
+
+def _opd(teacher: FrozenModel, batch: dict, hidden: torch.Tensor, weight, bias, opts: DistillOptions):
+    """OPD's surrogate on a batch of the student's samples, with vOPD's baseline when asked."""
+    teacher_hidden = teacher.hidden(batch)
+    tokens = batch["token"]
+    baseline_target = None
+    if opts.on_policy.baseline == "vopd":
+        baseline_target = teacher.target(teacher_hidden, opts.vocab)
+    if opts.on_policy.baseline_topk is not None:
+        top = head_topk(teacher_hidden, teacher.weight, opts.on_policy.baseline_topk, tokens,
+                               bias=teacher.bias, temperature=opts.temperature)
+        baseline_target = engine.TopK(top.ids, top.logprobs, top.log_tail, temperature=opts.temperature)
+        teacher_logprob = top.token_logprob
+    else:
+        teacher_logprob = teacher.token_logprobs(teacher_hidden, tokens, opts.temperature)
+    loss, figures = opd_loss(hidden, weight, bias, tokens, teacher_logprob, baseline_target, opts.temperature)
+    figures["response_length"] = float(len(tokens)) / int(batch["input_ids"].shape[0])
+    return loss, figures
 
 
 def run_distill(
@@ -149,4 +401,4 @@ def run_distill(
     """Distill into ``out``; with ``opts.loop.resume`` continue the checkpoint there."""
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
-    return run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step)
+    return run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate)

@@ -32,9 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fdivctl.errors import UserError
-from fdivctl.generation.hf import HFGenerator
 from fdivctl.generation.sampling import SamplingOptions
-from fdivctl.generation.vllm_backend import VLLMGenerator
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
@@ -49,7 +47,8 @@ from fdivctl.stages.policy_update import (
     RLOptions,
     ScoredRollouts,
 )
-from fdivctl.stages.rollout import encode_prompt, resolve_backend, rollout_rows
+from fdivctl.stages.live_sampler import live_generator
+from fdivctl.stages.rollout import encode_prompt, rollout_rows
 from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training.checkpoint import has_state, run_dir
@@ -312,28 +311,8 @@ def _mean(steps: list[dict]) -> dict:
 
 def _generator(model, tokenizer, policy: Path, out: Path, opts: RLOptions, online: OnlineOptions, trainer: Trainer):
     """``generate(prompt ids, sampling, seed)`` with the current weights of ``model``."""
-    if resolve_backend(online.backend, opts.device) == "hf":
-        hf = HFGenerator(model, tokenizer)
-
-        def generate_hf(prompts, sampling, seed):
-            model.eval()
-            try:
-                return hf.generate(prompts, sampling, seed)
-            finally:
-                model.train()
-
-        return generate_hf
     start = out if opts.loop.resume and has_state(out) else policy
-    engine = VLLMGenerator(start, tokenizer, opts.dtype)
-    synced = {"step": trainer.step}
-
-    def generate_vllm(prompts, sampling, seed):
-        if synced["step"] != trainer.step:
-            engine.load_weights(model.state_dict())
-            synced["step"] = trainer.step
-        return engine.generate(prompts, sampling, seed)
-
-    return generate_vllm
+    return live_generator(model, tokenizer, start, online.backend, opts.dtype, opts.device, lambda: trainer.step)
 
 
 def _sample_and_score(generate, tokenizer, batch: pa.Table, rows: list[dict],

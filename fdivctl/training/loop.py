@@ -44,6 +44,8 @@ class LoopOptions:
     save_every: int = 0  # 0: only at the end
     log_jsonl: Path | None = None
     resume: bool = False
+    grad_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    eval_every: int = 0  # steps between held-out evaluations (0: none); run_loop's ``evaluate``
 
     def check(self) -> None:
         if self.lr_schedule not in SCHEDULES:
@@ -52,6 +54,8 @@ class LoopOptions:
             raise UserError("--batch-size, --grad-accum and --epochs must be ≥ 1")
         if not self.lr > 0 or self.warmup < 0:
             raise UserError("--lr must be > 0 and --warmup ≥ 0")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise UserError("--eval-every and --save-every must be ≥ 0")
 
 
 def _lr_lambda(opts: LoopOptions, total: int) -> Callable[[int], float]:
@@ -74,6 +78,18 @@ def check_fresh_output(out: Path, resume: bool) -> None:
         raise UserError(f"{out} exists and is not empty: pass --resume to continue it, or choose a new directory")
 
 
+def _enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint).
+
+    transformers 5.x names it ``activation_checkpointing_enable``; 4.x ``gradient_checkpointing_enable``.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Trainer:
     """AdamW + schedule + checkpoints of one model in ``out``.
 
@@ -89,6 +105,9 @@ class Trainer:
     def __init__(self, model, tokenizer, out: Path, opts: LoopOptions, total: int):
         opts.check()
         self.model, self.tokenizer, self.out, self.opts = model, tokenizer, Path(out), opts
+        if opts.grad_checkpointing:
+            _enable_activation_checkpointing(model)
+            model.config.use_cache = False
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(opts, total))
@@ -192,8 +211,13 @@ def run_loop(
     out: Path,
     opts: LoopOptions,
     on_step: Callable[[int, int, dict], None] | None = None,
+    evaluate: Callable[[int, int], dict] | None = None,
 ) -> dict:
-    """Optimize ``loss_fn(example indices, step, total steps) → (loss, figures)``; checkpoint into ``out``."""
+    """Optimize ``loss_fn(example indices, step, total steps) → (loss, figures)``; checkpoint into ``out``.
+
+    With ``evaluate`` and ``opts.eval_every``, ``evaluate(step, total)`` runs every
+    ``eval_every`` steps and after the last; its figures join that step's record.
+    """
     total = total_steps(n_examples, opts)
     trainer = Trainer(model, tokenizer, out, opts, total)
     last: dict = {}
@@ -203,6 +227,8 @@ def run_loop(
             figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
             trainer.advance_schedule()
             last = {"step": trainer.step, **figures}
+            if evaluate and opts.eval_every and (trainer.step % opts.eval_every == 0 or trainer.step == total):
+                last.update(evaluate(trainer.step, total))
             log.write(last)
             if opts.save_every and trainer.step % opts.save_every == 0 and trainer.step < total:
                 trainer.save()
