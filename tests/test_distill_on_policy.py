@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from cli_runner import run_cli
 from fdivctl import tiny
-from fdivctl.schedules.depth import exposed_turns
+from fdivctl.schedules.depth import assistant_header, exposed_turns, turns_from_chat_template
 from fdivctl.schedules.paced import paced_weights
 from fdivctl.stages.distill import DistillOptions, OnPolicyOptions, prepare_distill, run_distill
 from fdivctl.training.loop import LoopOptions
@@ -161,6 +161,40 @@ def test_depth_curriculum_masks_later_turns(tmp_path, student, tiny_teacher):
     with pytest.raises(Exception, match="turn_ids"):
         prepare_distill(student, without, opts, teacher=tiny_teacher)
     assert curriculum[0] < curriculum[1] < curriculum[2] == pytest.approx(full[2])  # 1/3, 2/3, then all turns
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+def test_turns_from_the_chat_template(tmp_path, student, tiny_teacher):
+    """Without turn_ids the depth curriculum counts the template's assistant headers: same loss as explicit ids."""
+    assert [t.tolist() for t in turns_from_chat_template([np.array([5, 7, 8, 6, 7, 8, 7]), np.array([7])], [7, 8])] \
+        == [[0, 1, 1, 1, 2, 2, 2], [0]]
+    chat_student = tmp_path / "chat_student"
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(chat_student)
+    for f in ("config.json", "model.safetensors"):
+        (chat_student / f).write_bytes((student / f).read_bytes())
+    header = assistant_header(tokenizer)
+    assert header == tokenizer.encode("### assistant:\n", add_special_tokens=False)
+    g = torch.Generator().manual_seed(2)
+    answers = [torch.randint(3, len(tokenizer), (3,), generator=g).tolist() for _ in range(3)]
+    completion = answers[0] + header + answers[1] + header + answers[2]
+    turns = [0] * 3 + [1] * (len(header) + 3) + [2] * (len(header) + 3)
+    table = {"prompt_id": ["c0", "c1"], "prompt_token_ids": pa.array([[5, 6, 7]] * 2, pa.list_(pa.int32())),
+             "completion_token_ids": pa.array([completion] * 2, pa.list_(pa.int32()))}
+    explicit, derived = tmp_path / "explicit.parquet", tmp_path / "derived.parquet"
+    pq.write_table(pa.table({**table, "turn_ids": pa.array([turns] * 2, pa.list_(pa.int32()))}), explicit)
+    pq.write_table(pa.table(table), derived)
+    opts = DistillOptions(loss="fkl", device="cpu", depth_curriculum=True, depth_start=1, depth_warmup=3,
+                          loop=LoopOptions(batch_size=2, max_steps=1))
+    losses = []
+    for data in (explicit, derived):
+        _, _, _, loss_fn = prepare_distill(chat_student, data, opts, teacher=tiny_teacher)
+        losses.append([float(loss_fn([0, 1], step=s, total=6)[0].detach()) for s in (0, 1, 3)])
+    assert losses[0] == losses[1] and losses[0][0] < losses[0][1] < losses[0][2]
 
 
 def test_eval_every_logs_a_held_out_loss(tmp_path, student, tiny_teacher, prompts):

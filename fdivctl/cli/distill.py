@@ -7,10 +7,12 @@ from pathlib import Path
 
 import typer
 
+from fdivctl.cli.options import GRAD_CHECKPOINTING, LORA_ALPHA, LORA_DROPOUT, LORA_R
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
 from fdivctl.stages.distill import DistillOptions, OnPolicyOptions, run_distill
 from fdivctl.training.loop import LoopOptions
+from fdivctl.training.lora import LoraOptions
 
 
 def command(
@@ -51,8 +53,9 @@ def command(
     paced_beta: float = typer.Option(1.0, help="PACED: β of the Beta kernel."),
     pass_rates: Path = typer.Option(None, help="PACED: a scored table (fdivctl score output: prompt_id, "
                                     "pass_rate) giving each prompt's pass rate."),
-    depth_curriculum: bool = typer.Option(False, help="TCOD: expose turns of multi-turn data gradually (a turn_ids "
-                                          "column gives each completion token's 0-based turn)."),
+    depth_curriculum: bool = typer.Option(False, help="TCOD: expose turns of multi-turn data gradually; a turn_ids "
+                                          "column gives each completion token's 0-based turn, else each assistant "
+                                          "header of the student's chat template starts the next turn."),
     depth_start: int = typer.Option(1, help="TCOD: turns exposed at step 0."),
     depth_warmup: int = typer.Option(100, help="TCOD: steps until every turn is exposed (linear growth)."),
     temperature: float = typer.Option(1.0, help="Distillation temperature (student and teacher divided by it)."),
@@ -73,8 +76,10 @@ def command(
     eval_logits: Path = typer.Option(None, help="The teacher-logits store of --eval-data (when training uses "
                                      "--logits)."),
     eval_every: int = typer.Option(0, help="Evaluate on --eval-data every N steps and after the last (0: never)."),
-    grad_checkpointing: bool = typer.Option(False, help="Recompute decoder activations in backward: less memory, "
-                                            "about one more forward of compute."),
+    grad_checkpointing: bool = GRAD_CHECKPOINTING,
+    lora_r: int = LORA_R,
+    lora_alpha: float = LORA_ALPHA,
+    lora_dropout: float = LORA_DROPOUT,
     log_jsonl: Path = typer.Option(None, help="Append one JSON line per step: loss, divergence, ce, grad norm, lr, "
                                    "tokens/s."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT (exact: data order, optimizer, RNG)."),
@@ -96,7 +101,8 @@ def command(
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
                        save_every=save_every, log_jsonl=log_jsonl, resume=resume,
-                       grad_checkpointing=grad_checkpointing, eval_every=eval_every)
+                       grad_checkpointing=grad_checkpointing, eval_every=eval_every,
+                       lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
     online = OnPolicyOptions(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, baseline=baseline,
                              baseline_topk=baseline_topk, backend=backend, chat=chat) if on_policy else None
     opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, tail=tail,

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import typer
+
 from fdivctl.errors import UserError
+
+# training options of every command that updates a model (distill, train)
+LORA_R = typer.Option(0, help="Train LoRA adapters of rank R on every linear layer of the decoder instead of all "
+                      "weights (needs peft: pip install 'fdivctl\\[lora]'); OUT holds the merged model plus "
+                      "OUT/adapter (a peft adapter). 0: full fine-tuning.")
+LORA_ALPHA = typer.Option(None, help="LoRA scale α (the update is (α/r)·BA); default 2·r.")
+LORA_DROPOUT = typer.Option(0.0, help="Dropout on the LoRA branch's input.")
+GRAD_CHECKPOINTING = typer.Option(False, help="Recompute decoder activations in backward: less memory, about one "
+                                  "more forward of compute.")
 
 
 def parse_shard(spec: str) -> tuple[int, int]:

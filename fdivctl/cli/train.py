@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from fdivctl.cli.options import GRAD_CHECKPOINTING, LORA_ALPHA, LORA_DROPOUT, LORA_R
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
 from fdivctl.generation.sampling import SamplingOptions
@@ -18,6 +19,7 @@ from fdivctl.stages.preference import FDPOOptions, run_fdpo
 from fdivctl.stages.rollout import RolloutOptions
 from fdivctl.stages.train_rl import OnlineOptions, run_online, run_staged
 from fdivctl.training.loop import LoopOptions
+from fdivctl.training.lora import LoraOptions
 
 ALGOS = ("grpo", "drgrpo", "dapo", "dph", "rlad", "fdpo", "sft")
 
@@ -117,6 +119,10 @@ def command(
     log_jsonl: Path = typer.Option(None, help="Append one JSON line per step (online: per iteration): reward, "
                                    "accuracy, pass histogram, entropy, divergence, clip fraction, length, tokens/s."),
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
+    grad_checkpointing: bool = GRAD_CHECKPOINTING,
+    lora_r: int = LORA_R,
+    lora_alpha: float = LORA_ALPHA,
+    lora_dropout: float = LORA_DROPOUT,
     dtype: str = typer.Option("auto", help="Model dtype: auto, fp32, bf16, fp16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     allow_tokenizer_mismatch: bool = typer.Option(False, help="UNSAFE: skip the tokenizer hash checks."),
@@ -126,7 +132,9 @@ def command(
         raise UserError(f"--algo {algo!r}; valid: {', '.join(ALGOS)}")
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
-                       save_every=save_every or 0, log_jsonl=log_jsonl, resume=resume)
+                       save_every=save_every or 0, log_jsonl=log_jsonl, resume=resume,
+                       grad_checkpointing=grad_checkpointing,
+                       lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
     sampling = SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                                stop=list(stop or []))
     if partition:

@@ -18,7 +18,8 @@ Registry divergences and the other losses then compare the full distributions
 at the sampled states (GKD-style); ``opd`` uses the sampled tokens' rewards.
 
 Per-token weights: PACED (``prompt_weighting="paced"``, from each row's pass
-rate) and TCOD (``depth_curriculum``, from a ``turn_ids`` column) multiply.
+rate) and TCOD (``depth_curriculum``, turns from a ``turn_ids`` column or the chat
+template's assistant headers) multiply.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from fdivctl.io.tables import read_table, require_columns
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
 from fdivctl.objectives.pld import PlackettLuce
-from fdivctl.schedules.depth import exposed_turns
+from fdivctl.schedules.depth import assistant_header, exposed_turns, turns_from_chat_template
 from fdivctl.schedules.divergence_schedule import DivergenceSchedule
 from fdivctl.schedules.paced import paced_weights
 from fdivctl.stages.live_sampler import live_generator
@@ -57,6 +58,7 @@ from fdivctl.stages.signals import (
 )
 from fdivctl.training.checkpoint import has_state
 from fdivctl.training.loop import LoopOptions, run_loop
+from fdivctl.training.lora import weights_to_load
 
 PROMPT_WEIGHTINGS = ("none", "paced")
 
@@ -177,9 +179,13 @@ def _row_weights(table: pa.Table, path: Path, prompt_ids: list[str], opts: Disti
         raise UserError(f"--prompt-weighting paced: {err}") from None
 
 
-def _turn_ids(table: pa.Table, path: Path, seqs: Sequences) -> list[np.ndarray]:
-    """Each row's ``turn_ids`` (the 0-based turn of every completion token), checked against its tokens."""
-    require_columns(table, path, ["turn_ids"], " (--depth-curriculum needs each completion token's turn index)")
+def _turn_ids(table: pa.Table, path: Path, seqs: Sequences, tokenizer) -> list[np.ndarray]:
+    """Each row's 0-based turn of every completion token: its ``turn_ids``, else found by the chat template."""
+    if "turn_ids" not in table.column_names:
+        try:
+            return turns_from_chat_template(seqs.completion_tokens, assistant_header(tokenizer))
+        except ValueError as err:
+            raise UserError(f"--depth-curriculum: {path} has no turn_ids column and {err}") from None
     turns = [np.asarray(t if t is not None else [], dtype=np.int64) for t in table.column("turn_ids").to_pylist()]
     for row, (t, tokens) in enumerate(zip(turns, seqs.completion_tokens)):
         if len(t) != len(tokens) or (len(t) and t.min() < 0):
@@ -289,11 +295,12 @@ def prepare_distill(
                             "is unsafe)")
         prompt_ids = seqs.prompt_ids
     row_weights = _row_weights(table, data, prompt_ids, opts)
-    turns = _turn_ids(table, data, seqs) if opts.depth_curriculum else None
+    turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None
     max_turns = max((int(t.max()) + 1 for t in turns if len(t)), default=1) if turns is not None else 1
     frozen = [FrozenModel.load(t, "teacher", opts.dtype, opts.device) for t in teachers]
     signal = _Teachers(frozen, weights, opts.vocab)
-    model = load_causal_lm(resume_from or student, opts.dtype, opts.device, "student").train()
+    model = load_causal_lm(weights_to_load(student, resume_from, opts.loop.lora), opts.dtype, opts.device,
+                           "student").train()
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     device = head.weight.device
@@ -375,7 +382,7 @@ def _opd(teacher: FrozenModel, batch: dict, hidden: torch.Tensor, weight, bias, 
     teacher_hidden = teacher.hidden(batch)
     tokens = batch["token"]
     baseline_target = None
-    if opts.on_policy.baseline == "vopd":
+    if opts.on_policy.baseline == "vopd" and opts.on_policy.baseline_topk is None:
         baseline_target = teacher.target(teacher_hidden, opts.vocab)
     if opts.on_policy.baseline_topk is not None:
         top = head_topk(teacher_hidden, teacher.weight, opts.on_policy.baseline_topk, tokens,

@@ -3,7 +3,7 @@
 Used by the online ``train`` loop and by on-policy ``distill``.  With the
 ``hf`` backend the model itself generates (switched to eval mode for the
 call); with ``vllm`` an engine is started from the run's starting weights and
-reloaded from the model's state dict whenever the optimizer step has changed
+reloaded from the model's state dict (LoRA adapters merged) whenever the optimizer step has changed
 since its last call.
 """
 
@@ -16,6 +16,7 @@ from fdivctl.generation.hf import HFGenerator
 from fdivctl.generation.sampling import Completion, SamplingOptions
 from fdivctl.generation.vllm_backend import VLLMGenerator
 from fdivctl.stages.rollout import resolve_backend
+from fdivctl.training.lora import merged_state_dict
 
 #: ``generate(prompt token ids, sampling, seed) → completions per prompt``
 Generate = Callable[[list[list[int]], SamplingOptions, int], list[list[Completion]]]
@@ -44,7 +45,7 @@ def live_generator(model, tokenizer, start: Path, backend: str, dtype: str, devi
 
     def generate_vllm(prompts, sampling, seed):
         if synced["step"] != current_step():
-            engine.load_weights(model.state_dict())
+            engine.load_weights(merged_state_dict(model))
             synced["step"] = current_step()
         return engine.generate(prompts, sampling, seed)
 

@@ -27,6 +27,7 @@ from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
 from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import LoopOptions, check_fresh_output, run_loop
+from fdivctl.training.lora import weights_to_load
 
 REFERENCE_CACHE = "reference_logprobs.parquet"
 
@@ -105,7 +106,8 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     chosen, rejected, table = _pairs(pairs, tokenizer)
     resume_from = out if opts.loop.resume and has_state(out) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = load_causal_lm(resume_from or policy, opts.dtype, opts.device, "policy")
+    model = load_causal_lm(weights_to_load(policy, resume_from, opts.loop.lora), opts.dtype, opts.device,
+                           "policy")
     initial = (lambda: model) if resume_from is None else (  # noqa: E731 - the policy is π_ref before training
         lambda: load_causal_lm(policy, opts.dtype, opts.device, "reference"))
     ref_chosen, ref_rejected = _reference_logprobs(table, initial, chosen, rejected, pad_id,

@@ -53,6 +53,7 @@ from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import JsonlLog, Trainer, check_fresh_output
+from fdivctl.training.lora import weights_to_load
 
 PARTITION_FILE = "partition.json"
 PROMPT_SAMPLING = ("uniform", "gaussian")
@@ -87,7 +88,8 @@ class OnlineOptions:
 def _load_policy(policy: Path, out: Path, opts: RLOptions):
     resume_from = out if opts.loop.resume and has_state(out) else None
     tokenizer = load_tokenizer(policy, "policy")
-    model = load_causal_lm(resume_from or policy, opts.dtype, opts.device, "policy").train()
+    model = load_causal_lm(weights_to_load(policy, resume_from, opts.loop.lora), opts.dtype, opts.device,
+                           "policy").train()
     return model, tokenizer
 
 

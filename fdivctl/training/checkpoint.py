@@ -1,5 +1,8 @@
 """Checkpoints: a ``save_pretrained`` directory plus ``fdivctl_state/`` for exact resume.
 
+Under LoRA the directory holds the merged weights and the adapter alone in
+``adapter/`` (:mod:`fdivctl.training.lora`).
+
 ``fdivctl_state/state.pt`` holds the optimizer and scheduler states, the step,
 and the RNG states.  A checkpoint is written to a temporary sibling directory
 and renamed into place, so ``OUT`` always holds either the previous complete
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fdivctl.training import lora
 
 STATE_DIR = "fdivctl_state"
 RUN_DIR = "fdivctl_run"
@@ -38,7 +43,7 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int
         out.mkdir(parents=True, exist_ok=True)
         (tmp / RUN_DIR).rename(out / RUN_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    lora.save_pretrained(model, tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / STATE_DIR).mkdir()
     torch.save(

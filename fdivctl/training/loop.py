@@ -15,13 +15,14 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fdivctl.errors import UserError
 from fdivctl.training.checkpoint import RUN_DIR, has_state, load_state, save_checkpoint
+from fdivctl.training.lora import LoraOptions, add_adapters, check_resume
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -46,6 +47,7 @@ class LoopOptions:
     resume: bool = False
     grad_checkpointing: bool = False  # recompute each decoder layer's activations in backward
     eval_every: int = 0  # steps between held-out evaluations (0: none); run_loop's ``evaluate``
+    lora: LoraOptions = field(default_factory=LoraOptions)  # r > 0: train LoRA adapters only
 
     def check(self) -> None:
         if self.lr_schedule not in SCHEDULES:
@@ -56,6 +58,7 @@ class LoopOptions:
             raise UserError("--lr must be > 0 and --warmup ≥ 0")
         if self.eval_every < 0 or self.save_every < 0:
             raise UserError("--eval-every and --save-every must be ≥ 0")
+        self.lora.check()
 
 
 def _lr_lambda(opts: LoopOptions, total: int) -> Callable[[int], float]:
@@ -99,12 +102,20 @@ class Trainer:
     checkpoint in ``out`` the optimizer, schedule, step and RNG are restored and
     :attr:`state` holds what the caller saved with it.  ``out`` may already
     hold this run's ``fdivctl_run/`` (a stage that writes it first checks
-    :func:`check_fresh_output`).
+    :func:`check_fresh_output`).  With ``opts.lora`` the model gets LoRA adapters
+    here (in place) and only they are trained; the caller loads the base weights
+    (:func:`fdivctl.training.lora.weights_to_load`) and a resumed run gets its
+    adapter back from ``out``.
     """
 
     def __init__(self, model, tokenizer, out: Path, opts: LoopOptions, total: int):
         opts.check()
         self.model, self.tokenizer, self.out, self.opts = model, tokenizer, Path(out), opts
+        resuming = opts.resume and has_state(self.out)
+        if opts.lora.enabled:
+            add_adapters(model, opts.lora, self.out if resuming else None, seed=opts.seed)
+        elif resuming:
+            check_resume(self.out, opts.lora)
         if opts.grad_checkpointing:
             _enable_activation_checkpointing(model)
             model.config.use_cache = False
@@ -114,7 +125,7 @@ class Trainer:
         self.total = total
         self.step = 0
         self.state: dict = {}
-        if opts.resume and has_state(self.out):
+        if resuming:
             self.state = load_state(self.out)
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.scheduler.load_state_dict(self.state["scheduler"])
