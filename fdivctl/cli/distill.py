@@ -7,10 +7,17 @@ from pathlib import Path
 
 import typer
 
-from fdivctl.cli.options import GRAD_CHECKPOINTING, LORA_ALPHA, LORA_DROPOUT, LORA_R
+from fdivctl.cli.options import (
+    DIST_BACKEND,
+    GRAD_CHECKPOINTING,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_R,
+)
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
 from fdivctl.stages.distill import DistillOptions, OnPolicyOptions, run_distill
+from fdivctl.training.distributed import is_main
 from fdivctl.training.loop import LoopOptions
 from fdivctl.training.lora import LoraOptions
 
@@ -77,6 +84,7 @@ def command(
                                      "--logits)."),
     eval_every: int = typer.Option(0, help="Evaluate on --eval-data every N steps and after the last (0: never)."),
     grad_checkpointing: bool = GRAD_CHECKPOINTING,
+    dist_backend: str = DIST_BACKEND,
     lora_r: int = LORA_R,
     lora_alpha: float = LORA_ALPHA,
     lora_dropout: float = LORA_DROPOUT,
@@ -101,7 +109,7 @@ def command(
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
                        save_every=save_every, log_jsonl=log_jsonl, resume=resume,
-                       grad_checkpointing=grad_checkpointing, eval_every=eval_every,
+                       grad_checkpointing=grad_checkpointing, dist_backend=dist_backend, eval_every=eval_every,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
     online = OnPolicyOptions(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, baseline=baseline,
                              baseline_topk=baseline_topk, backend=backend, chat=chat) if on_policy else None
@@ -120,7 +128,8 @@ def command(
                             description=f"distill loss {figures.get('loss', float('nan')):.4f}")
 
         summary = run_distill(student, out, data or prompts, opts, logits=logits, teacher=teacher or None, on_step=on_step)
-    typer.echo(json.dumps({"checkpoint": str(out), **summary}))
+    if is_main():
+        typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fdivctl.errors import UserError
+from fdivctl.training import distributed
 
 # training options of every command that updates a model (distill, train)
 LORA_R = typer.Option(0, help="Train LoRA adapters of rank R on every linear layer of the decoder instead of all "
@@ -12,12 +13,16 @@ LORA_R = typer.Option(0, help="Train LoRA adapters of rank R on every linear lay
                       "OUT/adapter (a peft adapter). 0: full fine-tuning.")
 LORA_ALPHA = typer.Option(None, help="LoRA scale α (the update is (α/r)·BA); default 2·r.")
 LORA_DROPOUT = typer.Option(0.0, help="Dropout on the LoRA branch's input.")
+DIST_BACKEND = typer.Option("auto", help="Under torchrun (torchrun --nproc-per-node N -m fdivctl …): the "
+                            "process-group backend, nccl, gloo, or auto (nccl on CUDA, gloo on CPUs).")
 GRAD_CHECKPOINTING = typer.Option(False, help="Recompute decoder activations in backward: less memory, about one "
                                   "more forward of compute.")
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"i/n"`` → (i, n)."""
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"i/n"`` → (i, n); no spec: (RANK, WORLD_SIZE) under torchrun (each process on its local GPU), else (0, 1)."""
+    if spec is None:
+        return distributed.env_shard()
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:

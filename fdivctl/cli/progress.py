@@ -16,6 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fdivctl.training.distributed import is_main
+
 
 class _Rate(TextColumn):
     """Items per second of a task, with its unit."""
@@ -41,7 +43,7 @@ def progress_bar(description: str, unit: str) -> Iterator[Progress]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty() or not is_main(),  # under torchrun only rank 0 draws
     )
     with progress:
         yield progress

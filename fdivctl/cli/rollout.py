@@ -11,6 +11,7 @@ from fdivctl.cli.options import parse_shard
 from fdivctl.cli.progress import progress_bar
 from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout
+from fdivctl.training.distributed import launched
 
 
 def rollout(
@@ -18,7 +19,8 @@ def rollout(
     prompts: Path = typer.Argument(..., help="Prompts Parquet: prompt_id, prompt (or messages), any extra columns "
                                    "(carried through, e.g. answer)."),
     out: Path = typer.Argument(..., help="Rollouts Parquet to write (one row per sample)."),
-    n: int = typer.Option(1, "--n", help="Samples per prompt."),
+    n: int = typer.Option(1, "--n", "--samples", help="Samples per prompt (--samples under torchrun, whose own "
+                          "options swallow --n)."),
     temperature: float = typer.Option(1.0, help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, help="Top-k sampling; 0 = off."),
@@ -33,10 +35,15 @@ def rollout(
     dtype: str = typer.Option("auto", help="Model dtype: auto, fp32, bf16, fp16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     chat: bool = typer.Option(False, help="Wrap plain prompts in the tokenizer's chat template."),
-    shard: str = typer.Option("0/1", help="Take every n-th prompt starting at the i-th, as i/n."),
+    shard: str = typer.Option(None, help="Take every n-th prompt starting at the i-th, as i/n (default 0/1; under "
+                              "torchrun RANK/WORLD_SIZE, each rank writing OUT with -shard-i-of-n before its "
+                              "suffix: join them with fdivctl merge)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT.parts/."),
 ) -> None:
     """Sample completions with their token ids and per-token log-probs."""
+    if shard is None and launched():
+        i, n = parse_shard(None)
+        out = out.with_name(f"{out.stem}-shard-{i}-of-{n}{out.suffix}")
     opts = RolloutOptions(
         sampling=SamplingOptions(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                  max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or [])),

@@ -27,7 +27,8 @@ def command(
     dtype: str = typer.Option("bf16", help="Storage dtype of the top-k log-probs: bf16, fp16 or fp32."),
     batch_size: int = typer.Option(8, help="Sequences per teacher forward pass."),
     max_tokens_per_shard: int = typer.Option(1_000_000, help="Scored tokens per shard file (a row never splits)."),
-    shard: str = typer.Option("0/1", help="Process shards j with j mod n = i, as i/n, so n processes split one store."),
+    shard: str = typer.Option(None, help="Process shards j with j mod n = i, as i/n, so n processes split one store "
+                              "(default 0/1; under torchrun RANK/WORLD_SIZE)."),
     include_prompt: bool = typer.Option(False, help="Also score prompt tokens (after the first)."),
     device: str = typer.Option("auto", help="Where the teacher runs: auto, cpu, cuda, cuda:N."),
     model_dtype: str = typer.Option("auto", help="Teacher weights dtype: auto, fp32, bf16, fp16."),

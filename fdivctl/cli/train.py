@@ -7,7 +7,13 @@ from pathlib import Path
 
 import typer
 
-from fdivctl.cli.options import GRAD_CHECKPOINTING, LORA_ALPHA, LORA_DROPOUT, LORA_R
+from fdivctl.cli.options import (
+    DIST_BACKEND,
+    GRAD_CHECKPOINTING,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_R,
+)
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
 from fdivctl.generation.sampling import SamplingOptions
@@ -18,6 +24,7 @@ from fdivctl.stages.policy_update import RLOptions
 from fdivctl.stages.preference import FDPOOptions, run_fdpo
 from fdivctl.stages.rollout import RolloutOptions
 from fdivctl.stages.train_rl import OnlineOptions, run_online, run_staged
+from fdivctl.training.distributed import is_main
 from fdivctl.training.loop import LoopOptions
 from fdivctl.training.lora import LoraOptions
 
@@ -120,6 +127,7 @@ def command(
                                    "accuracy, pass histogram, entropy, divergence, clip fraction, length, tokens/s."),
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
     grad_checkpointing: bool = GRAD_CHECKPOINTING,
+    dist_backend: str = DIST_BACKEND,
     lora_r: int = LORA_R,
     lora_alpha: float = LORA_ALPHA,
     lora_dropout: float = LORA_DROPOUT,
@@ -133,7 +141,7 @@ def command(
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
                        save_every=save_every or 0, log_jsonl=log_jsonl, resume=resume,
-                       grad_checkpointing=grad_checkpointing,
+                       grad_checkpointing=grad_checkpointing, dist_backend=dist_backend,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
     sampling = SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                                stop=list(stop or []))
@@ -192,7 +200,8 @@ def command(
                                        score_workers=score_workers, save_every=save_every or 1, backend=backend)
                 summary = run_online(policy, prompts, out, make_verifier(verifier, pattern=pattern), opts, online,
                                      on_iteration=on_step)
-    typer.echo(json.dumps({"checkpoint": str(out), **summary}))
+    if is_main():
+        typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 
 
 def register(app: typer.Typer) -> None:

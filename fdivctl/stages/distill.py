@@ -44,7 +44,11 @@ from fdivctl.io.tables import read_table, require_columns
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
 from fdivctl.objectives.pld import PlackettLuce
-from fdivctl.schedules.depth import assistant_header, exposed_turns, turns_from_chat_template
+from fdivctl.schedules.depth import (
+    assistant_header,
+    exposed_turns,
+    turns_from_chat_template,
+)
 from fdivctl.schedules.divergence_schedule import DivergenceSchedule
 from fdivctl.schedules.paced import paced_weights
 from fdivctl.stages.live_sampler import live_generator
@@ -56,6 +60,7 @@ from fdivctl.stages.signals import (
     store_target,
     store_token_logprobs,
 )
+from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state
 from fdivctl.training.loop import LoopOptions, run_loop
 from fdivctl.training.lora import weights_to_load
@@ -405,7 +410,13 @@ def run_distill(
     teacher: Path | list[Path] | None = None,
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Distill into ``out``; with ``opts.loop.resume`` continue the checkpoint there."""
+    """Distill into ``out``; with ``opts.loop.resume`` continue the checkpoint there.
+
+    Under torchrun (offline data only) the ranks share the work: :mod:`fdivctl.training.distributed`.
+    """
+    if opts.on_policy is not None:
+        distributed.refuse("on-policy distill")
+    distributed.init_world(opts.loop.dist_backend, opts.device)
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
     return run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate)

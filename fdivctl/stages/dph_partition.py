@@ -33,11 +33,13 @@ from fdivctl.rewards.verifiers import Verifier
 from fdivctl.stages.rollout import RolloutOptions, run_rollout
 from fdivctl.stages.score import score_table
 from fdivctl.stages.train_rl import PARTITION_FILE
+from fdivctl.training import distributed
 
 
 def run_partition(policy: Path, prompts: Path, out: Path, verifier: Verifier, k: int, threshold: float,
                   rollout: RolloutOptions, workers: int = 2, timeout: float = 10.0, on_batch=None) -> dict:
     """Pre-sample, score and split; returns the partition record."""
+    distributed.refuse("train --partition")
     if k < 1 or not 0 < threshold <= 1:
         raise UserError("--k must be ≥ 1 and --pef-threshold lie in (0, 1]")
     if rollout.sampling.temperature == 0:

@@ -25,6 +25,7 @@ from fdivctl.io.sequences import Sequences, sequences_from_table
 from fdivctl.io.tables import read_table, require_columns, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
+from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import LoopOptions, check_fresh_output, run_loop
 from fdivctl.training.lora import weights_to_load
@@ -93,6 +94,7 @@ def _reference_logprobs(table: pa.Table, load_reference: Callable[[], object], c
 def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
              on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Train ``policy`` on preference pairs with the f-DPO loss; checkpoint into ``out``."""
+    distributed.refuse("train --algo fdpo")
     try:
         divergence = divergences.parse(opts.divergence)
     except ValueError as err:

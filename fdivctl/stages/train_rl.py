@@ -40,6 +40,7 @@ from fdivctl.io.sequences import sequences_from_table
 from fdivctl.io.tables import provenance, read_table, write_table
 from fdivctl.rewards.verifiers import Verifier
 from fdivctl.schedules import curriculum
+from fdivctl.stages.live_sampler import live_generator
 from fdivctl.stages.policy_update import (
     PolicyUpdate,
     ReferencePolicy,
@@ -47,10 +48,10 @@ from fdivctl.stages.policy_update import (
     RLOptions,
     ScoredRollouts,
 )
-from fdivctl.stages.live_sampler import live_generator
 from fdivctl.stages.rollout import encode_prompt, rollout_rows
 from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
+from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import JsonlLog, Trainer, check_fresh_output
 from fdivctl.training.lora import weights_to_load
@@ -146,6 +147,7 @@ def load_partition(directory: Path, policy_hash: str, allow_mismatch: bool) -> t
 
 
 def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
+    distributed.refuse(f"train --algo {opts.algo}")
     opts.resolve()
     model, tokenizer = _load_policy(policy, out, opts)
     policy_hash = tokenizer_hash(tokenizer)

@@ -35,7 +35,9 @@ def run_dir(out: Path) -> Path:
     return path
 
 
-def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int, extra: dict) -> None:
+def save_checkpoint(out: Path, model, tokenizer, optimizer_state: dict, scheduler, step: int, extra: dict,
+                    model_state: dict | None = None) -> None:
+    """Write ``out`` atomically; ``model_state`` (a gathered full state dict) replaces the model's own."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     old = out.with_name(f".{out.name}.old")
@@ -43,13 +45,13 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int
         out.mkdir(parents=True, exist_ok=True)
         (tmp / RUN_DIR).rename(out / RUN_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_pretrained(model, tmp)
+    lora.save_pretrained(model, tmp, model_state)
     tokenizer.save_pretrained(tmp)
     (tmp / STATE_DIR).mkdir()
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
             **extra,

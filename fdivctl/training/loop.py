@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fdivctl.errors import UserError
+from fdivctl.training import distributed
 from fdivctl.training.checkpoint import RUN_DIR, has_state, load_state, save_checkpoint
 from fdivctl.training.lora import LoraOptions, add_adapters, check_resume
 
@@ -47,6 +48,7 @@ class LoopOptions:
     resume: bool = False
     grad_checkpointing: bool = False  # recompute each decoder layer's activations in backward
     eval_every: int = 0  # steps between held-out evaluations (0: none); run_loop's ``evaluate``
+    dist_backend: str = "auto"  # under torchrun: nccl, gloo, or auto (nccl on CUDA)
     lora: LoraOptions = field(default_factory=LoraOptions)  # r > 0: train LoRA adapters only
 
     def check(self) -> None:
@@ -112,6 +114,9 @@ class Trainer:
         opts.check()
         self.model, self.tokenizer, self.out, self.opts = model, tokenizer, Path(out), opts
         resuming = opts.resume and has_state(self.out)
+        self.world = distributed.current()
+        if opts.lora.enabled and self.world.distributed:
+            raise UserError("--lora-r runs in one process: start it without torchrun")
         if opts.lora.enabled:
             add_adapters(model, opts.lora, self.out if resuming else None, seed=opts.seed)
         elif resuming:
@@ -119,6 +124,8 @@ class Trainer:
         if opts.grad_checkpointing:
             _enable_activation_checkpointing(model)
             model.config.use_cache = False
+        if self.world.distributed:
+            distributed.shard(model, self.world)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(opts, total))
@@ -127,7 +134,7 @@ class Trainer:
         self.state: dict = {}
         if resuming:
             self.state = load_state(self.out)
-            self.optimizer.load_state_dict(self.state["optimizer"])
+            distributed.load_optimizer_state(model, self.optimizer, self.state["optimizer"])
             self.scheduler.load_state_dict(self.state["scheduler"])
             self.step = self.state["step"]
         elif self.out.exists() and any(p.name != RUN_DIR for p in self.out.iterdir()):
@@ -144,16 +151,19 @@ class Trainer:
         figures: dict[str, float] = {}
         for micro in micro_batches:
             loss, parts = micro()
-            if not torch.isfinite(loss):
+            if not distributed.all_finite(loss, self.world):
                 kept = f"{self.out} keeps the last good checkpoint" if has_state(self.out) else \
                     "no checkpoint was written yet"
                 raise UserError(f"non-finite loss at step {self.step + 1}: stopped; {kept}")
             loss.backward()
             for key, value in parts.items():
                 figures[key] = figures.get(key, 0.0) + value
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.opts.max_grad_norm)
+        if self.world.distributed:
+            distributed.average_replicated_grads(self.params, self.world)
+        grad_norm = distributed.clip_grad_norm(self.params, self.opts.max_grad_norm, self.world)
         self.optimizer.step()
         self.step += 1
+        figures = distributed.mean_figures(figures, self.world)
         seconds = time.perf_counter() - start
         return {**figures, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
                 "tokens_per_s": figures.get("tokens", 0.0) / seconds}
@@ -167,7 +177,13 @@ class Trainer:
         self.scheduler.step()
 
     def save(self, extra: dict | None = None) -> None:
-        save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, self.scheduler, self.step, extra or {})
+        """Checkpoint into ``out`` (every rank gathers; rank 0 writes)."""
+        model_state = distributed.model_state(self.model) if self.world.distributed else None
+        optimizer_state = distributed.optimizer_state(self.model, self.optimizer)
+        if self.world.main:
+            save_checkpoint(self.out, self.model, self.tokenizer, optimizer_state, self.scheduler, self.step,
+                            extra or {}, model_state)
+        distributed.barrier(self.world)
 
 
 class JsonlLog:
@@ -226,15 +242,21 @@ def run_loop(
 ) -> dict:
     """Optimize ``loss_fn(example indices, step, total steps) → (loss, figures)``; checkpoint into ``out``.
 
+    Under torchrun each rank gets its share of every micro-batch (:mod:`fdivctl.training.distributed`).
+
     With ``evaluate`` and ``opts.eval_every``, ``evaluate(step, total)`` runs every
     ``eval_every`` steps and after the last; its figures join that step's record.
     """
     total = total_steps(n_examples, opts)
     trainer = Trainer(model, tokenizer, out, opts, total)
+    world = trainer.world
+    if opts.batch_size % world.size:
+        raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the {world.size} processes "
+                        "(each micro-batch is split over them)")
     last: dict = {}
-    with JsonlLog(opts.log_jsonl) as log:
+    with JsonlLog(opts.log_jsonl if world.main else None) as log:
         while trainer.step < total:
-            micro = batches_for_step(n_examples, trainer.step, opts)
+            micro = [rows[world.rank :: world.size] for rows in batches_for_step(n_examples, trainer.step, opts)]
             figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
             trainer.advance_schedule()
             last = {"step": trainer.step, **figures}

@@ -126,10 +126,13 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_pretrained(model, path: Path) -> None:
-    """``save_pretrained`` of the merged model; with adapters, the adapter alone under ``path/adapter``."""
+def save_pretrained(model, path: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` of the merged model; with adapters, the adapter alone under ``path/adapter``.
+
+    ``state_dict`` (without adapters only) is what to write instead of the model's own parameters.
+    """
     if not has_adapters(model):
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
         return
     from safetensors.torch import save_file
 

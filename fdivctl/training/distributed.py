@@ -1,0 +1,219 @@
+"""Several processes (torchrun) training one model: FSDP2 over the decoder layers, the data split by rank.
+
+``torchrun --nproc-per-node N -m fdivctl distill …`` (or ``train``) starts N
+processes; each finds its rank in the environment torchrun sets (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and joins
+one process group: NCCL on GPUs, gloo on CPUs (``--dist-backend``).
+
+* The model: each decoder layer is one FSDP2 group (``fully_shard``: its
+  parameters are sharded over the ranks as DTensors, all-gathered for its
+  forward and backward, gradients reduce-scattered and averaged).  On a GPU
+  the layers compute in bf16 with fp32 gradient reduction
+  (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``).  The
+  embedding, final norm and output head stay whole on every rank (the loss
+  engine multiplies by the head's weight directly, outside any forward); their
+  gradients are all-reduced and averaged here.
+* The data: every optimizer step takes the same global examples as a single
+  process (``--batch-size`` × ``--grad-accum`` rows, DESIGN.md's data order);
+  rank r takes rows r, r + N, … of each micro-batch, so ``--batch-size`` must
+  be a multiple of N.  Each rank's loss is the mean over its own tokens and
+  the gradients are averaged over ranks: the same update as one process when
+  the ranks hold equal token counts, the usual data-parallel approximation
+  otherwise.
+* Checkpoints: the full model and optimizer state are gathered to rank 0
+  (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``,
+  offloaded to the CPU), which writes the ordinary checkpoint directory; the
+  optimizer state is keyed by parameter name, so a run resumes on any number
+  of processes, one included.  Rank 0 needs CPU memory for the whole model
+  and optimizer state (about 12 bytes per parameter with AdamW in fp32).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fdivctl.errors import UserError
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting WORLD_SIZE > 1) started this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main() -> bool:
+    """Rank 0, or a single process: the one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_world(backend: str = "auto", device: str = "auto") -> World:
+    """Join the process group torchrun describes (once); a single process gets ``World()``.
+
+    On CUDA each process takes the GPU of its local rank as its current device.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"--dist-backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if not launched():
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    on_cuda = torch.cuda.is_available() and device != "cpu"
+    if backend == "auto":
+        backend = "nccl" if on_cuda else "gloo"
+    if backend == "nccl" and not on_cuda:
+        raise UserError("--dist-backend nccl needs CUDA devices: use gloo on CPUs")
+    if on_cuda:
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return world
+
+
+def env_shard() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, (0, 1) without it; the process takes its local GPU."""
+    if not launched():
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def refuse(what: str) -> None:
+    """One clear line when a mode has no multi-process path."""
+    if launched():
+        raise UserError(f"{what} runs in one process: start it without torchrun")
+
+
+def current() -> World:
+    if not dist.is_initialized():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def shard(model, world: World) -> None:
+    """FSDP2 on each decoder layer (bf16 compute / fp32 reduction on CUDA); the rest stays whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def average_replicated_grads(params: list[torch.Tensor], world: World) -> None:
+    """All-reduce and average the gradients of the parameters FSDP does not hold (head, embedding, norm)."""
+    for p in params:
+        if p.grad is not None and not _is_sharded(p.grad):
+            dist.all_reduce(p.grad)
+            p.grad.div_(world.size)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, world: World) -> torch.Tensor:
+    """``clip_grad_norm_`` over sharded (DTensor) and whole gradients: ‖g‖₂ of the full model's gradient."""
+    if not world.distributed:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    whole = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        if _is_sharded(g):
+            sharded += g.to_local().double().pow(2).sum()
+        else:
+            whole += g.double().pow(2).sum()
+    dist.all_reduce(sharded)
+    norm = (sharded + whole).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm
+
+
+def all_finite(loss: torch.Tensor, world: World) -> bool:
+    """Whether every rank's loss is finite (so all ranks stop together, none waits in a collective)."""
+    finite = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)
+    if world.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def mean_figures(figures: dict[str, float], world: World) -> dict[str, float]:
+    """The ranks' figures averaged (``tokens`` summed)."""
+    if not world.distributed or not figures:
+        return figures
+    keys = sorted(figures)
+    values = torch.tensor([figures[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) if k == "tokens" else float(v) / world.size for k, v in zip(keys, values)}
+
+
+def model_state(model) -> dict:
+    """The full model state dict on the CPU, gathered from the shards (a collective)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer state keyed by parameter name, full, on the CPU (a collective when sharded).
+
+    Loadable on any number of processes by :func:`load_optimizer_state`.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Restore a state from :func:`optimizer_state` (or, from an older checkpoint, ``optimizer.state_dict()``)."""
+    if state.get("state") and all(isinstance(k, int) for k in state["state"]):
+        if current().distributed:
+            raise UserError("this checkpoint's optimizer state predates multi-process runs: resume it in one process")
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

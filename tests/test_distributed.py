@@ -1,0 +1,121 @@
+"""torchrun with 2 gloo processes on the CPU: FSDP2 distill equals one process with the same global batch,
+and a run resumes on another number of processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from cli_runner import run_cli
+from fdivctl import tiny
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tokenizer_dir):
+    path = tmp_path_factory.mktemp("student")
+    tiny.make_model(path, AutoTokenizer.from_pretrained(tokenizer_dir), seed=5, layers=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_teacher):
+    """Sequences of equal length: each rank's token mean is then a mean over the same count."""
+    vocab = len(AutoTokenizer.from_pretrained(tiny_teacher))
+    g = torch.Generator().manual_seed(7)
+    n = 16
+    table = pa.table({
+        "prompt_id": [f"p{i}" for i in range(n)],
+        "sample_idx": pa.array([0] * n, pa.int64()),
+        "prompt_token_ids": pa.array(torch.randint(3, vocab, (n, 5), generator=g).tolist(), pa.list_(pa.int32())),
+        "completion_token_ids": pa.array(torch.randint(3, vocab, (n, 8), generator=g).tolist(), pa.list_(pa.int32())),
+    })
+    path = tmp_path_factory.mktemp("data") / "seqs.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def _args(student, out, data, teacher, steps, *extra):
+    return ["distill", student, out, "--data", data, "--teacher", teacher, "--loss", "jsd", "--lr", 3e-3,
+            "--lr-schedule", "constant", "--batch-size", 4, "--grad-accum", 2, "--max-steps", steps,
+            "--device", "cpu", *extra]
+
+
+def _torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "fdivctl", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _close(a, b, atol=2e-5):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert set(wa) == set(wb)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+def test_two_gloo_processes_equal_one_and_resume_across_world_sizes(tmp_path, student, data, tiny_teacher):
+    single, sharded, resumed = tmp_path / "single", tmp_path / "sharded", tmp_path / "resumed"
+    log_single, log_sharded = tmp_path / "single.jsonl", tmp_path / "sharded.jsonl"
+    done = run_cli(*_args(student, single, data, tiny_teacher, 4, "--log-jsonl", log_single))
+    assert done.returncode == 0, done.stderr
+    done = _torchrun(*_args(student, sharded, data, tiny_teacher, 4, "--log-jsonl", log_sharded))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.strip().splitlines()) == 1  # only rank 0 prints its summary
+    _close(single, sharded)
+    a = [json.loads(line) for line in log_single.read_text().splitlines()]
+    b = [json.loads(line) for line in log_sharded.read_text().splitlines()]
+    assert len(a) == len(b) == 4  # rank 0 alone writes the log
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+    # 2 processes for 2 steps, then 1 process resumes to 4: the same as 4 steps in one process
+    done = _torchrun(*_args(student, resumed, data, tiny_teacher, 2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(*_args(student, resumed, data, tiny_teacher, 4, "--resume"))
+    assert done.returncode == 0, done.stderr
+    _close(single, resumed)
+
+
+def test_torchrun_refuses_what_has_no_multi_process_path(tmp_path, student, data, tiny_teacher):
+    bad_batch = _torchrun(*_args(student, tmp_path / "odd", data, tiny_teacher, 1, "--batch-size", 3))
+    # torchrun exits 1 when a process fails; each process ends with fdivctl's one line and exit code 2
+    assert bad_batch.returncode != 0 and "must be a multiple of the 2 processes" in bad_batch.stderr
+    assert "exitcode  : 2" in bad_batch.stderr
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"]}), prompts)
+    on_policy = _torchrun("distill", student, tmp_path / "opd", "--on-policy", "--prompts", prompts,
+                          "--teacher", tiny_teacher, "--device", "cpu")
+    assert on_policy.returncode != 0 and "on-policy distill runs in one process" in on_policy.stderr
+
+
+def test_rollout_and_teacher_logits_take_their_shard_from_torchrun(tmp_path, data, tiny_teacher):
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": [f"q{i}" for i in range(5)],
+                             "prompt": ["Compute 1 + 2.", "Compute 3 * 4.", "The answer", "hello", "x"]}), prompts)
+    done = _torchrun("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--samples", 2, "--max-new-tokens", 4,
+                     "--backend", "hf", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = [tmp_path / f"r-shard-{i}-of-2.parquet" for i in range(2)]
+    ids = [set(pq.read_table(p).column("prompt_id").to_pylist()) for p in parts]
+    assert ids[0] | ids[1] == {f"q{i}" for i in range(5)} and not ids[0] & ids[1]
+    assert run_cli("merge", tmp_path / "merged.parquet", *parts).returncode == 0
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--k", 16, "--max-tokens-per-shard", 30, "--device", "cpu", "--dtype", "fp32"]
+    assert run_cli("teacher-logits", tiny_teacher, data, one, *common).returncode == 0
+    done = _torchrun("teacher-logits", tiny_teacher, data, two, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run_cli("teacher-logits", "--verify", two).returncode == 0
+    shards = sorted(p.name for p in one.glob("shard-*.safetensors"))
+    assert len(shards) > 2 and shards == sorted(p.name for p in two.glob("shard-*.safetensors"))
+    for name in shards:
+        assert (one / name).read_bytes() == (two / name).read_bytes()
