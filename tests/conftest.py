@@ -23,3 +23,34 @@ def tiny_teacher(tmp_path_factory, tokenizer_dir):
     path = tmp_path_factory.mktemp("teacher")
     tiny.make_model(path, AutoTokenizer.from_pretrained(tokenizer_dir), seed=1)
     return path
+
+
+@pytest.fixture(scope="session")
+def student(tmp_path_factory, tokenizer_dir):
+    """A one-layer random Qwen2 student (seed 5) sharing the teacher's tokenizer; modules may override it."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("student")
+    tiny.make_model(path, AutoTokenizer.from_pretrained(tokenizer_dir), seed=5, layers=1)
+    return path
+
+
+def write_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_len: int, seed: int,
+                    **columns) -> Path:
+    """A sequences Parquet of ``n`` rows of random token ids (ids ≥ 3: no special tokens), plus ``columns``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = pa.list_(pa.int32())
+    table = pa.table({
+        "prompt_id": [f"p{i}" for i in range(n)],
+        "sample_idx": pa.array([0] * n, pa.int64()),
+        "prompt_token_ids": pa.array(torch.randint(3, vocab, (n, prompt_len), generator=g).tolist(), ids),
+        "completion_token_ids": pa.array(torch.randint(3, vocab, (n, completion_len), generator=g).tolist(), ids),
+        **columns,
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path

@@ -6,36 +6,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runner import run_cli
+from conftest import write_sequences
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from cli_runner import run_cli
 from fdivctl import tiny
 from fdivctl.stages.distill import DistillOptions, prepare_distill, run_distill
 from fdivctl.training.loop import LoopOptions
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, tokenizer_dir):
-    path = tmp_path_factory.mktemp("student")
-    tiny.make_model(path, AutoTokenizer.from_pretrained(tokenizer_dir), seed=5, layers=1)
-    return path
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_teacher):
     vocab = len(AutoTokenizer.from_pretrained(tiny_teacher))
-    g = torch.Generator().manual_seed(3)
-    n = 8
-    table = pa.table({
-        "prompt_id": [f"p{i}" for i in range(n)],
-        "sample_idx": pa.array([0] * n, pa.int64()),
-        "prompt_token_ids": pa.array(torch.randint(3, vocab, (n, 5), generator=g).tolist(), pa.list_(pa.int32())),
-        "completion_token_ids": pa.array(torch.randint(3, vocab, (n, 7), generator=g).tolist(), pa.list_(pa.int32())),
-    })
-    path = tmp_path_factory.mktemp("data") / "seqs.parquet"
-    pq.write_table(table, path)
-    return path
+    return write_sequences(tmp_path_factory.mktemp("data") / "seqs.parquet", vocab, 8, 5, 7, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,17 @@ Skipped where no CUDA device is present (CI); run on a lent accelerator.
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_sequences
 from transformers import AutoTokenizer
 
-from fdivctl import tiny
-from fdivctl.stages.distill import DistillOptions, OnPolicyOptions, prepare_distill, run_distill
+from fdivctl.stages.distill import (
+    DistillOptions,
+    OnPolicyOptions,
+    prepare_distill,
+    run_distill,
+)
 from fdivctl.training.loop import LoopOptions
 from fdivctl.training.lora import LoraOptions
 
@@ -20,25 +23,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, tokenizer_dir):
-    path = tmp_path_factory.mktemp("student")
-    tiny.make_model(path, AutoTokenizer.from_pretrained(tokenizer_dir), seed=5, layers=1)
-    return path
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_teacher):
+    """Sequences that are also prompts (a text ``prompt`` column) for the on-policy run."""
     vocab = len(AutoTokenizer.from_pretrained(tiny_teacher))
-    g = torch.Generator().manual_seed(3)
-    table = pa.table({
-        "prompt_id": [f"p{i}" for i in range(8)],
-        "prompt": ["2 digits sum 9:", "the cat", "a b c", "hello", "7 + 8 =", "x", "3 4", "ok"],
-        "prompt_token_ids": pa.array(torch.randint(3, vocab, (8, 5), generator=g).tolist(), pa.list_(pa.int32())),
-        "completion_token_ids": pa.array(torch.randint(3, vocab, (8, 9), generator=g).tolist(), pa.list_(pa.int32())),
-    })
-    path = tmp_path_factory.mktemp("data") / "seqs.parquet"
-    pq.write_table(table, path)
-    return path
+    prompts = ["2 digits sum 9:", "the cat", "a b c", "hello", "7 + 8 =", "x", "3 4", "ok"]
+    return write_sequences(tmp_path_factory.mktemp("data") / "seqs.parquet", vocab, 8, 5, 9, seed=3, prompt=prompts)
 
 
 @pytest.mark.parametrize("loss", ["fkl", "jsd", "pld", "sinkhorn:batch=16", "bdkd", "ce"])

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runner import run_cli
+from conftest import write_sequences
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from cli_runner import run_cli
 from fdivctl import tiny
 
 
@@ -28,17 +29,7 @@ def student(tmp_path_factory, tokenizer_dir):
 def data(tmp_path_factory, tiny_teacher):
     """Sequences of equal length: each rank's token mean is then a mean over the same count."""
     vocab = len(AutoTokenizer.from_pretrained(tiny_teacher))
-    g = torch.Generator().manual_seed(7)
-    n = 16
-    table = pa.table({
-        "prompt_id": [f"p{i}" for i in range(n)],
-        "sample_idx": pa.array([0] * n, pa.int64()),
-        "prompt_token_ids": pa.array(torch.randint(3, vocab, (n, 5), generator=g).tolist(), pa.list_(pa.int32())),
-        "completion_token_ids": pa.array(torch.randint(3, vocab, (n, 8), generator=g).tolist(), pa.list_(pa.int32())),
-    })
-    path = tmp_path_factory.mktemp("data") / "seqs.parquet"
-    pq.write_table(table, path)
-    return path
+    return write_sequences(tmp_path_factory.mktemp("data") / "seqs.parquet", vocab, 16, 5, 8, seed=7)
 
 
 def _args(student, out, data, teacher, steps, *extra):
