@@ -18,7 +18,7 @@ Baselines (``baseline``):
   Baseline"): ``V_t = −KL(q_t‖p_t)``, the expected reward at s_t, computed in
   closed form and detached; ``A_t = r_t − V_t = r_t + KL_t``.  V_t depends
   only on the state, so the expected gradient is unchanged and its variance
-  drops (``tests/test_distill.py`` measures both).  The KL is over the full
+  drops (``tests/test_distill_on_policy.py`` measures both).  The KL is over the full
   vocabulary (the teacher's logits are made chunk by chunk by the engine,
   fused with the student's pass), or with ``baseline_topk`` over the
   teacher's top-k ids plus one tail bucket — still a function of the state
