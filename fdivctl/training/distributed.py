@@ -130,6 +130,8 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
 
 def average_replicated_grads(params: list[torch.Tensor], world: World) -> None:
     """All-reduce and average the gradients of the parameters FSDP does not hold (head, embedding, norm)."""
+    if not world.distributed:
+        return
     for p in params:
         if p.grad is not None and not _is_sharded(p.grad):
             dist.all_reduce(p.grad)

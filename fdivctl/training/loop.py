@@ -107,7 +107,9 @@ class Trainer:
     :func:`check_fresh_output`).  With ``opts.lora`` the model gets LoRA adapters
     here (in place) and only they are trained; the caller loads the base weights
     (:func:`fdivctl.training.lora.weights_to_load`) and a resumed run gets its
-    adapter back from ``out``.
+    adapter back from ``out``.  Under torchrun the decoder layers are sharded
+    here with FSDP2 and every rank takes part in each step and save
+    (:mod:`fdivctl.training.distributed`).
     """
 
     def __init__(self, model, tokenizer, out: Path, opts: LoopOptions, total: int):
@@ -158,8 +160,7 @@ class Trainer:
             loss.backward()
             for key, value in parts.items():
                 figures[key] = figures.get(key, 0.0) + value
-        if self.world.distributed:
-            distributed.average_replicated_grads(self.params, self.world)
+        distributed.average_replicated_grads(self.params, self.world)
         grad_norm = distributed.clip_grad_norm(self.params, self.opts.max_grad_norm, self.world)
         self.optimizer.step()
         self.step += 1
