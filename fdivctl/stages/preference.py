@@ -86,15 +86,19 @@ def _reference_logprobs(table: pa.Table, load_reference: Callable[[], object], c
                 values["ref_chosen_logp"] += sequence_logprobs(decoder, head, chosen, rows, pad_id).tolist()
                 values["ref_rejected_logp"] += sequence_logprobs(decoder, head, rejected, rows, pad_id).tolist()
         source = pa.table({k: pa.array(v, pa.float64()) for k, v in values.items()})
-        write_table(cache, source, {"stage": "fdpo reference log-probs", "pairs": len(chosen)})
+        if distributed.is_main():
+            write_table(cache, source, {"stage": "fdpo reference log-probs", "pairs": len(chosen)})
     as_tensor = lambda name: torch.tensor(source.column(name).to_pylist(), dtype=torch.float64)  # noqa: E731
     return as_tensor("ref_chosen_logp"), as_tensor("ref_rejected_logp")
 
 
 def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
              on_step: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Train ``policy`` on preference pairs with the f-DPO loss; checkpoint into ``out``."""
-    distributed.refuse("train --algo fdpo")
+    """Train ``policy`` on preference pairs with the f-DPO loss; checkpoint into ``out``.
+
+    Under torchrun every rank computes the reference log-probs (before sharding), rank 0 caches them.
+    """
+    world = distributed.init_world(opts.loop.dist_backend, opts.device)
     try:
         divergence = divergences.parse(opts.divergence)
     except ValueError as err:
@@ -104,6 +108,7 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     if not opts.beta > 0:
         raise UserError("--beta must be > 0")
     check_fresh_output(out, opts.loop.resume)
+    distributed.barrier(world)  # every rank has seen OUT before rank 0 writes into it
     tokenizer = load_tokenizer(policy, "policy")
     chosen, rejected, table = _pairs(pairs, tokenizer)
     resume_from = out if opts.loop.resume and has_state(out) else None

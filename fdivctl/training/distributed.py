@@ -1,6 +1,6 @@
 """Several processes (torchrun) training one model: FSDP2 over the decoder layers, the data split by rank.
 
-``torchrun --nproc-per-node N -m fdivctl distill …`` (or ``train``) starts N
+``torchrun --nproc-per-node N -m fdivctl distill …`` (or ``train --algo sft|fdpo``) starts N
 processes; each finds its rank in the environment torchrun sets (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and joins
 one process group: NCCL on GPUs, gloo on CPUs (``--dist-backend``).
