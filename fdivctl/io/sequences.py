@@ -53,6 +53,11 @@ class Sequences:
             )
         return len(prompt)
 
+    def check_scorable(self, include_prompt: bool = False) -> None:
+        """Refuse, before any work, a table with a row :meth:`first_scored` cannot score."""
+        for row in range(len(self)):
+            self.first_scored(row, include_prompt)
+
     def scored_count(self, row: int, include_prompt: bool) -> int:
         """How many tokens of ``row`` are scored."""
         total = len(self.prompt_tokens[row]) + len(self.completion_tokens[row])

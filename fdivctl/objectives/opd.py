@@ -54,17 +54,17 @@ def opd_loss(
     """
     n_tokens = token_ids.numel()
     baseline = baseline_target is not None
-    sums = {"reward": torch.zeros((), dtype=torch.float64), "kl": torch.zeros((), dtype=torch.float64)}
+    sums: dict[str, list[torch.Tensor]] = {"reward": [], "kl": []}  # per chunk, read once after the pass
 
     def objective(chunk: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
         logprob = chunk["logprob"]
         reward = teacher_logprob[rows] - logprob.detach()
         advantage = reward
-        sums["reward"] += reward.sum().double().cpu()
+        sums["reward"].append(reward.sum().double())
         if baseline:
             kl = chunk["divergence"].detach()
             advantage = reward + kl
-            sums["kl"] += kl.sum().double().cpu()
+            sums["kl"].append(kl.sum().double())
         return -(advantage * logprob).sum() / n_tokens
 
     loss, _ = engine.token_loss(
@@ -72,7 +72,7 @@ def opd_loss(
         target=baseline_target, divergence="rkl" if baseline else None, temperature=temperature,
     )
     figures = {"tokens": float(n_tokens), "loss": float(loss.detach()),
-               "opd_reward": float(sums["reward"]) / max(1, n_tokens)}
+               "opd_reward": float(sum(sums["reward"])) / max(1, n_tokens)}
     if baseline:
-        figures["rkl"] = float(sums["kl"]) / max(1, n_tokens)
+        figures["rkl"] = float(sum(sums["kl"])) / max(1, n_tokens)
     return loss, figures

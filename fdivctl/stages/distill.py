@@ -221,8 +221,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, model, batch_
             raise UserError("--eval-every needs --eval-data FILE (held-out sequences)")
         return None
     seqs = load_sequences(opts.eval_data, tokenizer)
-    for row in range(len(seqs)):
-        seqs.first_scored(row, include_prompt=False)
+    seqs.check_scorable()
     store = None
     if offline_store and opts.eval_logits is None and opts.loss_name != "ce":
         raise UserError("--eval-data with --logits needs the held-out sequences' store: --eval-logits DIR")
@@ -292,8 +291,7 @@ def prepare_distill(
         seqs = None
     else:
         seqs = load_sequences(data, tokenizer)
-        for row in range(len(seqs)):  # refuse unscorable rows before any training, not when their batch comes
-            seqs.first_scored(row, include_prompt=False)
+        seqs.check_scorable()  # refuse unscorable rows before any training, not when their batch comes
         if seqs.tokenizer_hash and seqs.tokenizer_hash != student_hash and not opts.allow_tokenizer_mismatch:
             raise UserError(f"tokenizer mismatch: {data} was tokenized with {seqs.tokenizer_hash[:16]}…, the "
                             f"student has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and "
@@ -316,13 +314,13 @@ def prepare_distill(
         generate = live_generator(model, tokenizer, resume_from or student, opts.on_policy.backend, opts.dtype,
                                   opts.device, lambda: current["step"])
 
-    def token_weights(rows: list[int], batch: dict, step: int):
+    def token_weights(rows: list[int], batch_index: torch.Tensor, step: int):
         """Per-token weights ``[N]`` of the batch (PACED × TCOD), or None when neither is on."""
         if row_weights is None and turns is None:
             return None
-        w = torch.ones(len(batch["token"]), dtype=torch.float64)
+        w = torch.ones(len(batch_index), dtype=torch.float64)
         if row_weights is not None:
-            w *= row_weights[[rows[b] for b in batch["batch_index"].tolist()]]
+            w *= row_weights[[rows[b] for b in batch_index.tolist()]]
         if turns is not None:
             depth = exposed_turns(step, opts.depth_start, opts.depth_warmup, max_turns)
             token_turn = torch.from_numpy(np.concatenate([turns[r] for r in rows]))
@@ -351,7 +349,7 @@ def prepare_distill(
         if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
             return hidden.new_tensor(float("nan")), {}
         weights_t = None if example_of is None else \
-            token_weights(example_of, {k: v.cpu() for k, v in batch.items()}, step)
+            token_weights(example_of, batch["batch_index"], step)
         try:
             if surrogate:
                 return _opd(frozen[0], batch, hidden, head.weight, bias, opts)
