@@ -4,8 +4,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+from cli_runner import run_cli  # noqa: E402
 
 from fdivctl import tiny  # noqa: E402
+from fdivctl.demo import pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +56,25 @@ def write_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
+
+
+# -- the demo task's RL fixtures (test_train.py, test_train_methods.py) ------------------------------------------
+@pytest.fixture(scope="session")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    pipeline.write_data(root / "data", sft_per_prompt=16, seed=0)
+    run_cli("demo", "init", root / "data" / "tokenizer", root / "random", "--hidden", 64, "--layers", 2, check=True)
+    run_cli("train", root / "random", root / "sft", "--algo", "sft", "--data", root / "data" / "sft.parquet",
+            "--lr", "3e-3", "--batch-size", 32, "--epochs", 2, "--device", "cpu", check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def scored_rollouts(task, tmp_path_factory):
+    """Scored rollouts of the SFT policy (4 per prompt) for the staged KDRL runs."""
+    root = tmp_path_factory.mktemp("kdrl")
+    run_cli("rollout", task / "sft", task / "data" / "prompts.parquet", root / "r.parquet", "--n", 4, "--seed", 5,
+            "--max-new-tokens", 10, "--device", "cpu", check=True)
+    run_cli("score", root / "r.parquet", root / "r.scored.parquet", "--verifier", "regex", "--pattern",
+            r"^\s*[1-3]\+", "--workers", 1, check=True)
+    return root / "r.scored.parquet"

@@ -8,32 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from artifacts import read_jsonl, weights
 from cli_runner import run_cli
-from fdivctl.demo import pipeline
+
 from fdivctl.io.checkpoints import load_causal_lm
 
 VERIFIER = ["--verifier", "regex", "--pattern", r"^\s*[1-3]\+"]  # a real verifiable reward: the first digit is 1-3
 SAMPLING = ["--max-new-tokens", "10", "--group-size", "4", "--prompts-per-iteration", "4"]
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    pipeline.write_data(root / "data", sft_per_prompt=16, seed=0)
-    run_cli("demo", "init", root / "data" / "tokenizer", root / "random", "--hidden", 64, "--layers", 2, check=True)
-    run_cli("train", root / "random", root / "sft", "--algo", "sft", "--data", root / "data" / "sft.parquet",
-            "--lr", "3e-3", "--batch-size", 32, "--epochs", 2, "--device", "cpu", check=True)
-    return root
-
-
-def _weights(path):
-    return load_file(str(path / "model.safetensors"))
-
-
-def _log(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _accuracy(root, model, tmp_path, name):
@@ -52,7 +33,7 @@ def test_online_grpo_raises_the_reward(task, tmp_path):
                    "--max-new-tokens", 10, "--group-size", 8, "--prompts-per-iteration", 8, "--iterations", 12,
                    "--ppo-epochs", 2, "--lr", "1e-3", "--device", "cpu", "--log-jsonl", tmp_path / "log.jsonl")
     assert done.returncode == 0, done.stderr
-    log = _log(tmp_path / "log.jsonl")
+    log = read_jsonl(tmp_path / "log.jsonl")
     assert [r["iteration"] for r in log] == list(range(1, 13))
     for key in ("reward_mean", "accuracy", "pass_histogram", "entropy", "clip_frac", "response_length",
                 "tokens_per_s", "grad_norm"):
@@ -71,8 +52,8 @@ def test_staged_and_online_give_the_same_update(task, tmp_path):
     scored = online / "fdivctl_run" / "iter-0001.scored.parquet"
     staged = tmp_path / "staged"
     run_cli("train", task / "sft", staged, "--rollouts", scored, *common, check=True)
-    a, b = _weights(online), _weights(staged)
-    assert any(not torch.equal(a[k], _weights(task / "sft")[k]) for k in a)
+    a, b = weights(online), weights(staged)
+    assert any(not torch.equal(a[k], weights(task / "sft")[k]) for k in a)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
@@ -86,7 +67,7 @@ def test_online_resume_equals_an_uninterrupted_run(task, tmp_path):
     again = run_cli("train", task / "sft", part, *common, "--iterations", 2)
     assert again.returncode == 2 and "--resume" in again.stderr
     run_cli("train", task / "sft", part, *common, "--iterations", 2, "--resume", check=True)
-    a, b = _weights(whole), _weights(part)
+    a, b = weights(whole), weights(part)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
@@ -124,7 +105,7 @@ def test_dph_training_logs_both_losses(task, partition, tmp_path):
                    "--group-size", 4, "--prompts-per-iteration", 4, "--iterations", 2, "--divergence", "jsd",
                    "--eta", 0.2, "--lr", "1e-3", "--device", "cpu", "--log-jsonl", tmp_path / "log.jsonl")
     assert done.returncode == 0, done.stderr
-    log = _log(tmp_path / "log.jsonl")
+    log = read_jsonl(tmp_path / "log.jsonl")
     assert all("pef_loss" in r and "pg_loss" in r for r in log)
     record = json.loads((partition / "partition" / "partition.json").read_text())
     assert all(r["pef_prompts"] == record["pef_prompts"] and r["exp_prompts"] == record["exp_prompts"] for r in log)
@@ -143,7 +124,7 @@ def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
               "--batch-size", 4, "--lr-schedule", "constant", "--device", "cpu"]
     run_cli("train", task / "sft", out, *common, "--max-steps", 6, "--log-jsonl", tmp_path / "log.jsonl",
             check=True)
-    log = _log(tmp_path / "log.jsonl")
+    log = read_jsonl(tmp_path / "log.jsonl")
     assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # π_θ = π_ref: −log σ(0)
     assert log[-1]["reward_margin"] > 0 and log[-1]["reward_accuracy"] == 1.0
     assert (out / "fdivctl_run" / "reference_logprobs.parquet").exists()
@@ -188,26 +169,15 @@ def test_a_verifier_error_scores_zero_and_the_run_goes_on(task, tmp_path):
     assert failed and all(r["reward"] == 0 and "ValueError" in r["verdict"] for r in failed)
 
 
-@pytest.fixture(scope="module")
-def scored_rollouts(task, tmp_path_factory):
-    """Scored rollouts of the SFT policy (4 per prompt) for the staged KDRL runs."""
-    root = tmp_path_factory.mktemp("kdrl")
-    run_cli("rollout", task / "sft", task / "data" / "prompts.parquet", root / "r.parquet", "--n", 4, "--seed", 5,
-            "--max-new-tokens", 10, "--device", "cpu", check=True)
-    run_cli("score", root / "r.parquet", root / "r.scored.parquet", "--verifier", "regex", "--pattern",
-            r"^\s*[1-3]\+", "--workers", 1, check=True)
-    return root / "r.scored.parquet"
-
-
 def test_kdrl_with_the_policy_as_teacher_is_plain_grpo(task, scored_rollouts, tmp_path):
     """KL(π‖π) = 0 with zero gradient: one KDRL step equals one GRPO step, and the KD figure is 0."""
     common = ["--rollouts", scored_rollouts, "--lr", "1e-3", "--device", "cpu", "--micro-batch-size", 16]
     run_cli("train", task / "sft", tmp_path / "grpo", *common, check=True)
     run_cli("train", task / "sft", tmp_path / "kdrl", *common, "--teacher", task / "sft", "--kd-coef", 1.0,
             "--log-jsonl", tmp_path / "kdrl.jsonl", check=True)
-    (line,) = _log(tmp_path / "kdrl.jsonl")
+    (line,) = read_jsonl(tmp_path / "kdrl.jsonl")
     assert abs(line["kd"]) < 1e-9 and line["kd_coef"] == 1.0
-    a, b = _weights(tmp_path / "grpo"), _weights(tmp_path / "kdrl")
+    a, b = weights(tmp_path / "grpo"), weights(tmp_path / "kdrl")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-7), key
 
@@ -224,7 +194,7 @@ def test_kdrl_reward_guided_mask_and_annealed_coefficient(task, scored_rollouts,
             "--teacher", task / "random", "--kd-coef", "4e-3", "--kd-anneal", "1e-3", "--kd-mask", mask,
             "--kd-estimator", "k3", "--ppo-epochs", 2, "--minibatch-size", len(table) // 2 + 1, "--log-jsonl", log,
             check=True)
-    lines = _log(log)
+    lines = read_jsonl(log)
     assert [round(x["kd_coef"], 9) for x in lines] == [0.004, 0.00325, 0.0025, 0.00175]
     # each epoch's two steps together cover every response once
     assert lines[0]["kd_tokens"] + lines[1]["kd_tokens"] == lengths[chosen & (lengths > 0)].sum()
@@ -269,7 +239,7 @@ def test_kdrl_from_a_full_store_equals_the_online_teacher(task, scored_rollouts,
             "--log-jsonl", tmp_path / "model.jsonl", check=True)
     run_cli("train", task / "sft", tmp_path / "store_run", *common, "--teacher-logits", store,
             "--log-jsonl", tmp_path / "store.jsonl", check=True)
-    (a,), (b,) = _log(tmp_path / "model.jsonl"), _log(tmp_path / "store.jsonl")
+    (a,), (b,) = read_jsonl(tmp_path / "model.jsonl"), read_jsonl(tmp_path / "store.jsonl")
     assert a["kd"] > 0
     # Adam's first step is ~lr·sign(g): compare the loss and the gradient, not the weights
     for key in ("kd", "loss", "grad_norm"):
@@ -293,7 +263,7 @@ def test_rlad_lambda_zero_is_grpo_and_the_teacher_moves_the_update(task, scored_
                         "rlad": ["--algo", "rlad", "--teacher", task / "random", "--mix-lambda", 0.5]}.items():
         run_cli("train", task / "sft", tmp_path / name, *common, *extra, "--log-jsonl", tmp_path / f"{name}.jsonl",
                 check=True)
-        run[name] = _log(tmp_path / f"{name}.jsonl")[0]
+        run[name] = read_jsonl(tmp_path / f"{name}.jsonl")[0]
     for key in ("loss", "grad_norm", "clip_frac"):
         assert run["rlad0"][key] == run["grpo"][key], key
     assert "kd" not in run["rlad"] and abs(run["rlad"]["loss"] - run["grpo"]["loss"]) > 1e-4
@@ -331,7 +301,7 @@ def test_online_gaussian_curriculum_tracks_accuracy_and_resumes(task, tmp_path):
     part = tmp_path / "part"
     run_cli("train", task / "sft", part, *args, "--iterations", 1, check=True)
     run_cli("train", task / "sft", part, *args, "--iterations", 2, "--resume", check=True)
-    a, b = _weights(full), _weights(part)
+    a, b = weights(full), weights(part)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 

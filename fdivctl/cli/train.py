@@ -28,7 +28,7 @@ from fdivctl.training.distributed import is_main
 from fdivctl.training.loop import LoopOptions
 from fdivctl.training.lora import LoraOptions
 
-ALGOS = ("grpo", "drgrpo", "dapo", "dph", "rlad", "fdpo", "sft")
+ALGOS = ("grpo", "drgrpo", "dapo", "dph", "rlad", "dgpo", "fdpg", "fdpo", "sft")
 
 
 def command(
@@ -37,7 +37,9 @@ def command(
                                "--partition, the partition directory."),
     algo: str = typer.Option("grpo", help="grpo | drgrpo (no std, no length normalisation) | dapo (clip-higher, "
                              "token-mean, dynamic sampling, overlong penalty) | dph (DPH-RL) | rlad (ratio against "
-                             "a teacher–old-policy mixture; --teacher, --mix-lambda) | fdpo (preference pairs) | sft "
+                             "a teacher–old-policy mixture; --teacher, --mix-lambda) | dgpo (advantage redistributed over tokens by "
+                             "entropy-gated Hellinger deviation from the reference; no KL penalty) | fdpg (f-DPG: "
+                             "approach the target --target with --divergence) | fdpo (preference pairs) | sft "
                              "(cross-entropy on prompt/completion)."),
     rollouts: Path = typer.Option(None, help="Staged mode: scored rollouts Parquet (rollout → score); the old "
                                   "policy's log-probs are its completion_logprobs."),
@@ -102,6 +104,24 @@ def command(
                                      "KDRL found better) | full (closed form over the vocabulary)."),
     mix_lambda: float = typer.Option(0.5, help="--algo rlad: λ of the ratio's denominator λ·π_teacher + "
                                      "(1 − λ)·π_old (0 = GRPO)."),
+    div_coef_schedule: str = typer.Option("constant", help="Coefficient of --divergence per update: constant "
+                                          "(--div-coef) | akl (FG-ExPO: --div-coef·σ(κ(ā − a₀)), ā the batch's mean "
+                                          "accuracy) | pid (SAFE: entropy-gated, PID-controlled KL threshold; "
+                                          "2·--div-coef·φ·(K̄ − τ)₊)."),
+    akl_center: float = typer.Option(0.5, help="--div-coef-schedule akl: a₀, the accuracy at half the coefficient."),
+    akl_sharpness: float = typer.Option(10.0, help="--div-coef-schedule akl: κ, the logistic's slope."),
+    kl_threshold: float = typer.Option(0.3, help="--div-coef-schedule pid: τ_base, the KL threshold the PID moves "
+                                       "(clamped to [0.1, 0.6])."),
+    target_entropy: float = typer.Option(2.0, help="--div-coef-schedule pid: H*, the entropy (nats) below which the "
+                                         "KL penalty is amplified (gate φ = max(0.5, H*/(H̄ + 0.1)))."),
+    dads: bool = typer.Option(False, help="APO's DADS: weight the divergence term of positive-advantage responses "
+                              "by 1 − exp(−e(1 − d)), d = 1 − the group's accuracy."),
+    stcr: bool = typer.Option(False, help="APO's STCR: scale the advantage of incorrect responses longer than their "
+                              "group's mean correct length by 2 − 1.00001^(−excess tokens)."),
+    dgpo_lambda: float = typer.Option(0.5, help="--algo dgpo: λ, the share of the advantage redistributed by the "
+                                      "gated scores (0 = GRPO)."),
+    target: str = typer.Option("ref*exp(r/beta)", help="--algo fdpg: the target distribution — ref*exp(r/beta) "
+                               "(with --beta) or ref*filter (the reference restricted to correct responses)."),
     kd_mask: str = typer.Option("all", help="KDRL's reward-guided masking: the responses the KD term applies to — "
                                 "all, incorrect (KD masked out on correct responses, as KDRL) or correct."),
     partition: bool = typer.Option(False, help="--algo dph: pre-sample --k + 1 completions per prompt, split "
@@ -111,7 +131,7 @@ def command(
     pef_threshold: float = typer.Option(0.875, help="--partition: accuracy over k that puts a prompt in D_pef."),
     eta: float = typer.Option(0.1, help="--algo dph: weight η of the D_pef divergence."),
     pef_batch_size: int = typer.Option(8, help="--algo dph: reference samples per optimizer step."),
-    beta: float = typer.Option(0.1, help="--algo fdpo: β."),
+    beta: float = typer.Option(0.1, help="--algo fdpo: β; --algo fdpg: the temperature β of ref*exp(r/beta)."),
     lr: float = typer.Option(1e-6, help="Peak learning rate (AdamW)."),
     lr_schedule: str = typer.Option("constant", help="constant, linear or cosine decay after warm-up."),
     warmup: int = typer.Option(0, help="Warm-up length (optimizer steps; online: iterations)."),
@@ -189,7 +209,10 @@ def command(
                              div_estimator=div_estimator, div_in=div_in, ref_model=ref_model, ref_logits=ref_logits,
                              partition_dir=partition_dir, eta=eta, pef_batch_size=pef_batch_size,
                              teacher=teacher, teacher_logits=teacher_logits, kd_coef=kd_coef, kd_anneal=kd_anneal,
-                             kd_estimator=kd_estimator, kd_mask=kd_mask, mix_lambda=mix_lambda, dtype=dtype,
+                             kd_estimator=kd_estimator, kd_mask=kd_mask, mix_lambda=mix_lambda,
+                             div_coef_schedule=div_coef_schedule, akl_center=akl_center, akl_sharpness=akl_sharpness,
+                             kl_threshold=kl_threshold, target_entropy=target_entropy, dads=dads, stcr=stcr,
+                             dgpo_lambda=dgpo_lambda, fdpg_target=target, beta=beta, dtype=dtype,
                              device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
             if rollouts is not None:
                 summary = run_staged(policy, rollouts, out, opts, on_step=on_step)

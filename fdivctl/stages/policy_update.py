@@ -33,8 +33,9 @@ from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, sequences_from_table
 from fdivctl.io.tables import is_int_list, require_columns
-from fdivctl.objectives import dph, grpo, rlad
+from fdivctl.objectives import apo, dgpo, dph, fdpg, grpo, rlad
 from fdivctl.schedules.anneal import linear_anneal
+from fdivctl.schedules.kl_control import KLCoefficient
 from fdivctl.stages.signals import FrozenModel, scored_hidden, store_target, store_token_logprobs
 from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
 
@@ -53,10 +54,10 @@ PRESETS: dict[str, dict] = {
                  overlong_penalty=0.2),
     "dph": dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", std_norm=True, dynamic_sampling=False,
                 overlong_penalty=0.0),
-    # RLAD: GRPO's settings, the ratio against the teacher–old-policy mixture (objectives/rlad.py)
-    "rlad": dict(clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean", std_norm=True, dynamic_sampling=False,
-                 overlong_penalty=0.0),
 }
+# RLAD (ratio against the teacher–old-policy mixture), DGPO (token-redistributed advantage) and f-DPG (advantage
+# from f′ toward a target distribution) keep GRPO's settings
+PRESETS.update({algo: PRESETS["grpo"] for algo in ("rlad", "dgpo", "fdpg")})
 
 
 @dataclass
@@ -92,6 +93,16 @@ class RLOptions:
     kd_estimator: str = "k2"
     kd_mask: str = "all"
     mix_lambda: float = 0.5  # RLAD
+    div_coef_schedule: str = "constant"  # constant | akl (FG-ExPO) | pid (SAFE); schedules/kl_control.py
+    akl_center: float = 0.5
+    akl_sharpness: float = 10.0
+    kl_threshold: float = 0.3
+    target_entropy: float = 2.0
+    dads: bool = False  # APO (objectives/apo.py)
+    stcr: bool = False
+    dgpo_lambda: float = 0.5  # DGPO (objectives/dgpo.py)
+    fdpg_target: str = "ref*exp(r/beta)"  # f-DPG (objectives/fdpg.py)
+    beta: float = 0.1
     dtype: str = "auto"
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
@@ -136,6 +147,24 @@ class RLOptions:
             raise UserError(f"--kd-mask {self.kd_mask!r}; valid: {', '.join(KD_MASKS)}")
         if self.kd_coef < 0 or (self.kd_anneal is not None and self.kd_anneal < 0):
             raise UserError("--kd-coef and --kd-anneal must be ≥ 0")
+        if self.algo == "dgpo" and self.divergence != "none":
+            raise UserError("--algo dgpo has no KL penalty: the reference only guides the advantage; drop "
+                            "--divergence")
+        if self.algo == "fdpg":
+            if self.fdpg_target not in fdpg.TARGETS:
+                raise UserError(f"--target {self.fdpg_target!r}; valid: {', '.join(fdpg.TARGETS)}")
+            if not self.beta > 0:
+                raise UserError("--beta must be > 0")
+            if self.divergence == "none":
+                self.divergence = "fkl"
+        if not 0 <= self.dgpo_lambda <= 1:
+            raise UserError("--dgpo-lambda must lie in [0, 1]")
+        self.coefficient().check()
+        if self.div_coef_schedule != "constant" and self.regularizer() is None:
+            raise UserError(f"--div-coef-schedule {self.div_coef_schedule} sets the coefficient of --divergence: "
+                            "give one (e.g. --divergence rkl)")
+        if self.div_coef_schedule == "pid" and self.div_in != "loss":
+            raise UserError("--div-coef-schedule pid controls the divergence in the loss: use --div-in loss")
         if self.kd_estimator == "full" and self.div_estimator == "full" and self.divergence != "none" \
                 and self.kd_on:
             raise UserError("--kd-estimator full and --div-estimator full both need a full-vocabulary target in one "
@@ -152,14 +181,31 @@ class RLOptions:
         """Whether KDRL's KD term is in the loss: a teacher is given and it is not RLAD's ratio teacher."""
         return self.has_teacher and self.algo != "rlad"
 
-    def regularizer(self) -> Divergence | None:
-        """The divergence to the reference policy (for dph: the D_pef generator); None for ``none``."""
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the update reads a reference policy: a regularizer, DGPO's guidance, or f-DPG's target."""
+        return self.algo in ("dgpo", "fdpg") or (self.regularizer() is not None and self.algo != "dph")
+
+    def coefficient(self) -> KLCoefficient:
+        """The regularizer's coefficient schedule (``--div-coef-schedule``)."""
+        return KLCoefficient(self.div_coef_schedule, self.div_coef, self.akl_center, self.akl_sharpness,
+                             self.kl_threshold, self.target_entropy)
+
+    def parsed_divergence(self) -> Divergence | None:
+        """``--divergence`` parsed; None for ``none``."""
         if self.divergence == "none":
             return None
         try:
-            div = divergences.parse(self.divergence)
+            return divergences.parse(self.divergence)
         except ValueError as err:
             raise UserError(f"--divergence: {err}") from None
+
+    def regularizer(self) -> Divergence | None:
+        """The divergence to the reference policy (for dph: the D_pef generator); None for ``none`` and for
+        fdpg, whose ``--divergence`` is the one to its target distribution."""
+        div = self.parsed_divergence()
+        if div is None or self.algo == "fdpg":
+            return None
         if self.algo != "dph" and self.div_estimator in ("k2", "abs", "k3+") and div.name != "rkl":
             raise UserError(f"--div-estimator {self.div_estimator} estimates KL(π‖ref) only: use --divergence rkl, "
                             f"or k1, k3 or full for {div.name}")
@@ -240,6 +286,29 @@ class ReferenceSamples:
     temperature: float
 
 
+@dataclass
+class Credit:
+    """What each response (and token) of a batch is credited with: its advantage, the weight of its divergence
+    term (APO's DADS; 1 otherwise) and, for DGPO, each token's share of the advantage (tokens concatenated)."""
+
+    advantages: torch.Tensor  # [S]
+    div_scale: torch.Tensor  # [S]
+    token_scale: torch.Tensor | None = None  # [Σ lengths]
+
+    def state(self) -> dict:
+        return {"advantages": self.advantages, "div_scale": self.div_scale, "token_scale": self.token_scale}
+
+    def token_advantages(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
+        """The advantage of every token of ``rows``, concatenated."""
+        lengths = data.lengths[rows]
+        adv = self.advantages[rows].repeat_interleave(lengths)
+        if self.token_scale is None:
+            return adv
+        starts = torch.cumsum(data.lengths, 0) - data.lengths
+        index = torch.cat([torch.arange(int(starts[r]), int(starts[r]) + int(data.lengths[r])) for r in rows])
+        return adv * self.token_scale[index]
+
+
 class PolicyUpdate:
     """The model being trained, its frozen reference, and the update rule (see the module docstring)."""
 
@@ -253,45 +322,91 @@ class PolicyUpdate:
         self.reference = reference
         self.samples = reference_samples
         self.teacher = teacher
-        if self.regularizer is not None and opts.algo != "dph" and reference is None:
-            raise UserError("--divergence needs a reference: --ref-model DIR or --ref-logits DIR")
+        self.coefficient = opts.coefficient()
+        if opts.needs_reference and reference is None:
+            raise UserError(f"--algo {opts.algo} with --divergence {opts.divergence} needs a reference: --ref-model "
+                            "DIR or --ref-logits DIR")
 
     # -- step 1-2: advantages -------------------------------------------------------------------------------------
-    def advantages(self, data: ScoredRollouts, temperature: float, max_length: int | None) -> tuple[torch.Tensor,
+    def advantages(self, data: ScoredRollouts, temperature: float, max_length: int | None) -> tuple[Credit,
                                                                                                     list[int], dict]:
-        """(advantage per response, the responses kept, figures)."""
+        """(the batch's credit, the responses kept, figures)."""
+        opts = self.opts
         rewards = data.rewards.clone()
+        correct = torch.from_numpy(data.correct)
         figures: dict[str, float] = {}
-        if self.opts.overlong_penalty and max_length:
-            buffer = max(1, round(self.opts.overlong_penalty * max_length))
+        if opts.overlong_penalty and max_length:
+            buffer = max(1, round(opts.overlong_penalty * max_length))
             rewards += grpo.overlong_penalty(data.lengths, max_length, buffer)
-        if self.regularizer is not None and self.opts.div_in == "reward" and self.opts.algo != "dph":
-            per_response = self._response_divergence(data, temperature)
+        if self.regularizer is not None and opts.div_in == "reward" and opts.algo != "dph":
+            per_response = self._per_response(data, lambda rows, batch, hidden, old: self._divergence(
+                data, rows, batch, hidden, temperature, old))
             figures["divergence"] = float(per_response.sum() / data.lengths.sum())
-            rewards -= self.opts.div_coef * per_response
-        advantages = grpo.group_advantages(rewards, data.groups, self.opts.std_norm)
+            rewards -= self.div_coef(data) * per_response
+        if opts.algo == "fdpg":
+            advantages = self._fdpg_advantages(data, rewards, correct, temperature, figures)
+        else:
+            advantages = grpo.group_advantages(rewards, data.groups, opts.std_norm)
+        if opts.stcr:
+            scale = apo.stcr_scale(data.lengths, correct, data.groups)
+            figures["stcr_penalized"] = float((scale > 1).sum())
+            advantages = advantages * scale
+        div_scale = apo.divergence_scale(advantages, correct, data.groups) if opts.dads \
+            else torch.ones(len(data))
+        credit = Credit(advantages, div_scale, self._dgpo_scale(data, temperature) if opts.algo == "dgpo" else None)
         keep = torch.ones(len(data), dtype=torch.bool)
-        if self.opts.dynamic_sampling:
+        if opts.dynamic_sampling:
             keep = ~grpo.equal_reward_groups(data.rewards, data.groups)
         keep &= data.lengths > 0
         figures["groups_kept"] = float(len(set(data.groups[keep].tolist())))
         figures["groups_dropped"] = float(len(set(data.groups.tolist())) - figures["groups_kept"])
-        return advantages, keep.nonzero().squeeze(-1).tolist(), figures
+        return credit, keep.nonzero().squeeze(-1).tolist(), figures
+
+    def div_coef(self, data: ScoredRollouts) -> float:
+        """The regularizer's coefficient for the next update (``--div-coef-schedule``)."""
+        return self.coefficient.value(float(data.correct.mean()) if len(data) else 0.0)
 
     @torch.no_grad()
-    def _response_divergence(self, data: ScoredRollouts, temperature: float) -> torch.Tensor:
-        """Σ_t of the regularizer's per-token estimate, per response, under the current policy."""
-        totals = torch.zeros(len(data))
+    def _per_response(self, data: ScoredRollouts, per_token, reduce: bool = True) -> torch.Tensor:
+        """``per_token(rows, batch, hidden, old log-probs)`` over all responses in micro-batches under the current
+        policy, summed per response (``reduce``) or concatenated per token."""
+        parts = []
         for start in range(0, len(data), self.opts.micro_batch_size):
             rows = list(range(start, min(start + self.opts.micro_batch_size, len(data))))
             batch = self._batch(data.seqs, rows)
-            per_token = self._divergence(data, rows, batch, scored_hidden(self.decoder, batch), temperature,
-                                         torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows]))
-                                         .to(self.device))
-            lengths = data.lengths[rows]
-            totals[rows] = torch.zeros(len(rows)).index_add_(
-                0, torch.arange(len(rows)).repeat_interleave(lengths), per_token.float().cpu())
-        return totals
+            old = torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
+            values = per_token(rows, batch, scored_hidden(self.decoder, batch), old).float().cpu()
+            if reduce:
+                values = torch.zeros(len(rows)).index_add_(
+                    0, torch.arange(len(rows)).repeat_interleave(data.lengths[rows]), values)
+            parts.append(values)
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def _fdpg_advantages(self, data, rewards, correct, temperature, figures) -> torch.Tensor:
+        """f-DPG: ``−(f′(u) − b)`` per response toward the target distribution (objectives/fdpg.py)."""
+        ref = self._per_response(data, lambda rows, batch, hidden, old: self.reference.token_logprobs(
+            data, rows, batch, temperature))
+        policy = torch.tensor([float(lp.sum()) for lp in data.old_logprobs], dtype=torch.float64)
+        target = fdpg.log_target(ref, rewards, correct, self.opts.fdpg_target, self.opts.beta)
+        advantages, log_u = fdpg.advantages(self.opts.parsed_divergence(), policy, target, data.groups)
+        figures["log_u"] = float(log_u.mean())
+        return advantages
+
+    def _dgpo_scale(self, data: ScoredRollouts, temperature: float) -> torch.Tensor:
+        """DGPO: each token's share of its response's advantage (objectives/dgpo.py)."""
+        hellinger = divergences.get("hellinger")
+        outputs: list[torch.Tensor] = []
+
+        def guidance(rows, batch, hidden, old):
+            out = engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
+                                       entropy=True, target=self.reference.target(data, rows, batch),
+                                       divergence=hellinger, temperature=temperature)
+            outputs.append(out.entropy.float().cpu())
+            return out.divergence
+
+        deviation = self._per_response(data, guidance, reduce=False)
+        entropy = torch.cat(outputs) if outputs else torch.zeros(0)
+        return dgpo.token_scale(deviation, entropy, data.lengths, self.head.weight.shape[0], self.opts.dgpo_lambda)
 
     # -- step 3-4: minibatch steps --------------------------------------------------------------------------------
     def steps(self, data: ScoredRollouts, kept: list[int], seed: int) -> list[list[int]]:
@@ -303,18 +418,24 @@ class PolicyUpdate:
             plan += [[kept[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
         return plan
 
-    def step(self, trainer: Trainer, data: ScoredRollouts, advantages: torch.Tensor, rows: list[int],
+    def step(self, trainer: Trainer, data: ScoredRollouts, credit: Credit, rows: list[int],
              temperature: float) -> dict:
         """One optimizer step on the responses ``rows`` (plus D_pef's term for DPH-RL)."""
         n_tokens, n_seqs = int(data.lengths[rows].sum()), len(rows)
         size = self.opts.micro_batch_size
         kd_coef = linear_anneal(self.opts.kd_coef, self.opts.kd_anneal, trainer.progress)
-        micro = [self._micro(data, advantages, rows[s : s + size], n_tokens, n_seqs, temperature, kd_coef)
+        div_coef = self.div_coef(data)
+        micro = [self._micro(data, credit, rows[s : s + size], n_tokens, n_seqs, temperature, kd_coef, div_coef)
                  for s in range(0, len(rows), size)]
         if self.samples is not None and len(self.samples.seqs) and self.opts.eta:
             micro.append(self._pef_micro(trainer.step))
         figures = trainer.update(micro)
-        return {**figures, "kd_coef": kd_coef} if self.opts.kd_on else figures
+        if self.opts.kd_on:
+            figures["kd_coef"] = kd_coef
+        if self.opts.div_coef_schedule != "constant":
+            figures["div_coef"] = div_coef
+            self.coefficient.update(figures.get("divergence", 0.0), figures["entropy"], float(data.rewards.mean()))
+        return figures
 
     def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
@@ -335,11 +456,11 @@ class PolicyUpdate:
         mask = {"all": torch.ones_like(correct), "incorrect": ~correct, "correct": correct}[self.opts.kd_mask]
         return mask.float()
 
-    def _micro(self, data, advantages, rows, n_tokens, n_seqs, temperature, kd_coef=0.0):
-        """One micro-batch's share of the minibatch loss Σ_t w_t [L_t + c·D_t + β·m·KD_t − c_H·H_t], through
+    def _micro(self, data, credit, rows, n_tokens, n_seqs, temperature, kd_coef=0.0, div_coef=0.0):
+        """One micro-batch's share of the minibatch loss Σ_t w_t [L_t + c·d·D_t + β·m·KD_t − c_H·H_t], through
         :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no ``[tokens, V]`` logits).
 
-        ``KD_t`` is KDRL's per-token estimate of KL(π_θ‖π_teacher) on the policy's own samples (k2, k3, or the
+        ``d`` is the response's divergence weight (APO's DADS, else 1); ``KD_t`` is KDRL's per-token estimate of KL(π_θ‖π_teacher) on the policy's own samples (k2, k3, or the
         closed form), ``m`` its reward-guided mask and ``β`` the (annealed) ``kd_coef``."""
         opts = self.opts
         regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
@@ -354,7 +475,8 @@ class PolicyUpdate:
             hidden = scored_hidden(self.decoder, batch)
             lengths = data.lengths[rows]
             old = torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
-            adv = advantages[rows].repeat_interleave(lengths).to(self.device)
+            adv = credit.token_advantages(data, rows).to(self.device)
+            div_scale = credit.div_scale[rows].repeat_interleave(lengths).to(self.device)
             weights = grpo.token_weights(lengths, n_tokens, n_seqs, opts.loss_agg).to(self.device)
             target = self.reference.target(data, rows, batch) if full else None
             ref = self.reference.token_logprobs(data, rows, batch, temperature) if regularize and not full else None
@@ -377,7 +499,7 @@ class PolicyUpdate:
                     divergence = out["divergence"] if full else \
                         sample_divergence(self.regularizer, out["logprob"], ref[r], opts.div_estimator)
                     parts["divergence"].append(divergence.detach().sum())
-                    loss = loss + opts.div_coef * (weights[r] * divergence).sum()
+                    loss = loss + div_coef * (weights[r] * div_scale[r] * divergence).sum()
                 if distill:
                     kd = out["divergence"] if kd_full else \
                         sample_divergence(rkl, out["logprob"], teacher[r], opts.kd_estimator)

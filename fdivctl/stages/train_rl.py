@@ -42,6 +42,7 @@ from fdivctl.rewards.verifiers import Verifier
 from fdivctl.schedules import curriculum
 from fdivctl.stages.live_sampler import live_generator
 from fdivctl.stages.policy_update import (
+    Credit,
     PolicyUpdate,
     ReferencePolicy,
     ReferenceSamples,
@@ -108,8 +109,9 @@ def _frozen(model: Path | None, store: Path | None, role: str, flags: tuple[str,
 
 
 def _reference(policy: Path, policy_hash: str, opts: RLOptions, online: bool) -> ReferencePolicy | None:
-    """The reference for the regularizer: ``--ref-logits`` (staged only), ``--ref-model``, else the initial policy."""
-    if opts.regularizer() is None or opts.algo == "dph":
+    """The reference (of the regularizer, DGPO's guidance or f-DPG's target): ``--ref-logits`` (staged only),
+    ``--ref-model``, else the initial policy."""
+    if not opts.needs_reference:
         return None
     if opts.ref_model is not None:
         check_same_tokenizer(opts.ref_model, "reference model", policy_hash, f"policy {policy}",
@@ -186,24 +188,29 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     sampling = source.get("sampling", {})
     temperature = opts.temperature or sampling.get("temperature") or 1.0
     data = ScoredRollouts.from_table(_exp_only(read_table(rollouts), record), rollouts)
-    advantages, kept, figures = update.advantages(data, temperature, sampling.get("max_new_tokens"))
+    credit, kept, figures = update.advantages(data, temperature, sampling.get("max_new_tokens"))
     figures.update(_partition_sizes(record))
     plan = update.steps(data, kept, opts.loop.seed)
     trainer = Trainer(model, tokenizer, out, opts.loop, total=len(plan))
-    if "advantages" in trainer.state:  # the rewards were shaped by the policy of the first run
-        advantages = trainer.state["advantages"]
+    if "credit" in trainer.state:  # the rewards were shaped (and DGPO's tokens weighed) by the first run's policy
+        credit = Credit(**trainer.state["credit"])
+        update.coefficient.load_state_dict(trainer.state["kl_control"])
     last: dict = {}
+
+    def state() -> dict:
+        return {"credit": credit.state(), "kl_control": update.coefficient.state_dict()}
+
     with JsonlLog(opts.loop.log_jsonl) as log:
         while trainer.step < len(plan):
-            step_figures = update.step(trainer, data, advantages, plan[trainer.step], temperature)
+            step_figures = update.step(trainer, data, credit, plan[trainer.step], temperature)
             trainer.advance_schedule()
             last = {"step": trainer.step, **figures, **step_figures}
             log.write(last)
             if opts.loop.save_every and trainer.step % opts.loop.save_every == 0 and trainer.step < len(plan):
-                trainer.save({"advantages": advantages})
+                trainer.save(state())
             if on_step:
                 on_step(trainer.step, len(plan), last)
-    trainer.save({"advantages": advantages})
+    trainer.save(state())
     return {"steps": trainer.step, "responses": len(data), "responses_kept": len(kept), **last}
 
 
@@ -271,6 +278,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     rows = prompt_table.to_pylist()
     last: dict = {}
     first = trainer.state.get("iteration", 0)
+    if "kl_control" in trainer.state:
+        update.coefficient.load_state_dict(trainer.state["kl_control"])
     accuracy = _tracked_accuracy(artifacts, first) if online.prompt_sampling == "gaussian" else {}
     with JsonlLog(opts.loop.log_jsonl) as log:
         for iteration in range(first, online.iterations):
@@ -286,9 +295,9 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
             if online.prompt_sampling == "gaussian":
                 _record_accuracy(accuracy, table)
             data = ScoredRollouts.from_table(table, scored)
-            advantages, kept, figures = update.advantages(data, temperature, sampling.max_new_tokens)
+            credit, kept, figures = update.advantages(data, temperature, sampling.max_new_tokens)
             figures.update(_partition_sizes(record))
-            steps = [update.step(trainer, data, advantages, rows_, temperature)
+            steps = [update.step(trainer, data, credit, rows_, temperature)
                      for rows_ in update.steps(data, kept, opts.loop.seed + iteration)]
             trainer.advance_schedule()
             last = {"iteration": iteration + 1, "step": trainer.step, **figures, **_mean(steps),
@@ -297,11 +306,11 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
                     "seconds": time.perf_counter() - start}
             log.write(last)
             if (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations:
-                trainer.save({"iteration": iteration + 1})
+                trainer.save({"iteration": iteration + 1, "kl_control": update.coefficient.state_dict()})
             if on_iteration:
                 on_iteration(iteration + 1, online.iterations, last)
     if not last:
-        trainer.save({"iteration": trainer.state.get("iteration", 0)})
+        trainer.save({"iteration": trainer.state.get("iteration", 0), "kl_control": update.coefficient.state_dict()})
     return {"iterations": online.iterations, "steps": trainer.step, **last}
 
 
