@@ -4,6 +4,8 @@ not asserted (issue: the comparison itself needs the full budget)."""
 import json
 from pathlib import Path
 
+import pytest
+
 from cli_runner import run_cli
 from fdivctl.demo import pipeline
 
@@ -34,3 +36,20 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert metrics["runs"]["sft"]["all"]["mean_reward"] > metrics["runs"]["random"]["all"]["mean_reward"]
     report = (out / "REPORT.md").read_text()
     assert all(f"| {name} | in |" in report for name in pipeline.EVALUATED)
+
+
+@pytest.mark.slow
+def test_erpd_example_runs(tmp_path):
+    """examples/erpd.sh at SCALE=quick: stage 1, the stage-1 store, stage 2 under the trust region, eval."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SCALE": "quick", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "erpd.sh"), str(tmp_path / "erpd")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "erpd" / "erpd.jsonl").read_text().splitlines()]
+    assert log and all("trust_region_kept" in line for line in log)
+    metrics = json.loads((tmp_path / "erpd" / "report" / "metrics.json").read_text())
+    assert sorted(metrics["runs"]) == ["base", "erpd", "stage1"] and metrics["base"] == "base"

@@ -11,7 +11,7 @@ from conftest import write_sequences
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from fdivctl import tiny
+from fdivctl import divergences, tiny
 from fdivctl.stages.distill import DistillOptions, prepare_distill, run_distill
 from fdivctl.training.loop import LoopOptions
 
@@ -111,6 +111,8 @@ def test_cli_distill_offline_and_log(tmp_path, student, data, full_store):
         (["--loss", "ce", "--teacher", "TEACHER"], "--loss ce uses no teacher"),
         (["--loss", "fkl", "--logits", "STORE", "--teacher", "TEACHER"], "give exactly one teacher signal"),
         (["--loss", "fkl", "--logits", "STORE", "--lr-schedule", "wavy"], "--lr-schedule 'wavy'"),
+        (["--loss", "fkl", "--logits", "STORE", "--trust-region", "0"], "--trust-region ε (> 0)"),
+        (["--loss", "ce", "--trust-region", "0.1"], "not --loss ce"),
     ],
 )
 def test_bad_distill_input(tmp_path, student, data, tiny_teacher, full_store, extra, message):
@@ -229,3 +231,37 @@ def test_empty_prompt_is_refused_by_distill_and_teacher_logits(tmp_path, student
     done = run_cli("teacher-logits", tiny_teacher, bad, tmp_path / "store", "--device", "cpu")
     assert done.returncode == 2 and "has an empty prompt" in done.stderr
     assert not (tmp_path / "store").exists()
+
+
+def _scored_logits(model_dir, data):
+    """(logits ``[N, V]``, tokens ``[N]``) at every completion token of ``data`` under the model in ``model_dir``."""
+    from fdivctl.io.sequences import load_sequences
+    from fdivctl.stages.signals import FrozenModel
+
+    model = FrozenModel.load(model_dir, "student", "fp32", "cpu")
+    seqs = load_sequences(data, AutoTokenizer.from_pretrained(model_dir))
+    batch = seqs.batch(list(range(len(seqs))), 0)
+    return model.hidden(batch) @ model.weight.T, batch["token"]
+
+
+def test_trust_region_distills_only_where_the_teacher_stayed_near_the_base(tmp_path, student, data, tiny_teacher):
+    """ERPD stage 2: token t counts only when |log p_T(y_t) − log q_0(y_t)| ≤ ε; the first step's loss is the
+    masked per-token forward KL, by hand."""
+    teacher_logits, tokens = _scored_logits(tiny_teacher, data)
+    base_logits, _ = _scored_logits(student, data)
+    gap = (teacher_logits.log_softmax(-1) - base_logits.log_softmax(-1)).gather(1, tokens[:, None]).squeeze(1).abs()
+    epsilon = float(gap.median())
+    mask = (gap <= epsilon).float()
+    per_token = divergences.get("fkl").token_divergence(base_logits, teacher_logits)
+    runs = {}
+    for name, region in (("free", None), ("all", 1e6), ("region", epsilon)):
+        opts = _opts(tmp_path / name, "fkl", steps=2)
+        opts.trust_region = region
+        (tmp_path / name).mkdir()
+        run_distill(student, tmp_path / name / "ckpt", data, opts, teacher=tiny_teacher)
+        runs[name] = _steps(tmp_path / name / "log.jsonl")
+    assert [x["loss"] for x in runs["all"]] == [x["loss"] for x in runs["free"]]
+    first = runs["region"][0]
+    assert first["trust_region_kept"] == pytest.approx(float(mask.mean()))
+    assert first["loss"] == pytest.approx(float((mask * per_token).sum() / len(tokens)), rel=1e-5)
+    assert first["loss"] < runs["free"][0]["loss"]

@@ -83,6 +83,9 @@ def command(
     eval_logits: Path = typer.Option(None, help="The teacher-logits store of --eval-data (when training uses "
                                      "--logits)."),
     eval_every: int = typer.Option(0, help="Evaluate on --eval-data every N steps and after the last (0: never)."),
+    trust_region: float = typer.Option(None, help="ERPD stage 2: distill a token only while the student's log-prob "
+                                       "of it is within ε of the initial student's (the base; a frozen copy is "
+                                       "loaded); logged as trust_region_kept."),
     grad_checkpointing: bool = GRAD_CHECKPOINTING,
     dist_backend: str = DIST_BACKEND,
     lora_r: int = LORA_R,
@@ -119,7 +122,7 @@ def command(
                           on_policy=online, prompt_weighting=prompt_weighting, paced_alpha=paced_alpha,
                           paced_beta=paced_beta, pass_rates=pass_rates, depth_curriculum=depth_curriculum,
                           depth_start=depth_start, depth_warmup=depth_warmup, eval_data=eval_data,
-                          eval_logits=eval_logits, loop=loop)
+                          eval_logits=eval_logits, trust_region=trust_region, loop=loop)
     with progress_bar("distill", "steps") as progress:
         task = progress.add_task("distill", total=None)
 

@@ -44,6 +44,7 @@ from fdivctl.io.tables import read_table, require_columns
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
 from fdivctl.objectives.pld import PlackettLuce
+from fdivctl.objectives.trust_region import trust_region_mask
 from fdivctl.schedules.depth import (
     assistant_header,
     exposed_turns,
@@ -110,6 +111,7 @@ class DistillOptions:
     depth_warmup: int = 100
     eval_data: Path | None = None  # held-out sequences, evaluated every loop.eval_every steps
     eval_logits: Path | None = None  # the store of eval_data, when the teacher signal is a store
+    trust_region: float | None = None  # ERPD: ε of the per-token trust region around the initial student
     loop: LoopOptions = field(default_factory=LoopOptions)
 
     @property
@@ -143,6 +145,9 @@ class DistillOptions:
                 raise UserError("--depth-curriculum reads turn_ids of fixed multi-turn data: it is offline only")
         elif self.loss_name == "opd":
             raise UserError("--loss opd scores the student's own samples: add --on-policy --prompts FILE")
+        if self.trust_region is not None and (not self.trust_region > 0 or self.loss_name in ("opd", "ce")):
+            raise UserError("--trust-region ε (> 0) bounds a distillation divergence (--loss fkl, jsd, …), not "
+                            f"--loss {self.loss_name}")
 
 
 def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
@@ -301,6 +306,9 @@ def prepare_distill(
     turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None
     max_turns = max((int(t.max()) + 1 for t in turns if len(t)), default=1) if turns is not None else 1
     frozen = [FrozenModel.load(t, "teacher", opts.dtype, opts.device) for t in teachers]
+    if opts.trust_region is not None and len(frozen) > 1:
+        raise UserError("--trust-region compares one teacher with the base: give one --teacher (or --logits)")
+    base = None if opts.trust_region is None else FrozenModel.load(student, "student", opts.dtype, opts.device)
     signal = _Teachers(frozen, weights, opts.vocab)
     model = load_causal_lm(weights_to_load(student, resume_from, opts.loop.lora), opts.dtype, opts.device,
                            "student").train()
@@ -350,6 +358,18 @@ def prepare_distill(
             return hidden.new_tensor(float("nan")), {}
         weights_t = None if example_of is None else \
             token_weights(example_of, batch["batch_index"], step)
+        region = {}
+        if base is not None and not evaluating:
+            with torch.no_grad():
+                tokens = batch["token"]
+                teacher_logprob = store_token_logprobs(batch_store, batch_seqs, batch_rows, device) \
+                    if batch_store is not None else frozen[0].token_logprobs(frozen[0].hidden(batch), tokens,
+                                                                             opts.temperature)
+                inside = trust_region_mask(teacher_logprob,
+                                           base.token_logprobs(base.hidden(batch), tokens, opts.temperature),
+                                           opts.trust_region)
+            region = {"trust_region_kept": float(inside.mean())}
+            weights_t = inside if weights_t is None else weights_t * inside
         try:
             if surrogate:
                 return _opd(frozen[0], batch, hidden, head.weight, bias, opts)
@@ -361,8 +381,9 @@ def prepare_distill(
                         token_logprob = store_token_logprobs(batch_store, batch_seqs, batch_rows, device)
                 else:
                     target = signal.target(batch)
-            return kd_loss(KDBatch(hidden, batch["token"], target, token_logprob, weights_t), head.weight,
-                           bias, divergence, opts.temperature, opts.mix_ce)
+            loss, figures = kd_loss(KDBatch(hidden, batch["token"], target, token_logprob, weights_t), head.weight,
+                                    bias, divergence, opts.temperature, opts.mix_ce)
+            return loss, {**figures, **region}
         except ValueError as err:
             raise UserError(str(err)) from None
 
