@@ -53,3 +53,10 @@ def test_erpd_example_runs(tmp_path):
     assert log and all("trust_region_kept" in line for line in log)
     metrics = json.loads((tmp_path / "erpd" / "report" / "metrics.json").read_text())
     assert sorted(metrics["runs"]) == ["base", "erpd", "stage1"] and metrics["base"] == "base"
+
+
+def test_demo_init_refuses_a_hidden_size_without_whole_heads(tmp_path):
+    run_cli("demo", "data", tmp_path / "data", "--sft-per-prompt", 2, check=True)
+    done = run_cli("demo", "init", tmp_path / "data" / "tokenizer", tmp_path / "m", "--hidden", 32)
+    assert done.returncode == 2 and "--hidden must be a positive multiple of 64" in done.stderr
+    assert not (tmp_path / "m").exists()

@@ -37,6 +37,12 @@ def init(
     """Write a random-init Qwen2 causal LM with the given tokenizer."""
     from transformers import AutoTokenizer
 
+    from fdivctl.errors import UserError
+
+    if hidden < 64 or hidden % 64 or layers < 1:
+        raise UserError(f"--hidden must be a positive multiple of 64 (heads of 64) and --layers ≥ 1; got "
+                        f"--hidden {hidden} --layers {layers}")
+
     from fdivctl import tiny
 
     tiny.make_model(out, AutoTokenizer.from_pretrained(tokenizer), seed=seed, hidden=hidden, layers=layers,
