@@ -164,6 +164,7 @@ def test_method_switches_bad_input(task, scored_rollouts, tmp_path):
         "--div-coef-schedule 'x'; valid: constant, akl, pid": ["--divergence", "rkl", "--div-coef-schedule", "x"],
         "use --div-in loss": ["--divergence", "rkl", "--div-coef-schedule", "pid", "--div-in", "reward"],
         "--dgpo-lambda must lie in [0, 1]": ["--algo", "dgpo", "--dgpo-lambda", 2],
+        "--dads weights the divergence term in the loss": ["--dads"],
     }
     for message, args in cases.items():
         done = run_cli("train", task / "sft", tmp_path / "o", "--rollouts", scored_rollouts, *args, "--device", "cpu")

@@ -163,6 +163,9 @@ class RLOptions:
         if self.div_coef_schedule != "constant" and self.regularizer() is None:
             raise UserError(f"--div-coef-schedule {self.div_coef_schedule} sets the coefficient of --divergence: "
                             "give one (e.g. --divergence rkl)")
+        if self.dads and (self.regularizer() is None or self.div_in != "loss"):
+            raise UserError("--dads weights the divergence term in the loss: give --divergence (e.g. rkl) with "
+                            "--div-in loss")
         if self.div_coef_schedule == "pid" and self.div_in != "loss":
             raise UserError("--div-coef-schedule pid controls the divergence in the loss: use --div-in loss")
         if self.kd_estimator == "full" and self.div_estimator == "full" and self.divergence != "none" \
