@@ -83,9 +83,9 @@ def command(
     eval_logits: Path = typer.Option(None, help="The teacher-logits store of --eval-data (when training uses "
                                      "--logits)."),
     eval_every: int = typer.Option(0, help="Evaluate on --eval-data every N steps and after the last (0: never)."),
-    trust_region: float = typer.Option(None, help="ERPD stage 2: distill a token only while the student's log-prob "
-                                       "of it is within ε of the initial student's (the base; a frozen copy is "
-                                       "loaded); logged as trust_region_kept."),
+    trust_region: float = typer.Option(None, help="ERPD stage 2: distill a token only where the teacher's log-prob "
+                                       "of it is within ε of the base's (the initial student, a frozen copy); "
+                                       "the share kept is logged as trust_region_kept."),
     grad_checkpointing: bool = GRAD_CHECKPOINTING,
     dist_backend: str = DIST_BACKEND,
     lora_r: int = LORA_R,
