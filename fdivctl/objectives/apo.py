@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from fdivctl.objectives.grpo import group_sum
+
 STCR_BASE = 1.00001
 
 
@@ -44,9 +46,8 @@ def dads_weight(difficulty: torch.Tensor) -> torch.Tensor:
 
 def group_accuracy(correct: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Per response, the share of correct responses in its group."""
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, torch.ones(len(groups), dtype=torch.float64))
-    hits = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, correct.double())
+    count = group_sum(torch.ones(len(groups)), groups)
+    hits = group_sum(correct, groups)
     return (hits / count)[groups]
 
 
@@ -59,10 +60,9 @@ def divergence_scale(advantages: torch.Tensor, correct: torch.Tensor, groups: to
 def stcr_scale(lengths: torch.Tensor, correct: torch.Tensor, groups: torch.Tensor,
                base: float = STCR_BASE) -> torch.Tensor:
     """STCR: per response, the factor its advantage is multiplied by (see the module docstring)."""
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
     right = correct.double()
-    hits = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, right)
-    right_length = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, right * lengths.double())
+    hits = group_sum(right, groups)
+    right_length = group_sum(right * lengths.double(), groups)
     mean_right = (right_length / hits.clamp(min=1))[groups]
     excess = lengths.double() - mean_right
     penalized = (~correct) & (excess > 0) & (hits[groups] > 0)

@@ -32,6 +32,7 @@ import torch
 
 from fdivctl.divergences import Divergence
 from fdivctl.divergences.base import LOG_RATIO_CLAMP
+from fdivctl.objectives.grpo import group_sum
 
 TARGETS = ("ref*exp(r/beta)", "ref*filter")
 
@@ -57,14 +58,13 @@ def log_target(ref_logprob: torch.Tensor, rewards: torch.Tensor, correct: torch.
 def advantages(divergence: Divergence, policy_logprob: torch.Tensor, target_logp: torch.Tensor,
                groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(``−(f′(u) − b)`` per response, ``log u`` per response) from sequence log-probs ``[S]``."""
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
     log_weight = target_logp - policy_logprob.double()  # log P/π_θ
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, torch.ones_like(log_weight))
-    peak = torch.full((n_groups,), -math.inf, dtype=torch.float64).scatter_reduce(0, groups, log_weight, "amax")
+    count = group_sum(torch.ones_like(log_weight), groups)
+    peak = torch.full(count.shape, -math.inf, dtype=torch.float64).scatter_reduce(0, groups, log_weight, "amax")
     finite_peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, torch.exp(log_weight - finite_peak[groups]))
+    total = group_sum(torch.exp(log_weight - finite_peak[groups]), groups)
     log_z = torch.log(total / count) + finite_peak  # -inf when the whole group is filtered out
     log_u = (log_z[groups] - log_weight).nan_to_num(nan=LOG_RATIO_CLAMP).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     slope = fprime(divergence, log_u)
-    baseline = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, slope) / count
+    baseline = group_sum(slope, groups) / count
     return (-(slope - baseline[groups])).float(), log_u.float()

@@ -31,16 +31,21 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 ADVANTAGE_EPS = 1e-6
 
 
+def group_sum(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``Σ values`` per group id (``groups`` int64 ``[S]``, ids 0..G−1), as float64 ``[G]``."""
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    return torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, values.double())
+
+
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, std_norm: bool = True) -> torch.Tensor:
     """``A_i`` for rewards ``[S]`` with group ids ``[S]`` (int64, 0..G−1); a group of one gets 0."""
-    n_groups = int(groups.max()) + 1 if groups.numel() else 0
     rewards = rewards.double()
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, torch.ones_like(rewards))
-    mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, rewards) / count
+    count = group_sum(torch.ones_like(rewards), groups)
+    mean = group_sum(rewards, groups) / count
     centred = rewards - mean[groups]
     if not std_norm:
         return centred.float()
-    squares = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, centred.square())
+    squares = group_sum(centred.square(), groups)
     std = (squares / (count - 1).clamp(min=1)).sqrt()
     return (centred / (std[groups] + ADVANTAGE_EPS)).float()
 

@@ -111,7 +111,7 @@ class DistillOptions:
     depth_warmup: int = 100
     eval_data: Path | None = None  # held-out sequences, evaluated every loop.eval_every steps
     eval_logits: Path | None = None  # the store of eval_data, when the teacher signal is a store
-    trust_region: float | None = None  # ERPD: ε of the per-token trust region around the initial student
+    trust_region: float | None = None  # ERPD: distill tokens where |log p_T − log q_base| ≤ ε
     loop: LoopOptions = field(default_factory=LoopOptions)
 
     @property

@@ -342,8 +342,8 @@ class PolicyUpdate:
             buffer = max(1, round(opts.overlong_penalty * max_length))
             rewards += grpo.overlong_penalty(data.lengths, max_length, buffer)
         if self.regularizer is not None and opts.div_in == "reward" and opts.algo != "dph":
-            per_response = self._per_response(data, lambda rows, batch, hidden, old: self._divergence(
-                data, rows, batch, hidden, temperature, old))
+            per_response = self._per_response(data, lambda rows, batch, hidden: self._divergence(
+                data, rows, batch, hidden, temperature, self._old_logprobs(data, rows)))
             figures["divergence"] = float(per_response.sum() / data.lengths.sum())
             rewards -= self.div_coef(data) * per_response
         if opts.algo == "fdpg":
@@ -371,23 +371,26 @@ class PolicyUpdate:
 
     @torch.no_grad()
     def _per_response(self, data: ScoredRollouts, per_token, reduce: bool = True) -> torch.Tensor:
-        """``per_token(rows, batch, hidden, old log-probs)`` over all responses in micro-batches under the current
-        policy, summed per response (``reduce``) or concatenated per token."""
+        """``per_token(rows, batch, hidden)`` over all responses in micro-batches under the current policy, summed
+        per response (``reduce``) or concatenated per token."""
         parts = []
         for start in range(0, len(data), self.opts.micro_batch_size):
             rows = list(range(start, min(start + self.opts.micro_batch_size, len(data))))
             batch = self._batch(data.seqs, rows)
-            old = torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
-            values = per_token(rows, batch, scored_hidden(self.decoder, batch), old).float().cpu()
+            values = per_token(rows, batch, scored_hidden(self.decoder, batch)).float().cpu()
             if reduce:
                 values = torch.zeros(len(rows)).index_add_(
                     0, torch.arange(len(rows)).repeat_interleave(data.lengths[rows]), values)
             parts.append(values)
         return torch.cat(parts) if parts else torch.zeros(0)
 
+    def _old_logprobs(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
+        """The sampling policy's log-probs of the tokens of ``rows``, concatenated, on the model's device."""
+        return torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
+
     def _fdpg_advantages(self, data, rewards, correct, temperature, figures) -> torch.Tensor:
         """f-DPG: ``−(f′(u) − b)`` per response toward the target distribution (objectives/fdpg.py)."""
-        ref = self._per_response(data, lambda rows, batch, hidden, old: self.reference.token_logprobs(
+        ref = self._per_response(data, lambda rows, batch, hidden: self.reference.token_logprobs(
             data, rows, batch, temperature))
         policy = torch.tensor([float(lp.sum()) for lp in data.old_logprobs], dtype=torch.float64)
         target = fdpg.log_target(ref, rewards, correct, self.opts.fdpg_target, self.opts.beta)
@@ -400,7 +403,7 @@ class PolicyUpdate:
         hellinger = divergences.get("hellinger")
         outputs: list[torch.Tensor] = []
 
-        def guidance(rows, batch, hidden, old):
+        def guidance(rows, batch, hidden):
             out = engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
                                        entropy=True, target=self.reference.target(data, rows, batch),
                                        divergence=hellinger, temperature=temperature)
@@ -463,8 +466,9 @@ class PolicyUpdate:
         """One micro-batch's share of the minibatch loss Σ_t w_t [L_t + c·d·D_t + β·m·KD_t − c_H·H_t], through
         :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no ``[tokens, V]`` logits).
 
-        ``d`` is the response's divergence weight (APO's DADS, else 1); ``KD_t`` is KDRL's per-token estimate of KL(π_θ‖π_teacher) on the policy's own samples (k2, k3, or the
-        closed form), ``m`` its reward-guided mask and ``β`` the (annealed) ``kd_coef``."""
+        ``d`` is the response's divergence weight (APO's DADS, else 1); ``KD_t`` is KDRL's per-token estimate
+        of KL(π_θ‖π_teacher) on the policy's own samples (k2, k3, or the closed form), ``m`` its reward-guided
+        mask and ``β`` the (annealed) ``kd_coef``."""
         opts = self.opts
         regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
         full = regularize and opts.div_estimator == "full"
@@ -477,7 +481,7 @@ class PolicyUpdate:
             batch = self._batch(data.seqs, rows)
             hidden = scored_hidden(self.decoder, batch)
             lengths = data.lengths[rows]
-            old = torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
+            old = self._old_logprobs(data, rows)
             adv = credit.token_advantages(data, rows).to(self.device)
             div_scale = credit.div_scale[rows].repeat_interleave(lengths).to(self.device)
             weights = grpo.token_weights(lengths, n_tokens, n_seqs, opts.loss_agg).to(self.device)
