@@ -8,10 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts import read_jsonl, weights
+from artifacts import staged_run, weights
 from cli_runner import run_cli
 from fdivctl import divergences
-from fdivctl.io.checkpoints import load_causal_lm
 from fdivctl.objectives import apo, dgpo, fdpg, fdpo
 from fdivctl.schedules.kl_control import KLCoefficient
 
@@ -95,20 +94,11 @@ def test_fdpg_advantages_by_hand():
 
 
 # -- staged runs on the SFT policy's scored rollouts -------------------------------------------------------------
-COMMON = ["--lr", "1e-3", "--device", "cpu", "--micro-batch-size", 16]
-
-
-def _staged(task, rollouts, out, *extra):
-    log = out.parent / f"{out.name}.jsonl"
-    run_cli("train", task / "sft", out, "--rollouts", rollouts, *COMMON, *extra, "--log-jsonl", log, check=True)
-    assert load_causal_lm(out, device="cpu") is not None
-    return read_jsonl(log)
-
 
 def test_apo_switches_change_the_update(task, scored_rollouts, tmp_path):
     base = ["--divergence", "rkl", "--div-coef", "0.5"]
-    plain = _staged(task, scored_rollouts, tmp_path / "grpo", *base)[0]
-    shaped = _staged(task, scored_rollouts, tmp_path / "apo", *base, "--dads", "--stcr")[0]
+    plain = staged_run(task, scored_rollouts, tmp_path / "grpo", *base)[0]
+    shaped = staged_run(task, scored_rollouts, tmp_path / "apo", *base, "--dads", "--stcr")[0]
     table = pq.read_table(scored_rollouts)
     correct = torch.tensor(table.column("correct").to_pylist())
     lengths = torch.tensor([len(t) for t in table.column("completion_token_ids").to_pylist()])
@@ -119,7 +109,7 @@ def test_apo_switches_change_the_update(task, scored_rollouts, tmp_path):
 
 
 def test_akl_coefficient_follows_the_batch_accuracy(task, scored_rollouts, tmp_path):
-    lines = _staged(task, scored_rollouts, tmp_path / "akl", "--divergence", "rkl", "--div-coef-schedule", "akl",
+    lines = staged_run(task, scored_rollouts, tmp_path / "akl", "--divergence", "rkl", "--div-coef-schedule", "akl",
                     "--ppo-epochs", 2)
     accuracy = np.mean(pq.read_table(scored_rollouts).column("correct").to_pylist())
     expected = 0.04 / (1 + math.exp(-10 * (accuracy - 0.5)))
@@ -127,7 +117,7 @@ def test_akl_coefficient_follows_the_batch_accuracy(task, scored_rollouts, tmp_p
 
 
 def test_pid_coefficient_starts_at_zero_and_follows_the_measured_kl(task, scored_rollouts, tmp_path):
-    lines = _staged(task, scored_rollouts, tmp_path / "pid", "--divergence", "rkl", "--div-coef-schedule", "pid",
+    lines = staged_run(task, scored_rollouts, tmp_path / "pid", "--divergence", "rkl", "--div-coef-schedule", "pid",
                     "--kl-threshold", 0, "--ppo-epochs", 3, "--lr", "3e-2")
     assert lines[0]["div_coef"] == 0.0
     pid = KLCoefficient("pid", base=0.04, kl_threshold=0.0)
@@ -140,18 +130,18 @@ def test_pid_coefficient_starts_at_zero_and_follows_the_measured_kl(task, scored
 
 def test_dgpo_with_the_policy_as_reference_is_grpo_and_a_reference_guides_it(task, scored_rollouts, tmp_path):
     """At the first step π_old = π_ref: every Hellinger deviation is 0, so the credit stays uniform (GRPO)."""
-    grpo = _staged(task, scored_rollouts, tmp_path / "grpo")[0]
-    same = _staged(task, scored_rollouts, tmp_path / "dgpo", "--algo", "dgpo")[0]
+    grpo = staged_run(task, scored_rollouts, tmp_path / "grpo")[0]
+    same = staged_run(task, scored_rollouts, tmp_path / "dgpo", "--algo", "dgpo")[0]
     a, b = weights(tmp_path / "grpo"), weights(tmp_path / "dgpo")
     assert all(torch.equal(a[k], b[k]) for k in a) and same["loss"] == grpo["loss"]
-    guided = _staged(task, scored_rollouts, tmp_path / "guided", "--algo", "dgpo", "--ref-model", task / "random",
+    guided = staged_run(task, scored_rollouts, tmp_path / "guided", "--algo", "dgpo", "--ref-model", task / "random",
                      "--dgpo-lambda", 1.0)[0]
     assert guided["loss"] != grpo["loss"] and "divergence" not in guided
 
 
 @pytest.mark.parametrize("target", ["ref*exp(r/beta)", "ref*filter"])
 def test_fdpg_trains_toward_its_target(task, scored_rollouts, tmp_path, target):
-    (line,) = _staged(task, scored_rollouts, tmp_path / "fdpg", "--algo", "fdpg", "--target", target,
+    (line,) = staged_run(task, scored_rollouts, tmp_path / "fdpg", "--algo", "fdpg", "--target", target,
                       "--beta", 0.5, "--divergence", "jsd")
     assert np.isfinite(line["loss"]) and "log_u" in line and line["grad_norm"] > 0
 

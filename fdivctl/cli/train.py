@@ -28,7 +28,7 @@ from fdivctl.training.distributed import is_main
 from fdivctl.training.loop import LoopOptions
 from fdivctl.training.lora import LoraOptions
 
-ALGOS = ("grpo", "drgrpo", "dapo", "dph", "rlad", "dgpo", "fdpg", "fdpo", "sft")
+ALGOS = ("grpo", "drgrpo", "dapo", "dph", "rlad", "dgpo", "fdpg", "trace", "fdpo", "sft")
 
 
 def command(
@@ -39,7 +39,8 @@ def command(
                              "token-mean, dynamic sampling, overlong penalty) | dph (DPH-RL) | rlad (ratio against "
                              "a teacher–old-policy mixture; --teacher, --mix-lambda) | dgpo (advantage redistributed over tokens by "
                              "entropy-gated Hellinger deviation from the reference; no KL penalty) | fdpg (f-DPG: "
-                             "approach the target --target with --divergence) | fdpo (preference pairs) | sft "
+                             "approach the target --target with --divergence) | trace (staged: KL to a teacher on the rollouts' "
+                             "annotated spans, GRPO elsewhere) | fdpo (preference pairs) | sft "
                              "(cross-entropy on prompt/completion)."),
     rollouts: Path = typer.Option(None, help="Staged mode: scored rollouts Parquet (rollout → score); the old "
                                   "policy's log-probs are its completion_logprobs."),
@@ -94,7 +95,8 @@ def command(
     ref_model: Path = typer.Option(None, help="Reference model (default: the initial policy)."),
     ref_logits: Path = typer.Option(None, help="Staged mode: reference from a teacher-logits store of the rollouts."),
     teacher: Path = typer.Option(None, help="KDRL: a teacher model; adds β·KL(π‖teacher) on the policy's own "
-                                 "samples to the GRPO-family loss."),
+                                 "samples to the GRPO-family loss. rlad: the ratio's teacher. trace: the span "
+                                 "teacher (default: the policy itself under the privileged_prompt column)."),
     teacher_logits: Path = typer.Option(None, help="KDRL, staged mode: the teacher from a teacher-logits store of "
                                         "the rollouts (with --kd-estimator full, or k2/k3 from its token log-probs)."),
     kd_coef: float = typer.Option(5e-3, help="KDRL: β, the KD coefficient (at the start when --kd-anneal is set)."),
@@ -122,6 +124,24 @@ def command(
                                       "gated scores (0 = GRPO)."),
     target: str = typer.Option("ref*exp(r/beta)", help="--algo fdpg: the target distribution — ref*exp(r/beta) "
                                "(with --beta) or ref*filter (the reference restricted to correct responses)."),
+    key_kl_coef: float = typer.Option(1.0, help="--algo trace: λ_key, the weight of KL(teacher‖π) on key spans of "
+                                      "correct rollouts."),
+    error_kl_coef: float = typer.Option(0.0, help="--algo trace: λ_error, the weight of KL(π‖teacher) on error spans "
+                                        "of incorrect rollouts (0 = off)."),
+    kl_warmup: int = typer.Option(None, help="--algo trace: W, the optimizer steps over which the span KL fades "
+                                  "linearly to 0 (routed tokens return to GRPO); default: no fading."),
+    replay: list[Path] = typer.Option(None, "--replay", help="RECAP: a general-domain sequences Parquet (prompt/"
+                                      "completion text or token ids) replayed with its own objective each step "
+                                      "(repeatable: one objective per file)."),
+    replay_objective: str = typer.Option("sft", help="--replay: sft (cross-entropy on the completions) or a registry "
+                                         "divergence to the reference on them (e.g. rkl; closed form)."),
+    replay_coef: float = typer.Option(1.0, help="--replay: the replayed objectives' coefficient."),
+    replay_batch_size: int = typer.Option(8, help="--replay: rows of each replayed table per optimizer step."),
+    replay_weighting: str = typer.Option("fixed", help="fixed (every objective weight 1) | recap (weights K·softmax "
+                                         "of convergence + instability over the last --recap-window steps)."),
+    recap_window: int = typer.Option(4, help="--replay-weighting recap: W, steps of signal history (uniform weights "
+                                     "until every objective has W)."),
+    recap_temperature: float = typer.Option(1.0, help="--replay-weighting recap: T of the softmax."),
     kd_mask: str = typer.Option("all", help="KDRL's reward-guided masking: the responses the KD term applies to — "
                                 "all, incorrect (KD masked out on correct responses, as KDRL) or correct."),
     partition: bool = typer.Option(False, help="--algo dph: pre-sample --k + 1 completions per prompt, split "
@@ -212,7 +232,11 @@ def command(
                              kd_estimator=kd_estimator, kd_mask=kd_mask, mix_lambda=mix_lambda,
                              div_coef_schedule=div_coef_schedule, akl_center=akl_center, akl_sharpness=akl_sharpness,
                              kl_threshold=kl_threshold, target_entropy=target_entropy, dads=dads, stcr=stcr,
-                             dgpo_lambda=dgpo_lambda, fdpg_target=target, beta=beta, dtype=dtype,
+                             dgpo_lambda=dgpo_lambda, fdpg_target=target, beta=beta, key_kl_coef=key_kl_coef,
+                             error_kl_coef=error_kl_coef, kl_warmup=kl_warmup, replay=list(replay or []),
+                             replay_objective=replay_objective, replay_coef=replay_coef,
+                             replay_batch_size=replay_batch_size, replay_weighting=replay_weighting,
+                             recap_window=recap_window, recap_temperature=recap_temperature, dtype=dtype,
                              device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
             if rollouts is not None:
                 summary = run_staged(policy, rollouts, out, opts, on_step=on_step)

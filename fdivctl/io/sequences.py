@@ -67,6 +67,13 @@ class Sequences:
         """Offset of the first completion token among the row's scored tokens."""
         return max(len(self.prompt_tokens[row]) - 1, 0) if include_prompt else 0
 
+    def check_tokenizer(self, path: Path, expected_hash: str, expected_of: str, allow_mismatch: bool) -> None:
+        """Refuse a file tokenized with another tokenizer than ``expected_of``'s (when its provenance says)."""
+        if self.tokenizer_hash and self.tokenizer_hash != expected_hash and not allow_mismatch:
+            raise UserError(f"tokenizer mismatch: {path} was tokenized with {self.tokenizer_hash[:16]}…, the "
+                            f"{expected_of} has {expected_hash[:16]}… (--allow-tokenizer-mismatch skips this check "
+                            "and is unsafe)")
+
     def batch(self, rows, pad_id: int, include_prompt: bool = False) -> dict[str, torch.Tensor]:
         """Teacher-forcing tensors for ``rows`` (CPU, int64).
 
@@ -90,7 +97,8 @@ class Sequences:
                 "position": as_tensor(position), "token": as_tensor(token)}
 
 
-def _int_lists(table: pa.Table, column: str, path: Path) -> list[np.ndarray]:
+def int_list_column(table: pa.Table, column: str, path: Path) -> list[np.ndarray]:
+    """The list<int> ``column`` as one int64 array per row (null: empty); UserError for another type."""
     if not is_int_list(table.schema.field(column).type):
         raise UserError(f"{path}: column {column!r} must be list<int>, got {table.schema.field(column).type}")
     return [np.asarray(v if v is not None else [], dtype=np.int64) for v in table.column(column).to_pylist()]
@@ -118,8 +126,8 @@ def sequences_from_table(table: pa.Table, path: Path, tokenizer=None) -> Sequenc
     """The sequences of a table already in memory (``path`` names it in errors; no tokenizer hash)."""
     names = table.column_names
     if "prompt_token_ids" in names and "completion_token_ids" in names:
-        prompts = _int_lists(table, "prompt_token_ids", path)
-        completions = _int_lists(table, "completion_token_ids", path)
+        prompts = int_list_column(table, "prompt_token_ids", path)
+        completions = int_list_column(table, "completion_token_ids", path)
     elif "prompt" in names and "completion" in names:
         if tokenizer is None:
             raise UserError(f"{path}: text columns need a tokenizer")

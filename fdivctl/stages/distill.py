@@ -297,10 +297,7 @@ def prepare_distill(
     else:
         seqs = load_sequences(data, tokenizer)
         seqs.check_scorable()  # refuse unscorable rows before any training, not when their batch comes
-        if seqs.tokenizer_hash and seqs.tokenizer_hash != student_hash and not opts.allow_tokenizer_mismatch:
-            raise UserError(f"tokenizer mismatch: {data} was tokenized with {seqs.tokenizer_hash[:16]}…, the "
-                            f"student has {student_hash[:16]}… (--allow-tokenizer-mismatch skips this check and "
-                            "is unsafe)")
+        seqs.check_tokenizer(data, student_hash, "student", opts.allow_tokenizer_mismatch)
         prompt_ids = seqs.prompt_ids
     row_weights = _row_weights(table, data, prompt_ids, opts)
     turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None

@@ -12,7 +12,9 @@ old policy's ``completion_logprobs``, ``reward``) grouped by ``prompt_id``:
    the chunked engine (per-token log-prob, entropy and, for the ``full``
    estimator, the closed-form divergence to the reference);
 4. with DPH-RL, each step also adds η · L_pef on a batch of stored reference
-   samples (:mod:`fdivctl.objectives.dph`).
+   samples (:mod:`fdivctl.objectives.dph`); with ``--replay``, each step also
+   adds each replayed general-domain objective on a batch of its rows, weighted
+   fixed or by RECAP (:mod:`fdivctl.schedules.replay_weights`).
 
 The same :class:`PolicyUpdate` serves ``train --rollouts`` and each iteration
 of ``train --prompts``, so both give the same update for the same rollouts.
@@ -33,9 +35,10 @@ from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, sequences_from_table
 from fdivctl.io.tables import is_int_list, require_columns
-from fdivctl.objectives import apo, dgpo, dph, fdpg, grpo, rlad
+from fdivctl.objectives import apo, dgpo, dph, fdpg, grpo, kd, rlad, trace
 from fdivctl.schedules.anneal import linear_anneal
 from fdivctl.schedules.kl_control import KLCoefficient
+from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.signals import FrozenModel, scored_hidden, store_target, store_token_logprobs
 from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
 
@@ -43,6 +46,7 @@ ESTIMATORS = ("k1", "k2", "k3", "abs", "k3+", "full")
 PLACEMENTS = ("loss", "reward")
 KD_ESTIMATORS = ("k2", "k3", "full")
 KD_MASKS = ("all", "incorrect", "correct")
+REPLAY_WEIGHTINGS = ("fixed", "recap")
 
 #: per algorithm: clip_low, clip_high, loss_agg, std_norm, dynamic_sampling, overlong buffer (share of max length)
 PRESETS: dict[str, dict] = {
@@ -55,9 +59,9 @@ PRESETS: dict[str, dict] = {
     "dph": dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", std_norm=True, dynamic_sampling=False,
                 overlong_penalty=0.0),
 }
-# RLAD (ratio against the teacher–old-policy mixture), DGPO (token-redistributed advantage) and f-DPG (advantage
-# from f′ toward a target distribution) keep GRPO's settings
-PRESETS.update({algo: PRESETS["grpo"] for algo in ("rlad", "dgpo", "fdpg")})
+# RLAD (ratio against the teacher–old-policy mixture), DGPO (token-redistributed advantage), f-DPG (advantage
+# from f′ toward a target distribution) and TRACE (span-routed KL) keep GRPO's settings
+PRESETS.update({algo: PRESETS["grpo"] for algo in ("rlad", "dgpo", "fdpg", "trace")})
 
 
 @dataclass
@@ -103,6 +107,16 @@ class RLOptions:
     dgpo_lambda: float = 0.5  # DGPO (objectives/dgpo.py)
     fdpg_target: str = "ref*exp(r/beta)"  # f-DPG (objectives/fdpg.py)
     beta: float = 0.1
+    key_kl_coef: float = 1.0  # TRACE (objectives/trace.py)
+    error_kl_coef: float = 0.0
+    kl_warmup: int | None = None
+    replay: list[Path] = field(default_factory=list)  # RECAP (schedules/replay_weights.py)
+    replay_objective: str = "sft"
+    replay_coef: float = 1.0
+    replay_batch_size: int = 8
+    replay_weighting: str = "fixed"
+    recap_window: int = 4
+    recap_temperature: float = 1.0
     dtype: str = "auto"
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
@@ -159,6 +173,8 @@ class RLOptions:
                 self.divergence = "fkl"
         if not 0 <= self.dgpo_lambda <= 1:
             raise UserError("--dgpo-lambda must lie in [0, 1]")
+        self._check_trace()
+        self._check_replay()
         self.coefficient().check()
         if self.div_coef_schedule != "constant" and self.regularizer() is None:
             raise UserError(f"--div-coef-schedule {self.div_coef_schedule} sets the coefficient of --divergence: "
@@ -174,6 +190,39 @@ class RLOptions:
                             "pass: use a sample estimator (k2, k3) for one of them")
         return self
 
+    def _check_trace(self) -> None:
+        if self.key_kl_coef < 0 or self.error_kl_coef < 0:
+            raise UserError("--key-kl-coef and --error-kl-coef must be ≥ 0")
+        if self.kl_warmup is not None and self.kl_warmup < 1:
+            raise UserError("--kl-warmup must be ≥ 1 (optimizer steps over which the KL channel fades)")
+        if self.algo == "trace" and self.divergence != "none" and self.div_estimator == "full":
+            raise UserError("--algo trace takes the full-vocabulary teacher target in its one pass: regularize "
+                            "with a sample estimator (--div-estimator k3) or drop --divergence")
+
+    def _check_replay(self) -> None:
+        if self.replay_weighting not in REPLAY_WEIGHTINGS:
+            raise UserError(f"--replay-weighting {self.replay_weighting!r}; valid: {', '.join(REPLAY_WEIGHTINGS)}")
+        if not self.replay:
+            if self.replay_weighting != "fixed":
+                raise UserError("--replay-weighting recap weighs replayed objectives: give --replay FILE")
+            return
+        if self.replay_coef < 0 or self.replay_batch_size < 1:
+            raise UserError("--replay-coef must be ≥ 0 and --replay-batch-size ≥ 1")
+        if self.recap_window < 2 or not self.recap_temperature > 0:
+            raise UserError("--recap-window must be ≥ 2 and --recap-temperature > 0")
+        if self.replay_divergence() is not None and self.ref_logits is not None:
+            raise UserError(f"--replay-objective {self.replay_objective} reads the reference on the replay rows: "
+                            "give --ref-model (a --ref-logits store holds only the rollouts)")
+
+    def replay_divergence(self) -> Divergence | None:
+        """The replayed objective: None for ``sft`` (cross-entropy), else a registry divergence to the reference."""
+        if self.replay_objective == "sft":
+            return None
+        try:
+            return divergences.parse(self.replay_objective)
+        except ValueError as err:
+            raise UserError(f"--replay-objective: sft or a divergence; {err}") from None
+
     @property
     def has_teacher(self) -> bool:
         """Whether a teacher is given (``--teacher`` or ``--teacher-logits``): KDRL's KD term, or RLAD's ratio."""
@@ -181,13 +230,15 @@ class RLOptions:
 
     @property
     def kd_on(self) -> bool:
-        """Whether KDRL's KD term is in the loss: a teacher is given and it is not RLAD's ratio teacher."""
-        return self.has_teacher and self.algo != "rlad"
+        """Whether KDRL's KD term is in the loss: a teacher is given and it is not RLAD's or TRACE's."""
+        return self.has_teacher and self.algo not in ("rlad", "trace")
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the update reads a reference policy: a regularizer, DGPO's guidance, or f-DPG's target."""
-        return self.algo in ("dgpo", "fdpg") or (self.regularizer() is not None and self.algo != "dph")
+        """Whether the update reads a reference policy: a regularizer, DGPO's guidance, f-DPG's target, or a
+        replayed divergence."""
+        return self.algo in ("dgpo", "fdpg") or (self.regularizer() is not None and self.algo != "dph") or \
+            (bool(self.replay) and self.replay_divergence() is not None)
 
     def coefficient(self) -> KLCoefficient:
         """The regularizer's coefficient schedule (``--div-coef-schedule``)."""
@@ -225,6 +276,8 @@ class ScoredRollouts:
     correct: np.ndarray  # bool [S]
     groups: torch.Tensor  # int64 [S]
     lengths: torch.Tensor  # int64 [S], completion tokens
+    spans: list[list[tuple[int, int, int]]] | None = None  # TRACE: (start, end, kind) per row (objectives/trace.py)
+    privileged: Sequences | None = None  # TRACE: the same completions after each row's privileged prompt
 
     @classmethod
     def from_table(cls, table: pa.Table, path: Path, min_group: int = 2) -> ScoredRollouts:
@@ -289,34 +342,70 @@ class ReferenceSamples:
     temperature: float
 
 
+def token_index(data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
+    """Where the tokens of ``rows`` sit among all responses' tokens concatenated in row order."""
+    starts = torch.cumsum(data.lengths, 0) - data.lengths
+    return torch.cat([torch.arange(int(starts[r]), int(starts[r]) + int(data.lengths[r])) for r in rows])
+
+
 @dataclass
 class Credit:
     """What each response (and token) of a batch is credited with: its advantage, the weight of its divergence
-    term (APO's DADS; 1 otherwise) and, for DGPO, each token's share of the advantage (tokens concatenated)."""
+    term (APO's DADS; 1 otherwise), for DGPO each token's share of the advantage, and for TRACE each token's
+    route (0 GRPO, 1 forward KL, 2 reverse KL; objectives/trace.py) — per-token values concatenated."""
 
     advantages: torch.Tensor  # [S]
     div_scale: torch.Tensor  # [S]
     token_scale: torch.Tensor | None = None  # [Σ lengths]
+    token_route: torch.Tensor | None = None  # int8 [Σ lengths]
 
     def state(self) -> dict:
-        return {"advantages": self.advantages, "div_scale": self.div_scale, "token_scale": self.token_scale}
+        return {"advantages": self.advantages, "div_scale": self.div_scale, "token_scale": self.token_scale,
+                "token_route": self.token_route}
 
     def token_advantages(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
         """The advantage of every token of ``rows``, concatenated."""
-        lengths = data.lengths[rows]
-        adv = self.advantages[rows].repeat_interleave(lengths)
-        if self.token_scale is None:
-            return adv
-        starts = torch.cumsum(data.lengths, 0) - data.lengths
-        index = torch.cat([torch.arange(int(starts[r]), int(starts[r]) + int(data.lengths[r])) for r in rows])
-        return adv * self.token_scale[index]
+        adv = self.advantages[rows].repeat_interleave(data.lengths[rows])
+        return adv if self.token_scale is None else adv * self.token_scale[token_index(data, rows)]
+
+    def routes(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
+        """TRACE's route of every token of ``rows`` (all 0 without routing)."""
+        if self.token_route is None:
+            return torch.zeros(int(data.lengths[rows].sum()), dtype=torch.int8)
+        return self.token_route[token_index(data, rows)]
+
+
+@dataclass
+class StepScale:
+    """The constants of one optimizer step that every micro-batch of it needs."""
+
+    n_tokens: int  # completion tokens of the step's responses
+    n_seqs: int
+    kd_coef: float = 0.0  # KDRL (annealed)
+    div_coef: float = 0.0  # the regularizer's (scheduled) coefficient
+    anneal: float = 1.0  # TRACE's a_t
+    key_tokens: int = 1  # TRACE: tokens routed to each KL (≥ 1, the denominators of their logged means)
+    error_tokens: int = 1
+    task_weight: float = 1.0  # RECAP's weight of the RL objective
+
+
+@dataclass
+class Replay:
+    """RECAP's replayed general-domain objectives: one table of sequences each, with their weighting."""
+
+    sets: list[Sequences]
+    divergence: Divergence | None  # None: cross-entropy (SFT)
+    coef: float
+    batch_size: int
+    weights: RecapWeights | None  # None: fixed weights (all 1)
 
 
 class PolicyUpdate:
     """The model being trained, its frozen reference, and the update rule (see the module docstring)."""
 
     def __init__(self, model, tokenizer, opts: RLOptions, reference: ReferencePolicy | None,
-                 reference_samples: ReferenceSamples | None = None, teacher: ReferencePolicy | None = None):
+                 reference_samples: ReferenceSamples | None = None, teacher: ReferencePolicy | None = None,
+                 replay: Replay | None = None):
         self.model, self.opts = model, opts
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         self.device = self.head.weight.device
@@ -325,6 +414,7 @@ class PolicyUpdate:
         self.reference = reference
         self.samples = reference_samples
         self.teacher = teacher
+        self.replay = replay
         self.coefficient = opts.coefficient()
         if opts.needs_reference and reference is None:
             raise UserError(f"--algo {opts.algo} with --divergence {opts.divergence} needs a reference: --ref-model "
@@ -356,7 +446,8 @@ class PolicyUpdate:
             advantages = advantages * scale
         div_scale = apo.divergence_scale(advantages, correct, data.groups) if opts.dads \
             else torch.ones(len(data))
-        credit = Credit(advantages, div_scale, self._dgpo_scale(data, temperature) if opts.algo == "dgpo" else None)
+        credit = Credit(advantages, div_scale, self._dgpo_scale(data, temperature) if opts.algo == "dgpo" else None,
+                        self._trace_routes(data, figures) if opts.algo == "trace" else None)
         keep = torch.ones(len(data), dtype=torch.bool)
         if opts.dynamic_sampling:
             keep = ~grpo.equal_reward_groups(data.rewards, data.groups)
@@ -364,6 +455,20 @@ class PolicyUpdate:
         figures["groups_kept"] = float(len(set(data.groups[keep].tolist())))
         figures["groups_dropped"] = float(len(set(data.groups.tolist())) - figures["groups_kept"])
         return credit, keep.nonzero().squeeze(-1).tolist(), figures
+
+    def state_dict(self) -> dict:
+        """The update rule's own state, checkpointed with the run: the coefficient controller, RECAP's history."""
+        state = {"kl_control": self.coefficient.state_dict()}
+        if self.replay is not None and self.replay.weights is not None:
+            state["replay_weights"] = self.replay.weights.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` from a checkpoint's extra state (keys it lacks keep their fresh state)."""
+        if "kl_control" in state:
+            self.coefficient.load_state_dict(state["kl_control"])
+        if "replay_weights" in state and self.replay is not None and self.replay.weights is not None:
+            self.replay.weights.load_state_dict(state["replay_weights"])
 
     def div_coef(self, data: ScoredRollouts) -> float:
         """The regularizer's coefficient for the next update (``--div-coef-schedule``)."""
@@ -398,6 +503,15 @@ class PolicyUpdate:
         figures["log_u"] = float(log_u.mean())
         return advantages
 
+    def _trace_routes(self, data: ScoredRollouts, figures: dict) -> torch.Tensor:
+        """TRACE: each token's route from the rollouts' spans (objectives/trace.py)."""
+        if data.spans is None:
+            raise UserError("--algo trace needs the rollouts' spans column")
+        routes = trace.token_routes(data.spans, data.lengths.tolist(), data.correct, self.opts.error_kl_coef > 0)
+        figures["key_tokens"] = float((routes == trace.KEY).sum())
+        figures["error_tokens"] = float((routes == trace.ERROR).sum())
+        return routes
+
     def _dgpo_scale(self, data: ScoredRollouts, temperature: float) -> torch.Tensor:
         """DGPO: each token's share of its response's advantage (objectives/dgpo.py)."""
         hellinger = divergences.get("hellinger")
@@ -426,22 +540,76 @@ class PolicyUpdate:
 
     def step(self, trainer: Trainer, data: ScoredRollouts, credit: Credit, rows: list[int],
              temperature: float) -> dict:
-        """One optimizer step on the responses ``rows`` (plus D_pef's term for DPH-RL)."""
-        n_tokens, n_seqs = int(data.lengths[rows].sum()), len(rows)
-        size = self.opts.micro_batch_size
-        kd_coef = linear_anneal(self.opts.kd_coef, self.opts.kd_anneal, trainer.progress)
-        div_coef = self.div_coef(data)
-        micro = [self._micro(data, credit, rows[s : s + size], n_tokens, n_seqs, temperature, kd_coef, div_coef)
+        """One optimizer step on the responses ``rows`` (plus D_pef's term for DPH-RL and the replayed
+        objectives)."""
+        opts = self.opts
+        replay_weights = self._replay_weights()
+        routes = credit.routes(data, rows)
+        scale = StepScale(int(data.lengths[rows].sum()), len(rows),
+                          kd_coef=linear_anneal(opts.kd_coef, opts.kd_anneal, trainer.progress),
+                          div_coef=self.div_coef(data), anneal=trace.kl_anneal(trainer.step, opts.kl_warmup),
+                          key_tokens=max(1, int((routes == trace.KEY).sum())),
+                          error_tokens=max(1, int((routes == trace.ERROR).sum())), task_weight=replay_weights[0])
+        size = opts.micro_batch_size
+        micro = [self._micro(data, credit, rows[s : s + size], scale, temperature)
                  for s in range(0, len(rows), size)]
-        if self.samples is not None and len(self.samples.seqs) and self.opts.eta:
+        if self.samples is not None and len(self.samples.seqs) and opts.eta:
             micro.append(self._pef_micro(trainer.step))
+        if self.replay is not None:
+            micro += [self._replay_micro(k, trainer.step, w) for k, w in enumerate(replay_weights[1:])]
         figures = trainer.update(micro)
-        if self.opts.kd_on:
-            figures["kd_coef"] = kd_coef
-        if self.opts.div_coef_schedule != "constant":
-            figures["div_coef"] = div_coef
+        if opts.kd_on:
+            figures["kd_coef"] = scale.kd_coef
+        if opts.algo == "trace":
+            figures["kl_anneal"] = scale.anneal
+        if opts.div_coef_schedule != "constant":
+            figures["div_coef"] = scale.div_coef
             self.coefficient.update(figures.get("divergence", 0.0), figures["entropy"], float(data.rewards.mean()))
+        if self.replay is not None:
+            self._record_replay(figures, replay_weights)
         return figures
+
+    # -- RECAP: replayed objectives -------------------------------------------------------------------------------
+    def _replay_weights(self) -> list[float]:
+        """The weights of [the RL task, each replayed objective] for the next step (all 1 without RECAP)."""
+        if self.replay is None:
+            return [1.0]
+        if self.replay.weights is None:
+            return [1.0] * (1 + len(self.replay.sets))
+        return self.replay.weights.weights()
+
+    def _record_replay(self, figures: dict, weights: list[float]) -> None:
+        """Log the step's weights and feed RECAP the signals measured in it: the task's NLL of positive-advantage
+        tokens (when the step had any) and each replayed loss."""
+        positive = figures.pop("positive_tokens", 0.0)
+        task_signal = figures.pop("positive_nll", 0.0) / positive if positive else None
+        figures["weight_task"] = weights[0]
+        for k, weight in enumerate(weights[1:]):
+            figures[f"weight_replay_{k}"] = weight
+        if self.replay.weights is not None:
+            if task_signal is not None:
+                figures["task_signal"] = task_signal
+            self.replay.weights.update([task_signal] + [figures[f"replay_loss_{k}"]
+                                                        for k in range(len(self.replay.sets))])
+
+    def _replay_micro(self, k: int, step: int, weight: float):
+        """``weight · --replay-coef · L_k`` on this step's batch of replayed table ``k`` (a seeded cycle): the mean
+        cross-entropy of its completion tokens, or their mean closed-form divergence to the reference."""
+        seqs, replay = self.replay.sets[k], self.replay
+        rows = batches_for_step(len(seqs), step, LoopOptions(batch_size=replay.batch_size,
+                                                             seed=self.opts.loop.seed + k))[0]
+
+        def micro():
+            batch = self._batch(seqs, rows)
+            target = None
+            if replay.divergence is not None:
+                target = self.reference.model.target(self.reference.model.hidden(batch))
+            value, _ = kd.kd_loss(kd.KDBatch(scored_hidden(self.decoder, batch), batch["token"], target),
+                                  self.head.weight, getattr(self.head, "bias", None), replay.divergence)
+            loss = weight * replay.coef * value
+            return loss, {f"replay_loss_{k}": float(value.detach()), "loss": float(loss.detach())}
+
+        return micro
 
     def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
@@ -462,14 +630,17 @@ class PolicyUpdate:
         mask = {"all": torch.ones_like(correct), "incorrect": ~correct, "correct": correct}[self.opts.kd_mask]
         return mask.float()
 
-    def _micro(self, data, credit, rows, n_tokens, n_seqs, temperature, kd_coef=0.0, div_coef=0.0):
-        """One micro-batch's share of the minibatch loss Σ_t w_t [L_t + c·d·D_t + β·m·KD_t − c_H·H_t], through
-        :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no ``[tokens, V]`` logits).
+    def _micro(self, data: ScoredRollouts, credit: Credit, rows: list[int], scale: StepScale, temperature: float):
+        """One micro-batch's share of the minibatch loss ω Σ_t w_t [g_t L_t + c·d·D_t + β·m·KD_t + a λ_t R_t
+        − c_H·H_t], through :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no
+        ``[tokens, V]`` logits).
 
         ``d`` is the response's divergence weight (APO's DADS, else 1); ``KD_t`` is KDRL's per-token estimate
         of KL(π_θ‖π_teacher) on the policy's own samples (k2, k3, or the closed form), ``m`` its reward-guided
-        mask and ``β`` the (annealed) ``kd_coef``."""
+        mask and ``β`` the (annealed) ``kd_coef``; ``R_t`` is TRACE's routed KL with ``g_t = 1 − a [routed]``
+        (else ``g_t = 1``); ω is RECAP's weight of the task."""
         opts = self.opts
+        n_tokens, kd_coef, div_coef = scale.n_tokens, scale.kd_coef, scale.div_coef
         regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
         full = regularize and opts.div_estimator == "full"
         mixture = opts.algo == "rlad"
@@ -484,7 +655,7 @@ class PolicyUpdate:
             old = self._old_logprobs(data, rows)
             adv = credit.token_advantages(data, rows).to(self.device)
             div_scale = credit.div_scale[rows].repeat_interleave(lengths).to(self.device)
-            weights = grpo.token_weights(lengths, n_tokens, n_seqs, opts.loss_agg).to(self.device)
+            weights = grpo.token_weights(lengths, n_tokens, scale.n_seqs, opts.loss_agg).to(self.device)
             target = self.reference.target(data, rows, batch) if full else None
             ref = self.reference.token_logprobs(data, rows, batch, temperature) if regularize and not full else None
             if kd_full:
@@ -494,12 +665,24 @@ class PolicyUpdate:
             # the ratio's denominator: π_old, or RLAD's teacher–old mixture
             denominator = rlad.mixture_logprob(teacher, old, opts.mix_lambda) if mixture else old
             kd_mask = self._kd_mask(data, rows).repeat_interleave(lengths).to(self.device) if distill else None
-            parts = {"pg_loss": [], "divergence": [], "clipped": [], "kd": []}
+            route = credit.routes(data, rows).to(self.device)
+            # TRACE reads its teacher while the KL channel is open and this micro-batch has routed tokens
+            routing = opts.algo == "trace" and scale.anneal > 0 and bool((route != trace.GRPO).any())
+            if routing:
+                target = self._trace_target(data, rows, batch)
+            # TRACE: routed tokens hand (1 − a) of their weight to the KL channel; λ_t per route
+            pg_share = 1.0 - scale.anneal * (route != trace.GRPO).float()
+            kl_coef = scale.anneal * (opts.key_kl_coef * (route == trace.KEY).float()
+                                      + opts.error_kl_coef * (route == trace.ERROR).float())
+            positive = adv > 0
+            parts = {"pg_loss": [], "divergence": [], "clipped": [], "kd": [], "key_kl": [], "error_kl": [],
+                     "positive_nll": []}
 
             def objective(out, r):
                 surrogate, clipped = grpo.clipped_surrogate(out["logprob"], denominator[r], adv[r], opts.clip_low,
                                                             opts.clip_high)
-                loss = (weights[r] * surrogate).sum()
+                loss = (weights[r] * pg_share[r] * surrogate).sum()
+                parts["positive_nll"].append(-(out["logprob"].detach() * positive[r]).sum())
                 parts["pg_loss"].append(loss.detach())
                 parts["clipped"].append(clipped.sum())
                 if regularize:
@@ -512,14 +695,21 @@ class PolicyUpdate:
                         sample_divergence(rkl, out["logprob"], teacher[r], opts.kd_estimator)
                     parts["kd"].append((kd_mask[r] * kd).detach().sum())
                     loss = loss + kd_coef * (weights[r] * kd_mask[r] * kd).sum()
+                if routing:
+                    routed_kl = out["divergence"]
+                    parts["key_kl"].append((routed_kl.detach() * (route[r] == trace.KEY)).sum())
+                    parts["error_kl"].append((routed_kl.detach() * (route[r] == trace.ERROR)).sum())
+                    loss = loss + (weights[r] * kl_coef[r] * routed_kl).sum()
                 if opts.entropy_coef:
                     loss = loss - opts.entropy_coef * (weights[r] * out["entropy"]).sum()
                 return loss
 
-            target_divergence = rkl if kd_full else self.regularizer if full else None
+            target_divergence = trace.RoutedKL(route) if routing else rkl if kd_full else \
+                self.regularizer if full else None
             loss, out = engine.token_loss(hidden, self.head.weight, objective, bias=getattr(self.head, "bias", None),
                                           token_ids=batch["token"], entropy=True, target=target,
                                           divergence=target_divergence, temperature=temperature)
+            loss = scale.task_weight * loss
             figures = {"tokens": float(len(adv)), "pg_loss": float(sum(parts["pg_loss"])),
                        "clip_frac": float(sum(parts["clipped"])) / n_tokens,
                        "entropy": float(out.entropy.sum()) / n_tokens,
@@ -532,9 +722,28 @@ class PolicyUpdate:
             if distill:
                 figures["kd"] = float(sum(parts["kd"])) / n_tokens
                 figures["kd_tokens"] = float(kd_mask.sum())
+            if opts.algo == "trace":
+                figures["key_kl"] = float(sum(parts["key_kl"])) / scale.key_tokens
+                figures["error_kl"] = float(sum(parts["error_kl"])) / scale.error_tokens
+            if self.replay is not None:
+                figures["positive_nll"] = float(sum(parts["positive_nll"]))
+                figures["positive_tokens"] = float(positive.sum())
             return loss, figures
 
         return micro
+
+    def _trace_target(self, data: ScoredRollouts, rows: list[int], batch: dict) -> engine.Target:
+        """TRACE's teacher on the tokens of ``rows``: a store, a teacher model, or the policy itself (no gradient) —
+        the models after each row's privileged prompt when the rollouts have one."""
+        if self.teacher is not None and self.teacher.store is not None:
+            return self.teacher.target(data, rows, batch)
+        teacher_batch = batch if data.privileged is None else self._batch(data.privileged, rows)
+        if self.teacher is not None:
+            return self.teacher.model.target(self.teacher.model.hidden(teacher_batch))
+        with torch.no_grad():
+            hidden = scored_hidden(self.decoder, teacher_batch)
+        bias = getattr(self.head, "bias", None)
+        return engine.TeacherHead(hidden, self.head.weight.detach(), None if bias is None else bias.detach())
 
     def _pef_micro(self, step: int):
         """η · L_pef on the reference samples of this step (a seeded cycle through them)."""

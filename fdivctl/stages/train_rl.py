@@ -36,16 +36,19 @@ from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import sequences_from_table
+from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, sequences_from_table
 from fdivctl.io.tables import provenance, read_table, write_table
+from fdivctl.objectives import trace
 from fdivctl.rewards.verifiers import Verifier
 from fdivctl.schedules import curriculum
+from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.live_sampler import live_generator
 from fdivctl.stages.policy_update import (
     Credit,
     PolicyUpdate,
     ReferencePolicy,
     ReferenceSamples,
+    Replay,
     RLOptions,
     ScoredRollouts,
 )
@@ -148,17 +151,64 @@ def load_partition(directory: Path, policy_hash: str, allow_mismatch: bool) -> t
     return record, samples
 
 
+def _replay(tokenizer, policy_hash: str, opts: RLOptions) -> Replay | None:
+    """RECAP's replayed tables (``--replay``), tokenized and checked before any training."""
+    if not opts.replay:
+        return None
+    sets = []
+    for path in opts.replay:
+        seqs = load_sequences(path, tokenizer)  # an empty table is refused as it is read
+        seqs.check_scorable()
+        seqs.check_tokenizer(path, policy_hash, "policy", opts.allow_tokenizer_mismatch)
+        sets.append(seqs)
+    weights = RecapWeights(1 + len(sets), opts.recap_window, opts.recap_temperature) \
+        if opts.replay_weighting == "recap" else None
+    return Replay(sets, opts.replay_divergence(), opts.replay_coef, opts.replay_batch_size, weights)
+
+
 def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
     distributed.refuse(f"train --algo {opts.algo}")
     opts.resolve()
+    if opts.algo == "trace" and online:
+        raise UserError("--algo trace trains on annotated spans of given rollouts: annotate them (a spans column) "
+                        "and train staged with --rollouts")
     model, tokenizer = _load_policy(policy, out, opts)
     policy_hash = tokenizer_hash(tokenizer)
     samples, record = None, None
     if opts.algo == "dph":
         record, samples = load_partition(opts.partition_dir, policy_hash, opts.allow_tokenizer_mismatch)
     update = PolicyUpdate(model, tokenizer, opts, _reference(policy, policy_hash, opts, online), samples,
-                          _teacher(policy, policy_hash, opts, online))
+                          _teacher(policy, policy_hash, opts, online), _replay(tokenizer, policy_hash, opts))
     return model, tokenizer, policy_hash, update, record
+
+
+def _privileged(table: pa.Table, path: Path, data: ScoredRollouts, tokenizer, chat: bool) -> Sequences | None:
+    """TRACE's privileged context: the rollouts' completions after each row's ``privileged_prompt_token_ids``
+    (or ``privileged_prompt`` text, encoded as the rollout encoded its prompts); None without either column."""
+    names = table.column_names
+    if "privileged_prompt_token_ids" in names:
+        prompt_tokens = int_list_column(table, "privileged_prompt_token_ids", path)
+    elif "privileged_prompt" in names:
+        texts = table.column("privileged_prompt").to_pylist()
+        if any(not isinstance(t, str) for t in texts):
+            raise UserError(f"{path}: column 'privileged_prompt' must be text without nulls")
+        prompt_tokens = [np.asarray(encode_prompt(tokenizer, {"prompt": t}, chat)[1], dtype=np.int64) for t in texts]
+    else:
+        return None
+    if any(len(p) == 0 for p in prompt_tokens):
+        raise UserError(f"{path}: a privileged prompt is empty")
+    seqs = data.seqs
+    return Sequences(seqs.prompt_ids, seqs.sample_idx, prompt_tokens, seqs.completion_tokens, seqs.tokenizer_hash)
+
+
+def _trace_inputs(table: pa.Table, path: Path, data: ScoredRollouts, tokenizer, opts: RLOptions) -> None:
+    """Attach TRACE's spans and privileged context to ``data``; refuse a run with no teacher signal."""
+    data.spans = trace.read_spans(table, path, data.lengths.tolist())
+    data.privileged = _privileged(table, path, data, tokenizer, bool(provenance(path).get("chat")))
+    if data.privileged is None and not opts.has_teacher:
+        raise UserError(f"{path}: --algo trace needs a teacher: --teacher MODEL, --teacher-logits STORE, or a "
+                        "privileged_prompt (or privileged_prompt_token_ids) column for self-distillation under "
+                        "privileged context")
 
 
 def _partition_sizes(record: dict | None) -> dict:
@@ -187,18 +237,21 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
                         f"policy has {policy_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
     sampling = source.get("sampling", {})
     temperature = opts.temperature or sampling.get("temperature") or 1.0
-    data = ScoredRollouts.from_table(_exp_only(read_table(rollouts), record), rollouts)
+    table = _exp_only(read_table(rollouts), record)
+    data = ScoredRollouts.from_table(table, rollouts)
+    if opts.algo == "trace":
+        _trace_inputs(table, rollouts, data, tokenizer, opts)
     credit, kept, figures = update.advantages(data, temperature, sampling.get("max_new_tokens"))
     figures.update(_partition_sizes(record))
     plan = update.steps(data, kept, opts.loop.seed)
     trainer = Trainer(model, tokenizer, out, opts.loop, total=len(plan))
     if "credit" in trainer.state:  # the rewards were shaped (and DGPO's tokens weighed) by the first run's policy
         credit = Credit(**trainer.state["credit"])
-        update.coefficient.load_state_dict(trainer.state["kl_control"])
+        update.load_state_dict(trainer.state)
     last: dict = {}
 
     def state() -> dict:
-        return {"credit": credit.state(), "kl_control": update.coefficient.state_dict()}
+        return {"credit": credit.state(), **update.state_dict()}
 
     with JsonlLog(opts.loop.log_jsonl) as log:
         while trainer.step < len(plan):
@@ -278,8 +331,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     rows = prompt_table.to_pylist()
     last: dict = {}
     first = trainer.state.get("iteration", 0)
-    if "kl_control" in trainer.state:
-        update.coefficient.load_state_dict(trainer.state["kl_control"])
+    update.load_state_dict(trainer.state)
     accuracy = _tracked_accuracy(artifacts, first) if online.prompt_sampling == "gaussian" else {}
     with JsonlLog(opts.loop.log_jsonl) as log:
         for iteration in range(first, online.iterations):
@@ -306,11 +358,11 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
                     "seconds": time.perf_counter() - start}
             log.write(last)
             if (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations:
-                trainer.save({"iteration": iteration + 1, "kl_control": update.coefficient.state_dict()})
+                trainer.save({"iteration": iteration + 1, **update.state_dict()})
             if on_iteration:
                 on_iteration(iteration + 1, online.iterations, last)
     if not last:
-        trainer.save({"iteration": trainer.state.get("iteration", 0), "kl_control": update.coefficient.state_dict()})
+        trainer.save({"iteration": trainer.state.get("iteration", 0), **update.state_dict()})
     return {"iterations": online.iterations, "steps": trainer.step, **last}
 
 
