@@ -42,7 +42,9 @@ import torch
 
 from fdivctl import tiny
 from fdivctl.objectives import grpo
-from fdivctl.stages.policy_update import PolicyUpdate, ReferencePolicy, RLOptions, ScoredRollouts
+from fdivctl.stages.policy_update import PolicyUpdate
+from fdivctl.stages.rl_data import ReferencePolicy, ScoredRollouts
+from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import FrozenModel
 from fdivctl.training.loop import LoopOptions
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fdivctl import divergences
 from fdivctl.errors import UserError
 from fdivctl.objectives import dph, fdpo, grpo
-from fdivctl.stages.policy_update import RLOptions
+from fdivctl.stages.rl_options import RLOptions
 
 
 def test_group_advantages_by_hand():

@@ -20,7 +20,7 @@ from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.rewards.verifiers import make_verifier
 from fdivctl.stages.distill import DistillOptions, run_distill
 from fdivctl.stages.dph_partition import run_partition
-from fdivctl.stages.policy_update import RLOptions
+from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.preference import FDPOOptions, run_fdpo
 from fdivctl.stages.rollout import RolloutOptions
 from fdivctl.stages.train_rl import OnlineOptions, run_online, run_staged

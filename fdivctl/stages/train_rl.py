@@ -43,15 +43,9 @@ from fdivctl.rewards.verifiers import Verifier
 from fdivctl.schedules import curriculum
 from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.live_sampler import live_generator
-from fdivctl.stages.policy_update import (
-    Credit,
-    PolicyUpdate,
-    ReferencePolicy,
-    ReferenceSamples,
-    Replay,
-    RLOptions,
-    ScoredRollouts,
-)
+from fdivctl.stages.policy_update import PolicyUpdate, Replay
+from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, ScoredRollouts
+from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.rollout import encode_prompt, rollout_rows
 from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
