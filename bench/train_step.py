@@ -42,7 +42,7 @@ import torch
 
 from fdivctl import tiny
 from fdivctl.objectives import grpo
-from fdivctl.stages.policy_update import PolicyUpdate
+from fdivctl.stages.policy_update import PolicyUpdate, StepScale
 from fdivctl.stages.rl_data import ReferencePolicy, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import FrozenModel
@@ -90,9 +90,9 @@ def _fdivctl(policy, reference, data, device):
     opts = RLOptions(algo="grpo", divergence="rkl", div_estimator="full", micro_batch_size=GROUP,
                      loop=LoopOptions()).resolve()
     update = PolicyUpdate(policy, _Tokenizer(), opts, ReferencePolicy(reference, None, "tail"))
-    advantages = grpo.group_advantages(data.rewards, data.groups)
-    rows = list(range(len(data)))
-    micro = update._micro(data, advantages, rows, int(data.lengths.sum()), len(rows), 1.0)
+    credit, rows, _ = update.advantages(data, 1.0, None)
+    micro = update._micro(data, credit, rows, StepScale(int(data.lengths[rows].sum()), len(rows),
+                                                        div_coef=opts.div_coef), 1.0)
 
     def step():
         loss, _ = micro()

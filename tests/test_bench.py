@@ -1,0 +1,34 @@
+"""Every benchmark still runs at its small CPU shape and prints the side-by-side fields its claims rest on.
+
+Not a timing test: the figures are not compared with any threshold, only checked to be present and finite, so a
+benchmark cannot rot unnoticed when the code it measures changes.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+FIELDS = {
+    "train_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio_vs_trl"],
+    "distill_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio", "peak_memory_ratio"],
+    "loss_engine.py": ["naive_s", "engine_s", "time_ratio", "memory_ratio"],
+    "teacher_logits.py": ["store_tokens_per_s", "bare_tokens_per_s", "throughput_ratio", "bytes_per_token"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(FIELDS))
+def test_benchmark_runs_at_its_quick_shape(script):
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert records, done.stdout[-2000:]
+    for record in records:
+        for field in FIELDS[script]:
+            assert field in record and math.isfinite(record[field]), (script, field, record)
