@@ -310,3 +310,12 @@ def test_prompt_sampling_is_checked(task, tmp_path):
     done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", task / "data" / "prompts.parquet", *VERIFIER,
                    "--prompt-sampling", "hard-first", "--device", "cpu")
     assert done.returncode == 2 and "--prompt-sampling 'hard-first'; valid: uniform, gaussian" in done.stderr
+    prompts = pq.read_table(task / "data" / "prompts.parquet")
+    for bad in (1.5, "high"):
+        path = tmp_path / "prompts.parquet"
+        pq.write_table(prompts.drop_columns([c for c in ["pass_rate"] if c in prompts.column_names])
+                       .append_column("pass_rate", pa.array([bad] * prompts.num_rows)), path)
+        done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", path, *VERIFIER, "--prompt-sampling",
+                       "gaussian", "--device", "cpu")
+        assert done.returncode == 2 and f"row 0 has pass_rate {bad!r}" in done.stderr, done.stderr
+        assert not (tmp_path / "o" / "model.safetensors").exists()

@@ -284,6 +284,17 @@ def _tracked_accuracy(artifacts: Path, iterations: int) -> dict[str, float]:
     return accuracy
 
 
+def _check_pass_rates(table: pa.Table, path: Path) -> None:
+    """The Gaussian curriculum's prior: a ``pass_rate`` column, when present, holds shares in [0, 1] (or nulls)."""
+    if "pass_rate" not in table.column_names:
+        return
+    for row, value in enumerate(table.column("pass_rate").to_pylist()):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value <= 1):
+            raise UserError(f"{path}: row {row} has pass_rate {value!r}; the curriculum reads it as a share of "
+                            "correct samples in [0, 1] (null: unknown)")
+
+
 def _pick_prompts(rows: list[dict], iteration: int, online: OnlineOptions, seed: int,
                   accuracy: dict[str, float]) -> list[int]:
     """The prompts of ``iteration``: a seeded uniform shuffle, or Gaussian curriculum sampling over the
@@ -314,6 +325,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     prompt_table = _exp_only(read_table(prompts), record)
     if prompt_table.num_rows == 0:
         raise UserError(f"{prompts}: no prompts to train on" + (" (all are in D_pef)" if record else ""))
+    if online.prompt_sampling == "gaussian":
+        _check_pass_rates(prompt_table, prompts)
     sampling = SamplingOptions(**{**(online.sampling or SamplingOptions()).as_record(), "n": online.group_size})
     sampling.check()
     if sampling.temperature == 0:
