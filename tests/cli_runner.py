@@ -1,8 +1,10 @@
-"""Run the fdivctl entry point in-process, with the result shaped like subprocess.run's."""
+"""Run the fdivctl entry point in-process (or under torchrun), with the result shaped like subprocess.run's."""
 
 import contextlib
 import io
+import os
 import subprocess
+import sys
 
 from fdivctl.cli import main
 
@@ -19,3 +21,11 @@ def run_cli(*args, check: bool = False) -> subprocess.CompletedProcess:
     if check and code != 0:
         raise AssertionError(done.stderr)
     return done
+
+
+def run_torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node nproc -m fdivctl ARGS`` (gloo on the CPU), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "fdivctl", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

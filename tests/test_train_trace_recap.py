@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from artifacts import read_jsonl, staged_run, weights
-from cli_runner import run_cli
+from artifacts import STAGED, read_jsonl, staged_run, weights
+from cli_runner import run_cli, run_torchrun
 from fdivctl import divergences, engine
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
@@ -164,6 +164,25 @@ def test_trace_with_a_teacher_model_or_its_store(task, annotated, tmp_path):
                              "--teacher-logits", store, "--error-kl-coef", 0.1)
     for key in ("key_kl", "error_kl", "loss"):
         assert by_store[key] == pytest.approx(by_model[key], rel=1e-4), key
+
+
+def test_trace_with_recap_replay_on_two_processes_equals_one(task, annotated, general, tmp_path):
+    """The self-teacher's forward and the replayed objective under FSDP: 2 gloo processes give one's update."""
+    args = ["--algo", "trace", "--error-kl-coef", 0.3, "--replay", general, "--replay-weighting", "recap",
+            "--recap-window", 2, "--minibatch-size", 7, "--micro-batch-size", 2, "--ppo-epochs", 1]
+    lines = staged_run(task, annotated / "spans.parquet", tmp_path / "single", *args)
+    log = tmp_path / "sharded.jsonl"
+    done = run_torchrun("train", task / "sft", tmp_path / "sharded", "--rollouts", annotated / "spans.parquet",
+                        *STAGED, *args, "--log-jsonl", log)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = read_jsonl(log)
+    assert len(lines) == len(sharded) == 15 and lines[5]["weight_task"] != 1.0
+    for x, y in zip(lines, sharded):
+        for key in ("loss", "key_kl", "error_kl", "weight_task", "replay_loss_0", "task_signal"):
+            assert y.get(key) == pytest.approx(x.get(key), rel=1e-4, abs=1e-7), key
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "sharded")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0)
 
 
 def test_trace_bad_input(task, scored_rollouts, annotated, tmp_path):

@@ -22,6 +22,7 @@ of ``train --prompts``, so both give the same update for the same rollouts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ from fdivctl.stages.rl_data import (
 )
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import scored_hidden
+from fdivctl.training import distributed
 from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
 
 
@@ -86,6 +88,7 @@ class PolicyUpdate:
         self.teacher = teacher
         self.replay = replay
         self.coefficient = opts.coefficient()
+        self.world = distributed.current()
         if opts.needs_reference and reference is None:
             raise UserError(f"--algo {opts.algo} with --divergence {opts.divergence} needs a reference: --ref-model "
                             "DIR or --ref-logits DIR")
@@ -220,9 +223,8 @@ class PolicyUpdate:
                           div_coef=self.div_coef(data), anneal=trace.kl_anneal(trainer.step, opts.kl_warmup),
                           key_tokens=max(1, int((routes == trace.KEY).sum())),
                           error_tokens=max(1, int((routes == trace.ERROR).sum())), task_weight=replay_weights[0])
-        size = opts.micro_batch_size
-        micro = [self._micro(data, credit, rows[s : s + size], scale, temperature)
-                 for s in range(0, len(rows), size)]
+        micro = [self._micro(data, credit, chunk, scale, temperature, factor)
+                 for chunk, factor in self._rank_chunks(rows)]
         if self.samples is not None and len(self.samples.seqs) and opts.eta:
             micro.append(self._pef_micro(trainer.step))
         if self.replay is not None:
@@ -238,6 +240,22 @@ class PolicyUpdate:
         if self.replay is not None:
             self._record_replay(figures, replay_weights)
         return figures
+
+    def _rank_chunks(self, rows: list[int]) -> list[tuple[list[int], float]]:
+        """This process's micro-batches of a step's responses, each with the factor of its loss.
+
+        One process takes them all (factor 1).  Under torchrun rank r takes rows r, r + N, …; the token weights
+        are the whole step's, so a rank's loss is its share of the step's sum, and the factor N undoes the
+        trainer's averaging of the ranks' gradients: the update equals one process's.  Every rank runs the same
+        number of micro-batches (FSDP's collectives must pair up): a rank short of rows repeats one with
+        factor 0."""
+        size, world = self.opts.micro_batch_size, self.world
+        if not world.distributed:
+            return [(rows[s : s + size], 1.0) for s in range(0, len(rows), size)]
+        mine = rows[world.rank :: world.size]
+        count = math.ceil(math.ceil(len(rows) / world.size) / size)
+        chunks = [(mine[s : s + size], float(world.size)) for s in range(0, len(mine), size)]
+        return chunks + [(rows[:1], 0.0)] * (count - len(chunks))
 
     # -- RECAP: replayed objectives -------------------------------------------------------------------------------
     def _replay_weights(self) -> list[float]:
@@ -300,7 +318,8 @@ class PolicyUpdate:
         mask = {"all": torch.ones_like(correct), "incorrect": ~correct, "correct": correct}[self.opts.kd_mask]
         return mask.float()
 
-    def _micro(self, data: ScoredRollouts, credit: Credit, rows: list[int], scale: StepScale, temperature: float):
+    def _micro(self, data: ScoredRollouts, credit: Credit, rows: list[int], scale: StepScale, temperature: float,
+               factor: float = 1.0):
         """One micro-batch's share of the minibatch loss ω Σ_t w_t [g_t L_t + c·d·D_t + β·m·KD_t + a λ_t R_t
         − c_H·H_t], through :func:`fdivctl.engine.token_loss` (gradient taken in the forward pass, no
         ``[tokens, V]`` logits).
@@ -308,7 +327,8 @@ class PolicyUpdate:
         ``d`` is the response's divergence weight (APO's DADS, else 1); ``KD_t`` is KDRL's per-token estimate
         of KL(π_θ‖π_teacher) on the policy's own samples (k2, k3, or the closed form), ``m`` its reward-guided
         mask and ``β`` the (annealed) ``kd_coef``; ``R_t`` is TRACE's routed KL with ``g_t = 1 − a [routed]``
-        (else ``g_t = 1``); ω is RECAP's weight of the task."""
+        (else ``g_t = 1``); ω is RECAP's weight of the task.  The loss and its figures are multiplied by
+        ``factor`` (:meth:`_rank_chunks`)."""
         opts = self.opts
         n_tokens, kd_coef, div_coef = scale.n_tokens, scale.kd_coef, scale.div_coef
         regularize = self.regularizer is not None and opts.div_in == "loss" and opts.algo != "dph"
@@ -336,8 +356,10 @@ class PolicyUpdate:
             denominator = rlad.mixture_logprob(teacher, old, opts.mix_lambda) if mixture else old
             kd_mask = self._kd_mask(data, rows).repeat_interleave(lengths).to(self.device) if distill else None
             route = credit.routes(data, rows).to(self.device)
-            # TRACE reads its teacher while the KL channel is open and this micro-batch has routed tokens
-            routing = opts.algo == "trace" and scale.anneal > 0 and bool((route != trace.GRPO).any())
+            # TRACE reads its teacher while the KL channel is open and this micro-batch has routed tokens (under
+            # torchrun always: the self-teacher's forward through the sharded policy is a collective)
+            routing = opts.algo == "trace" and scale.anneal > 0 and \
+                (bool((route != trace.GRPO).any()) or self.world.distributed)
             if routing:
                 target = self._trace_target(data, rows, batch)
             # TRACE: routed tokens hand (1 − a) of their weight to the KL channel; λ_t per route
@@ -398,7 +420,9 @@ class PolicyUpdate:
             if self.replay is not None:
                 figures["positive_nll"] = float(sum(parts["positive_nll"]))
                 figures["positive_tokens"] = float(positive.sum())
-            return loss, figures
+            if factor != 1.0:
+                figures = {k: v if k == "tokens" and factor else v * factor for k, v in figures.items()}
+            return factor * loss, figures
 
         return micro
 

@@ -161,7 +161,10 @@ def _replay(tokenizer, policy_hash: str, opts: RLOptions) -> Replay | None:
 
 
 def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
-    distributed.refuse(f"train --algo {opts.algo}")
+    """Staged runs may be started by torchrun (the ranks split each step's responses; policy_update.py)."""
+    if online:
+        distributed.refuse(f"online train --algo {opts.algo} (sampling)")
+    distributed.init_world(opts.loop.dist_backend, opts.device)
     opts.resolve()
     if opts.algo == "trace" and online:
         raise UserError("--algo trace trains on annotated spans of given rollouts: annotate them (a spans column) "
@@ -247,7 +250,7 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     def state() -> dict:
         return {"credit": credit.state(), **update.state_dict()}
 
-    with JsonlLog(opts.loop.log_jsonl) as log:
+    with JsonlLog(opts.loop.log_jsonl if trainer.world.main else None) as log:
         while trainer.step < len(plan):
             step_figures = update.step(trainer, data, credit, plan[trainer.step], temperature)
             trainer.advance_schedule()
