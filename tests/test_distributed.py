@@ -137,3 +137,24 @@ def test_staged_grpo_on_two_processes_equals_one(tmp_path, task, scored_rollouts
         for key in ("loss", "pg_loss", "entropy", "divergence", "clip_frac"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
     _close(tmp_path / "single", tmp_path / "sharded")  # seen: 2.3e-6 apart at most
+
+
+def test_online_grpo_on_two_processes_samples_the_gathered_weights(tmp_path, task):
+    """Online under torchrun: rank 0 samples from an unsharded copy that is loaded with the weights gathered from
+    the FSDP shards after each update; the run matches one process's."""
+    args = ["train", task / "sft", None, "--prompts", task / "data" / "prompts.parquet", "--verifier", "regex",
+            "--pattern", r"^\s*[1-3]\+", "--max-new-tokens", 10, "--group-size", 4, "--prompts-per-iteration", 4,
+            "--iterations", 3, "--lr", 1e-3, "--device", "cpu", "--log-jsonl", None]
+    logs = {}
+    for name, runner in (("single", run_cli), ("sharded", run_torchrun)):
+        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
+        done = runner(*[out if a is None and i == 2 else log if a is None else a for i, a in enumerate(args)])
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[name] = [json.loads(line) for line in log.read_text().splitlines()]
+    # the sampler's log-probs are the trainer's: its copy was synced before iterations 2 and 3
+    assert len(logs["sharded"]) == 3 and all(r["logprob_gap"] < 1e-4 for r in logs["sharded"]), logs["sharded"]
+    for i in (1, 2, 3):
+        name = f"fdivctl_run/iter-{i:04d}.scored.parquet"
+        a, b = pq.read_table(tmp_path / "single" / name), pq.read_table(tmp_path / "sharded" / name)
+        assert a.column("completion_token_ids").to_pylist() == b.column("completion_token_ids").to_pylist(), i
+    _close(tmp_path / "single", tmp_path / "sharded")

@@ -79,3 +79,23 @@ def test_online_training_with_vllm_samples_the_updated_policy(tmp_path, tiny_tea
     # one on-policy step per iteration: the sampler's log-probs are the trainer's, iteration after iteration
     assert all(r["logprob_gap"] < 1e-3 for r in rows), [r["logprob_gap"] for r in rows]
     assert rows[0]["grad_norm"] > 0 or rows[1]["grad_norm"] > 0  # the weights changed between samplings
+
+
+def test_online_training_under_torchrun_syncs_the_gathered_weights_into_vllm(tmp_path, tiny_teacher):
+    """Two gloo processes train the FSDP-sharded policy; rank 0's engine gets the gathered state dict each iteration."""
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(4)],
+                             "prompt": [f"Compute {i} + 1." for i in range(4)], "answer": ["1"] * 4}), prompts)
+    log = tmp_path / "log.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fdivctl",
+         "train", str(tiny_teacher), str(tmp_path / "out"), "--prompts", str(prompts), "--verifier", "regex",
+         "--pattern", "[aeiou]", "--backend", "vllm", "--iterations", "3", "--group-size", "4",
+         "--prompts-per-iteration", "4", "--max-new-tokens", "8", "--lr", "1e-2", "--device", "cpu",
+         "--log-jsonl", str(log)],
+        capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 3
+    assert all(r["logprob_gap"] < 1e-3 for r in rows), [r["logprob_gap"] for r in rows]

@@ -55,6 +55,11 @@ class HFGenerator:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
     @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights with ``state_dict`` (its own parameter names; every one of them)."""
+        self.model.load_state_dict(state_dict, strict=True)
+
+    @torch.no_grad()
     def generate(self, prompts: list[list[int]], opts: SamplingOptions, seed: int) -> list[list[Completion]]:
         """``opts.n`` completions for each prompt (token ids), reproducible for a given ``seed``."""
         device = self.model.device

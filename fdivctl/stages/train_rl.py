@@ -15,6 +15,12 @@ stage, and updates on it exactly as the staged mode would.  The
 learning-rate schedule spans the iterations.  A checkpoint (with the
 iteration number) is written every ``save_every`` iterations; ``resume``
 continues from it and reuses an iteration's scored file when it exists.
+
+Under torchrun both modes shard the policy with FSDP2 and split each
+optimizer step's responses over the ranks; online, rank 0 alone samples and
+scores, from a sampler (vLLM, or an unsharded transformers copy) that gets
+the full state dict gathered from the shards whenever the weights changed
+(:mod:`fdivctl.stages.live_sampler`), and the other ranks wait for its file.
 """
 
 from __future__ import annotations
@@ -161,9 +167,7 @@ def _replay(tokenizer, policy_hash: str, opts: RLOptions) -> Replay | None:
 
 
 def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
-    """Staged runs may be started by torchrun (the ranks split each step's responses; policy_update.py)."""
-    if online:
-        distributed.refuse(f"online train --algo {opts.algo} (sampling)")
+    """Under torchrun the ranks split each step's responses (policy_update.py); online, rank 0 samples."""
     distributed.init_world(opts.loop.dist_backend, opts.device)
     opts.resolve()
     if opts.algo == "trace" and online:
@@ -343,7 +347,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     first = trainer.state.get("iteration", 0)
     update.load_state_dict(trainer.state)
     accuracy = _tracked_accuracy(artifacts, first) if online.prompt_sampling == "gaussian" else {}
-    with JsonlLog(opts.loop.log_jsonl) as log:
+    world = trainer.world
+    with JsonlLog(opts.loop.log_jsonl if world.main else None) as log:
         for iteration in range(first, online.iterations):
             start = time.perf_counter()
             scored = artifacts / f"iter-{iteration + 1:04d}.scored.parquet"
@@ -352,7 +357,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
                 _sample_and_score(generate, tokenizer, prompt_table.take(picked), [rows[i] for i in picked],
                                   sampling, sampling.seed + iteration, scored, verifier, online,
                                   {"iteration": iteration + 1, "tokenizer_hash": policy_hash,
-                                   "sampling": sampling.as_record(), "backend": online.backend})
+                                   "sampling": sampling.as_record(), "backend": online.backend}, world.main)
+                distributed.barrier(world)  # rank 0 has written the iteration's scored rollouts
             table = read_table(scored)
             if online.prompt_sampling == "gaussian":
                 _record_accuracy(accuracy, table)
@@ -387,14 +393,19 @@ def _mean(steps: list[dict]) -> dict:
 def _generator(model, tokenizer, policy: Path, out: Path, opts: RLOptions, online: OnlineOptions, trainer: Trainer):
     """``generate(prompt ids, sampling, seed)`` with the current weights of ``model``."""
     start = out if opts.loop.resume and has_state(out) else policy
-    return live_generator(model, tokenizer, start, online.backend, opts.dtype, opts.device, lambda: trainer.step)
+    return live_generator(model, tokenizer, start, online.backend, opts.dtype, opts.device, lambda: trainer.step,
+                          trainer.world)
 
 
 def _sample_and_score(generate, tokenizer, batch: pa.Table, rows: list[dict],
                       sampling: SamplingOptions, seed: int, scored: Path, verifier: Verifier,
-                      online: OnlineOptions, record: dict) -> None:
+                      online: OnlineOptions, record: dict, main: bool = True) -> None:
+    """Sample the iteration's prompts and write their scored rollouts (under torchrun every rank takes part in
+    ``generate``'s weight sync; rank 0, ``main``, samples, scores and writes)."""
     encoded = [encode_prompt(tokenizer, row, online.chat) for row in rows]
     results = generate([ids for _, ids in encoded], sampling, seed)
+    if not main:
+        return
     rollouts = scored.with_name(scored.name.replace(".scored", ".rollouts"))
     table = rollout_rows(batch, rows, encoded, results)
     write_table(rollouts, table, record)
