@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,4 +29,12 @@ def run_torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "fdivctl", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # a hung collective: end torchrun and its workers, not torchrun alone
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            err += "\n[run_torchrun: killed after 300 s]"
+    return subprocess.CompletedProcess(command, process.returncode, out, err)

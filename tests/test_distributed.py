@@ -71,11 +71,8 @@ def test_torchrun_refuses_what_has_no_multi_process_path(tmp_path, student, data
     # torchrun exits 1 when a process fails; each process ends with fdivctl's one line and exit code 2
     assert bad_batch.returncode != 0 and "must be a multiple of the 2 processes" in bad_batch.stderr
     assert "exitcode  : 2" in bad_batch.stderr
-    prompts = tmp_path / "prompts.parquet"
-    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"]}), prompts)
-    on_policy = run_torchrun("distill", student, tmp_path / "opd", "--on-policy", "--prompts", prompts,
-                          "--teacher", tiny_teacher, "--device", "cpu")
-    assert on_policy.returncode != 0 and "on-policy distill runs in one process" in on_policy.stderr
+    lora = run_torchrun(*_args(student, tmp_path / "lora", data, tiny_teacher, 1, "--lora-r", 4))
+    assert lora.returncode != 0 and "--lora-r runs in one process" in lora.stderr
 
 
 def test_rollout_and_teacher_logits_take_their_shard_fromrun_torchrun(tmp_path, data, tiny_teacher):
@@ -134,8 +131,10 @@ def test_staged_grpo_on_two_processes_equals_one(tmp_path, task, scored_rollouts
     assert len(runs["single"]) == len(runs["sharded"]) == 20
     for x, y in zip(runs["single"], runs["sharded"]):
         assert x["tokens"] == y["tokens"]
+        # the single run sums with several threads, the ranks with one each: figures agree to rounding over 20
+        # steps (a factor N or a lost micro-batch would be far outside these tolerances)
         for key in ("loss", "pg_loss", "entropy", "divergence", "clip_frac"):
-            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
+            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
     _close(tmp_path / "single", tmp_path / "sharded")  # seen: 2.3e-6 apart at most
 
 
@@ -158,3 +157,25 @@ def test_online_grpo_on_two_processes_samples_the_gathered_weights(tmp_path, tas
         a, b = pq.read_table(tmp_path / "single" / name), pq.read_table(tmp_path / "sharded" / name)
         assert a.column("completion_token_ids").to_pylist() == b.column("completion_token_ids").to_pylist(), i
     _close(tmp_path / "single", tmp_path / "sharded")
+
+
+def test_on_policy_distill_on_two_processes_equals_one(tmp_path, student, tiny_teacher):
+    """Rank 0 samples each whole micro-batch as one process would and every rank distills its own rows."""
+    prompts = tmp_path / "prompts.parquet"
+    texts = ["2 digits sum 9:", "3 digits sum 14:", "the cat", "a b c", "hello", "7 + 8 =", "Compute 1 + 2.", "x y"]
+    pq.write_table(pa.table({"prompt_id": [f"q{i}" for i in range(8)], "prompt": texts}), prompts)
+    args = ["distill", student, None, "--on-policy", "--prompts", prompts, "--teacher", tiny_teacher,
+            "--samples-per-prompt", 2, "--max-new-tokens", 6, "--batch-size", 4, "--max-steps", 3, "--lr", 1e-3,
+            "--device", "cpu", "--log-jsonl", None]
+    logs = {}
+    for name, runner in (("single", run_cli), ("sharded", run_torchrun)):
+        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
+        done = runner(*[out if a is None and i == 2 else log if a is None else a for i, a in enumerate(args)])
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[name] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(logs["single"]) == len(logs["sharded"]) == 3
+    for x, y in zip(logs["single"], logs["sharded"]):
+        assert x["tokens"] == y["tokens"] and x["response_length"] == pytest.approx(y["response_length"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)  # the mean over both ranks' unequal token counts
+    # seen: 1 of 32768 weights 2.1e-5 apart (AdamW's lr·sign(g) where g is ~0 up to the ranks' summation order)
+    _close(tmp_path / "single", tmp_path / "sharded", atol=1e-4)

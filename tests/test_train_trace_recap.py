@@ -179,7 +179,7 @@ def test_trace_with_recap_replay_on_two_processes_equals_one(task, annotated, ge
     assert len(lines) == len(sharded) == 15 and lines[5]["weight_task"] != 1.0
     for x, y in zip(lines, sharded):
         for key in ("loss", "key_kl", "error_kl", "weight_task", "replay_loss_0", "task_signal"):
-            assert y.get(key) == pytest.approx(x.get(key), rel=1e-4, abs=1e-7), key
+            assert y.get(key) == pytest.approx(x.get(key), rel=1e-3, abs=1e-5), key
     a, b = weights(tmp_path / "single"), weights(tmp_path / "sharded")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0)

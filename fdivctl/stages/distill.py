@@ -317,7 +317,7 @@ def prepare_distill(
     generate = None
     if opts.on_policy is not None:
         generate = live_generator(model, tokenizer, resume_from or student, opts.on_policy.backend, opts.dtype,
-                                  opts.device, lambda: current["step"])
+                                  opts.device, lambda: current["step"], distributed.current())
 
     def token_weights(rows: list[int], batch_index: torch.Tensor, step: int):
         """Per-token weights ``[N]`` of the batch (PACED × TCOD), or None when neither is on."""
@@ -333,10 +333,17 @@ def prepare_distill(
         return w.to(device, torch.float32)
 
     def sampled(rows: list[int], step: int) -> Sequences:
+        """Completions of the prompts ``rows``.  Under torchrun rank r holds rows r, r + N, … of the micro-batch:
+        the ranks rebuild the whole micro-batch, rank 0 samples it as one process would (same order, same seed)
+        and every rank takes its own rows' completions."""
         sampling = SamplingOptions(n=opts.on_policy.samples_per_prompt, temperature=opts.temperature,
                                    max_new_tokens=opts.on_policy.max_new_tokens)
-        seed = (opts.loop.seed * 1_000_003 + step * 10_007 + rows[0]) % (2**31)
-        results = generate([encoded[i] for i in rows], sampling, seed)
+        world = distributed.current()
+        shares = distributed.gather_objects(rows, world)
+        whole = [share[k] for k in range(len(rows)) for share in shares]  # equal shares (--batch-size check)
+        seed = (opts.loop.seed * 1_000_003 + step * 10_007 + whole[0]) % (2**31)
+        results = distributed.broadcast_object(generate([encoded[i] for i in whole], sampling, seed), world)
+        results = results[world.rank :: world.size]
         per = opts.on_policy.samples_per_prompt
         return Sequences(
             [prompt_ids[i] for i in rows for _ in range(per)], [s for _ in rows for s in range(per)],
@@ -385,13 +392,17 @@ def prepare_distill(
             raise UserError(str(err)) from None
 
     def loss_fn(rows: list[int], step: int = 0, total: int = 1):
+        """The mean loss over the tokens of ``rows`` (under torchrun: this rank's share of the mean over the
+        micro-batch's tokens on every rank)."""
         current["step"] = step
+        world = distributed.current()
         if generate is None:
-            return batch_loss(seqs, rows, rows, step, total)
+            return distributed.global_token_mean(*batch_loss(seqs, rows, rows, step, total), world)
         batch_seqs = sampled(rows, step)
         example_of = [r for r in rows for _ in range(opts.on_policy.samples_per_prompt)]
-        loss, figures = batch_loss(batch_seqs, list(range(len(batch_seqs))), example_of, step, total)
-        figures["response_length"] = figures["tokens"] / len(batch_seqs)
+        loss, figures = distributed.global_token_mean(
+            *batch_loss(batch_seqs, list(range(len(batch_seqs))), example_of, step, total), world)
+        figures["response_length"] = figures["tokens"] / len(batch_seqs)  # every rank samples as many
         return loss, figures
 
     loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, model, batch_loss, store is not None)
@@ -428,10 +439,8 @@ def run_distill(
 ) -> dict:
     """Distill into ``out``; with ``opts.loop.resume`` continue the checkpoint there.
 
-    Under torchrun (offline data only) the ranks share the work: :mod:`fdivctl.training.distributed`.
+    Under torchrun the ranks share the work (:mod:`fdivctl.training.distributed`); on-policy, rank 0 samples.
     """
-    if opts.on_policy is not None:
-        distributed.refuse("on-policy distill")
     distributed.init_world(opts.loop.dist_backend, opts.device)
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)

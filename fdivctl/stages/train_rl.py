@@ -352,7 +352,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
         for iteration in range(first, online.iterations):
             start = time.perf_counter()
             scored = artifacts / f"iter-{iteration + 1:04d}.scored.parquet"
-            if not scored.exists():
+            # rank 0's answer for every rank: another rank looking itself could already see the file rank 0 writes
+            if not distributed.broadcast_object(scored.exists(), world):
                 picked = _pick_prompts(rows, iteration, online, opts.loop.seed, accuracy)
                 _sample_and_score(generate, tokenizer, prompt_table.take(picked), [rows[i] for i in picked],
                                   sampling, sampling.seed + iteration, scored, verifier, online,

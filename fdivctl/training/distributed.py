@@ -1,6 +1,6 @@
 """Several processes (torchrun) training one model: FSDP2 over the decoder layers, the data split by rank.
 
-``torchrun --nproc-per-node N -m fdivctl distill …`` (or ``train --algo sft|fdpo``) starts N
+``torchrun --nproc-per-node N -m fdivctl distill …`` (or ``train``) starts N
 processes; each finds its rank in the environment torchrun sets (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and joins
 one process group: NCCL on GPUs, gloo on CPUs (``--dist-backend``).
@@ -16,10 +16,11 @@ one process group: NCCL on GPUs, gloo on CPUs (``--dist-backend``).
 * The data: every optimizer step takes the same global examples as a single
   process (``--batch-size`` × ``--grad-accum`` rows, DESIGN.md's data order);
   rank r takes rows r, r + N, … of each micro-batch, so ``--batch-size`` must
-  be a multiple of N.  Each rank's loss is the mean over its own tokens and
-  the gradients are averaged over ranks: the same update as one process when
-  the ranks hold equal token counts, the usual data-parallel approximation
-  otherwise.
+  be a multiple of N.  The gradients are averaged over ranks; a loss that is a
+  mean over tokens (distill) is rescaled to each rank's share of the mean over
+  all ranks' tokens (:func:`global_token_mean`), so the update is one
+  process's whatever the ranks' token counts; a mean over examples (fdpo)
+  needs nothing, the ranks holding equal example counts.
 * Checkpoints: the full model and optimizer state are gathered to rank 0
   (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``,
   offloaded to the CPU), which writes the ordinary checkpoint directory; the
@@ -214,6 +215,39 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     )
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def global_token_mean(loss: torch.Tensor, figures: dict[str, float], world: World) -> tuple[torch.Tensor, dict]:
+    """A rank's mean over its own ``figures["tokens"]`` turned into its share of the mean over every rank's tokens.
+
+    Both are multiplied by ``N·n_r / Σ n`` (a collective): the trainer averages the ranks' gradients and figures,
+    which then equal one process's mean over all the tokens, whatever each rank holds.
+    """
+    if not world.distributed:
+        return loss, figures
+    tokens = float(figures.get("tokens", 0.0))
+    total = torch.tensor([tokens], dtype=torch.float64, device=loss.device)
+    dist.all_reduce(total)
+    share = world.size * tokens / max(float(total.item()), 1.0)
+    return loss * share, {k: v if k == "tokens" else v * share for k, v in figures.items()}
+
+
+def gather_objects(value, world: World) -> list:
+    """Every rank's ``value``, in rank order, on every rank (picklable objects; a collective)."""
+    if not world.distributed:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_object(value, world: World):
+    """Rank 0's ``value`` on every rank (a collective; the other ranks pass anything)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(world: World) -> None:
