@@ -117,17 +117,24 @@ def test_fdpo_on_two_processes_equals_one(tmp_path, student):
     _close(single, sharded, atol=2e-4)
 
 
+def _single_and_sharded(args: list, tmp_path) -> dict[str, list[dict]]:
+    """Run ``fdivctl ARGS`` in one process and under torchrun with 2; ``args`` holds OUT (the third item) and the
+    ``--log-jsonl`` path as None, filled here with ``tmp_path/single|sharded[.jsonl]``; returns both logs."""
+    logs = {}
+    for name, runner in (("single", run_cli), ("sharded", run_torchrun)):
+        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
+        done = runner(*[out if a is None and i == 2 else log if a is None else a for i, a in enumerate(args)])
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[name] = [json.loads(line) for line in log.read_text().splitlines()]
+    return logs
+
+
 def test_staged_grpo_on_two_processes_equals_one(tmp_path, task, scored_rollouts):
     """Each step's responses are split over the ranks; 5 per step with 2 per micro-batch leaves rank 1 one micro-batch
     short, so it runs a zero-weighted one to keep FSDP's collectives paired."""
     args = ["train", task / "sft", None, "--rollouts", scored_rollouts, "--divergence", "rkl", "--div-coef", 0.1,
             "--minibatch-size", 5, "--micro-batch-size", 2, "--lr", 1e-3, "--device", "cpu", "--log-jsonl", None]
-    runs = {}
-    for name, runner in (("single", run_cli), ("sharded", run_torchrun)):
-        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
-        done = runner(*[out if a is None and i == 2 else log if a is None else a for i, a in enumerate(args)])
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = [json.loads(line) for line in log.read_text().splitlines()]
+    runs = _single_and_sharded(args, tmp_path)
     assert len(runs["single"]) == len(runs["sharded"]) == 20
     for x, y in zip(runs["single"], runs["sharded"]):
         assert x["tokens"] == y["tokens"]
@@ -144,12 +151,7 @@ def test_online_grpo_on_two_processes_samples_the_gathered_weights(tmp_path, tas
     args = ["train", task / "sft", None, "--prompts", task / "data" / "prompts.parquet", "--verifier", "regex",
             "--pattern", r"^\s*[1-3]\+", "--max-new-tokens", 10, "--group-size", 4, "--prompts-per-iteration", 4,
             "--iterations", 3, "--lr", 1e-3, "--device", "cpu", "--log-jsonl", None]
-    logs = {}
-    for name, runner in (("single", run_cli), ("sharded", run_torchrun)):
-        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
-        done = runner(*[out if a is None and i == 2 else log if a is None else a for i, a in enumerate(args)])
-        assert done.returncode == 0, done.stderr[-3000:]
-        logs[name] = [json.loads(line) for line in log.read_text().splitlines()]
+    logs = _single_and_sharded(args, tmp_path)
     # the sampler's log-probs are the trainer's: its copy was synced before iterations 2 and 3
     assert len(logs["sharded"]) == 3 and all(r["logprob_gap"] < 1e-4 for r in logs["sharded"]), logs["sharded"]
     for i in (1, 2, 3):
@@ -167,12 +169,7 @@ def test_on_policy_distill_on_two_processes_equals_one(tmp_path, student, tiny_t
     args = ["distill", student, None, "--on-policy", "--prompts", prompts, "--teacher", tiny_teacher,
             "--samples-per-prompt", 2, "--max-new-tokens", 6, "--batch-size", 4, "--max-steps", 3, "--lr", 1e-3,
             "--device", "cpu", "--log-jsonl", None]
-    logs = {}
-    for name, runner in (("single", run_cli), ("sharded", run_torchrun)):
-        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
-        done = runner(*[out if a is None and i == 2 else log if a is None else a for i, a in enumerate(args)])
-        assert done.returncode == 0, done.stderr[-3000:]
-        logs[name] = [json.loads(line) for line in log.read_text().splitlines()]
+    logs = _single_and_sharded(args, tmp_path)
     assert len(logs["single"]) == len(logs["sharded"]) == 3
     for x, y in zip(logs["single"], logs["sharded"]):
         assert x["tokens"] == y["tokens"] and x["response_length"] == pytest.approx(y["response_length"])

@@ -61,10 +61,15 @@ def test_load_weights_replaces_the_engine_weights(tmp_path, tiny_teacher):
     assert new_gap < 1e-4 and old_gap > 1e-2, (new_gap, old_gap)
 
 
-def test_online_training_with_vllm_samples_the_updated_policy(tmp_path, tiny_teacher):
-    prompts = tmp_path / "p.parquet"
+def _prompts(tmp_path):
+    path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(4)],
-                             "prompt": [f"Compute {i} + 1." for i in range(4)], "answer": ["1"] * 4}), prompts)
+                             "prompt": [f"Compute {i} + 1." for i in range(4)], "answer": ["1"] * 4}), path)
+    return path
+
+
+def test_online_training_with_vllm_samples_the_updated_policy(tmp_path, tiny_teacher):
+    prompts = _prompts(tmp_path)
     log = tmp_path / "log.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "fdivctl", "train", str(tiny_teacher), str(tmp_path / "out"), "--prompts", str(prompts),
@@ -83,9 +88,7 @@ def test_online_training_with_vllm_samples_the_updated_policy(tmp_path, tiny_tea
 
 def test_online_training_under_torchrun_syncs_the_gathered_weights_into_vllm(tmp_path, tiny_teacher):
     """Two gloo processes train the FSDP-sharded policy; rank 0's engine gets the gathered state dict each iteration."""
-    prompts = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(4)],
-                             "prompt": [f"Compute {i} + 1." for i in range(4)], "answer": ["1"] * 4}), prompts)
+    prompts = _prompts(tmp_path)
     log = tmp_path / "log.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fdivctl",
