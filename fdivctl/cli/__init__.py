@@ -23,6 +23,7 @@ from fdivctl.cli import soup as soup_cmd
 from fdivctl.cli import teacher_logits as teacher_logits_cmd
 from fdivctl.cli import train as train_cmd
 from fdivctl.errors import UserError
+from fdivctl.training import distributed
 
 app = typer.Typer(
     name="fdivctl",
@@ -64,6 +65,14 @@ demo_cmd.register(app)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    try:
+        _run(argv)
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group before exiting
+
+
+def _run(argv: list[str] | None) -> None:
+    """Run one command; a UserError ends it with one line and exit code 2."""
     try:
         code = app(args=argv, standalone_mode=False)
     except UserError as err:

@@ -250,6 +250,13 @@ def broadcast_object(value, world: World):
     return box[0]
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one, before the interpreter exits: a process that exits
+    with the group alive can abort tearing down its threads ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
