@@ -29,16 +29,16 @@ import numpy as np
 import torch
 
 from fdivctl import divergences, engine
-from fdivctl.divergences import Divergence, sample_divergence
+from fdivctl.divergences import sample_divergence
 from fdivctl.errors import UserError
 from fdivctl.io.sequences import Sequences
 from fdivctl.objectives import apo, dgpo, dph, fdpg, grpo, kd, rlad, trace
 from fdivctl.schedules.anneal import linear_anneal
-from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.rl_data import (
     Credit,
     ReferencePolicy,
     ReferenceSamples,
+    Replay,
     ScoredRollouts,
 )
 from fdivctl.stages.rl_options import RLOptions
@@ -59,17 +59,6 @@ class StepScale:
     key_tokens: int = 1  # TRACE: tokens routed to each KL (≥ 1, the denominators of their logged means)
     error_tokens: int = 1
     task_weight: float = 1.0  # RECAP's weight of the RL objective
-
-
-@dataclass
-class Replay:
-    """RECAP's replayed general-domain objectives: one table of sequences each, with their weighting."""
-
-    sets: list[Sequences]
-    divergence: Divergence | None  # None: cross-entropy (SFT)
-    coef: float
-    batch_size: int
-    weights: RecapWeights | None  # None: fixed weights (all 1)
 
 
 class PolicyUpdate:

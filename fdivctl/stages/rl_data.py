@@ -3,8 +3,9 @@
 :class:`ScoredRollouts` holds a scored rollouts table in memory;
 :class:`ReferencePolicy` serves a frozen policy's token log-probs and targets
 (a model under no_grad, or a logit store); :class:`ReferenceSamples` are
-DPH-RL's stored reference samples; :class:`Credit` is what each response and
-token is credited with (checkpointed by staged runs).
+DPH-RL's stored reference samples; :class:`Replay` RECAP's replayed tables;
+:class:`Credit` is what each response and token is credited with
+(checkpointed by staged runs).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import pyarrow as pa
 import torch
 
 from fdivctl import engine
+from fdivctl.divergences import Divergence
 from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, sequences_from_table
 from fdivctl.io.tables import is_int_list, require_columns
+from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.signals import FrozenModel, store_target, store_token_logprobs
 
 
@@ -131,3 +134,14 @@ class Credit:
         if self.token_route is None:
             return torch.zeros(int(data.lengths[rows].sum()), dtype=torch.int8)
         return self.token_route[token_index(data, rows)]
+
+
+@dataclass
+class Replay:
+    """RECAP's replayed general-domain objectives: one table of sequences each, with their weighting."""
+
+    sets: list[Sequences]
+    divergence: Divergence | None  # None: cross-entropy (SFT)
+    coef: float
+    batch_size: int
+    weights: RecapWeights | None  # None: fixed weights (all 1)
