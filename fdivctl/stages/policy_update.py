@@ -34,13 +34,7 @@ from fdivctl.errors import UserError
 from fdivctl.io.sequences import Sequences
 from fdivctl.objectives import apo, dgpo, dph, fdpg, grpo, kd, rlad, trace
 from fdivctl.schedules.anneal import linear_anneal
-from fdivctl.stages.rl_data import (
-    Credit,
-    ReferencePolicy,
-    ReferenceSamples,
-    Replay,
-    ScoredRollouts,
-)
+from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, Replay, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import scored_hidden
 from fdivctl.training import distributed

@@ -42,12 +42,7 @@ from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import (
-    Sequences,
-    int_list_column,
-    load_sequences,
-    sequences_from_table,
-)
+from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, sequences_from_table
 from fdivctl.io.tables import provenance, read_table, write_table
 from fdivctl.objectives import trace
 from fdivctl.rewards.verifiers import Verifier
@@ -55,13 +50,7 @@ from fdivctl.schedules import curriculum
 from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.live_sampler import live_generator
 from fdivctl.stages.policy_update import PolicyUpdate
-from fdivctl.stages.rl_data import (
-    Credit,
-    ReferencePolicy,
-    ReferenceSamples,
-    Replay,
-    ScoredRollouts,
-)
+from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, Replay, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.rollout import encode_prompt, rollout_rows
 from fdivctl.stages.score import score_table
