@@ -159,6 +159,15 @@ def test_online_grpo_on_two_processes_samples_the_gathered_weights(tmp_path, tas
         a, b = pq.read_table(tmp_path / "single" / name), pq.read_table(tmp_path / "sharded" / name)
         assert a.column("completion_token_ids").to_pylist() == b.column("completion_token_ids").to_pylist(), i
     _close(tmp_path / "single", tmp_path / "sharded")
+    # 2 processes for iteration 1, then 1 process resumes to 3 (optimizer state and RL state keyed by name)
+    part = tmp_path / "part"
+    first = [part if a is None and i == 2 else tmp_path / "part.jsonl" if a is None else a for i, a in enumerate(args)]
+    done = run_torchrun(*[1 if a == 3 and first[i - 1] == "--iterations" else a for i, a in enumerate(first)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((tmp_path / "part.jsonl").read_text().splitlines()) == 1
+    assert run_cli(*first, "--resume").returncode == 0
+    assert len((tmp_path / "part.jsonl").read_text().splitlines()) == 3
+    _close(tmp_path / "single", part)
 
 
 def test_on_policy_distill_on_two_processes_equals_one(tmp_path, student, tiny_teacher):
