@@ -101,11 +101,7 @@ def run_teacher_logits(
     tokenizer = load_tokenizer(teacher, "teacher")
     tok_hash = tokenizer_hash(tokenizer)
     seqs = load_sequences(sequences, tokenizer)
-    if seqs.tokenizer_hash and seqs.tokenizer_hash != tok_hash and not opts.allow_tokenizer_mismatch:
-        raise UserError(
-            f"tokenizer mismatch: {sequences} was tokenized with {seqs.tokenizer_hash[:16]}… but teacher "
-            f"{teacher} has {tok_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)"
-        )
+    seqs.check_tokenizer(sequences, tok_hash, f"teacher {teacher}", opts.allow_tokenizer_mismatch)
     counts = [seqs.scored_count(row, opts.include_prompt) for row in range(len(seqs))]
     plan = plan_shards(counts, opts.max_tokens_per_shard)
     config_vocab = _head_rows(teacher)
