@@ -37,4 +37,12 @@ def run_torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
             os.killpg(process.pid, signal.SIGKILL)
             out, err = process.communicate()
             err += "\n[run_torchrun: killed after 300 s]"
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    return subprocess.CompletedProcess(command, process.returncode, out, _without_launcher_traceback(err))
+
+
+def _without_launcher_traceback(err: str) -> str:
+    """torchrun's own traceback (its frames up to ChildFailedError) cut out, so that a failure message's tail shows
+    the workers' output and the launcher's summary of which rank failed how."""
+    start = err.find('Traceback (most recent call last):\n  File "<frozen runpy>"')
+    end = err.find("ChildFailedError:", start)
+    return err if start < 0 or end < 0 else err[:start] + err[end:]

@@ -7,7 +7,9 @@ one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import faulthandler
 import sys
+import traceback
 
 import click
 import typer
@@ -64,11 +66,31 @@ demo_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    """Entry point: run the CLI, turning user errors into one line and exit code 2. A torchrun worker prints
+    the Python stacks if it crashes in native code, and ends through :func:`distributed.end_worker`."""
+    if not distributed.launched():
+        _run(argv)
+        return
+    faulthandler.enable()
+    code = 1
     try:
         _run(argv)
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group before exiting
+        code = 0
+    except SystemExit as done:
+        code = _exit_status(done)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 — a bug: its traceback, then exit 1 like an uncaught exception
+        traceback.print_exc()
+    distributed.end_worker(code)
+
+
+def _exit_status(done: SystemExit) -> int:
+    """The status ``sys.exit(code)`` gives the shell (a message is printed and gives 1)."""
+    if done.code is None or isinstance(done.code, int):
+        return done.code or 0
+    print(done.code, file=sys.stderr)
+    return 1
 
 
 def _run(argv: list[str] | None) -> None:
