@@ -333,3 +333,35 @@ def test_weight_grad_accum_choices():
     assert torch.equal(grads["fp32"], grads["param"])
     with pytest.raises(ValueError, match="weight_grad_accum='bf16'; valid: fp32, param"):
         engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "fkl", weight_grad_accum="bf16")
+
+
+@pytest.mark.parametrize("k", [1, 5, V - 2, V])  # V - 2: the rest is the two −inf ids
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
+def test_head_topk_matches_a_float64_log_softmax_even_for_a_vanishing_tail(k, temperature):
+    """The logit store's summary (engine.topk.head_topk): top-k log-probs, the scored token's log-prob and
+    log(1 − Σ top-k p) equal float64 references, also for a row whose tail is e^-300 below its top (the tail is
+    summed relative to its own largest term, so it does not underflow to −inf) and for −inf biases. Row 0's logits
+    reach ~480, where one fp32 step is ~3e-5: its tolerance is wider."""
+    from fdivctl.engine.topk import head_topk
+
+    hidden, weight, _, _, _ = _tensors(torch.float32, seed=k)
+    weight[:3, 0] += 120.0  # row 0: ids 0-2 tower over the rest by ~120/T nats (e^-120 is 0 in fp32)
+    hidden[:, 0] = 0.0  # ... and only row 0 reads that column
+    hidden[0, 0] = 1.0
+    bias = torch.zeros(V)
+    bias[-2:] = float("-inf")  # two ids no row can emit
+    tokens = torch.arange(N) % (V - 2)
+    got = head_topk(hidden, weight, k, tokens, bias=bias, temperature=temperature, chunk_size=7)
+    logits = (hidden.double() @ weight.double().T + bias.double()) / temperature
+    log_p = torch.log_softmax(logits, -1)
+    top, ids = log_p.topk(k, -1)
+    token_logp = log_p.gather(-1, tokens[:, None]).squeeze(-1)
+    for rows, atol in ((slice(1, None), 2e-5), (slice(0, 1), 2e-4)):
+        torch.testing.assert_close(got.logprobs[rows].double(), top[rows], rtol=0, atol=atol)
+        torch.testing.assert_close(got.token_logprob[rows].double(), token_logp[rows], rtol=0, atol=atol)
+    rest = log_p.scatter(-1, ids, float("-inf"))
+    if k >= V - 2:
+        assert torch.isneginf(got.log_tail).all()
+    else:
+        torch.testing.assert_close(got.log_tail.double(), torch.logsumexp(rest, -1), rtol=1e-5, atol=2e-4)
+        assert torch.isfinite(got.log_tail).all() and (k < 3 or got.log_tail[0] < -110)

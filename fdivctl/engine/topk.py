@@ -77,10 +77,7 @@ def head_topk(
         else:
             if temperature != 1.0:
                 logits /= temperature
-            # One full-width reduction: lse_rest over the non-top-k logits (the tail), then
-            # lse = logaddexp(lse_rest, logsumexp(top)); no [c, V] log-softmax is written.
-            top, ids = logits.topk(k, dim=-1)
-            lse_rest = torch.logsumexp(logits.scatter_(-1, ids, float("-inf")), dim=-1)
+            top, ids, lse_rest = _topk_and_tail(logits, k)
             lse = torch.logaddexp(lse_rest, torch.logsumexp(top, dim=-1))
             log_tail = lse_rest - lse
         out.ids[rows] = ids.to(torch.int32)
@@ -88,3 +85,23 @@ def head_topk(
         out.token_logprob[rows] = token_logit - lse
         out.log_tail[rows] = log_tail
     return out
+
+
+def _topk_and_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k values and ids of each row, and ``lse_rest``, the logsumexp of the other entries.
+
+    One ``topk`` of k+1 (its last value is the largest of the rest, the shift that makes the tail sum exact:
+    its largest term is exp(0) = 1, so nothing underflows however small the tail is), then one in-place
+    pass over the row: the top-k set to −inf, minus the shift, ``exp_``, summed. Overwrites ``logits``;
+    no ``[c, V]`` temporary and no separate max pass (what ``torch.logsumexp`` would add).
+    """
+    if k == logits.shape[-1]:
+        top, ids = logits.topk(k, dim=-1)
+        return top, ids, torch.full_like(top[:, 0], float("-inf"))
+    top, ids = logits.topk(k + 1, dim=-1)
+    shift = top[:, k:]
+    top, ids = top[:, :k], ids[:, :k]
+    total = logits.scatter_(-1, ids, float("-inf")).sub_(shift).exp_().sum(dim=-1)
+    lse_rest = shift.squeeze(-1) + total.log()
+    # a rest of −inf logits only (a −inf bias): −inf − (−inf) gave NaN above
+    return top, ids, torch.where(torch.isneginf(shift.squeeze(-1)), float("-inf"), lse_rest)
