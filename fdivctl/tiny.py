@@ -35,7 +35,8 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 300, texts: list[str]
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bar writes to stdout, where the benchmarks print their JSON lines
     )
     tok.train_from_iterator(texts or corpus(), trainer)
     fast = PreTrainedTokenizerFast(
