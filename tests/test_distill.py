@@ -249,7 +249,7 @@ def test_token_id_columns_read_row_by_row_across_chunks_slices_and_nulls(tmp_pat
     on_disk = pq.read_table(data)
     assert [r.tolist() for r in int_list_column(on_disk, "completion_token_ids", data)] == \
         on_disk.column("completion_token_ids").to_pylist()
-    with pytest.raises(UserError, match="has null token ids"):
+    with pytest.raises(UserError, match="has null values inside its lists"):
         int_list_column(pa.table({"c": pa.array([[1, None]], kinds[0])}), "c", tmp_path)
 
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from fdivctl.errors import UserError
-from fdivctl.io.tables import is_int_list, provenance, read_table
+from fdivctl.io.tables import provenance, read_table
 
 
 @dataclass
@@ -99,18 +99,31 @@ class Sequences:
 
 
 def int_list_column(table: pa.Table, column: str, path: Path) -> list[np.ndarray]:
-    """The list<int> ``column`` as one int64 array per row (null: empty); UserError for another type or a null
-    id. Views into one flat array, without a Python int per token (``to_pylist`` needs ~30 bytes per token)."""
-    if not is_int_list(table.schema.field(column).type):
-        raise UserError(f"{path}: column {column!r} must be list<int>, got {table.schema.field(column).type}")
+    """The list<int> ``column`` as one int64 array per row (token ids; see :func:`list_column`)."""
+    return list_column(table, column, path, np.int64)
+
+
+def list_column(table: pa.Table, column: str, path: Path, dtype=np.int64) -> list[np.ndarray]:
+    """A list<int> (``dtype`` integer) or list<number> (``dtype`` floating) column as one ``dtype`` array per
+    row (null row: empty); UserError for another type or a null value. Views into one flat array, without a
+    Python object per value (``to_pylist`` needs ~30 bytes per token)."""
+    kind = table.schema.field(column).type
+    numbers = pa.types.is_integer if np.issubdtype(dtype, np.integer) else _is_number
+    if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and numbers(kind.value_type)):
+        wanted = "list<int>" if numbers is pa.types.is_integer else "list<float>"
+        raise UserError(f"{path}: column {column!r} must be {wanted}, got {kind}")
     lists = table.column(column).combine_chunks()
     flat = lists.flatten()  # the rows' values in order; a null row contributes none
     if flat.null_count:
-        raise UserError(f"{path}: column {column!r} has null token ids")
+        raise UserError(f"{path}: column {column!r} has null values inside its lists")
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
     if len(lengths) == 0:
         return []
-    return np.split(flat.to_numpy(zero_copy_only=False).astype(np.int64), np.cumsum(lengths)[:-1])
+    return np.split(flat.to_numpy(zero_copy_only=False).astype(dtype), np.cumsum(lengths)[:-1])
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
 def _texts(table: pa.Table, column: str, path: Path) -> list[str]:

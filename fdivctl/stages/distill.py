@@ -39,7 +39,7 @@ from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import Sequences, load_sequences
+from fdivctl.io.sequences import Sequences, int_list_column, load_sequences
 from fdivctl.io.tables import read_table, require_columns
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
@@ -196,7 +196,7 @@ def _turn_ids(table: pa.Table, path: Path, seqs: Sequences, tokenizer) -> list[n
             return turns_from_chat_template(seqs.completion_tokens, assistant_header(tokenizer))
         except ValueError as err:
             raise UserError(f"--depth-curriculum: {path} has no turn_ids column and {err}") from None
-    turns = [np.asarray(t if t is not None else [], dtype=np.int64) for t in table.column("turn_ids").to_pylist()]
+    turns = int_list_column(table, "turn_ids", path)
     for row, (t, tokens) in enumerate(zip(turns, seqs.completion_tokens)):
         if len(t) != len(tokens) or (len(t) and t.min() < 0):
             raise UserError(f"{path}: row {row}: turn_ids must give a turn index ≥ 0 for each of its "
