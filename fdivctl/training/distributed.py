@@ -258,9 +258,9 @@ def end_worker(code: int) -> NoReturn:
     """End a torchrun worker with exit status ``code``: leave the process group, run the exit hooks and flush while
     the interpreter is whole, then ``os._exit`` without interpreter finalization.
 
-    Why not a plain exit: FSDP2 keeps the process group referenced after ``destroy_process_group``
-    (``FSDPMeshInfo.shard_process_group``; measured: the gloo worker threads outlive destroy and ``gc.collect()``),
-    so it is torn down during finalization, where a worker thread that still needs the GIL is ended by
+    Why not a plain exit: once a module was ``fully_shard``-ed, the process group stays referenced after
+    ``destroy_process_group`` (measured with torch 2.13: the gloo worker threads outlive destroy, the module and
+    ``gc.collect()``; the holder is inside torch), so it is torn down during finalization, where a worker thread that still needs the GIL is ended by
     ``pthread_exit`` and the process aborts ("terminate called without an active exception"; seen in CI on
     rank 1 of 2-process runs). Every file this program writes is closed by then; nothing is left to finalize."""
     try:
