@@ -9,7 +9,10 @@ teacher), ``scored_tokens``, ``store_tokens_per_s``, ``bare_tokens_per_s``,
 ``throughput_ratio`` (store/bare = bare_s/store_s; target ≥ 0.8),
 ``bytes_per_token`` (all shard files / scored tokens) and its target
 ``6·k + 16``.  Both timings include loading the model; the store's also
-includes hashing the source and teacher and writing the files.
+includes hashing the source and teacher and writing the files, which
+``store_phases_s`` splits: ``setup`` (tokenizer, sequences, hashes, plan),
+``score`` (model load and every batch), ``write`` (after the last batch:
+the shard's device→host copy, checksum, files and manifest).
 
     python bench/teacher_logits.py --quick                 # CPU, small model
     python bench/teacher_logits.py                         # CPU, V=32768
@@ -62,6 +65,41 @@ def bare_forward(model_dir: Path, n: int, seq_len: int, vocab: int, batch_size: 
     return time.perf_counter() - start
 
 
+class Phases:
+    """Where the store's time goes: ``setup`` (start → plan), ``score`` (plan → the last batch's work done),
+    ``write`` (the rest). On CUDA the batches are timed with events, so marking them does not synchronize
+    the device (the stage overlaps preparing a batch with the device's work on the previous one)."""
+
+    def __init__(self, device: str):
+        self.start = time.perf_counter()
+        self.planned = self.start
+        self.cuda = device.startswith("cuda")
+        self.plan_event = self.last_event = None
+        self.last_batch = self.start
+
+    def plan(self, _tokens: int) -> None:
+        self.planned = time.perf_counter()
+        if self.cuda:
+            self.plan_event = torch.cuda.Event(enable_timing=True)
+            self.plan_event.record()
+
+    def batch(self, _tokens: int) -> None:
+        self.last_batch = time.perf_counter()
+        if self.cuda:
+            self.last_event = torch.cuda.Event(enable_timing=True)
+            self.last_event.record()
+
+    def seconds(self) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        setup = self.planned - self.start
+        if self.cuda and self.last_event is not None:
+            self.last_event.synchronize()
+            score = self.plan_event.elapsed_time(self.last_event) / 1000
+        else:
+            score = self.last_batch - self.planned
+        return {"setup": setup, "score": score, "write": total - setup - score}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -94,9 +132,10 @@ def main(argv=None) -> None:
                 opts = TeacherLogitsOptions(
                     k=k, dtype=dtype, batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype
                 )
-                start = time.perf_counter()
-                summary = run_teacher_logits(model_dir, seqs, out, opts)
-                store_s = time.perf_counter() - start
+                phases = Phases(args.device)
+                summary = run_teacher_logits(model_dir, seqs, out, opts, on_tokens=phases.batch, on_plan=phases.plan)
+                store_s = time.perf_counter() - phases.start
+                store_phases_s = phases.seconds()
                 bare_s = bare_forward(
                     model_dir, args.sequences, seq_len, args.vocab, args.batch_size, args.device, args.model_dtype
                 )
@@ -111,6 +150,7 @@ def main(argv=None) -> None:
                     "tokens": tokens,
                     "scored_tokens": scored,
                     "store_s": store_s,
+                    "store_phases_s": store_phases_s,
                     "bare_s": bare_s,
                     "store_tokens_per_s": tokens / store_s,
                     "bare_tokens_per_s": tokens / bare_s,

@@ -32,3 +32,6 @@ def test_benchmark_runs_at_its_quick_shape(script):
     for record in records:
         for field in FIELDS[script]:
             assert field in record and math.isfinite(record[field]), (script, field, record)
+        if script == "teacher_logits.py":  # the phases split the store's time, with none negative
+            phases = record["store_phases_s"]
+            assert min(phases.values()) >= 0 and sum(phases.values()) == pytest.approx(record["store_s"], rel=0.05)
