@@ -114,6 +114,8 @@ def main(argv=None) -> None:
     parser.add_argument("--completion-len", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model-dtype", default="auto")
+    parser.add_argument("--max-tokens-per-shard", type=int, default=TeacherLogitsOptions.max_tokens_per_shard,
+                        help="several shards: the background write of one overlaps scoring the next")
     args = parser.parse_args(argv)
     if args.quick:
         args.vocab, args.sequences, args.completion_len = 8192, 32, 96
@@ -130,7 +132,8 @@ def main(argv=None) -> None:
             for dtype in args.dtypes.split(","):
                 out = tmp / f"store-{k}-{dtype}"
                 opts = TeacherLogitsOptions(
-                    k=k, dtype=dtype, batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype
+                    k=k, dtype=dtype, batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype,
+                    max_tokens_per_shard=args.max_tokens_per_shard,
                 )
                 phases = Phases(args.device)
                 summary = run_teacher_logits(model_dir, seqs, out, opts, on_tokens=phases.batch, on_plan=phases.plan)
@@ -151,6 +154,7 @@ def main(argv=None) -> None:
                     "scored_tokens": scored,
                     "store_s": store_s,
                     "store_phases_s": store_phases_s,
+                    "shards": summary["shards_written"],
                     "bare_s": bare_s,
                     "store_tokens_per_s": tokens / store_s,
                     "bare_tokens_per_s": tokens / bare_s,

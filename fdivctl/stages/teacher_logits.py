@@ -15,6 +15,7 @@ process wrote it or whether the run was interrupted.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,17 @@ def run_teacher_logits(
         parts = _decoder_and_head(model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         store_dtype = STORE_DTYPES[opts.dtype]
-        for i in todo:
-            _write_shard(writer, i, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens)
+        # shard i's file is written and checksummed in the background while shard i+1 is scored; one in flight,
+        # so host memory holds at most two shards (an interrupted write leaves no sidecar: resume redoes it)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
+            writing = None
+            for i in todo:
+                tensors, spans = _score_shard(writer.shards[i]["rows"], parts, seqs, opts, pad_id, store_dtype,
+                                              counts, on_tokens)
+                if writing:
+                    writing.result()
+                writing = background.submit(writer.write_shard, i, tensors, spans)
+            writing.result()
     complete = writer.finalize()
     return {
         "shards_written": len(todo),
@@ -155,13 +165,13 @@ def _head_rows(teacher: str | Path) -> int:
     return int(config.vocab_size)
 
 
-def _write_shard(writer, index, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens):
-    """Score one shard's rows batch by batch; results stay on the device until the shard is written.
+def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens):
+    """Score one shard's rows batch by batch: its tensors on the host and one span per row.
 
-    One device→host copy per shard: no per-batch synchronisation, so preparing
-    the next batch on the CPU overlaps the device's work on this one.
+    Results stay on the device until the shard is done: one device→host copy per shard, no per-batch
+    synchronisation, so preparing the next batch on the CPU overlaps the device's work on this one.
     """
-    start_row, end_row = writer.shards[index]["rows"]
+    start_row, end_row = shard_rows
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "logprobs", "log_tail", "token_logprob", "token_ids")}
     spans, offset = [], 0
     for batch_start in range(start_row, end_row, opts.batch_size):
@@ -186,5 +196,4 @@ def _write_shard(writer, index, parts, seqs, opts, pad_id, store_dtype, counts, 
             offset += counts[r]
         if on_tokens:
             on_tokens(sum(counts[r] for r in rows))
-    tensors = {name: torch.cat(parts_list).cpu() for name, parts_list in pieces.items()}
-    writer.write_shard(index, tensors, spans)
+    return {name: torch.cat(parts_list).cpu() for name, parts_list in pieces.items()}, spans
