@@ -186,12 +186,7 @@ class RLOptions:
 
     def replay_divergence(self) -> Divergence | None:
         """The replayed objective: None for ``sft`` (cross-entropy), else a registry divergence to the reference."""
-        if self.replay_objective == "sft":
-            return None
-        try:
-            return divergences.parse(self.replay_objective)
-        except ValueError as err:
-            raise UserError(f"--replay-objective: sft or a divergence; {err}") from None
+        return _divergence_or_none(self.replay_objective, "sft", "--replay-objective: sft or a divergence; ")
 
     @property
     def has_teacher(self) -> bool:
@@ -217,12 +212,7 @@ class RLOptions:
 
     def parsed_divergence(self) -> Divergence | None:
         """``--divergence`` parsed; None for ``none``."""
-        if self.divergence == "none":
-            return None
-        try:
-            return divergences.parse(self.divergence)
-        except ValueError as err:
-            raise UserError(f"--divergence: {err}") from None
+        return _divergence_or_none(self.divergence, "none", "--divergence: ")
 
     def regularizer(self) -> Divergence | None:
         """The divergence to the reference policy (for dph: the D_pef generator); None for ``none`` and for
@@ -234,3 +224,13 @@ class RLOptions:
             raise UserError(f"--div-estimator {self.div_estimator} estimates KL(π‖ref) only: use --divergence rkl, "
                             f"or k1, k3 or full for {div.name}")
         return div
+
+
+def _divergence_or_none(value: str, off: str, error_prefix: str) -> Divergence | None:
+    """``value`` parsed as a registry divergence, or None when it is ``off``; UserError (``error_prefix`` + why)."""
+    if value == off:
+        return None
+    try:
+        return divergences.parse(value)
+    except ValueError as err:
+        raise UserError(f"{error_prefix}{err}") from None
