@@ -70,7 +70,25 @@ def test_offline_full_k_store_equals_the_online_teacher(tmp_path, student, data,
         torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=atol)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, student, data, tiny_teacher, full_store):
+def _to_whole_optimizer_state(checkpoint):
+    """Rewrite a checkpoint as fdivctl wrote it before the sharded optimizer state: the whole optimizer state,
+    keyed by parameter name, inside ``state.pt``."""
+    import shutil
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    state_dir = checkpoint / "fdivctl_state"
+    dcp_to_torch_save(state_dir / "optimizer", state_dir / "optimizer.pt")
+    whole = torch.load(state_dir / "optimizer.pt", weights_only=False)["optimizer"]
+    assert whole["state"] and all(isinstance(name, str) for name in whole["state"])
+    state = torch.load(state_dir / "state.pt", weights_only=False)
+    torch.save({**state, "optimizer": whole}, state_dir / "state.pt")
+    shutil.rmtree(state_dir / "optimizer")
+    (state_dir / "optimizer.pt").unlink()
+
+
+@pytest.mark.parametrize("optimizer_format", ["sharded", "whole"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, student, data, tiny_teacher, full_store, optimizer_format):
     common = dict(batch_size=4, lr_schedule="cosine", warmup=1, save_every=2)
     straight = tmp_path / "straight"
     run_distill(student, straight, data, _opts(tmp_path, "fkl", steps=5, **common), logits=full_store)
@@ -86,6 +104,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, student, data, tiny_teache
                     on_step=stop_after_two)
     refused = run_cli("distill", student, resumed, "--data", data, "--logits", full_store, "--device", "cpu")
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    if optimizer_format == "whole":
+        _to_whole_optimizer_state(resumed)
     run_distill(student, resumed, data, _opts(tmp_path, "fkl", steps=5, resume=True, **common), logits=full_store)
     wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in wa:

@@ -58,11 +58,17 @@ def test_two_gloo_processes_equal_one_and_resume_across_world_sizes(tmp_path, st
         assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-4)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
 
-    # 2 processes for 2 steps, then 1 process resumes to 4: the same as 4 steps in one process
+    # 2 processes for 2 steps, 1 process resumes to 3, 2 processes resume to 4: the same as 4 steps in one
+    # process. Each rank wrote its own optimizer shard; the optimizer state was never gathered
     done = run_torchrun(*_args(student, resumed, data, tiny_teacher, 2))
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run_cli(*_args(student, resumed, data, tiny_teacher, 4, "--resume"))
+    shards = sorted(p.name for p in (resumed / "fdivctl_state" / "optimizer").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    done = run_cli(*_args(student, resumed, data, tiny_teacher, 3, "--resume"))
     assert done.returncode == 0, done.stderr
+    assert "torch.distributed is disabled" not in done.stderr
+    done = run_torchrun(*_args(student, resumed, data, tiny_teacher, 4, "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
     _close(single, resumed)
 
 

@@ -3,10 +3,14 @@
 Under LoRA the directory holds the merged weights and the adapter alone in
 ``adapter/`` (:mod:`fdivctl.training.lora`).
 
-``fdivctl_state/state.pt`` holds the optimizer and scheduler states, the step,
-and the RNG states.  A checkpoint is written to a temporary sibling directory
-and renamed into place, so ``OUT`` always holds either the previous complete
-checkpoint or the new one (DESIGN.md, "Checkpoints").
+``fdivctl_state/state.pt`` holds the scheduler state, the step, the RNG
+states and what the caller adds; ``fdivctl_state/optimizer/`` holds the
+optimizer state as a ``torch.distributed.checkpoint`` directory that every
+rank writes its own shard into (:func:`fdivctl.training.distributed.save_optimizer`).
+A checkpoint is written to a staging sibling directory and renamed into place,
+so ``OUT`` always holds either the previous complete checkpoint or the new one
+(DESIGN.md, "Checkpoints").  Under torchrun every rank must see ``OUT``'s
+file system (one machine, or a shared file system across nodes).
 
 ``fdivctl_run/`` holds a run's own artifacts (an RL run's per-iteration
 rollouts, cached reference log-probs); it is moved, not copied, from the
@@ -26,6 +30,7 @@ from fdivctl.training import lora
 
 STATE_DIR = "fdivctl_state"
 RUN_DIR = "fdivctl_run"
+OPTIMIZER_DIR = "optimizer"
 
 
 def run_dir(out: Path) -> Path:
@@ -35,23 +40,45 @@ def run_dir(out: Path) -> Path:
     return path
 
 
-def save_checkpoint(out: Path, model, tokenizer, optimizer_state: dict, scheduler, step: int, extra: dict,
-                    model_state: dict | None = None) -> None:
-    """Write ``out`` atomically; ``model_state`` (a gathered full state dict) replaces the model's own."""
+def staging_dir(out: Path) -> Path:
+    """The sibling directory a checkpoint of ``out`` is written into before it is renamed into place."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    old = out.with_name(f".{out.name}.old")
-    if (tmp / RUN_DIR).is_dir() and not (out / RUN_DIR).exists():  # a save interrupted after the move
+    return out.with_name(f".{out.name}.tmp")
+
+
+def optimizer_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint (or its staging directory) keeps the sharded optimizer state."""
+    return Path(checkpoint) / STATE_DIR / OPTIMIZER_DIR
+
+
+def begin_checkpoint(out: Path) -> Path:
+    """Rank 0: an empty staging directory for ``out`` (with ``fdivctl_state/``); returns it.
+
+    A run directory left in a stale staging directory by a save interrupted after the move is put back first.
+    """
+    out, tmp = Path(out), staging_dir(out)
+    if (tmp / RUN_DIR).is_dir() and not (out / RUN_DIR).exists():
         out.mkdir(parents=True, exist_ok=True)
         (tmp / RUN_DIR).rename(out / RUN_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / STATE_DIR).mkdir(parents=True)
+    return tmp
+
+
+def finish_checkpoint(out: Path, model, tokenizer, scheduler, step: int, extra: dict,
+                      model_state: dict | None = None) -> None:
+    """Rank 0, after every rank wrote its optimizer shard into the staging directory: write the weights, the
+    tokenizer and ``state.pt`` there, move the run directory in, and rename it into place as ``out``.
+
+    ``model_state`` (a gathered full state dict) replaces the model's own.
+    """
+    out, tmp = Path(out), staging_dir(out)
+    old = out.with_name(f".{out.name}.old")
     lora.save_pretrained(model, tmp, model_state)
     tokenizer.save_pretrained(tmp)
-    (tmp / STATE_DIR).mkdir()
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
             **extra,

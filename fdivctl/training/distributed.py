@@ -21,12 +21,14 @@ one process group: NCCL on GPUs, gloo on CPUs (``--dist-backend``).
   all ranks' tokens (:func:`global_token_mean`), so the update is one
   process's whatever the ranks' token counts; a mean over examples (fdpo)
   needs nothing, the ranks holding equal example counts.
-* Checkpoints: the full model and optimizer state are gathered to rank 0
+* Checkpoints: the model's full state dict is gathered to rank 0
   (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``,
-  offloaded to the CPU), which writes the ordinary checkpoint directory; the
-  optimizer state is keyed by parameter name, so a run resumes on any number
-  of processes, one included.  Rank 0 needs CPU memory for the whole model
-  and optimizer state (about 12 bytes per parameter with AdamW in fp32).
+  offloaded to the CPU), which writes the ordinary ``save_pretrained``
+  directory, so rank 0 needs CPU memory for the weights alone.  The optimizer
+  state is not gathered: each rank writes its shard with
+  ``torch.distributed.checkpoint`` (:func:`save_optimizer`), keyed by
+  parameter name with the global shapes recorded, so a run resumes on any
+  number of processes, one included, each rank reading only its slices.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ import atexit
 import gc
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -192,31 +197,47 @@ def model_state(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def optimizer_state(model, optimizer) -> dict:
-    """The optimizer state keyed by parameter name, full, on the CPU (a collective when sharded).
+@contextmanager
+def _single_process_is_meant():
+    """Silence the warning ``torch.distributed.checkpoint`` prints on every call without a process group: one
+    process is a supported run here, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
-    Loadable on any number of processes by :func:`load_optimizer_state`.
+
+def save_optimizer(model, optimizer, path: Path) -> None:
+    """Write the optimizer state to ``path`` with ``torch.distributed.checkpoint`` (a collective under torchrun).
+
+    Each rank writes only its own shard of the sharded parameters' state (no gather); the state of the whole
+    parameters (head, embedding, norm) is written once.  The entries are keyed by parameter name and the
+    metadata records every tensor's global shape, so :func:`load_optimizer` reads it back on any number of
+    processes, one included.
     """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_is_meant():
+        dcp.save(state, checkpoint_id=path, no_dist=not dist.is_initialized())
 
 
-def load_optimizer_state(model, optimizer, state: dict) -> None:
-    """Restore a state from :func:`optimizer_state` (or, from an older checkpoint, ``optimizer.state_dict()``)."""
-    if state.get("state") and all(isinstance(k, int) for k in state["state"]):
-        if current().distributed:
-            raise UserError("this checkpoint's optimizer state predates multi-process runs: resume it in one process")
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
+def load_optimizer(model, optimizer, path: Path) -> None:
+    """Restore the state :func:`save_optimizer` wrote, resharded to this run's processes (each rank reads its
+    slices; a collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
+    with _single_process_is_meant():
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """Restore an optimizer state that a checkpoint older than :func:`save_optimizer` stored whole in
+    ``state.pt`` (full, keyed by parameter name; each rank keeps its slices)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 

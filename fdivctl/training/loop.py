@@ -22,7 +22,15 @@ import torch
 
 from fdivctl.errors import UserError
 from fdivctl.training import distributed
-from fdivctl.training.checkpoint import RUN_DIR, has_state, load_state, save_checkpoint
+from fdivctl.training.checkpoint import (
+    RUN_DIR,
+    begin_checkpoint,
+    finish_checkpoint,
+    has_state,
+    load_state,
+    optimizer_dir,
+    staging_dir,
+)
 from fdivctl.training.lora import LoraOptions, add_adapters, check_resume
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -136,7 +144,10 @@ class Trainer:
         self.state: dict = {}
         if resuming:
             self.state = load_state(self.out)
-            distributed.load_optimizer_state(model, self.optimizer, self.state["optimizer"])
+            if "optimizer" in self.state:  # a checkpoint from before the sharded optimizer state
+                distributed.load_full_optimizer_state(model, self.optimizer, self.state.pop("optimizer"))
+            else:
+                distributed.load_optimizer(model, self.optimizer, optimizer_dir(self.out))
             self.scheduler.load_state_dict(self.state["scheduler"])
             self.step = self.state["step"]
         elif self.out.exists() and any(p.name != RUN_DIR for p in self.out.iterdir()):
@@ -178,12 +189,16 @@ class Trainer:
         self.scheduler.step()
 
     def save(self, extra: dict | None = None) -> None:
-        """Checkpoint into ``out`` (every rank gathers; rank 0 writes)."""
+        """Checkpoint into ``out``: every rank writes its optimizer shard; the weights, gathered, and the rest are
+        written by rank 0, which then renames the staging directory into place."""
         model_state = distributed.model_state(self.model) if self.world.distributed else None
-        optimizer_state = distributed.optimizer_state(self.model, self.optimizer)
         if self.world.main:
-            save_checkpoint(self.out, self.model, self.tokenizer, optimizer_state, self.scheduler, self.step,
-                            extra or {}, model_state)
+            begin_checkpoint(self.out)
+        distributed.barrier(self.world)
+        distributed.save_optimizer(self.model, self.optimizer, optimizer_dir(staging_dir(self.out)))
+        if self.world.main:
+            finish_checkpoint(self.out, self.model, self.tokenizer, self.scheduler, self.step, extra or {},
+                              model_state)
         distributed.barrier(self.world)
 
 
