@@ -59,3 +59,17 @@ def test_one_model_or_existing_output_is_refused(models, tmp_path):
     (tmp_path / "r").mkdir()
     done = run_cli("soup", models / "a", models / "b", "-o", tmp_path / "r")
     assert done.returncode == 2 and "exists" in done.stderr
+
+
+def test_a_soup_is_a_reference_model_for_train(task, scored_rollouts, tmp_path):
+    """SALSA: the soup is an ordinary model directory that ``train --ref-model`` reads. A soup weighted 1 : 0 is the
+    policy itself (divergence 0 at the first step); an even soup with the random initialization is not."""
+    from artifacts import staged_run
+
+    regularized = ["--divergence", "rkl", "--div-estimator", "full", "--div-coef", "0.1", "--max-steps", 1]
+    for name, weights in (("self", "1,0"), ("even", "1,1")):
+        run_cli("soup", task / "sft", task / "random", "-o", tmp_path / name, "--weights", weights, check=True)
+    same = staged_run(task, scored_rollouts, tmp_path / "on-self", "--ref-model", tmp_path / "self", *regularized)
+    even = staged_run(task, scored_rollouts, tmp_path / "on-even", "--ref-model", tmp_path / "even", *regularized)
+    assert same[0]["divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert even[0]["divergence"] > 1e-3
