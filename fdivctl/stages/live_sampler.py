@@ -5,10 +5,10 @@ process with the ``hf`` backend the model itself generates (switched to eval
 mode for the call).  Otherwise a sampler holds its own copy of the weights —
 a vLLM engine, or under torchrun an unsharded transformers copy — started
 from the run's starting checkpoint and reloaded whenever the optimizer step
-has changed since its last call: from the model's state dict (LoRA adapters
-merged) in one process, and under torchrun from the full state dict gathered
-from the FSDP shards (a collective every rank joins), which rank 0 alone loads
-into its sampler and samples with.
+has changed since its last call: from the model's state dict in one process, and
+under torchrun from the full state dict gathered from the FSDP shards (a
+collective every rank joins), which rank 0 alone loads into its sampler and
+samples with; LoRA adapters are merged into it either way.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def live_generator(model, tokenizer, start: Path, backend: str, dtype: str, devi
 
     def generate_synced(prompts, sampling, seed):
         if synced["step"] != current_step():
-            state = distributed.model_state(model) if world.distributed else merged_state_dict(model)
+            gathered = distributed.model_state(model) if world.distributed else None  # on rank 0 alone
             if sampler is not None:
-                sampler.load_weights(state)
+                sampler.load_weights(merged_state_dict(model, gathered))
             synced["step"] = current_step()
         return sampler.generate(prompts, sampling, seed) if sampler is not None else None
 

@@ -188,7 +188,8 @@ def mean_figures(figures: dict[str, float], world: World) -> dict[str, float]:
 
 
 def model_state(model) -> dict:
-    """The full model state dict on the CPU, gathered from the shards (a collective)."""
+    """The full model state dict on the CPU, gathered from the shards (a collective; rank 0 gets it, the others an
+    empty dict)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,

@@ -125,8 +125,6 @@ class Trainer:
         self.model, self.tokenizer, self.out, self.opts = model, tokenizer, Path(out), opts
         resuming = opts.resume and has_state(self.out)
         self.world = distributed.current()
-        if opts.lora.enabled and self.world.distributed:
-            raise UserError("--lora-r runs in one process: start it without torchrun")
         if opts.lora.enabled:
             add_adapters(model, opts.lora, self.out if resuming else None, seed=opts.seed)
         elif resuming:

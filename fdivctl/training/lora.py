@@ -105,12 +105,14 @@ def check_resume(out: Path, lora: LoraOptions) -> None:
 
 
 @torch.no_grad()
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
+def merged_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict in its original architecture's names, each adapted weight merged.
 
-    ``W = W₀ + (α/r)·B A`` (LoRA eq. 3); without adapters, ``model.state_dict()``.
+    ``W = W₀ + (α/r)·B A`` (LoRA eq. 3, the product in fp32, cast to W₀'s dtype); without adapters the state
+    as it is.  ``state`` — the full state dict gathered from FSDP shards under torchrun — replaces
+    ``model.state_dict()``.
     """
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if not has_adapters(model):
         return state
     from peft.tuners.lora import LoraLayer
@@ -120,7 +122,8 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
         if not isinstance(module, LoraLayer):
             continue
         weight = merged.pop(f"{prefix}.base_layer.weight")
-        merged[f"{prefix}.weight"] = weight + module.get_delta_weight("default").to(weight.dtype)
+        a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+        merged[f"{prefix}.weight"] = weight + (b.float() @ a.float() * module.scaling["default"]).to(weight.dtype)
         if f"{prefix}.base_layer.bias" in merged:
             merged[f"{prefix}.bias"] = merged.pop(f"{prefix}.base_layer.bias")
     return merged
@@ -129,7 +132,8 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 def save_pretrained(model, path: Path, state_dict: dict | None = None) -> None:
     """``save_pretrained`` of the merged model; with adapters, the adapter alone under ``path/adapter``.
 
-    ``state_dict`` (without adapters only) is what to write instead of the model's own parameters.
+    ``state_dict`` (the full state gathered under torchrun) is what to write instead of the model's own
+    parameters.
     """
     if not has_adapters(model):
         model.save_pretrained(path, state_dict=state_dict)
@@ -137,10 +141,10 @@ def save_pretrained(model, path: Path, state_dict: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     peft = _peft()
-    model.save_pretrained(path, state_dict=merged_state_dict(model))
+    model.save_pretrained(path, state_dict=merged_state_dict(model, state_dict))
     adapter = Path(path) / ADAPTER_DIR
     adapter.mkdir()
     model.fdivctl_lora_config.save_pretrained(str(adapter))
     tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu()
-               for k, v in peft.get_peft_model_state_dict(model).items()}
+               for k, v in peft.get_peft_model_state_dict(model, state_dict).items()}
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
