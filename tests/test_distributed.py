@@ -72,7 +72,7 @@ def test_two_gloo_processes_equal_one_and_resume_across_world_sizes(tmp_path, st
     _close(single, resumed)
 
 
-def test_torchrun_refuses_what_has_no_multi_process_path(tmp_path, student, data, tiny_teacher):
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, student, data, tiny_teacher):
     bad_batch = run_torchrun(*_args(student, tmp_path / "odd", data, tiny_teacher, 1, "--batch-size", 3))
     # torchrun exits 1 when a process fails; each process ends with fdivctl's one line and exit code 2
     assert bad_batch.returncode != 0 and "must be a multiple of the 2 processes" in bad_batch.stderr
@@ -220,3 +220,16 @@ def test_online_lora_on_two_processes_samples_the_merged_weights(tmp_path, task)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == 2 and all(r["logprob_gap"] < 1e-4 for r in records), records
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_dph_partition_on_two_processes(tmp_path, task):
+    """Each rank pre-samples every other prompt; rank 0 joins, scores and splits, and writes the partition."""
+    from artifacts import check_dph_partition, dph_prompts
+
+    prompts = dph_prompts(task, tmp_path / "prompts.parquet")
+    done = run_torchrun("train", task / "sft", tmp_path / "partition", "--algo", "dph", "--partition", "--prompts",
+                        prompts, "--verifier", "regex", "--k", 4, "--max-new-tokens", 10, "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.strip().splitlines()) == 1  # rank 0's summary
+    check_dph_partition(prompts, tmp_path / "partition", k=4)
+    assert not list((tmp_path / "partition").glob("*shard*"))

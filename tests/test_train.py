@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from artifacts import read_jsonl, weights
+from artifacts import check_dph_partition, dph_prompts, read_jsonl, weights
 from cli_runner import run_cli
 
 from fdivctl.io.checkpoints import load_causal_lm
@@ -74,28 +74,17 @@ def test_online_resume_equals_an_uninterrupted_run(task, tmp_path):
 
 @pytest.fixture(scope="module")
 def partition(task, tmp_path_factory):
-    """A DPH partition where half the prompts are always right (regex '.') and half never (a pattern no output has)."""
+    """A DPH partition where half the prompts are always right and half never (:func:`artifacts.dph_prompts`)."""
     root = tmp_path_factory.mktemp("dph")
-    table = pq.read_table(task / "data" / "prompts.parquet")
-    always = [i % 2 == 0 for i in range(table.num_rows)]
-    table = table.set_column(table.column_names.index("answer"), "answer",
-                             pa.array(["^" if a else "^NEVER$" for a in always]))
-    pq.write_table(table, root / "prompts.parquet")
-    out = root / "partition"
-    done = run_cli("train", task / "sft", out, "--algo", "dph", "--partition", "--prompts", root / "prompts.parquet",
+    prompts = dph_prompts(task, root / "prompts.parquet")
+    done = run_cli("train", task / "sft", root / "partition", "--algo", "dph", "--partition", "--prompts", prompts,
                    "--verifier", "regex", "--k", 4, "--max-new-tokens", 10, "--device", "cpu")
     assert done.returncode == 0, done.stderr
     return root
 
 
 def test_dph_partition_splits_and_stores_reference_samples(partition):
-    record = json.loads((partition / "partition" / "partition.json").read_text())
-    n = pq.read_table(partition / "prompts.parquet").num_rows
-    assert record["pef_prompts"] == (n + 1) // 2 and record["exp_prompts"] == n // 2
-    reference = pq.read_table(partition / "partition" / "reference.parquet")
-    assert reference.num_rows == record["pef_prompts"] * 5  # k + 1 correct samples each
-    assert set(reference.column("prompt_id").to_pylist()) == set(record["pef_prompt_ids"])
-    assert pq.read_table(partition / "partition" / "exp_prompts.parquet").num_rows == n // 2
+    check_dph_partition(partition / "prompts.parquet", partition / "partition", k=4)
 
 
 def test_dph_training_logs_both_losses(task, partition, tmp_path):

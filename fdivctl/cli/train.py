@@ -193,9 +193,10 @@ def command(
             summary = run_partition(policy, prompts, out, make_verifier(verifier, pattern=pattern), k, pef_threshold,
                                     RolloutOptions(sampling=sampling, backend="hf", dtype=dtype, device=device,
                                                    chat=chat), workers=score_workers,
-                                    on_batch=lambda s, t: progress.advance(task, s))
-        typer.echo(json.dumps({"partition": str(out), **{k_: v for k_, v in summary.items()
-                                                         if k_ != "pef_prompt_ids"}}))
+                                    on_batch=lambda s, t: progress.advance(task, s), dist_backend=dist_backend)
+        if is_main():
+            typer.echo(json.dumps({"partition": str(out), **{k_: v for k_, v in summary.items()
+                                                             if k_ != "pef_prompt_ids"}}))
         return
     given = {"--rollouts": rollouts, "--prompts": prompts, "--pairs": pairs, "--data": data}
     wanted = {"fdpo": "--pairs", "sft": "--data"}.get(algo)

@@ -14,11 +14,16 @@ The directory written is a reusable artifact:
   hashes; written last, so its presence marks a finished partition.
 
 Interrupted runs resume: the rollout resumes its parts, a finished file is not redone.
+
+Under torchrun each rank pre-samples its share of the prompts (every N-th,
+as ``rollout --shard``) into ``presample-shard-i-of-N.parquet``; rank 0 then
+joins the shards, scores and splits, and writes every file above.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,16 +35,16 @@ from fdivctl.io.hashing import model_hash
 from fdivctl.io.tables import provenance, read_table, write_table
 from fdivctl.objectives.dph import split_prompts
 from fdivctl.rewards.verifiers import Verifier
-from fdivctl.stages.rollout import RolloutOptions, run_rollout
+from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout
 from fdivctl.stages.score import score_table
 from fdivctl.stages.train_rl import PARTITION_FILE
 from fdivctl.training import distributed
 
 
 def run_partition(policy: Path, prompts: Path, out: Path, verifier: Verifier, k: int, threshold: float,
-                  rollout: RolloutOptions, workers: int = 2, timeout: float = 10.0, on_batch=None) -> dict:
-    """Pre-sample, score and split; returns the partition record."""
-    distributed.refuse("train --partition")
+                  rollout: RolloutOptions, workers: int = 2, timeout: float = 10.0, on_batch=None,
+                  dist_backend: str = "auto") -> dict:
+    """Pre-sample, score and split; returns the partition record (on every rank under torchrun)."""
     if k < 1 or not 0 < threshold <= 1:
         raise UserError("--k must be ≥ 1 and --pef-threshold lie in (0, 1]")
     if rollout.sampling.temperature == 0:
@@ -47,15 +52,41 @@ def run_partition(policy: Path, prompts: Path, out: Path, verifier: Verifier, k:
     out = Path(out)
     if (out / PARTITION_FILE).exists():
         raise UserError(f"{out} already holds a finished partition")
+    world = distributed.init_world(dist_backend, rollout.device)
     out.mkdir(parents=True, exist_ok=True)
     rollout.sampling.n = k + 1
     rollout.resume = True
     samples, scored = out / "presample.parquet", out / "presample.scored.parquet"
     if not scored.exists():
-        if not samples.exists():
-            run_rollout(policy, prompts, samples, rollout, on_batch)
-        score_table(samples, scored, verifier, workers=workers, timeout=timeout)
-        samples.unlink()
+        _presample(policy, prompts, samples, rollout, world, on_batch)
+        if world.main:
+            score_table(samples, scored, verifier, workers=workers, timeout=timeout)
+            samples.unlink()
+    summary = _split(policy, prompts, out, scored, k, threshold, rollout.sampling.temperature) if world.main else None
+    return distributed.broadcast_object(summary, world)
+
+
+def _presample(policy: Path, prompts: Path, samples: Path, rollout: RolloutOptions, world: distributed.World,
+               on_batch) -> None:
+    """``samples``: k + 1 completions of every prompt, each rank sampling its shard; rank 0 joins the shards."""
+    if samples.exists():
+        return
+    if not world.distributed:
+        run_rollout(policy, prompts, samples, rollout, on_batch)
+        return
+    shards = [samples.with_name(f"{samples.stem}-shard-{i}-of-{world.size}.parquet") for i in range(world.size)]
+    if not shards[world.rank].exists():
+        run_rollout(policy, prompts, shards[world.rank], replace(rollout, shard=(world.rank, world.size)), on_batch)
+    distributed.barrier(world)
+    if world.main:
+        merge_rollouts(shards, samples)
+        for shard in shards:
+            shard.unlink()
+
+
+def _split(policy: Path, prompts: Path, out: Path, scored: Path, k: int, threshold: float,
+           temperature: float) -> dict:
+    """Split the scored pre-samples into D_pef / D_exp and write the partition's files (``partition.json`` last)."""
     table = read_table(scored)
     verdicts: dict[str, list[bool]] = defaultdict(list)
     order = sorted(range(table.num_rows), key=lambda i: table.column("sample_idx")[i].as_py())
@@ -79,7 +110,7 @@ def run_partition(policy: Path, prompts: Path, out: Path, verifier: Verifier, k:
         "exp_prompts": len(exp),
         "reference_samples": reference.num_rows,
         "pef_prompt_ids": sorted(pef),
-        "temperature": rollout.sampling.temperature,
+        "temperature": temperature,
         "model_hash": model_hash(policy),
         "tokenizer_hash": record["tokenizer_hash"],
     }

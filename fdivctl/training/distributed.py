@@ -107,12 +107,6 @@ def env_shard() -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def refuse(what: str) -> None:
-    """One clear line when a mode has no multi-process path."""
-    if launched():
-        raise UserError(f"{what} runs in one process: start it without torchrun")
-
-
 def current() -> World:
     if not dist.is_initialized():
         return World()
