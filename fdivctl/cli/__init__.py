@@ -11,7 +11,6 @@ import faulthandler
 import sys
 import traceback
 
-import click
 import typer
 
 from fdivctl import __version__
@@ -37,6 +36,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+#: the exception click raises for a bad command line (its message and exit code 2), taken from the click typer
+#: runs on: typer ≥ 0.26 vendors its own copy of click, whose exceptions are not ``click``'s
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def _version(value: bool) -> None:
@@ -96,16 +100,16 @@ def _exit_status(done: SystemExit) -> int:
 def _run(argv: list[str] | None) -> None:
     """Run one command; a UserError ends it with one line and exit code 2."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="fdivctl", standalone_mode=False)
     except UserError as err:
         typer.echo(f"fdivctl: error: {err}", err=True)
         sys.exit(2)
-    except click.exceptions.ClickException as err:
+    except USAGE_ERROR as err:  # an unknown option, a missing argument, a value of the wrong type
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("fdivctl: aborted", err=True)
         sys.exit(130)
     # with standalone_mode=False click returns typer.Exit's code instead of raising it

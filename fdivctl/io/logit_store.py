@@ -239,12 +239,12 @@ class LogitStore:
 
 
 def verify_store(directory: str | Path) -> list[str]:
-    """Every problem found in a store: checksums, dtypes, shapes, and row coverage. Empty = sound."""
+    """Every problem found in a store: checksums, dtypes, shapes, and row coverage. Empty = sound.
+
+    A directory that is no store (or an unfinished one) raises UserError: there is nothing to check.
+    """
     directory = Path(directory)
-    try:
-        store = LogitStore(directory)
-    except UserError as err:
-        return [str(err)]
+    store = LogitStore(directory)
     problems: list[str] = []
     manifest = store.manifest
     k = int(manifest["k"])

@@ -33,8 +33,12 @@ def open_parquet(path: str | Path) -> pq.ParquetFile:
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file as a table, or one clear UserError (missing, not Parquet, empty)."""
-    open_parquet(path)
+    """A Parquet file as a table, or one clear UserError (missing, not Parquet, lacking a requested column, empty)."""
+    names = open_parquet(path).schema_arrow.names
+    missing = [c for c in columns or [] if c not in names]
+    if missing:
+        raise UserError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(repr, missing))}; it has {', '.join(names)}")
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:

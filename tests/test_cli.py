@@ -1,0 +1,44 @@
+"""The command line itself: a bad command line is click's usage message and exit 2, never a traceback."""
+
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from cli_runner import run_cli
+
+from fdivctl import __version__
+
+
+@pytest.mark.parametrize("args, message", [
+    (["rollout", "--no-such-option"], "No such option: --no-such-option"),
+    (["rollout", "model"], "Missing argument"),
+    (["teacher-logits", "t", "s", "o", "--k", "many"], "Invalid value for '--k'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_a_bad_command_line_is_a_usage_error(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Usage: fdivctl" in done.stderr
+
+
+def test_the_installed_entry_point_reports_usage_errors_the_same_way():
+    done = subprocess.run([sys.executable, "-m", "fdivctl", "eval", "-o", "x"], capture_output=True, text=True)
+    assert done.returncode == 2 and "No such option: -o" in done.stderr and "Traceback" not in done.stderr
+    version = subprocess.run([sys.executable, "-m", "fdivctl", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"fdivctl {__version__}"
+
+
+def test_verify_of_a_directory_that_is_no_store_is_one_line_and_exit_2(tmp_path):
+    done = run_cli("teacher-logits", "--verify", tmp_path / "nothing")
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"fdivctl: error: {tmp_path / 'nothing'}: not a logit store (no manifest.json)"
+
+
+def test_a_missing_column_is_named_in_one_line(tmp_path):
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "a.parquet")
+    done = run_cli("merge", tmp_path / "m.parquet", tmp_path / "a.parquet", tmp_path / "a.parquet")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "missing columns 'prompt_id', 'sample_idx'; it has x" in done.stderr
+    assert not (tmp_path / "m.parquet").exists()
