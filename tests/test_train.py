@@ -117,6 +117,10 @@ def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
     assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # π_θ = π_ref: −log σ(0)
     assert log[-1]["reward_margin"] > 0 and log[-1]["reward_accuracy"] == 1.0
     assert (out / "fdivctl_run" / "reference_logprobs.parquet").exists()
+    # a null response is named by its own column
+    pq.write_table(pa.table({"prompt": prompts[:2], "chosen": [" 1+1"] * 2, "rejected": [" 9+9", None]}), pairs)
+    done = run_cli("train", task / "sft", tmp_path / "bad", *common)
+    assert done.returncode == 2 and "column 'rejected' has null values" in done.stderr
 
 
 def test_bad_input_one_line_exit_2(task, tmp_path):

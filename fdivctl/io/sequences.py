@@ -126,7 +126,8 @@ def _is_number(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
-def _texts(table: pa.Table, column: str, path: Path) -> list[str]:
+def text_column(table: pa.Table, column: str, path: Path) -> list[str]:
+    """A string column's values; one UserError naming the column when it is not text or holds a null."""
     field = table.schema.field(column).type
     if not (pa.types.is_string(field) or pa.types.is_large_string(field)):
         raise UserError(f"{path}: column {column!r} must be text, got {field}")
@@ -153,7 +154,7 @@ def sequences_from_table(table: pa.Table, path: Path, tokenizer=None) -> Sequenc
     elif "prompt" in names and "completion" in names:
         if tokenizer is None:
             raise UserError(f"{path}: text columns need a tokenizer")
-        prompt_text, completion_text = _texts(table, "prompt", path), _texts(table, "completion", path)
+        prompt_text, completion_text = text_column(table, "prompt", path), text_column(table, "completion", path)
         prompts = [np.asarray(x, dtype=np.int64) for x in tokenizer(prompt_text, add_special_tokens=True)["input_ids"]]
         completions = [
             np.asarray(x, dtype=np.int64) for x in tokenizer(completion_text, add_special_tokens=False)["input_ids"]

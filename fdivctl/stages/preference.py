@@ -21,7 +21,7 @@ import torch
 from fdivctl import divergences, engine
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
-from fdivctl.io.sequences import Sequences, sequences_from_table
+from fdivctl.io.sequences import Sequences, sequences_from_table, text_column
 from fdivctl.io.tables import read_table, require_columns, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
@@ -45,8 +45,8 @@ class FDPOOptions:
 def _pairs(path: Path, tokenizer) -> tuple[Sequences, Sequences, pa.Table]:
     table = read_table(path)
     require_columns(table, path, ["prompt", "chosen", "rejected"], " (text columns of preference pairs)")
-    if table.num_rows == 0:
-        raise UserError(f"{path}: the table is empty")
+    for column in ("prompt", "chosen", "rejected"):
+        text_column(table, column, path)
     sides = []
     for side in ("chosen", "rejected"):
         view = pa.table({"prompt": table.column("prompt"), "completion": table.column(side)})

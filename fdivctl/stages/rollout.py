@@ -93,6 +93,8 @@ def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
         messages = messages if messages is not None else [{"role": "user", "content": row["prompt"]}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    if row.get("prompt_id") is None:
+        raise UserError(f"a row with prompt {str(row.get('prompt'))[:40]!r} has a null prompt_id")
     if row.get("prompt") is None:
         raise UserError(f"prompt_id {row.get('prompt_id')!r}: the prompt is null")
     return row["prompt"], tokenizer(row["prompt"])["input_ids"]
@@ -154,6 +156,19 @@ def run_rollout(
     else:
         parts.mkdir(parents=True)
         write_json(parts / "run.json", record)
+    try:
+        summary = _generate_parts(model_dir, tokenizer, file, parts, opts, backend, on_batch)
+    except UserError:  # bad input met before anything was sampled: leave no interrupted run behind
+        if not any(parts.glob("part-*.parquet")):
+            shutil.rmtree(parts)
+        raise
+    _join_parts(parts, out, record)
+    return summary
+
+
+def _generate_parts(model_dir, tokenizer, file: pq.ParquetFile, parts: Path, opts: RolloutOptions, backend: str,
+                    on_batch) -> dict:
+    """Sample every batch of this shard that has no part file yet into ``parts``; returns the counts."""
     if backend == "vllm":
         generator = VLLMGenerator(model_dir, tokenizer, opts.dtype, opts.tensor_parallel_size)
     else:
@@ -174,7 +189,6 @@ def run_rollout(
         tokens += batch_tokens
         if on_batch:
             on_batch(table.num_rows, batch_tokens)
-    _join_parts(parts, out, record)
     return {"samples_generated": samples, "tokens_generated": tokens, "backend": backend}
 
 
