@@ -140,9 +140,9 @@ def test_greedy_and_stop_strings(tmp_path, tiny_teacher, prompts):
         (pa.table({"prompt": ["x"]}), "needs columns prompt_id and prompt"),
         (pa.table({"prompt_id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), "the table is empty"),
         (pa.table({"prompt_id": ["a"], "prompt": ["x"], "completion": ["y"]}), "would be overwritten"),
+        (pa.table({"prompt_id": ["a", None], "prompt": ["x", "y"]}), "column 'prompt_id' is null in row 1"),
         # met while sampling (the model is loaded by then): no interrupted run is left behind either
         (pa.table({"prompt_id": ["a", "b"], "prompt": ["x", None]}), "prompt_id 'b': the prompt is null"),
-        (pa.table({"prompt_id": ["a", None], "prompt": ["x", "y"]}), "a row with prompt 'y' has a null prompt_id"),
     ],
 )
 def test_bad_prompts(tmp_path, tiny_teacher, table, message):

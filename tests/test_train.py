@@ -153,6 +153,16 @@ def test_bad_input_one_line_exit_2(task, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_online_prompts_with_a_null_id_are_refused(task, tmp_path):
+    prompts = pq.read_table(task / "data" / "prompts.parquet")
+    ids = [None] + prompts.column("prompt_id").to_pylist()[1:]
+    pq.write_table(prompts.set_column(0, "prompt_id", pa.array(ids, pa.string())), tmp_path / "p.parquet")
+    done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", tmp_path / "p.parquet", *VERIFIER, *SAMPLING,
+                   "--device", "cpu")
+    assert done.returncode == 2 and "column 'prompt_id' is null in row 0" in done.stderr
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_a_verifier_error_scores_zero_and_the_run_goes_on(task, tmp_path):
     done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", task / "data" / "prompts.parquet",
                    "--verifier", "python:user_reward:raises_on_odd", *SAMPLING, "--iterations", 1, "--device", "cpu")

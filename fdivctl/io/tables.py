@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fdivctl import __version__
@@ -92,6 +93,13 @@ def require_columns(table: pa.Table, path: str | Path, needed: list[str], hint: 
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise UserError(f"{path}: missing column {missing[0]!r}{hint}; it has {', '.join(table.column_names)}")
+
+
+def require_no_nulls(path: str | Path, name: str, column: pa.ChunkedArray) -> None:
+    """One UserError naming the first row where ``column`` (the column ``name`` of ``path``) is null."""
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise UserError(f"{path}: column {name!r} is null in row {row}")
 
 
 def is_int_list(field_type: pa.DataType) -> bool:

@@ -43,7 +43,7 @@ from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, int_list_column, list_column, load_sequences, sequences_from_table
-from fdivctl.io.tables import provenance, read_table, write_table
+from fdivctl.io.tables import provenance, read_table, require_columns, require_no_nulls, write_table
 from fdivctl.objectives import trace
 from fdivctl.rewards.verifiers import Verifier
 from fdivctl.schedules import curriculum
@@ -330,6 +330,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     check_fresh_output(out, opts.loop.resume)
     model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=True)
     prompt_table = _exp_only(read_table(prompts), record)
+    require_columns(prompt_table, prompts, ["prompt_id"])
+    require_no_nulls(prompts, "prompt_id", prompt_table.column("prompt_id"))
     if prompt_table.num_rows == 0:
         raise UserError(f"{prompts}: no prompts to train on" + (" (all are in D_pef)" if record else ""))
     if online.prompt_sampling == "gaussian":

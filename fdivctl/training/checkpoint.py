@@ -51,8 +51,8 @@ def optimizer_dir(checkpoint: Path) -> Path:
     return Path(checkpoint) / STATE_DIR / OPTIMIZER_DIR
 
 
-def begin_checkpoint(out: Path) -> Path:
-    """Rank 0: an empty staging directory for ``out`` (with ``fdivctl_state/``); returns it.
+def begin_checkpoint(out: Path) -> None:
+    """Rank 0: an empty staging directory for ``out`` (:func:`staging_dir`, with ``fdivctl_state/``).
 
     A run directory left in a stale staging directory by a save interrupted after the move is put back first.
     """
@@ -62,7 +62,6 @@ def begin_checkpoint(out: Path) -> Path:
         (tmp / RUN_DIR).rename(out / RUN_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / STATE_DIR).mkdir(parents=True)
-    return tmp
 
 
 def finish_checkpoint(out: Path, model, tokenizer, scheduler, step: int, extra: dict,
