@@ -1,4 +1,5 @@
-"""The non-f distillation losses (PLD, SinKD, BD-KD) through the engine, against direct float64 computations."""
+"""The non-f distillation losses (PLD, SinKD, BD-KD) and the f-divergence SFT losses through the engine, against
+direct float64 computations."""
 
 import math
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
-from fdivctl import engine
+from fdivctl import divergences, engine
 from fdivctl.objectives.bdkd import BalancedKL
+from fdivctl.objectives.fsft import FDivergenceSFT
 from fdivctl.objectives.kd import parse_loss
 from fdivctl.objectives.pld import PlackettLuce
 from fdivctl.objectives.sinkhorn import SinkhornDistance, sinkhorn_plan, squared_distance_cost
@@ -144,3 +146,72 @@ def test_chunk_losses_take_the_pytorch_path_and_parse():
     with pytest.raises(ValueError, match="pld needs"):
         h, w, teacher = _head()
         engine.divergence_loss(h, w, engine.FullLogits(teacher), PlackettLuce())
+
+
+# -- f-divergence SFT (objectives/fsft.py) -------------------------------------------------------------------------
+
+def _sft_by_hand(name: str, log_q: torch.Tensor, log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """−f′(u_y) + Σ_v p_v f*(f′(u_v)), f*(f′(u)) = u f′(u) − f(u), with each f and f′ written out (float64)."""
+    u = torch.exp(log_q - log_p)
+    if name == "hellinger":  # f = (√u − 1)²/2
+        f, fprime = (u.sqrt() - 1).square() / 2, (1 - u.rsqrt()) / 2
+    elif name == "jsd":  # β = 1/2: f = ½[u log u − (1 + u) log((1 + u)/2)]
+        f = 0.5 * (u * u.log() - (1 + u) * torch.log((1 + u) / 2))
+        fprime = 0.5 * (u.log() - torch.log((1 + u) / 2))
+    else:
+        raise ValueError(name)
+    conjugate = u * fprime - f
+    return -fprime.gather(-1, y[:, None]).squeeze(-1) + (log_p.exp() * conjugate).sum(-1)
+
+
+@pytest.mark.parametrize("name, spec", [("hellinger", "hellinger"), ("jsd", "jsd:beta=0.5")])
+def test_f_sft_equals_the_fenchel_bound_by_hand_value_and_gradient(name, spec):
+    h, w, reference = _head()
+    y = torch.tensor([0, 3, 10, 3, 7, 1])
+    hidden = h.clone().requires_grad_(True)
+    ours = engine.divergence_loss(hidden, w, engine.FullLogits(reference), parse_loss(f"sft-{spec}").bind(y))
+    (grad_ours,) = torch.autograd.grad(ours, hidden)
+    hidden = h.clone().requires_grad_(True)
+    log_q, log_p = torch.log_softmax(hidden @ w.T, -1), torch.log_softmax(reference, -1)
+    direct = _sft_by_hand(name, log_q, log_p, y).mean()
+    (grad_direct,) = torch.autograd.grad(direct, hidden)
+    torch.testing.assert_close(ours, direct, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_direct, rtol=1e-8, atol=1e-10)
+
+
+def test_f_sft_with_reverse_kl_is_plain_sft():
+    """f = u log u: the reference term Σ_v π_ref f*(f′(u_v)) = Σ_v π_θ(v) = 1 is constant (the paper's point), so
+    the loss is −log π_θ(y) + log π_ref(y) and its gradient is cross-entropy's."""
+    h, w, reference = _head(seed=3)
+    y = torch.tensor([2, 2, 5, 9, 0, 4])
+    hidden = h.clone().requires_grad_(True)
+    ours = engine.divergence_loss(hidden, w, engine.FullLogits(reference), parse_loss("sft-rkl").bind(y))
+    (grad_ours,) = torch.autograd.grad(ours, hidden)
+    hidden = h.clone().requires_grad_(True)
+    log_q = torch.log_softmax(hidden @ w.T, -1).gather(-1, y[:, None]).squeeze(-1)
+    log_p = torch.log_softmax(reference, -1).gather(-1, y[:, None]).squeeze(-1)
+    ce = -log_q.mean()
+    (grad_ce,) = torch.autograd.grad(ce, hidden)
+    torch.testing.assert_close(ours, ce + log_p.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_ce, rtol=1e-10, atol=1e-12)
+
+
+def test_f_sft_push_on_the_demonstrated_token_fades_as_the_policy_leaves_the_reference():
+    """With log q as free variables, ∂ℓ/∂log q_y = −u_y f″(u_y)(1 − q_y): squared Hellinger (u f″(u) = ¼ u^−½)
+    pushes y by ¼ √(p_y/q_y)(1 − q_y), which fades as π(y) grows past π_ref(y) (plain SFT pushes by 1 − q_y)."""
+    loss = FDivergenceSFT(divergences.get("hellinger")).bind(torch.tensor([0]))
+    log_p = torch.log(torch.tensor([[0.1, 0.6, 0.3]], dtype=torch.float64))
+    for q_y, push in ((0.1, 0.25 * 0.9), (0.4, 0.25 * 0.5 * 0.6)):
+        log_q = torch.log(torch.tensor([[q_y, (1 - q_y) * 2 / 3, (1 - q_y) / 3]], dtype=torch.float64))
+        log_q.requires_grad_(True)
+        value = loss.chunk_values(log_q, engine.FullLogits(log_p), slice(0, 1), 1.0)
+        (grad,) = torch.autograd.grad(value.sum(), log_q)
+        assert -float(grad[0, 0]) == pytest.approx(push, rel=1e-10)
+
+
+def test_f_sft_refuses_an_unbounded_divergence_and_a_store():
+    with pytest.raises(ValueError, match="f\\(0\\) = ∞"):
+        parse_loss("sft-fkl")
+    top = engine.TopK(torch.zeros(4, 2, dtype=torch.int32), torch.full((4, 2), -1.0), torch.full((4,), -1.0))
+    with pytest.raises(ValueError, match="not a top-k store"):
+        FDivergenceSFT(divergences.get("jsd")).bind(torch.zeros(4, dtype=torch.long)).validate(4, top)

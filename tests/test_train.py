@@ -153,6 +153,27 @@ def test_bad_input_one_line_exit_2(task, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_f_divergence_sft_runs_against_the_initial_policy(task, tmp_path):
+    """--algo sft --divergence D: rkl is plain SFT (same update), hellinger keeps the reference term (another one)."""
+    common = ["--algo", "sft", "--data", task / "data" / "sft.parquet", "--lr", "3e-3", "--batch-size", 8,
+              "--max-steps", 3, "--lr-schedule", "constant", "--device", "cpu"]
+    for name, extra in (("plain", []), ("rkl", ["--divergence", "rkl"]), ("hellinger", ["--divergence", "hellinger"])):
+        run_cli("train", task / "sft", tmp_path / name, *common, *extra, "--log-jsonl", tmp_path / f"{name}.jsonl",
+                check=True)
+    plain, rkl, hellinger = (weights(tmp_path / n) for n in ("plain", "rkl", "hellinger"))
+    assert all(torch.allclose(plain[k], rkl[k], atol=1e-4) for k in plain)  # seen: 1.6e-5 apart (fp32 rounding)
+    plain_log, rkl_log = read_jsonl(tmp_path / "plain.jsonl"), read_jsonl(tmp_path / "rkl.jsonl")
+    assert [r["grad_norm"] for r in rkl_log] == pytest.approx([r["grad_norm"] for r in plain_log], rel=1e-4)
+    assert rkl_log[0]["sft"] == pytest.approx(0.0, abs=1e-6)  # π_θ = π_ref: −log π_θ(y) + log π_ref(y) = 0
+    assert max(float((plain[k] - hellinger[k]).abs().max()) for k in plain) > 1e-3
+    assert all("sft" in r for r in read_jsonl(tmp_path / "hellinger.jsonl"))
+    done = run_cli("train", task / "sft", tmp_path / "bad", *common, "--divergence", "fkl")
+    assert done.returncode == 2 and "f(0) = ∞" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done = run_cli("train", task / "sft", tmp_path / "bad", *common, "--divergence", "jsd", "--ref-logits", tmp_path)
+    assert done.returncode == 2 and "not --ref-logits" in done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_online_prompts_with_a_null_id_are_refused(task, tmp_path):
     prompts = pq.read_table(task / "data" / "prompts.parquet")
     ids = [None] + prompts.column("prompt_id").to_pylist()[1:]

@@ -17,6 +17,7 @@ from fdivctl.cli.options import (
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
 from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.objectives.kd import SFT_PREFIX
 from fdivctl.rewards.verifiers import make_verifier
 from fdivctl.stages.distill import DistillOptions, run_distill
 from fdivctl.stages.dph_partition import run_partition
@@ -87,7 +88,9 @@ def command(
     micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update)."),
     divergence: str = typer.Option("none", help="Regularizer toward the reference: none or a registry divergence "
                                    "(rkl, fkl, jsd, alpha, hellinger, tv, …; params as jsd:beta=0.3). --algo dph: "
-                                   "the D_pef divergence (fkl default, jsd, alpha); fdpo: rkl (DPO), fkl, jsd, alpha."),
+                                   "the D_pef divergence (fkl default, jsd, alpha); fdpo: rkl (DPO), fkl, jsd, alpha; sft: the "
+                                   "f-divergence SFT objective against the reference (rkl = plain SFT; jsd, hellinger, "
+                                   "tv, alpha keep the reference term)."),
     div_coef: float = typer.Option(0.04, help="Coefficient of the regularizer."),
     div_estimator: str = typer.Option("k3", help="k1 | k2 | k3 | abs | k3+ (sample estimators; k2/abs/k3+ for rkl "
                                       "only) | full (closed form over the vocabulary through the engine)."),
@@ -215,9 +218,15 @@ def command(
             progress.update(task, completed=step, total=total, description=f"train {algo} {label} {shown:.4f}")
 
         if algo == "sft":
-            summary = run_distill(policy, out, data, DistillOptions(loss="ce", dtype=dtype, device=device,
-                                                                    allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-                                                                    loop=loop), on_step=on_step)
+            if ref_logits is not None:
+                raise UserError("--algo sft reads its reference from --ref-model (default: the initial policy), "
+                                "not --ref-logits")
+            f_sft = divergence != "none"
+            summary = run_distill(policy, out, data,
+                                  DistillOptions(loss=SFT_PREFIX + divergence if f_sft else "ce", dtype=dtype,
+                                                 device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                                                 loop=loop),
+                                  teacher=(ref_model or policy) if f_sft else None, on_step=on_step)
         elif algo == "fdpo":
             summary = run_fdpo(policy, pairs, out, FDPOOptions(divergence="rkl" if divergence == "none" else
                                                                divergence, beta=beta, dtype=dtype, device=device,

@@ -33,6 +33,11 @@ class ChunkLoss(ABC):
     def chunk_values(self, log_q: torch.Tensor, target: Target, rows: slice, temperature: float) -> torch.Tensor:
         """``[c]`` values for ``rows``; ``log_q`` is the student's log-softmax at ``temperature`` (differentiable)."""
 
+    def bind(self, token_ids: torch.Tensor, teacher_token_logprob: torch.Tensor | None = None) -> ChunkLoss:
+        """The loss for a batch whose true tokens are ``token_ids`` (and, from a store, their teacher log-probs);
+        losses that read them override it."""
+        return self
+
     def take(self, index: torch.Tensor) -> ChunkLoss:
         """The loss restricted to rows ``index`` (losses holding per-token data override it)."""
         return self

@@ -9,7 +9,8 @@ Hinton et al. 2015), p the teacher's full distribution (online) or its stored
 top-k + tail buckets (offline, DESIGN.md), and λ_ce the ``--mix-ce`` weight.
 ``loss="ce"`` is plain SFT on the same tokens.  ``D`` may also be one of the
 non-f losses of :data:`CHUNK_LOSSES` (PLD, SinKD, BD-KD; each module states its
-formula).  Everything goes through the chunked engine: no ``[tokens, V]``
+formula), or ``sft-D``, the f-divergence SFT loss with the teacher as reference
+(:mod:`fdivctl.objectives.fsft`).  Everything goes through the chunked engine: no ``[tokens, V]``
 logits are held.
 """
 
@@ -23,8 +24,12 @@ from fdivctl import divergences, engine
 from fdivctl.divergences import Divergence
 from fdivctl.divergences.registry import split_spec
 from fdivctl.objectives.bdkd import BalancedKL
+from fdivctl.objectives.fsft import FDivergenceSFT
 from fdivctl.objectives.pld import PlackettLuce
 from fdivctl.objectives.sinkhorn import SinkhornDistance
+
+#: the prefix of an f-divergence SFT loss spec: ``sft-`` and a registry divergence spec
+SFT_PREFIX = "sft-"
 
 #: distillation losses beyond the registry, by name: spec parameters are their constructor's keywords
 CHUNK_LOSSES: dict[str, type[engine.ChunkLoss]] = {
@@ -33,16 +38,19 @@ CHUNK_LOSSES: dict[str, type[engine.ChunkLoss]] = {
 
 
 def parse_loss(spec: str) -> Divergence | engine.ChunkLoss:
-    """A registry divergence (``"jsd:beta=0.3"``) or a chunk loss (``"pld"``, ``"sinkhorn:eps=0.05,iters=50"``,
-    ``"bdkd:mu=3"``); ValueError naming the valid names."""
+    """A registry divergence (``"jsd:beta=0.3"``), a chunk loss (``"pld"``, ``"sinkhorn:eps=0.05,iters=50"``,
+    ``"bdkd:mu=3"``) or an f-divergence SFT loss against the teacher as reference (``"sft-jsd:beta=0.3"``,
+    :mod:`fdivctl.objectives.fsft`); ValueError naming the valid names."""
     name, params = split_spec(spec)
+    if name.startswith(SFT_PREFIX):
+        return FDivergenceSFT(divergences.get(name.removeprefix(SFT_PREFIX), **params))
     if name not in CHUNK_LOSSES:
         try:
             return divergences.get(name, **params)
         except ValueError as err:
             if name in divergences.names():
                 raise
-            raise ValueError(f"{err}; distillation losses: {', '.join(CHUNK_LOSSES)}") from None
+            raise ValueError(f"{err}; distillation losses: {', '.join(CHUNK_LOSSES)}, sft-DIVERGENCE") from None
     if name == "pld" and params:
         raise ValueError("pld takes no parameters")
     integers = {"iters", "batch", "support_k"}
@@ -79,7 +87,7 @@ def kd_loss(
     weights = batch.weights
     scale = 1.0 if weights is None else weights.sum() / max(1, n_tokens)
     loss = batch.hidden.new_zeros((), dtype=torch.float32)
-    if isinstance(divergence, PlackettLuce):
+    if isinstance(divergence, engine.ChunkLoss):
         divergence = divergence.bind(batch.token_ids, batch.teacher_token_logprob)
     if divergence is not None:
         div = scale * engine.divergence_loss(batch.hidden, head_weight, batch.target, divergence, bias=head_bias,
