@@ -88,9 +88,9 @@ def command(
     micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update)."),
     divergence: str = typer.Option("none", help="Regularizer toward the reference: none or a registry divergence "
                                    "(rkl, fkl, jsd, alpha, hellinger, tv, …; params as jsd:beta=0.3). --algo dph: "
-                                   "the D_pef divergence (fkl default, jsd, alpha); fdpo: rkl (DPO), fkl, jsd, alpha; sft: the "
-                                   "f-divergence SFT objective against the reference (rkl = plain SFT; jsd, hellinger, "
-                                   "tv, alpha keep the reference term)."),
+                                   "the D_pef divergence (fkl default, jsd, alpha); fdpo: rkl (DPO), fkl, jsd, "
+                                   "alpha; sft: the f-divergence SFT objective against the reference (rkl = plain "
+                                   "SFT; jsd, hellinger, tv, alpha keep the reference term)."),
     div_coef: float = typer.Option(0.04, help="Coefficient of the regularizer."),
     div_estimator: str = typer.Option("k3", help="k1 | k2 | k3 | abs | k3+ (sample estimators; k2/abs/k3+ for rkl "
                                       "only) | full (closed form over the vocabulary through the engine)."),

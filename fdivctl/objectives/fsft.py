@@ -9,9 +9,10 @@ were not readable here; this is our derivation of that statement, per token.
 With the implicit reward of the f-regularized objective
 ``max_π E_π[r] − D_f(π‖π_ref)`` (D_f(π‖π_ref) = Σ_v π_ref f(π/π_ref), the
 registry's D(q‖p) with q = π, p = π_ref), ``r = f′(u) + λ`` for
-``u = π/π_ref``, learning r from demonstrations (the reward the data beats
-every policy by, as in inverse RL) gives, per demonstrated token y_t of
-prefix s_t and u_v = π_θ(v|s_t)/π_ref(v|s_t) (λ cancels):
+``u = π/π_ref``.  Learning r from demonstrations as in inverse RL (maximize
+the data's reward minus the best regularized value any policy reaches)
+gives, per demonstrated token y_t of prefix s_t and
+u_v = π_θ(v|s_t)/π_ref(v|s_t) (λ cancels):
 
     J_t = f′(u_y) − Σ_v π_ref(v) f*(f′(u_v)),      f*(f′(u)) = u f′(u) − f(u)
 
@@ -22,9 +23,10 @@ computed over the whole vocabulary.
 
 * reverse KL (f = u log u): f′ = log u + 1 and Σ_v π_ref f*(f′(u_v)) = Σ_v π_θ(v) = 1, the constant the paper
   points at: ``ℓ_t = −log π_θ(y_t) + log π_ref(y_t)``, plain SFT;
-* any other f keeps the sum: the push on y_t, ``−∂ℓ/∂log π_θ(y_t) = u_y f″(u_y)(1 − π_θ(y_t))`` (SFT: 1 − π_θ),
-  fades as π_θ(y_t) grows past π_ref(y_t) (squared Hellinger: ``u f″(u) = ¼ √(π_ref(y)/π_θ(y))``), so the
-  reference bounds the update.
+* any other f keeps the sum: the push on y_t,
+  ``−∂ℓ/∂log π_θ(y_t) = u_y f″(u_y)(1 − π_θ(y_t))`` (SFT: 1 − π_θ(y_t)), fades as
+  π_θ(y_t) grows past π_ref(y_t) (squared Hellinger: ``u f″(u) = ¼ √(π_ref(y)/π_θ(y))``),
+  so the reference bounds the update.
 
 A divergence with ``f(0) = ∞`` (forward KL, f = −log u) makes ``D_f(P‖π_ref)``
 infinite for one-hot demonstrations and the loss unbounded below: refused.
@@ -47,7 +49,8 @@ F_AT_ZERO_LIMIT = 100.0
 
 
 class FDivergenceSFT(ChunkLoss):
-    """``ℓ_t = −f′(u_y) + Σ_v q_v f′(u_v) − D(q‖p)`` for the demonstrated tokens (:meth:`bind`), p the reference."""
+    """``ℓ_t = −f′(u_y) + Σ_v q_v f′(u_v) − D(q‖p)`` for the demonstrated tokens (:meth:`bind`); p: the
+    reference."""
 
     name = "sft"
 

@@ -10,8 +10,8 @@ top-k + tail buckets (offline, DESIGN.md), and λ_ce the ``--mix-ce`` weight.
 ``loss="ce"`` is plain SFT on the same tokens.  ``D`` may also be one of the
 non-f losses of :data:`CHUNK_LOSSES` (PLD, SinKD, BD-KD; each module states its
 formula), or ``sft-D``, the f-divergence SFT loss with the teacher as reference
-(:mod:`fdivctl.objectives.fsft`).  Everything goes through the chunked engine: no ``[tokens, V]``
-logits are held.
+(:mod:`fdivctl.objectives.fsft`).  Everything goes through the chunked engine:
+no ``[tokens, V]`` logits are held.
 """
 
 from __future__ import annotations
