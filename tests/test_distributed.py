@@ -100,12 +100,14 @@ def test_rollout_and_teacher_logits_take_their_shard_fromrun_torchrun(tmp_path, 
     prompts = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"prompt_id": [f"q{i}" for i in range(5)],
                              "prompt": ["Compute 1 + 2.", "Compute 3 * 4.", "The answer", "hello", "x"]}), prompts)
-    done = run_torchrun("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--samples", 2, "--max-new-tokens", 4,
+    done = run_torchrun("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--samples", 3, "--max-new-tokens", 4,
                      "--backend", "hf", "--device", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     parts = [tmp_path / f"r-shard-{i}-of-2.parquet" for i in range(2)]
     ids = [set(pq.read_table(p).column("prompt_id").to_pylist()) for p in parts]
     assert ids[0] | ids[1] == {f"q{i}" for i in range(5)} and not ids[0] & ids[1]
+    # --samples, not the number of processes (the shard's count once overwrote it)
+    assert sum(pq.read_table(p).num_rows for p in parts) == 5 * 3
     assert run_cli("merge", tmp_path / "merged.parquet", *parts).returncode == 0
 
     one, two = tmp_path / "one", tmp_path / "two"

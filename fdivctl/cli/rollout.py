@@ -10,7 +10,7 @@ import typer
 from fdivctl.cli.options import parse_shard
 from fdivctl.cli.progress import progress_bar
 from fdivctl.generation.sampling import SamplingOptions
-from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout
+from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout, shard_path
 from fdivctl.training.distributed import launched
 
 
@@ -42,8 +42,7 @@ def rollout(
 ) -> None:
     """Sample completions with their token ids and per-token log-probs."""
     if shard is None and launched():
-        i, n = parse_shard(None)
-        out = out.with_name(f"{out.stem}-shard-{i}-of-{n}{out.suffix}")
+        out = shard_path(out, *parse_shard(None))
     opts = RolloutOptions(
         sampling=SamplingOptions(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                  max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or [])),

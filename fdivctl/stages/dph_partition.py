@@ -35,7 +35,7 @@ from fdivctl.io.hashing import model_hash
 from fdivctl.io.tables import provenance, read_table, write_table
 from fdivctl.objectives.dph import split_prompts
 from fdivctl.rewards.verifiers import Verifier
-from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout
+from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout, shard_path
 from fdivctl.stages.score import score_table
 from fdivctl.stages.train_rl import PARTITION_FILE
 from fdivctl.training import distributed
@@ -74,7 +74,7 @@ def _presample(policy: Path, prompts: Path, samples: Path, rollout: RolloutOptio
     if not world.distributed:
         run_rollout(policy, prompts, samples, rollout, on_batch)
         return
-    shards = [samples.with_name(f"{samples.stem}-shard-{i}-of-{world.size}.parquet") for i in range(world.size)]
+    shards = [shard_path(samples, i, world.size) for i in range(world.size)]
     if not shards[world.rank].exists():
         run_rollout(policy, prompts, shards[world.rank], replace(rollout, shard=(world.rank, world.size)), on_batch)
     distributed.barrier(world)

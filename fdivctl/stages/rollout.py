@@ -71,6 +71,12 @@ def resolve_backend(backend: str, device: str) -> str:
     return backend
 
 
+def shard_path(out: Path, index: int, count: int) -> Path:
+    """Where shard ``index`` of ``count`` of a run writing ``out`` puts its part: ``OUT-shard-i-of-n.parquet``
+    (``fdivctl merge`` joins them)."""
+    return out.with_name(f"{out.stem}-shard-{index}-of-{count}{out.suffix}")
+
+
 def _check_prompts(path: Path) -> pq.ParquetFile:
     file = open_parquet(path)
     names = file.schema_arrow.names
