@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from cli_runner import run_cli
 from fdivctl import tiny
+from fdivctl.errors import UserError
 from fdivctl.schedules.depth import assistant_header, exposed_turns, turns_from_chat_template
 from fdivctl.schedules.paced import paced_weights
 from fdivctl.stages.distill import DistillOptions, OnPolicyOptions, prepare_distill, run_distill
@@ -135,6 +136,11 @@ def test_paced_weights_scale_the_loss(tmp_path, student, tiny_teacher, prompts):
         _, _, _, loss_fn = prepare_distill(student, prompts, opts, teacher=tiny_teacher)
         losses[weighting] = float(loss_fn([0, 4], step=0)[0].detach())  # pass rates 0 and 1: PACED weight 0
     assert losses["none"] > 0 and losses["paced"] == 0.0
+    table = pq.read_table(prompts)
+    holed = tmp_path / "holed.parquet"
+    pq.write_table(table.set_column(2, "pass_rate", pa.array([0.0, 0.25, None, 0.75, 1.0, 0.5])), holed)
+    with pytest.raises(UserError, match="column 'pass_rate' is null in row 2"):
+        prepare_distill(student, holed, _opts(tmp_path, "rkl", prompt_weighting="paced"), teacher=tiny_teacher)
 
 
 def test_depth_curriculum_masks_later_turns(tmp_path, student, tiny_teacher):

@@ -120,7 +120,7 @@ def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
     # a null response is named by its own column
     pq.write_table(pa.table({"prompt": prompts[:2], "chosen": [" 1+1"] * 2, "rejected": [" 9+9", None]}), pairs)
     done = run_cli("train", task / "sft", tmp_path / "bad", *common)
-    assert done.returncode == 2 and "column 'rejected' has null values" in done.stderr
+    assert done.returncode == 2 and "column 'rejected' is null in row 1" in done.stderr
 
 
 def test_bad_input_one_line_exit_2(task, tmp_path):

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from fdivctl.errors import UserError
-from fdivctl.io.tables import provenance, read_table
+from fdivctl.io.tables import provenance, read_table, require_no_nulls
 
 
 @dataclass
@@ -131,10 +131,8 @@ def text_column(table: pa.Table, column: str, path: Path) -> list[str]:
     field = table.schema.field(column).type
     if not (pa.types.is_string(field) or pa.types.is_large_string(field)):
         raise UserError(f"{path}: column {column!r} must be text, got {field}")
-    values = table.column(column).to_pylist()
-    if any(v is None for v in values):
-        raise UserError(f"{path}: column {column!r} has null values")
-    return values
+    require_no_nulls(path, column, table.column(column))
+    return table.column(column).to_pylist()
 
 
 def load_sequences(path: str | Path, tokenizer=None) -> Sequences:

@@ -35,11 +35,7 @@ def open_parquet(path: str | Path) -> pq.ParquetFile:
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file as a table, or one clear UserError (missing, not Parquet, lacking a requested column, empty)."""
-    names = open_parquet(path).schema_arrow.names
-    missing = [c for c in columns or [] if c not in names]
-    if missing:
-        raise UserError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(map(repr, missing))}; it has {', '.join(names)}")
+    require_columns(open_parquet(path).schema_arrow.empty_table(), path, columns or [])
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:
@@ -90,9 +86,11 @@ def write_tables(path: str | Path, tables: Iterable[pa.Table], record: dict) -> 
 
 
 def require_columns(table: pa.Table, path: str | Path, needed: list[str], hint: str = "") -> None:
+    """One UserError naming every column of ``needed`` that ``table`` lacks (and the ones it has)."""
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        raise UserError(f"{path}: missing column {missing[0]!r}{hint}; it has {', '.join(table.column_names)}")
+        raise UserError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+                        f"{hint}; it has {', '.join(table.column_names)}")
 
 
 def require_no_nulls(path: str | Path, name: str, column: pa.ChunkedArray) -> None:

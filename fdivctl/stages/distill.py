@@ -40,7 +40,7 @@ from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, int_list_column, load_sequences
-from fdivctl.io.tables import read_table, require_columns
+from fdivctl.io.tables import read_table, require_columns, require_no_nulls
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
 from fdivctl.objectives.pld import PlackettLuce
@@ -180,9 +180,8 @@ def _row_weights(table: pa.Table, path: Path, prompt_ids: list[str], opts: Disti
     else:
         require_columns(table, path, ["pass_rate"], " (PACED weights prompts by the student's pass rate: run "
                         "rollout + score of the student, or give --pass-rates SCORED.parquet)")
+        require_no_nulls(path, "pass_rate", table.column("pass_rate"))
         values = table.column("pass_rate").to_pylist()
-        if any(v is None for v in values):
-            raise UserError(f"{path}: column 'pass_rate' has null values")
     try:
         return paced_weights(torch.tensor(values, dtype=torch.float64), opts.paced_alpha, opts.paced_beta)
     except ValueError as err:
