@@ -177,6 +177,9 @@ def test_f_sft_equals_the_fenchel_bound_by_hand_value_and_gradient(name, spec):
     (grad_direct,) = torch.autograd.grad(direct, hidden)
     torch.testing.assert_close(ours, direct, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_ours, grad_direct, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():  # evaluation: the same value without a graph
+        evaluated = engine.divergence_loss(h, w, engine.FullLogits(reference), parse_loss(f"sft-{spec}").bind(y))
+    torch.testing.assert_close(evaluated, direct.detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_f_sft_with_reverse_kl_is_plain_sft():

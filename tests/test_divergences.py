@@ -246,3 +246,15 @@ def test_parse_spec():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="same shape"):
         divergences.get("fkl").token_divergence(torch.zeros(2, 5), torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
+def test_fprime_is_the_generators_derivative_and_differentiable(entry):
+    """f′(u) = d f(u)/du at u = e^l, against a central difference of the generator; gradcheck of f′ in l."""
+    name, params = entry
+    d = divergences.get(name, **params)
+    log_u = torch.tensor([-1.5, -0.2, 0.3, 1.1], dtype=torch.float64)
+    u, h = log_u.exp(), 1e-6
+    numeric = (d.generator(torch.log(u + h)) - d.generator(torch.log(u - h))) / (2 * h)
+    torch.testing.assert_close(d.fprime(log_u), numeric, rtol=1e-6, atol=1e-8)
+    torch.autograd.gradcheck(d.fprime, (log_u.clone().requires_grad_(True),))

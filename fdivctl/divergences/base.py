@@ -55,6 +55,15 @@ class Divergence(ABC):
     def generator(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """``f(u)`` elementwise, for ``u = exp(log_ratio) = q/p``."""
 
+    def fprime(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """``f′(u)`` elementwise at ``u = exp(log_ratio)``, from :meth:`generator` by autograd:
+        ``f′(u) = (d f(e^l)/dl)·e^{−l}``.  Differentiable in ``log_ratio`` when it requires grad."""
+        with torch.enable_grad():
+            graph = log_ratio.requires_grad
+            log_u = log_ratio if graph else log_ratio.detach().requires_grad_(True)
+            (slope,) = torch.autograd.grad(self.generator(log_u).sum(), log_u, create_graph=graph)
+        return slope * torch.exp(-(log_u if graph else log_u.detach()))
+
     def support_divergence(self, log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         """``Σ_i p_i f(q_i/p_i)`` over the last dimension of two aligned log-probability tensors.
 

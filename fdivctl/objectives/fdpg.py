@@ -37,14 +37,6 @@ from fdivctl.objectives.grpo import group_sum
 TARGETS = ("ref*exp(r/beta)", "ref*filter")
 
 
-def fprime(divergence: Divergence, log_u: torch.Tensor) -> torch.Tensor:
-    """``f′(u)`` of the registry generator at ``u = exp(log_u)``, elementwise (float64)."""
-    log_u = log_u.detach().double().requires_grad_(True)
-    with torch.enable_grad():
-        (slope,) = torch.autograd.grad(divergence.generator(log_u).sum(), log_u)
-    return slope * torch.exp(-log_u.detach())
-
-
 def log_target(ref_logprob: torch.Tensor, rewards: torch.Tensor, correct: torch.Tensor, target: str,
                beta: float) -> torch.Tensor:
     """``log P(x, y)`` per response (``-inf`` where the filter rejects)."""
@@ -65,6 +57,6 @@ def advantages(divergence: Divergence, policy_logprob: torch.Tensor, target_logp
     total = group_sum(torch.exp(log_weight - finite_peak[groups]), groups)
     log_z = torch.log(total / count) + finite_peak  # -inf when the whole group is filtered out
     log_u = (log_z[groups] - log_weight).nan_to_num(nan=LOG_RATIO_CLAMP).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    slope = fprime(divergence, log_u)
+    slope = divergence.fprime(log_u.detach())
     baseline = group_sum(slope, groups) / count
     return (-(slope - baseline[groups])).float(), log_u.float()

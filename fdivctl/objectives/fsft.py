@@ -32,8 +32,9 @@ A divergence with ``f(0) = ∞`` (forward KL, f = −log u) makes ``D_f(P‖π_r
 infinite for one-hot demonstrations and the loss unbounded below: refused.
 
 ``Σ_v q_v f′(u_v)`` is ``Σ_v ∂D/∂log q_v`` of the registry's stable summands
-(autograd with a graph, so the loss stays differentiable), and
-``f′(u_y) = (∂D/∂log q_y)/q_y``; both in float64.
+(autograd with a graph, so the loss stays differentiable) in the engine's
+dtype, and ``f′(u_y)`` comes from the generator (:meth:`Divergence.fprime`) in
+float64 for the ``[c]`` demonstrated tokens alone.
 """
 
 from __future__ import annotations
@@ -77,17 +78,17 @@ class FDivergenceSFT(ChunkLoss):
 
     def chunk_values(self, log_q, target: Target, rows, temperature):
         _, log_p = target.support(rows, log_q, temperature)  # full vocabulary, aligned with log_q
+        log_p = log_p.detach()
+        graph = log_q.requires_grad  # False in a pass without gradients (evaluation): the value alone
         with torch.enable_grad():
-            lq = log_q.double()
-            if not lq.requires_grad:  # a pass without gradients (evaluation): the value alone
-                lq = lq.detach().requires_grad_(True)
-            lp = log_p.detach().double()
-            divergence = self.divergence.support_divergence(lq, lp)
-            (q_fprime,) = torch.autograd.grad(divergence.sum(), lq, create_graph=log_q.requires_grad)
+            lq = log_q if graph else log_q.detach().requires_grad_(True)
+            divergence = self.divergence.support_divergence(lq, log_p)
+            (q_fprime,) = torch.autograd.grad(divergence.sum(), lq, create_graph=graph)  # q_v f′(u_v)
         y = self.token_ids[rows].long().unsqueeze(-1)
-        fprime_y = (q_fprime.gather(-1, y) * torch.exp(-lq.gather(-1, y))).squeeze(-1)
-        value = -fprime_y + q_fprime.sum(-1) - divergence
-        return (value if log_q.requires_grad else value.detach()).to(log_q.dtype)
+        log_u_y = (lq.gather(-1, y) - log_p.gather(-1, y)).squeeze(-1)
+        fprime_y = self.divergence.fprime((log_u_y if graph else log_u_y.detach()).double())
+        value = -fprime_y.to(lq.dtype) + q_fprime.sum(-1) - divergence
+        return value if graph else value.detach()
 
     def __repr__(self) -> str:
         return f"sft-{self.divergence!r}"
