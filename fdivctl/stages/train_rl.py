@@ -329,9 +329,10 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     online.check()
     check_fresh_output(out, opts.loop.resume)
     model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=True)
-    prompt_table = _exp_only(read_table(prompts), record)
+    prompt_table = read_table(prompts)
     require_columns(prompt_table, prompts, ["prompt_id"])
-    require_no_nulls(prompts, "prompt_id", prompt_table.column("prompt_id"))
+    require_no_nulls(prompts, "prompt_id", prompt_table.column("prompt_id"))  # rows of the file, before D_pef goes
+    prompt_table = _exp_only(prompt_table, record)
     if prompt_table.num_rows == 0:
         raise UserError(f"{prompts}: no prompts to train on" + (" (all are in D_pef)" if record else ""))
     if online.prompt_sampling == "gaussian":
