@@ -253,6 +253,27 @@ def test_empty_prompt_is_refused_by_distill_and_teacher_logits(tmp_path, student
     assert not (tmp_path / "store").exists()
 
 
+def test_no_completion_token_is_refused_and_an_empty_batch_has_zero_loss(tmp_path, student, data, tiny_teacher):
+    """A table whose every completion is empty is refused before any training (distill, train --algo sft); a
+    batch of empty completions in a table with tokens elsewhere gives loss 0, not NaN (cross-entropy included)."""
+    from fdivctl.objectives.kd import KDBatch, kd_loss
+
+    rows = pq.read_table(data).to_pylist()
+    for row in rows:
+        row["completion_token_ids"] = []
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(data)), empty)
+    for command in (["distill", student, tmp_path / "out", "--data", empty, "--teacher", tiny_teacher],
+                    ["train", student, tmp_path / "out", "--algo", "sft", "--data", empty]):
+        done = run_cli(*command, "--device", "cpu")
+        assert done.returncode == 2 and "no token to score: every completion is empty" in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
+    hidden, weight = torch.zeros(0, 8, requires_grad=True), torch.randn(16, 8)
+    loss, figures = kd_loss(KDBatch(hidden, torch.zeros(0, dtype=torch.long), None), weight, None, None)
+    loss.backward()
+    assert loss.item() == 0.0 and figures["ce"] == 0.0 and figures["tokens"] == 0.0
+
+
 def test_token_id_columns_read_row_by_row_across_chunks_slices_and_nulls(tmp_path, data):
     """list<int> columns (io.sequences.int_list_column) read from the flat Arrow values: several record batches, a
     sliced table, a null row (no tokens), large_list; a null id inside a row is one clear error."""

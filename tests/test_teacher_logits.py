@@ -219,6 +219,7 @@ def test_store_for_other_sequences_is_named(store):
         (pa.table({"prompt_token_ids": ["x"], "completion_token_ids": ["y"]}), "must be list<int>"),
         (pa.table({"prompt_id": ["a", "a"], "prompt": ["x", "y"], "completion": ["1", "2"]}), "is not unique"),
         (pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}), "the table is empty"),
+        (pa.table({"prompt": ["a", "b"], "completion": ["", ""]}), "no token to score: every completion is empty"),
     ],
 )
 def test_bad_sequences_exit_2_without_output(tmp_path, tiny_teacher, table, message):

@@ -54,10 +54,14 @@ class Sequences:
             )
         return len(prompt)
 
-    def check_scorable(self, include_prompt: bool = False) -> None:
-        """Refuse, before any work, a table with a row :meth:`first_scored` cannot score."""
-        for row in range(len(self)):
-            self.first_scored(row, include_prompt)
+    def check_scorable(self, path: Path, include_prompt: bool = False) -> list[int]:
+        """Every row's scored-token count; refuses, before any work, a row :meth:`first_scored` cannot score
+        and a table with no token to score at all (every completion empty): nothing to train on or cache."""
+        counts = [self.scored_count(row, include_prompt) for row in range(len(self))]
+        if not any(counts):
+            what = "every sequence is shorter than 2 tokens" if include_prompt else "every completion is empty"
+            raise UserError(f"{path}: no token to score: {what}")
+        return counts
 
     def scored_count(self, row: int, include_prompt: bool) -> int:
         """How many tokens of ``row`` are scored."""

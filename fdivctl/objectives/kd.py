@@ -96,7 +96,7 @@ def kd_loss(
         loss = loss + div
     if divergence is None or mix_ce:
         logprob = engine.token_outputs(batch.hidden, head_weight, bias=head_bias, token_ids=batch.token_ids).logprob
-        ce = -(logprob.mean() if weights is None else (logprob * weights).sum() / max(1, n_tokens))
+        ce = -(logprob if weights is None else logprob * weights).sum() / max(1, n_tokens)  # 0 for an empty batch
         figures["ce"] = float(ce.detach())
         loss = loss + (1.0 if divergence is None else mix_ce) * ce
     figures["loss"] = float(loss.detach())

@@ -225,7 +225,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, model, batch_
             raise UserError("--eval-every needs --eval-data FILE (held-out sequences)")
         return None
     seqs = load_sequences(opts.eval_data, tokenizer)
-    seqs.check_scorable()
+    seqs.check_scorable(opts.eval_data)
     store = None
     if offline_store and opts.eval_logits is None and opts.loss_name != "ce":
         raise UserError("--eval-data with --logits needs the held-out sequences' store: --eval-logits DIR")
@@ -295,7 +295,7 @@ def prepare_distill(
         seqs = None
     else:
         seqs = load_sequences(data, tokenizer)
-        seqs.check_scorable()  # refuse unscorable rows before any training, not when their batch comes
+        seqs.check_scorable(data)  # refuse unscorable rows before any training, not when their batch comes
         seqs.check_tokenizer(data, student_hash, "student", opts.allow_tokenizer_mismatch)
         prompt_ids = seqs.prompt_ids
     row_weights = _row_weights(table, data, prompt_ids, opts)

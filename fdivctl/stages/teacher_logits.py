@@ -103,7 +103,7 @@ def run_teacher_logits(
     tok_hash = tokenizer_hash(tokenizer)
     seqs = load_sequences(sequences, tokenizer)
     seqs.check_tokenizer(sequences, tok_hash, f"teacher {teacher}", opts.allow_tokenizer_mismatch)
-    counts = [seqs.scored_count(row, opts.include_prompt) for row in range(len(seqs))]
+    counts = seqs.check_scorable(sequences, opts.include_prompt)
     plan = plan_shards(counts, opts.max_tokens_per_shard)
     config_vocab = _head_rows(teacher)
     settings = {

@@ -158,7 +158,7 @@ def _replay(tokenizer, policy_hash: str, opts: RLOptions) -> Replay | None:
     sets = []
     for path in opts.replay:
         seqs = load_sequences(path, tokenizer)  # an empty table is refused as it is read
-        seqs.check_scorable()
+        seqs.check_scorable(path)
         seqs.check_tokenizer(path, policy_hash, "policy", opts.allow_tokenizer_mismatch)
         sets.append(seqs)
     weights = RecapWeights(1 + len(sets), opts.recap_window, opts.recap_temperature) \
