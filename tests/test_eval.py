@@ -136,6 +136,18 @@ def test_model_shortcut_runs_rollout_score_and_eval(tmp_path, tiny_teacher):
     assert (tmp_path / "out" / f"{name}.scored.parquet").exists()
 
 
+def test_default_k_is_powers_of_two_up_to_the_fewest_samples(tmp_path):
+    """--k auto (the default): 1, 2, 4 when one run has 5 samples per prompt and the other 8."""
+    five, eight = _scored(tmp_path / "five.parquet", [1, 2], n=5), _scored(tmp_path / "eight.parquet", [1, 2])
+    done = run_cli("eval", tmp_path / "out", "--run", f"five={five}", "--run", f"eight={eight}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["k"] == [1, 2, 4] and "pass@4" in report["runs"]["five"]["all"]
+    assert "pass@8" not in report["runs"]["eight"]["all"]
+    done = run_cli("eval", tmp_path / "out8", "--run", f"eight={eight}", "--k", "auto")
+    assert json.loads((tmp_path / "out8" / "metrics.json").read_text())["k"] == [1, 2, 4, 8]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

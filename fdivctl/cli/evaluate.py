@@ -30,11 +30,13 @@ def _parse_runs(specs: list[str]) -> dict[str, Path]:
     return runs
 
 
-def _parse_ks(spec: str) -> list[int]:
+def _parse_ks(spec: str) -> list[int] | None:
+    if spec.strip() == "auto":
+        return None
     try:
         return [int(k) for k in spec.split(",") if k.strip()]
     except ValueError:
-        raise UserError(f"--k {spec!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+        raise UserError(f"--k {spec!r}: expected comma-separated integers, e.g. 1,2,4,8, or auto") from None
 
 
 def metrics_table(report: dict) -> Table:
@@ -63,7 +65,8 @@ def command(
     out: Path = typer.Argument(..., help="Output directory: metrics.json, per_prompt.parquet, PNG plots."),
     run: list[str] = typer.Option(None, "--run", help="A scored Parquet to evaluate, as NAME=FILE (repeatable)."),
     base: str = typer.Option(None, help="Run to compare against: forgetting and newly solved prompts, scatter plots."),
-    k: str = typer.Option("1,2,4,8", "--k", help="Values of k for pass@k and maj@k (each ≤ samples per prompt)."),
+    k: str = typer.Option("auto", "--k", help="Values of k for pass@k and maj@k, comma-separated (each ≤ samples "
+                          "per prompt); auto: 1, 2, 4, … up to the fewest samples any prompt of any run has."),
     bootstrap: int = typer.Option(0, help="Bootstrap resamples over prompts for 95 % intervals of pass@k (0 = off)."),
     domain_column: str = typer.Option(None, help="Column that splits every figure by domain (e.g. in/out of domain)."),
     answers: str = typer.Option("math", help="How answers are normalized for maj@k and distinct answers: math or text."),

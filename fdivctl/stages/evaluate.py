@@ -11,7 +11,7 @@ verifier (``answers="math"``) or as stripped text (``"text"``).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,7 +29,7 @@ ANSWER_MODES = ("math", "text")
 
 @dataclass
 class EvalOptions:
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    ks: list[int] | None = None  # None: 1, 2, 4, … up to the fewest samples any prompt of any run has
     base: str | None = None
     bootstrap: int = 0
     domain_column: str | None = None
@@ -46,8 +46,8 @@ def _answer(completion: str | None, mode: str) -> str | None:
     return normalize(found) if found is not None else None
 
 
-def load_run(name: str, path: Path, opts: EvalOptions) -> list[PromptSamples]:
-    """The prompts of one scored file, samples ordered by sample_idx."""
+def load_run(path: Path, opts: EvalOptions) -> list[PromptSamples]:
+    """The prompts of one scored file, samples ordered by sample_idx (not yet scored)."""
     table = read_table(path)
     require_columns(table, path, ["prompt_id", "correct"], " (is it the output of `fdivctl score`?)")
     if opts.domain_column:
@@ -76,14 +76,23 @@ def load_run(name: str, path: Path, opts: EvalOptions) -> list[PromptSamples]:
     prompts = [p for p in grouped.values() if p.n]
     if not prompts:
         raise UserError(f"{path}: no sampled (non-greedy) rows")
-    fewest = min(prompts, key=lambda p: p.n)
-    if max(opts.ks) > fewest.n:
-        raise UserError(
-            f"run {name} ({path}): prompt {fewest.prompt_id!r} has n={fewest.n} samples, fewer than "
-            f"k={max(opts.ks)}; lower --k or sample more (--n) per prompt"
-        )
-    score_prompts(prompts, opts.ks)
     return prompts
+
+
+def powers_of_two_up_to(n: int) -> list[int]:
+    """1, 2, 4, … ≤ n: the default k of pass@k and maj@k for runs with at least n samples per prompt."""
+    return [1 << i for i in range(n.bit_length())]
+
+
+def _check_ks(loaded: dict[str, list[PromptSamples]], runs: dict[str, Path], ks: list[int]) -> None:
+    """pass@k needs k ≤ n for every prompt (the unbiased estimator of Chen et al. 2021 draws k of n)."""
+    for name, prompts in loaded.items():
+        fewest = min(prompts, key=lambda p: p.n)
+        if max(ks) > fewest.n:
+            raise UserError(
+                f"run {name} ({runs[name]}): prompt {fewest.prompt_id!r} has n={fewest.n} samples, fewer than "
+                f"k={max(ks)}; lower --k or sample more (--n) per prompt"
+            )
 
 
 def _by_domain(prompts: list[PromptSamples]) -> dict[str, list[PromptSamples]]:
@@ -99,12 +108,17 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
         raise UserError("give at least one --run NAME=FILE (or --model with --prompts)")
     if opts.answers not in ANSWER_MODES:
         raise UserError(f"--answers {opts.answers!r}; valid: {', '.join(ANSWER_MODES)}")
-    if not opts.ks or min(opts.ks) < 1:
+    if opts.ks is not None and (not opts.ks or min(opts.ks) < 1):
         raise UserError("--k needs positive integers, e.g. 1,2,4,8")
     if opts.base is not None and opts.base not in runs:
         raise UserError(f"--base {opts.base!r} is not one of the runs ({', '.join(runs)})")
+    loaded = {name: load_run(path, opts) for name, path in runs.items()}
+    if opts.ks is None:
+        opts.ks = powers_of_two_up_to(min(p.n for prompts in loaded.values() for p in prompts))
     opts.ks = sorted(set(opts.ks))
-    loaded = {name: load_run(name, path, opts) for name, path in runs.items()}
+    _check_ks(loaded, runs, opts.ks)
+    for prompts in loaded.values():
+        score_prompts(prompts, opts.ks)
     metrics: dict[str, dict] = {}
     for name, prompts in loaded.items():
         figures = {"all": aggregate(prompts, opts.ks, opts.bootstrap, opts.seed)}
