@@ -1,6 +1,7 @@
 """score: verifiers (math, exact, regex, sql, python) and the parallel, time-limited pool."""
 
 import hashlib
+import json
 import sqlite3
 
 import pyarrow as pa
@@ -173,7 +174,21 @@ def test_pathological_rows_cannot_hang_the_run(tmp_path):
     src = _rollouts(tmp_path / "r.parquet", ["x", "y"], ["1", "1"], prompt_ids=["a", "b"])
     done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "python:user_reward:slow_reward", "--timeout", 1)
     assert done.returncode == 0
-    assert pq.read_table(tmp_path / "s.parquet").column("verdict").to_pylist() == ["timeout after 1s"] * 2
+    assert pq.read_table(tmp_path / "s.parquet").column("verdict").to_pylist() == ["verifier failed: timeout after 1s"] * 2
+    assert json.loads(done.stdout.splitlines()[-1])["verifier_failures"] == 2
+    assert "warning: 2 of 2 rows scored 0 because their verification failed" in done.stderr
+
+
+def test_a_non_finite_reward_is_a_failed_verification(tmp_path):
+    src = _rollouts(tmp_path / "r.parquet", ["x", "y"], ["1", "1"], prompt_ids=["a", "b"])
+    done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "python:user_reward:nan_reward")
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.column("reward").to_pylist() == [0.0, 0.0]
+    assert all(v.startswith("verifier failed: ValueError") and "finite" in v for v in table.column("verdict").to_pylist())
+    summary = json.loads(done.stdout.splitlines()[-1])  # valid JSON: no NaN in it
+    assert summary["verifier_failures"] == 2 and summary["mean_reward"] == 0.0
+    assert "(the verdict column says why; first: row 0: verifier failed: ValueError" in done.stderr
 
 
 def test_huge_and_deeply_nested_completions(tmp_path):

@@ -186,11 +186,13 @@ def test_online_prompts_with_a_null_id_are_refused(task, tmp_path):
 
 def test_a_verifier_error_scores_zero_and_the_run_goes_on(task, tmp_path):
     done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", task / "data" / "prompts.parquet",
-                   "--verifier", "python:user_reward:raises_on_odd", *SAMPLING, "--iterations", 1, "--device", "cpu")
+                   "--verifier", "python:user_reward:raises_on_odd", *SAMPLING, "--iterations", 1, "--device", "cpu",
+                   "--log-jsonl", tmp_path / "log.jsonl")
     assert done.returncode == 0, done.stderr
     scored = pq.read_table(tmp_path / "o" / "fdivctl_run" / "iter-0001.scored.parquet").to_pylist()
     failed = [r for r in scored if r["sample_idx"] % 2]
     assert failed and all(r["reward"] == 0 and "ValueError" in r["verdict"] for r in failed)
+    assert read_jsonl(tmp_path / "log.jsonl")[-1]["verifier_failures"] == len(failed)
 
 
 def test_kdrl_with_the_policy_as_teacher_is_plain_grpo(task, scored_rollouts, tmp_path):

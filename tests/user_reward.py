@@ -16,3 +16,7 @@ def raises_on_odd(completion: str, row: dict) -> float:
     if row.get("sample_idx", 0) % 2:
         raise ValueError("this verifier fails on odd samples")
     return 1.0
+
+
+def nan_reward(completion: str, row: dict) -> float:
+    return float("nan")

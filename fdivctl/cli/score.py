@@ -32,6 +32,10 @@ def command(
         task = progress.add_task("score", total=None)
         summary = score_table(rollouts, out, spec, workers=workers, timeout=timeout,
                               on_done=lambda n: progress.advance(task, n))
+    if summary["verifier_failures"]:
+        typer.echo(f"fdivctl: warning: {summary['verifier_failures']} of {summary['rows']} rows scored 0 because "
+                   f"their verification failed (the verdict column says why; first: {summary['first_failure']})",
+                   err=True)
     typer.echo(json.dumps({"scored": str(out), **summary}))
 
 

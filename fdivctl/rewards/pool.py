@@ -14,6 +14,13 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 
 Result = tuple[float, bool, str]
+# Every failed verification's verdict starts with this: a raised error, a timeout, a dead worker.
+FAILURE = "verifier failed: "
+
+
+def failures(verdicts: Sequence[str | None]) -> list[int]:
+    """Indices of the rows whose verification failed (scored 0 for it, not judged wrong)."""
+    return [i for i, v in enumerate(verdicts) if v is not None and v.startswith(FAILURE)]
 
 
 def _serve(conn: Connection, verifier) -> None:
@@ -29,7 +36,7 @@ def _serve(conn: Connection, verifier) -> None:
             result = verifier(row)
             result = (float(result[0]), bool(result[1]), str(result[2])[:500])
         except Exception as err:  # noqa: BLE001 - a verifier error is that row's verdict
-            result = (0.0, False, f"verifier error: {type(err).__name__}: {str(err)[:300]}")
+            result = (0.0, False, f"{FAILURE}{type(err).__name__}: {str(err)[:300]}")
         conn.send((index, result))
 
 
@@ -79,9 +86,9 @@ def run_pool(
                         index, result = worker.conn.recv()
                         results[index] = result
                     except (EOFError, OSError):
-                        failure = f"verifier process died (exit code {worker.process.exitcode})"
+                        failure = f"{FAILURE}its process died (exit code {worker.process.exitcode})"
                 elif now >= worker.deadline:
-                    failure = f"timeout after {timeout:g}s"
+                    failure = f"{FAILURE}timeout after {timeout:g}s"
                 else:
                     continue
                 if failure is not None:

@@ -8,6 +8,7 @@ scoring pool can run them in worker processes.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from dataclasses import dataclass
 
@@ -61,6 +62,8 @@ class Verifier:
             return _binary(*verify_sql(completion, str(row["answer"]), self.db or row["db_path"], self.sql_timeout))
         module, func = self.function.rsplit(":", 1)
         reward = float(getattr(importlib.import_module(module), func)(completion, row))
+        if not math.isfinite(reward):
+            raise ValueError(f"{self.function} returned {reward}: a reward must be a finite number")
         return reward, reward > 0, f"{self.function} → {reward:g}"
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from fdivctl.errors import UserError
 from fdivctl.io.tables import provenance, read_table, require_columns, write_table
-from fdivctl.rewards.pool import run_pool
+from fdivctl.rewards.pool import failures, run_pool
 from fdivctl.rewards.verifiers import Verifier
 
 ADDED = ("reward", "correct", "verdict", "pass_rate")
@@ -29,7 +29,8 @@ def score_table(
     timeout: float = 10.0,
     on_done: Callable[[int], None] | None = None,
 ) -> dict:
-    """Score every row of ``rollouts`` into ``out``; return a summary (rows, mean reward, accuracy)."""
+    """Score every row of ``rollouts`` into ``out``; return a summary (rows, mean reward, accuracy, and how many
+    rows' verification failed: scored 0, with the reason in their verdict)."""
     if workers < 1 or not timeout > 0:
         raise UserError("--workers must be ≥ 1 and --timeout > 0")
     table = read_table(rollouts)
@@ -60,9 +61,12 @@ def score_table(
                                                     "pattern": verifier.pattern, "timeout": timeout}}
     write_table(out, scored, record)
     n = len(results)
+    failed = failures([r[2] for r in results])
     return {
         "rows": n,
         "prompts": len(rates),
         "mean_reward": sum(r[0] for r in results) / n,
         "accuracy": sum(r[1] for r in results) / n,
+        "verifier_failures": len(failed),
+        **({"first_failure": f"row {failed[0]}: {results[failed[0]][2]}"} if failed else {}),
     }

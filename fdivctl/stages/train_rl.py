@@ -53,6 +53,7 @@ from fdivctl.stages.policy_update import PolicyUpdate
 from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, Replay, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.rollout import encode_prompt, rollout_rows
+from fdivctl.rewards.pool import failures
 from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training import distributed
@@ -375,6 +376,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
             last = {"iteration": iteration + 1, "step": trainer.step, **figures, **_mean(steps),
                     "reward_mean": float(data.rewards.mean()), "accuracy": float(data.correct.mean()),
                     "response_length": float(data.lengths.float().mean()), "pass_histogram": _pass_histogram(table),
+                    "verifier_failures": len(failures(table.column("verdict").to_pylist())),
                     "seconds": time.perf_counter() - start}
             log.write(last)
             if (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations:
