@@ -238,7 +238,10 @@ def test_several_teachers_mix_per_token(tmp_path, student, data, tiny_teacher, t
     assert _steps(tmp_path / "confidence.jsonl")[0]["fkl"] != _steps(tmp_path / "0.7,0.3.jsonl")[0]["fkl"]
     bad = run_cli("distill", student, tmp_path / "bad", "--data", data, "--teacher", tiny_teacher, "--teacher",
                   second, "--teacher-weights", "1", "--device", "cpu")
-    assert bad.returncode == 2 and "need 2 non-negative weights" in bad.stderr
+    assert bad.returncode == 2 and "need 2 finite non-negative weights" in bad.stderr
+    bad = run_cli("distill", student, tmp_path / "bad", "--data", data, "--teacher", tiny_teacher, "--teacher",
+                  second, "--teacher-weights", "inf,1", "--device", "cpu")
+    assert bad.returncode == 2 and "need 2 finite non-negative weights" in bad.stderr
 
 
 def test_empty_prompt_is_refused_by_distill_and_teacher_logits(tmp_path, student, data, tiny_teacher):

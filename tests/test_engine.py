@@ -262,8 +262,9 @@ def test_teacher_mixture_matches_an_explicit_mixture(weights):
 
 def test_teacher_mixture_rejects_bad_weights():
     hidden, weight, _, th, tw = _tensors(seed=18)
-    with pytest.raises(ValueError, match="must be 2 non-negative numbers"):
-        engine.TeacherMixture([engine.TeacherHead(th, tw)] * 2, [1.0])
+    for weights in ([1.0], [float("inf"), 1.0], [float("nan"), 1.0], [-1.0, 2.0], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="must be 2 finite non-negative numbers"):
+            engine.TeacherMixture([engine.TeacherHead(th, tw)] * 2, weights)
     with pytest.raises(ValueError, match="valid: a list of numbers or 'confidence'"):
         engine.TeacherMixture([engine.TeacherHead(th, tw)], "entropy")
 

@@ -44,7 +44,8 @@ def test_uniform_by_default(models, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["wide"], "differ at parameter"),
     (["b", "--weights", "1"], "--weights has 1 numbers for 2 models"),
-    (["b", "--weights", "1,-1"], "must be non-negative"),
+    (["b", "--weights", "1,-1"], "must be 2 finite non-negative numbers"),
+    (["b", "--weights", "inf,1"], "must be 2 finite non-negative numbers"),
     (["b", "--weights", "x,y"], "expected comma-separated numbers"),
 ])
 def test_bad_input_is_one_line_and_exit_2(models, tmp_path, args, message):

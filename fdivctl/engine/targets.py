@@ -28,6 +28,7 @@ lacks.  Never zeros (DESIGN.md).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -194,6 +195,15 @@ class TeacherHead(_DenseTarget):
         return log_q, self._log_p(logits, log_q.shape[-1], temperature)
 
 
+def normalize_weights(weights: list[float], n: int) -> list[float]:
+    """Mixture weights ``w_i / Σ w`` of ``n`` components; ValueError unless ``n`` finite non-negative numbers with
+    a positive sum (an infinite weight would make the normalized mixture NaN)."""
+    if len(weights) != n or not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"weights {list(weights)} must be {n} finite non-negative numbers with a positive sum")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 class TeacherMixture(Target):
     """A per-token mixture of teachers: ``p_t = Σ_i w_{t,i} p_{t,i}``, in log space.
 
@@ -211,11 +221,7 @@ class TeacherMixture(Target):
             if weights != "confidence":
                 raise ValueError(f"weights={weights!r}; valid: a list of numbers or 'confidence'")
         else:
-            if len(weights) != len(teachers) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
-                raise ValueError(
-                    f"weights {list(weights)} must be {len(teachers)} non-negative numbers with a positive sum"
-                )
-            weights = [w / sum(weights) for w in weights]
+            weights = normalize_weights(weights, len(teachers))
         self.teachers = teachers
         self.weights = weights
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 import torch
 
 from fdivctl import divergences, engine
+from fdivctl.engine.targets import normalize_weights
 from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
 from fdivctl.generation.sampling import SamplingOptions
@@ -159,9 +160,11 @@ def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
         weights = [float(w) for w in spec.split(",")]
     except ValueError:
         raise UserError(f"--teacher-weights {spec!r}: expected numbers like 0.7,0.3 or 'confidence'") from None
-    if len(weights) != n_teachers or any(w < 0 for w in weights) or not sum(weights) > 0:
-        raise UserError(f"--teacher-weights {spec!r}: need {n_teachers} non-negative weights with a positive sum")
-    return weights
+    try:
+        return normalize_weights(weights, n_teachers)
+    except ValueError:
+        raise UserError(f"--teacher-weights {spec!r}: need {n_teachers} finite non-negative weights with a "
+                        "positive sum") from None
 
 
 def _row_weights(table: pa.Table, path: Path, prompt_ids: list[str], opts: DistillOptions) -> torch.Tensor | None:

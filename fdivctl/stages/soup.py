@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fdivctl.engine.targets import normalize_weights
 from fdivctl.errors import UserError
 from fdivctl.io.atomic import write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
@@ -35,9 +36,10 @@ def soup_weights(weights: list[float] | None, n_models: int) -> list[float]:
         return [1.0 / n_models] * n_models
     if len(weights) != n_models:
         raise UserError(f"--weights has {len(weights)} numbers for {n_models} models")
-    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
-        raise UserError(f"--weights {weights} must be non-negative with a positive sum")
-    return [w / sum(weights) for w in weights]
+    try:
+        return normalize_weights(weights, n_models)
+    except ValueError as err:
+        raise UserError(f"--weights: {err}") from None
 
 
 def _check_compatible(first, first_dir: Path, other, other_dir: Path) -> None:
