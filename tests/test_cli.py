@@ -16,6 +16,10 @@ from fdivctl import __version__
     (["rollout", "model"], "Missing argument"),
     (["teacher-logits", "t", "s", "o", "--k", "many"], "Invalid value for '--k'"),
     (["no-such-command"], "No such command 'no-such-command'"),
+    (["train", "p", "o", "--rollouts", "r", "--lr", "inf"], "Invalid value for '--lr': inf is not a finite number"),
+    (["distill", "s", "o", "--data", "d", "--beta", "nan"], "Invalid value for '--beta': nan is not a finite number"),
+    (["rollout", "m", "p", "o", "--temperature", "-inf"], "'--temperature': -inf is not a finite number"),
+    (["train", "p", "o", "--rollouts", "r", "--lora-alpha", "nan"], "'--lora-alpha': nan is not a finite number"),
 ])
 def test_a_bad_command_line_is_a_usage_error(args, message):
     done = run_cli(*args)
@@ -42,3 +46,15 @@ def test_a_missing_column_is_named_in_one_line(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "missing columns 'prompt_id', 'sample_idx'; it has x" in done.stderr
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_every_float_option_refuses_nan_and_inf():
+    """cli.options.require_finite_floats reaches every float parameter of every command, shared options included."""
+    import inspect
+
+    from fdivctl.cli import app
+    from fdivctl.cli.options import _finite
+
+    floats = [(c.name, name, p.default) for c in app.registered_commands
+              for name, p in inspect.signature(c.callback).parameters.items() if p.annotation in ("float", "float | None")]
+    assert len(floats) > 40 and all(info.callback is _finite for _, _, info in floats)

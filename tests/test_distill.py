@@ -277,6 +277,21 @@ def test_no_completion_token_is_refused_and_an_empty_batch_has_zero_loss(tmp_pat
     assert loss.item() == 0.0 and figures["ce"] == 0.0 and figures["tokens"] == 0.0
 
 
+def test_max_grad_norm_zero_is_no_clipping_and_a_negative_one_is_refused(tmp_path, student, data):
+    """Clipping at a negative norm would flip the gradient (clip_grad_norm_ scales by max_norm / ‖g‖)."""
+    common = ["--data", data, "--loss", "ce", "--max-steps", 2, "--lr", "1e-2", "--device", "cpu"]
+    for name, norm in (("off", 0), ("huge", 1e9), ("tight", 1e-3)):
+        run_cli("distill", student, tmp_path / name, *common, "--max-grad-norm", norm,
+                "--log-jsonl", tmp_path / f"{name}.jsonl", check=True)
+    off, huge, tight = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("off", "huge", "tight"))
+    assert all(torch.equal(off[k], huge[k]) for k in off)
+    assert any(not torch.allclose(off[k], tight[k]) for k in off)
+    assert json.loads((tmp_path / "off.jsonl").read_text().splitlines()[0])["grad_norm"] > 1e-3
+    done = run_cli("distill", student, tmp_path / "neg", *common, "--max-grad-norm", -1)
+    assert done.returncode == 2 and "--max-grad-norm must be ≥ 0 (0: no clipping), got -1.0" in done.stderr
+    assert not (tmp_path / "neg").exists()
+
+
 def test_token_id_columns_read_row_by_row_across_chunks_slices_and_nulls(tmp_path, data):
     """list<int> columns (io.sequences.int_list_column) read from the flat Arrow values: several record batches, a
     sliced table, a null row (no tokens), large_list; a null id inside a row is one clear error."""

@@ -23,6 +23,7 @@ from fdivctl.cli import score as score_cmd
 from fdivctl.cli import soup as soup_cmd
 from fdivctl.cli import teacher_logits as teacher_logits_cmd
 from fdivctl.cli import train as train_cmd
+from fdivctl.cli.options import require_finite_floats
 from fdivctl.errors import UserError
 from fdivctl.training import distributed
 
@@ -67,6 +68,7 @@ soup_cmd.register(app)
 teacher_logits_cmd.register(app)
 train_cmd.register(app)
 demo_cmd.register(app)
+require_finite_floats(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from fdivctl.cli.options import (
     LORA_ALPHA,
     LORA_DROPOUT,
     LORA_R,
+    MAX_GRAD_NORM,
 )
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
@@ -79,7 +80,7 @@ def command(
     max_steps: int = typer.Option(None, help="Optimizer steps (default: --epochs over the data)."),
     epochs: int = typer.Option(1, help="Passes over the data when --max-steps is not given."),
     seed: int = typer.Option(0, help="Seed of the data order."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm."),
+    max_grad_norm: float = MAX_GRAD_NORM,
     save_every: int = typer.Option(0, help="Checkpoint every N steps (0: only at the end)."),
     eval_data: Path = typer.Option(None, help="Held-out sequences Parquet: its loss is logged as eval_loss."),
     eval_logits: Path = typer.Option(None, help="The teacher-logits store of --eval-data (when training uses "

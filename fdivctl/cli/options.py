@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import get_type_hints
+
 import typer
+from typer.models import ParameterInfo
 
 from fdivctl.errors import UserError
 from fdivctl.training import distributed
@@ -15,8 +20,28 @@ LORA_ALPHA = typer.Option(None, help="LoRA scale α (the update is (α/r)·BA); 
 LORA_DROPOUT = typer.Option(0.0, help="Dropout on the LoRA branch's input.")
 DIST_BACKEND = typer.Option("auto", help="Under torchrun (torchrun --nproc-per-node N -m fdivctl …): the "
                             "process-group backend, nccl, gloo, or auto (nccl on CUDA, gloo on CPUs).")
+MAX_GRAD_NORM = typer.Option(1.0, help="Clip the gradient's global L2 norm to this before each optimizer step "
+                             "(0: no clipping; the norm is logged either way).")
 GRAD_CHECKPOINTING = typer.Option(False, help="Recompute decoder activations in backward: less memory, about one "
                                   "more forward of compute.")
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def require_finite_floats(app: typer.Typer) -> None:
+    """Every float option and argument of ``app``'s commands refuses nan and ±inf as a usage error (exit 2)
+    before the command runs: no stage has a meaning for them (an infinite --lr or a NaN --beta would train
+    to NaN weights and save them). Range checks stay with each stage."""
+    for command in app.registered_commands:
+        hints = get_type_hints(command.callback)
+        for name, parameter in inspect.signature(command.callback).parameters.items():
+            info = parameter.default
+            if hints.get(name) in (float, float | None) and isinstance(info, ParameterInfo) and info.callback is None:
+                info.callback = _finite
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from fdivctl.cli.options import (
     LORA_ALPHA,
     LORA_DROPOUT,
     LORA_R,
+    MAX_GRAD_NORM,
 )
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
@@ -21,8 +22,8 @@ from fdivctl.objectives.kd import SFT_PREFIX
 from fdivctl.rewards.verifiers import make_verifier
 from fdivctl.stages.distill import DistillOptions, run_distill
 from fdivctl.stages.dph_partition import run_partition
-from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.preference import FDPOOptions, run_fdpo
+from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.rollout import RolloutOptions
 from fdivctl.stages.train_rl import OnlineOptions, run_online, run_staged
 from fdivctl.training.distributed import is_main
@@ -163,7 +164,7 @@ def command(
     max_steps: int = typer.Option(None, help="fdpo / sft: optimizer steps (default: --epochs over the data)."),
     epochs: int = typer.Option(1, help="fdpo / sft: passes over the data."),
     seed: int = typer.Option(0, help="Seed of sampling, prompt choice and minibatch order."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm."),
+    max_grad_norm: float = MAX_GRAD_NORM,
     save_every: int = typer.Option(None, help="Checkpoint every N steps (online: iterations; default: online 1, "
                                    "else only at the end)."),
     log_jsonl: Path = typer.Option(None, help="Append one JSON line per step (online: per iteration): reward, "

@@ -66,6 +66,8 @@ class LoopOptions:
             raise UserError("--batch-size, --grad-accum and --epochs must be ≥ 1")
         if not self.lr > 0 or self.warmup < 0:
             raise UserError("--lr must be > 0 and --warmup ≥ 0")
+        if not self.max_grad_norm >= 0:  # a negative norm would flip the gradient's sign in the clipping
+            raise UserError(f"--max-grad-norm must be ≥ 0 (0: no clipping), got {self.max_grad_norm}")
         if self.eval_every < 0 or self.save_every < 0:
             raise UserError("--eval-every and --save-every must be ≥ 0")
         self.lora.check()
@@ -170,7 +172,7 @@ class Trainer:
             for key, value in parts.items():
                 figures[key] = figures.get(key, 0.0) + value
         distributed.average_replicated_grads(self.params, self.world)
-        grad_norm = distributed.clip_grad_norm(self.params, self.opts.max_grad_norm, self.world)
+        grad_norm = distributed.clip_grad_norm(self.params, self.opts.max_grad_norm or math.inf, self.world)
         self.optimizer.step()
         self.step += 1
         figures = distributed.mean_figures(figures, self.world)
