@@ -174,6 +174,29 @@ def test_f_divergence_sft_runs_against_the_initial_policy(task, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--minibatch-size", 0], "--minibatch-size must be ≥ 1"),
+    (["--max-steps", 0], "--max-steps must be ≥ 1 (leave it out for --epochs over the data), got 0"),
+    (["--prompts", "PROMPTS", *VERIFIER, "--score-workers", 0], "--score-workers must be ≥ 1, got 0"),
+])
+def test_bad_counts_are_refused_before_any_work(task, tmp_path, args, message):
+    inputs = [] if "--prompts" in args else ["--rollouts", tmp_path / "unread.parquet"]
+    args = [task / "data" / "prompts.parquet" if a == "PROMPTS" else a for a in args]
+    done = run_cli("train", task / "sft", tmp_path / "o", *inputs, *args, "--device", "cpu")
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_or_unreadable_rollouts_file_is_one_line(task, tmp_path):
+    """The staged run reads the file's provenance first: it went to pyarrow unchecked (a traceback, exit 1)."""
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    for name, message in (("missing.parquet", "missing.parquet: no such file"),
+                          ("junk.parquet", "junk.parquet: not a readable Parquet file")):
+        done = run_cli("train", task / "sft", tmp_path / "o", "--rollouts", tmp_path / name, "--device", "cpu")
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_online_prompts_with_a_null_id_are_refused(task, tmp_path):
     prompts = pq.read_table(task / "data" / "prompts.parquet")
     ids = [None] + prompts.column("prompt_id").to_pylist()[1:]

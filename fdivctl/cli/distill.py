@@ -117,6 +117,7 @@ def command(
                        save_every=save_every, log_jsonl=log_jsonl, resume=resume,
                        grad_checkpointing=grad_checkpointing, dist_backend=dist_backend, eval_every=eval_every,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
+    loop.check()  # before any file is read
     online = OnPolicyOptions(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, baseline=baseline,
                              baseline_topk=baseline_topk, backend=backend, chat=chat) if on_policy else None
     opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, tail=tail,

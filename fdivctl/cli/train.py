@@ -187,6 +187,7 @@ def command(
                        save_every=save_every or 0, log_jsonl=log_jsonl, resume=resume,
                        grad_checkpointing=grad_checkpointing, dist_backend=dist_backend,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
+    loop.check()  # before any file is read
     sampling = SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                                stop=list(stop or []))
     if partition:

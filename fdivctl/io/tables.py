@@ -46,8 +46,8 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def provenance(path: str | Path) -> dict:
-    """The ``fdivctl`` provenance record of a Parquet file, or {} when it has none."""
-    metadata = pq.read_schema(path).metadata or {}
+    """The ``fdivctl`` provenance record of a Parquet file, or {} when it has none (UserError: no Parquet file)."""
+    metadata = open_parquet(path).schema_arrow.metadata or {}
     raw = metadata.get(METADATA_KEY)
     return json.loads(raw) if raw else {}
 

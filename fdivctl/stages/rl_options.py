@@ -103,7 +103,7 @@ class RLOptions:
             raise UserError(f"--loss-agg {self.loss_agg!r}; valid: {', '.join(grpo.LOSS_AGGS)}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise UserError("--clip-low must lie in [0, 1) and --clip-high be ≥ 0")
-        if self.ppo_epochs < 1 or self.micro_batch_size < 1 or (self.minibatch_size or 1) < 1:
+        if self.ppo_epochs < 1 or self.micro_batch_size < 1 or (self.minibatch_size is not None and self.minibatch_size < 1):
             raise UserError("--ppo-epochs, --micro-batch-size and --minibatch-size must be ≥ 1")
         if not 0 <= self.overlong_penalty < 1:
             raise UserError("--overlong-penalty is the penalty zone as a share of the maximum length, in [0, 1)")

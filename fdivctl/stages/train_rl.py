@@ -89,6 +89,8 @@ class OnlineOptions:
             raise UserError("--gcs-sigma must be > 0")
         if self.group_size < 2:
             raise UserError("--group-size must be ≥ 2: GRPO compares samples of one prompt")
+        if self.score_workers < 1:
+            raise UserError(f"--score-workers must be ≥ 1, got {self.score_workers}")
 
 
 def _load_policy(policy: Path, out: Path, opts: RLOptions):

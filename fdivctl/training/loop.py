@@ -64,6 +64,8 @@ class LoopOptions:
             raise UserError(f"--lr-schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise UserError("--batch-size, --grad-accum and --epochs must be ≥ 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be ≥ 1 (leave it out for --epochs over the data), got {self.max_steps}")
         if not self.lr > 0 or self.warmup < 0:
             raise UserError("--lr must be > 0 and --warmup ≥ 0")
         if not self.max_grad_norm >= 0:  # a negative norm would flip the gradient's sign in the clipping
