@@ -131,7 +131,9 @@ def test_cli_distill_offline_and_log(tmp_path, student, data, full_store):
         (["--loss", "ce", "--teacher", "TEACHER"], "--loss ce uses no teacher"),
         (["--loss", "fkl", "--logits", "STORE", "--teacher", "TEACHER"], "give exactly one teacher signal"),
         (["--loss", "fkl", "--logits", "STORE", "--lr-schedule", "wavy"], "--lr-schedule 'wavy'"),
-        (["--loss", "fkl", "--logits", "STORE", "--trust-region", "0"], "--trust-region ε (> 0)"),
+        (["--loss", "fkl", "--logits", "STORE", "--trust-region", "0"], "--trust-region ε must be > 0, got 0.0"),
+        (["--loss", "fkl", "--logits", "STORE", "--mix-ce", "-1"], "--mix-ce is a weight of the cross-entropy"),
+        (["--loss", "fkl", "--logits", "STORE", "--max-steps", "0"], "--max-steps must be ≥ 1"),
         (["--loss", "ce", "--trust-region", "0.1"], "not --loss ce"),
     ],
 )

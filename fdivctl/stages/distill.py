@@ -146,9 +146,13 @@ class DistillOptions:
                 raise UserError("--depth-curriculum reads turn_ids of fixed multi-turn data: it is offline only")
         elif self.loss_name == "opd":
             raise UserError("--loss opd scores the student's own samples: add --on-policy --prompts FILE")
-        if self.trust_region is not None and (not self.trust_region > 0 or self.loss_name in ("opd", "ce")):
-            raise UserError("--trust-region ε (> 0) bounds a distillation divergence (--loss fkl, jsd, …), not "
+        if self.trust_region is not None and not self.trust_region > 0:
+            raise UserError(f"--trust-region ε must be > 0, got {self.trust_region}")
+        if self.trust_region is not None and self.loss_name in ("opd", "ce"):
+            raise UserError("--trust-region ε bounds a distillation divergence (--loss fkl, jsd, …), not "
                             f"--loss {self.loss_name}")
+        if self.mix_ce < 0:
+            raise UserError(f"--mix-ce is a weight of the cross-entropy: it must be ≥ 0, got {self.mix_ce}")
 
 
 def _teacher_weights(spec: str | None, n_teachers: int) -> list[float] | str:
