@@ -160,6 +160,10 @@ def test_bad_model_and_options(tmp_path, prompts, tiny_teacher):
     assert done.returncode == 2 and "--top-p" in done.stderr
     done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--backend", "tgi")
     assert done.returncode == 2 and "valid: auto, hf, vllm" in done.stderr
+    done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--stop", "")
+    assert done.returncode == 2 and "an empty stop string would end every completion" in done.stderr
+    done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--tensor-parallel-size", 0)
+    assert done.returncode == 2 and "--tensor-parallel-size must be ≥ 1" in done.stderr
     assert not (tmp_path / "r.parquet").exists()
 
 

@@ -26,6 +26,8 @@ class SamplingOptions:
             raise UserError(f"--top-p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.max_new_tokens < 1:
             raise UserError("--top-k must be ≥ 0 and --max-new-tokens ≥ 1")
+        if any(not text for text in self.stop):
+            raise UserError("--stop '': an empty stop string would end every completion at its first token")
         if self.temperature == 0 and self.n > 1:
             raise UserError("--temperature 0 (greedy) gives one distinct sample: use --n 1")
 

@@ -134,8 +134,8 @@ def run_rollout(
 ) -> dict:
     """Write ``out``; ``on_batch(samples, tokens)`` after each batch.  Returns a summary."""
     opts.sampling.check()
-    if opts.batch_size < 1:
-        raise UserError("--batch-size must be ≥ 1")
+    if opts.batch_size < 1 or opts.tensor_parallel_size < 1:
+        raise UserError("--batch-size and --tensor-parallel-size must be ≥ 1")
     backend = resolve_backend(opts.backend, opts.device)
     prompts, out = Path(prompts), Path(out)
     file = _check_prompts(prompts)
