@@ -112,6 +112,31 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, student, data, tiny_teache
         torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
 
 
+def test_resume_refuses_other_settings_and_accepts_moved_inputs(tmp_path, student, data, full_store):
+    """A checkpoint records its run's settings (inputs by content): --resume with another loss, batch size or data
+    is refused, naming what differs; the same data at another path, a longer run and another log are not."""
+    import shutil
+
+    out = tmp_path / "run"
+    common = ["--logits", full_store, "--device", "cpu", "--batch-size", 4]
+    run_cli("distill", student, out, "--data", data, *common, "--loss", "jsd", "--max-steps", 2, check=True)
+    other_data = tmp_path / "other.parquet"
+    pq.write_table(pq.read_table(data).slice(1), other_data)
+    for extra, message in ((["--data", data, "--loss", "fkl"], "loss: 'jsd' → 'fkl'"),
+                           (["--data", data, "--loss", "jsd", "--lr", "0.5"], "loop.lr: 0.0001 → 0.5"),
+                           (["--data", other_data, "--loss", "jsd"], "data: file ")):
+        done = run_cli("distill", student, out, *extra, *common, "--max-steps", 3, "--resume")
+        assert done.returncode == 2 and f"--resume: {out} was started with other settings ({message}" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    moved = tmp_path / "moved" / "data.parquet"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    done = run_cli("distill", student, out, "--data", moved, *common, "--loss", "jsd", "--max-steps", 3, "--resume",
+                   "--log-jsonl", tmp_path / "more.jsonl")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["steps"] == 3
+
+
 def test_cli_distill_offline_and_log(tmp_path, student, data, full_store):
     log = tmp_path / "log.jsonl"
     done = run_cli("distill", student, tmp_path / "out", "--data", data, "--logits", full_store, "--beta", 0.3,

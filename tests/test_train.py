@@ -70,6 +70,10 @@ def test_online_resume_equals_an_uninterrupted_run(task, tmp_path):
     a, b = weights(whole), weights(part)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+    # the run's settings are in its checkpoint: another pattern or group size does not continue it
+    for extra, message in ((["--pattern", "^1"], "verifier.pattern: "), (["--group-size", 2], "online.group_size: 4 → 2")):
+        done = run_cli("train", task / "sft", part, *common, *extra, "--iterations", 3, "--resume")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 @pytest.fixture(scope="module")

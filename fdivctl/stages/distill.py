@@ -66,6 +66,7 @@ from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state
 from fdivctl.training.loop import LoopOptions, run_loop
 from fdivctl.training.lora import weights_to_load
+from fdivctl.training.run_settings import begin_run, run_settings
 
 PROMPT_WEIGHTINGS = ("none", "paced")
 
@@ -448,6 +449,10 @@ def run_distill(
     Under torchrun the ranks share the work (:mod:`fdivctl.training.distributed`); on-policy, rank 0 samples.
     """
     distributed.init_world(opts.loop.dist_backend, opts.device)
+    teachers = [] if teacher is None else [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
+    begin_run(out, opts.loop, run_settings(opts, loss=opts.loss_name, student=Path(student),
+                                           data=Path(data), logits=logits and Path(logits),
+                                           teacher=[Path(t) for t in teachers]))
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
     return run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate)

@@ -29,6 +29,7 @@ from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import LoopOptions, check_fresh_output, run_loop
 from fdivctl.training.lora import weights_to_load
+from fdivctl.training.run_settings import begin_run, run_settings
 
 REFERENCE_CACHE = "reference_logprobs.parquet"
 
@@ -108,6 +109,7 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     if not opts.beta > 0:
         raise UserError("--beta must be > 0")
     check_fresh_output(out, opts.loop.resume)
+    begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), pairs=Path(pairs)))
     distributed.barrier(world)  # every rank has seen OUT before rank 0 writes into it
     tokenizer = load_tokenizer(policy, "policy")
     chosen, rejected, table = _pairs(pairs, tokenizer)

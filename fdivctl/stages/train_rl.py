@@ -45,6 +45,7 @@ from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, int_list_column, list_column, load_sequences, sequences_from_table
 from fdivctl.io.tables import provenance, read_table, require_columns, require_no_nulls, write_table
 from fdivctl.objectives import trace
+from fdivctl.rewards.pool import failures
 from fdivctl.rewards.verifiers import Verifier
 from fdivctl.schedules import curriculum
 from fdivctl.schedules.replay_weights import RecapWeights
@@ -53,13 +54,13 @@ from fdivctl.stages.policy_update import PolicyUpdate
 from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, Replay, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.rollout import encode_prompt, rollout_rows
-from fdivctl.rewards.pool import failures
 from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import JsonlLog, Trainer, check_fresh_output
 from fdivctl.training.lora import weights_to_load
+from fdivctl.training.run_settings import begin_run, run_settings
 
 PARTITION_FILE = "partition.json"
 PROMPT_SAMPLING = ("uniform", "gaussian")
@@ -234,6 +235,7 @@ def _exp_only(table: pa.Table, record: dict | None) -> pa.Table:
 def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
                on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Optimize on a scored rollouts file; one optimizer step per minibatch per PPO epoch."""
+    begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), rollouts=Path(rollouts)))
     model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=False)
     source = provenance(rollouts)
     if source.get("tokenizer_hash") and source["tokenizer_hash"] != policy_hash and not opts.allow_tokenizer_mismatch:
@@ -331,6 +333,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     """Sample, score and update for ``online.iterations`` iterations; checkpoint into ``out``."""
     online.check()
     check_fresh_output(out, opts.loop.resume)
+    begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), prompts=Path(prompts), verifier=verifier,
+                                           online=online))
     model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=True)
     prompt_table = read_table(prompts)
     require_columns(prompt_table, prompts, ["prompt_id"])

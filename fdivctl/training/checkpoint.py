@@ -93,8 +93,14 @@ def finish_checkpoint(out: Path, model, tokenizer, scheduler, step: int, extra: 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def saved_state(out: Path) -> dict:
+    """The checkpoint's ``state.pt`` as saved (step, scheduler, RNG states, what the stage saved with them)."""
+    return torch.load(Path(out) / STATE_DIR / "state.pt", weights_only=False)
+
+
 def load_state(out: Path) -> dict:
-    state = torch.load(Path(out) / STATE_DIR / "state.pt", weights_only=False)
+    """:func:`saved_state`, with the RNG states restored."""
+    state = saved_state(out)
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])

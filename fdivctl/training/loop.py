@@ -58,6 +58,8 @@ class LoopOptions:
     eval_every: int = 0  # steps between held-out evaluations (0: none); run_loop's ``evaluate``
     dist_backend: str = "auto"  # under torchrun: nccl, gloo, or auto (nccl on CUDA)
     lora: LoraOptions = field(default_factory=LoraOptions)  # r > 0: train LoRA adapters only
+    # what the stage computes (run_settings.begin_run); every checkpoint saves it, --resume compares it
+    run_settings: dict | None = None
 
     def check(self) -> None:
         if self.lr_schedule not in SCHEDULES:
@@ -199,8 +201,8 @@ class Trainer:
         distributed.barrier(self.world)
         distributed.save_optimizer(self.model, self.optimizer, optimizer_dir(staging_dir(self.out)))
         if self.world.main:
-            finish_checkpoint(self.out, self.model, self.tokenizer, self.scheduler, self.step, extra or {},
-                              model_state)
+            finish_checkpoint(self.out, self.model, self.tokenizer, self.scheduler, self.step,
+                              {"run_settings": self.opts.run_settings, **(extra or {})}, model_state)
         distributed.barrier(self.world)
 
 
