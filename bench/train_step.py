@@ -21,12 +21,16 @@ Prints one JSON object per shape with ``tokens``, ``*_s`` (median of
 ``max_memory_allocated`` above the models and inputs; CPU: not measured, see
 ``bench/loss_engine.py`` for CPU memory) and the ratios
 ``tokens_per_s_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other) and
-``peak_memory_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other).
+``peak_memory_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other).  With
+``--chunk-sizes 512,1024`` fdivctl is also measured at those head chunk sizes
+(``train --chunk-size``): one ``chunk_sweep`` entry each, with its own time,
+memory and ratios.
 
 Usage::
 
     python bench/train_step.py --quick                       # CPU, small model
     python bench/train_step.py --device cuda --dtype bf16    # H100: hidden 2048, vocab 151936, 8 × 1024 tokens
+    python bench/train_step.py --device cuda --dtype bf16 --chunk-sizes 512,1024,2048,4096
 """
 
 from __future__ import annotations
@@ -86,9 +90,9 @@ def _batch(shape, seed):
     return ScoredRollouts.from_table(table, "bench")
 
 
-def _fdivctl(policy, reference, data, device):
+def _fdivctl(policy, reference, data, device, chunk_size=None):
     opts = RLOptions(algo="grpo", divergence="rkl", div_estimator="full", micro_batch_size=GROUP,
-                     loop=LoopOptions()).resolve()
+                     chunk_size=chunk_size, loop=LoopOptions()).resolve()
     update = PolicyUpdate(policy, _Tokenizer(), opts, ReferencePolicy(reference, None, "tail"))
     credit, rows, _ = update.advantages(data, 1.0, None)
     micro = update._micro(data, credit, rows, StepScale(int(data.lengths[rows].sum()), len(rows),
@@ -144,6 +148,15 @@ def _naive(policy, reference, data, device):
     return step
 
 
+def _ratios(result: dict, ours: str, other: str) -> dict:
+    """``ours`` ÷ ``other`` from ``result``'s ``*_s`` and ``*_peak_bytes``: tokens/s (higher is better) and peak
+    memory (lower is better)."""
+    ratios = {f"tokens_per_s_ratio_vs_{other}": result[f"{other}_s"] / result[f"{ours}_s"]}
+    if result[f"{ours}_peak_bytes"] is not None:
+        ratios[f"peak_memory_ratio_vs_{other}"] = result[f"{ours}_peak_bytes"] / result[f"{other}_peak_bytes"]
+    return ratios
+
+
 def _measure(step, policy, repeats, device):
     times, peak = [], None
     for i in range(repeats + 1):
@@ -169,7 +182,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-sizes", default="", help="also measure fdivctl at these token rows per head chunk "
+                        "(train --chunk-size), e.g. 512,1024,2048: one chunk_sweep entry each, beside the default")
     args = parser.parse_args()
+    sweep = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
     device = torch.device(args.device)
     shapes = SHAPES["quick" if args.quick else device.type]
     for shape in shapes:
@@ -181,6 +197,7 @@ def main() -> None:
         tokens = int(data.lengths.sum())
         result = {"shape": {**shape, "group": GROUP}, "tokens": tokens, "device": str(device), "dtype": args.dtype}
         variants = {"fdivctl": _fdivctl(policy, frozen, data, device), "naive": _naive(policy, reference, data, device)}
+        variants.update({f"chunk{c}": _fdivctl(policy, frozen, data, device, c) for c in sweep})
         if selective_log_softmax is not None:
             variants["trl"] = _trl(policy, reference, data, device)
         for name, step in variants.items():
@@ -188,11 +205,15 @@ def main() -> None:
             result[f"{name}_s"] = seconds
             result[f"{name}_tokens_per_s"] = tokens / seconds
             result[f"{name}_peak_bytes"] = peak
-        for other in ("trl", "naive"):
-            if f"{other}_s" in result:
-                result[f"tokens_per_s_ratio_vs_{other}"] = result[f"{other}_s"] / result["fdivctl_s"]
-                if result["fdivctl_peak_bytes"] is not None:
-                    result[f"peak_memory_ratio_vs_{other}"] = result["fdivctl_peak_bytes"] / result[f"{other}_peak_bytes"]
+        others = [other for other in ("trl", "naive") if f"{other}_s" in result]
+        for other in others:
+            result.update(_ratios(result, "fdivctl", other))
+        result["chunk_sweep"] = []
+        for c in sweep:
+            entry = {"chunk_size": c, **{k: result.pop(f"chunk{c}_{k}") for k in ("s", "tokens_per_s", "peak_bytes")}}
+            for other in others:
+                entry.update(_ratios({**result, **{f"chunk_{k}": v for k, v in entry.items()}}, "chunk", other))
+            result["chunk_sweep"].append(entry)
         print(json.dumps(result), flush=True)
         del policy, reference, frozen, variants
         if device.type == "cuda":

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from artifacts import check_dph_partition, dph_prompts, read_jsonl, weights
+from artifacts import check_dph_partition, dph_prompts, read_jsonl, staged_run, weights
 from cli_runner import run_cli
 
 from fdivctl.io.checkpoints import load_causal_lm
@@ -56,6 +56,22 @@ def test_staged_and_online_give_the_same_update(task, tmp_path):
     assert any(not torch.equal(a[k], weights(task / "sft")[k]) for k in a)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_chunk_size_changes_memory_not_the_update(task, scored_rollouts, tmp_path):
+    """--chunk-size 5 cuts every head pass (policy loss, full-vocabulary rkl to the reference) into 5-token chunks:
+    the same update as the default single chunk, up to fp32 summation order; 0 is refused."""
+    common = ["--divergence", "rkl", "--div-estimator", "full", "--div-coef", "0.1"]
+    default = staged_run(task, scored_rollouts, tmp_path / "default", *common)
+    chunked = staged_run(task, scored_rollouts, tmp_path / "chunked", *common, "--chunk-size", 5)
+    assert [r["grad_norm"] for r in chunked] == pytest.approx([r["grad_norm"] for r in default], rel=1e-5)
+    assert [r["divergence"] for r in chunked] == pytest.approx([r["divergence"] for r in default], rel=1e-5)
+    a, b, start = weights(tmp_path / "default"), weights(tmp_path / "chunked"), weights(task / "sft")
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    apart = max(float((a[k] - b[k]).abs().max()) for k in a)  # seen: 2.8e-6 (Adam's step on fp32-rounded grads)
+    assert moved > 1e-3 and 0 < apart < 1e-5, (moved, apart)  # 0 would mean no chunking happened
+    done = run_cli("train", task / "sft", tmp_path / "bad", "--rollouts", scored_rollouts, "--chunk-size", 0)
+    assert done.returncode == 2 and "--chunk-size must be ≥ 1, got 0" in done.stderr
 
 
 def test_online_resume_equals_an_uninterrupted_run(task, tmp_path):

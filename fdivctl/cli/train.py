@@ -87,6 +87,9 @@ def command(
     ppo_epochs: int = typer.Option(1, help="Passes over each batch of rollouts."),
     minibatch_size: int = typer.Option(None, help="Responses per optimizer step (default: all of the batch)."),
     micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update)."),
+    chunk_size: int = typer.Option(None, help="Token rows per chunk of the head's [rows, vocab] pass, the policy "
+                                   "loss's largest buffers (memory vs speed; the update is the same; default about "
+                                   "2^26 logits per chunk on CUDA, 2^22 on the CPU)."),
     divergence: str = typer.Option("none", help="Regularizer toward the reference: none or a registry divergence "
                                    "(rkl, fkl, jsd, alpha, hellinger, tv, …; params as jsd:beta=0.3). --algo dph: "
                                    "the D_pef divergence (fkl default, jsd, alpha); fdpo: rkl (DPO), fkl, jsd, "
@@ -237,7 +240,8 @@ def command(
             opts = RLOptions(algo=algo, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, std_norm=std_norm,
                              dynamic_sampling=dynamic_sampling, overlong_penalty=overlong_penalty,
                              entropy_coef=entropy_coef, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
-                             micro_batch_size=micro_batch_size, divergence=divergence, div_coef=div_coef,
+                             micro_batch_size=micro_batch_size, chunk_size=chunk_size, divergence=divergence,
+                             div_coef=div_coef,
                              div_estimator=div_estimator, div_in=div_in, ref_model=ref_model, ref_logits=ref_logits,
                              partition_dir=partition_dir, eta=eta, pef_batch_size=pef_batch_size,
                              teacher=teacher, teacher_logits=teacher_logits, kd_coef=kd_coef, kd_anneal=kd_anneal,

@@ -63,6 +63,8 @@ class PolicyUpdate:
                  replay: Replay | None = None):
         self.model, self.opts = model, opts
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
+        # what every pass through the head gives the engine besides its weight
+        self.head_options = {"bias": getattr(self.head, "bias", None), "chunk_size": opts.chunk_size}
         self.device = self.head.weight.device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.regularizer = opts.regularizer()
@@ -174,7 +176,7 @@ class PolicyUpdate:
         outputs: list[torch.Tensor] = []
 
         def guidance(rows, batch, hidden):
-            out = engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
+            out = engine.token_outputs(hidden, self.head.weight, **self.head_options,
                                        entropy=True, target=self.reference.target(data, rows, batch),
                                        divergence=hellinger, temperature=temperature)
             outputs.append(out.entropy.float().cpu())
@@ -289,7 +291,7 @@ class PolicyUpdate:
         """Per-token regularizer estimate (no grad needed): closed form (``full``) or a sample estimator."""
         if self.opts.div_estimator == "full":
             target = self.reference.target(data, rows, batch)
-            return engine.token_outputs(hidden, self.head.weight, bias=getattr(self.head, "bias", None),
+            return engine.token_outputs(hidden, self.head.weight, **self.head_options,
                                         target=target, divergence=self.regularizer,
                                         temperature=temperature).divergence
         ref = self.reference.token_logprobs(data, rows, batch, temperature)
@@ -381,7 +383,7 @@ class PolicyUpdate:
 
             target_divergence = trace.RoutedKL(route) if routing else rkl if kd_full else \
                 self.regularizer if full else None
-            loss, out = engine.token_loss(hidden, self.head.weight, objective, bias=getattr(self.head, "bias", None),
+            loss, out = engine.token_loss(hidden, self.head.weight, objective, **self.head_options,
                                           token_ids=batch["token"], entropy=True, target=target,
                                           divergence=target_divergence, temperature=temperature)
             loss = scale.task_weight * loss
@@ -435,7 +437,7 @@ class PolicyUpdate:
             pef, _ = engine.token_loss(
                 scored_hidden(self.decoder, batch), self.head.weight,
                 lambda out, r: dph.reference_loss(self.regularizer, out["logprob"], reference[r]).sum() / n,
-                bias=getattr(self.head, "bias", None), token_ids=batch["token"], temperature=samples.temperature)
+                **self.head_options, token_ids=batch["token"], temperature=samples.temperature)
             loss = opts.eta * pef
             return loss, {"pef_loss": float(pef.detach()), "loss": float(loss.detach())}
 

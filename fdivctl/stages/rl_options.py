@@ -49,6 +49,7 @@ class RLOptions:
     ppo_epochs: int = 1
     minibatch_size: int | None = None  # responses per optimizer step; None: all of them
     micro_batch_size: int = 8
+    chunk_size: int | None = None  # token rows per chunk of the head's [rows, V] pass; None: the engine's default
     temperature: float | None = None  # of the log-probs; None: the rollouts' sampling temperature
     divergence: str = "none"
     div_coef: float = 0.04
@@ -103,8 +104,11 @@ class RLOptions:
             raise UserError(f"--loss-agg {self.loss_agg!r}; valid: {', '.join(grpo.LOSS_AGGS)}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise UserError("--clip-low must lie in [0, 1) and --clip-high be ≥ 0")
-        if self.ppo_epochs < 1 or self.micro_batch_size < 1 or (self.minibatch_size is not None and self.minibatch_size < 1):
+        if self.ppo_epochs < 1 or self.micro_batch_size < 1 or \
+                (self.minibatch_size is not None and self.minibatch_size < 1):
             raise UserError("--ppo-epochs, --micro-batch-size and --minibatch-size must be ≥ 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise UserError(f"--chunk-size must be ≥ 1, got {self.chunk_size}")
         if not 0 <= self.overlong_penalty < 1:
             raise UserError("--overlong-penalty is the penalty zone as a share of the maximum length, in [0, 1)")
         if self.div_estimator not in ESTIMATORS:

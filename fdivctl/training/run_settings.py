@@ -29,7 +29,7 @@ from fdivctl.training.checkpoint import has_state, saved_state
 MAY_CHANGE = frozenset({
     "max_steps", "epochs", "iterations", "save_every", "eval_every", "eval_data", "eval_logits", "log_jsonl",
     "resume", "device", "dist_backend", "grad_checkpointing", "micro_batch_size", "score_workers", "score_timeout",
-    "backend", "run_settings",
+    "backend", "chunk_size", "run_settings",
 })
 
 
