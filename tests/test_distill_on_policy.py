@@ -227,9 +227,14 @@ def test_eval_every_logs_a_held_out_loss(tmp_path, student, tiny_teacher, prompt
     (["--on-policy", "--prompts", "{prompts}", "--depth-curriculum"], "offline only"),
     (["--on-policy", "--prompts", "{prompts}", "--eval-every", "1"], "--eval-data"),
     (["--on-policy", "--prompts", "{prompts}", "--loss", "fkl", "--sinkhorn-eps", "0.1"], "--loss sinkhorn"),
+    (["--on-policy", "--prompts", "{repeated}", "--loss", "fkl"], "is in rows 0 and 1: every prompt needs its own id"),
 ])
 def test_bad_on_policy_input(tmp_path, student, tiny_teacher, prompts, extra, message):
-    args = [a.format(prompts=prompts, teacher=tiny_teacher) for a in extra]
+    table = pq.read_table(prompts)
+    repeated = tmp_path / "repeated.parquet"
+    pq.write_table(table.set_column(table.column_names.index("prompt_id"), "prompt_id",
+                                    pa.array(["same"] * table.num_rows, pa.string())), repeated)
+    args = [a.format(prompts=prompts, teacher=tiny_teacher, repeated=repeated) for a in extra]
     done = run_cli("distill", student, tmp_path / "out", "--teacher", tiny_teacher, *args, "--device", "cpu")
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()

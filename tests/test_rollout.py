@@ -141,6 +141,7 @@ def test_greedy_and_stop_strings(tmp_path, tiny_teacher, prompts):
         (pa.table({"prompt_id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), "the table is empty"),
         (pa.table({"prompt_id": ["a"], "prompt": ["x"], "completion": ["y"]}), "would be overwritten"),
         (pa.table({"prompt_id": ["a", None], "prompt": ["x", "y"]}), "column 'prompt_id' is null in row 1"),
+        (pa.table({"prompt_id": [7, 8, 7], "prompt": ["x", "y", "z"]}), "prompt_id '7' is in rows 0 and 2"),
         # met while sampling (the model is loaded by then): no interrupted run is left behind either
         (pa.table({"prompt_id": ["a", "b"], "prompt": ["x", None]}), "prompt_id 'b': the prompt is null"),
     ],

@@ -217,14 +217,16 @@ def test_a_missing_or_unreadable_rollouts_file_is_one_line(task, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_online_prompts_with_a_null_id_are_refused(task, tmp_path):
+def test_online_prompts_with_a_null_or_repeated_id_are_refused(task, tmp_path):
     prompts = pq.read_table(task / "data" / "prompts.parquet")
-    ids = [None] + prompts.column("prompt_id").to_pylist()[1:]
-    pq.write_table(prompts.set_column(0, "prompt_id", pa.array(ids, pa.string())), tmp_path / "p.parquet")
-    done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", tmp_path / "p.parquet", *VERIFIER, *SAMPLING,
-                   "--device", "cpu")
-    assert done.returncode == 2 and "column 'prompt_id' is null in row 0" in done.stderr
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    ids = prompts.column("prompt_id").to_pylist()
+    for name, bad_ids, message in (("null", [None] + ids[1:], "column 'prompt_id' is null in row 0"),
+                                   ("repeated", ids[:2] + ids[:1] + ids[3:], f"prompt_id {ids[0]!r} is in rows 0 and 2")):
+        pq.write_table(prompts.set_column(0, "prompt_id", pa.array(bad_ids, pa.string())), tmp_path / f"{name}.parquet")
+        done = run_cli("train", task / "sft", tmp_path / "o", "--prompts", tmp_path / f"{name}.parquet", *VERIFIER,
+                       *SAMPLING, "--device", "cpu")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
 def test_a_verifier_error_scores_zero_and_the_run_goes_on(task, tmp_path):

@@ -100,6 +100,19 @@ def require_no_nulls(path: str | Path, name: str, column: pa.ChunkedArray) -> No
         raise UserError(f"{path}: column {name!r} is null in row {row}")
 
 
+def require_prompt_ids(path: str | Path, column: pa.ChunkedArray) -> None:
+    """One UserError for a null or a repeated ``prompt_id`` in a prompts table, naming the rows: samples are
+    keyed and grouped by it (a repeated id would put two prompts' samples in one GRPO group)."""
+    require_no_nulls(path, "prompt_id", column)
+    first_row: dict[str, int] = {}
+    for row, value in enumerate(column.to_pylist()):
+        key = str(value)
+        if key in first_row:
+            raise UserError(f"{path}: prompt_id {key!r} is in rows {first_row[key]} and {row}: every prompt needs "
+                            "its own id")
+        first_row[key] = row
+
+
 def is_int_list(field_type: pa.DataType) -> bool:
     return (pa.types.is_list(field_type) or pa.types.is_large_list(field_type)) and pa.types.is_integer(
         field_type.value_type

@@ -41,7 +41,7 @@ from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, int_list_column, load_sequences
-from fdivctl.io.tables import read_table, require_columns, require_no_nulls
+from fdivctl.io.tables import read_table, require_columns, require_no_nulls, require_prompt_ids
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
 from fdivctl.objectives.pld import PlackettLuce
@@ -297,6 +297,7 @@ def prepare_distill(
         check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
     if opts.on_policy is not None:
         require_columns(table, data, ["prompt_id"], " (on-policy distillation reads a prompts table)")
+        require_prompt_ids(data, table.column("prompt_id"))
         prompt_rows = table.to_pylist()
         encoded = [encode_prompt(tokenizer, row, opts.on_policy.chat)[1] for row in prompt_rows]
         prompt_ids = [str(row["prompt_id"]) for row in prompt_rows]

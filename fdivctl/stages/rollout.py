@@ -27,7 +27,7 @@ from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
 from fdivctl.io.atomic import atomic_path, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import model_hash, tokenizer_hash
-from fdivctl.io.tables import open_parquet, provenance, read_table, require_no_nulls, write_tables
+from fdivctl.io.tables import open_parquet, provenance, read_table, require_prompt_ids, write_tables
 
 BACKENDS = ("auto", "hf", "vllm")
 GENERATED = {
@@ -84,7 +84,7 @@ def _check_prompts(path: Path) -> pq.ParquetFile:
         raise UserError(f"{path}: needs columns prompt_id and prompt (or messages); it has {', '.join(names)}")
     if file.metadata.num_rows == 0:
         raise UserError(f"{path}: the table is empty")
-    require_no_nulls(path, "prompt_id", file.read(columns=["prompt_id"]).column(0))
+    require_prompt_ids(path, file.read(columns=["prompt_id"]).column(0))
     clash = [c for c in GENERATED if c not in ("prompt_id", "prompt") and c in names]
     if clash:
         raise UserError(f"{path}: column {clash[0]!r} would be overwritten by rollout's output")

@@ -43,7 +43,7 @@ from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, int_list_column, list_column, load_sequences, sequences_from_table
-from fdivctl.io.tables import provenance, read_table, require_columns, require_no_nulls, write_table
+from fdivctl.io.tables import provenance, read_table, require_columns, require_prompt_ids, write_table
 from fdivctl.objectives import trace
 from fdivctl.rewards.pool import failures
 from fdivctl.rewards.verifiers import Verifier
@@ -338,7 +338,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=True)
     prompt_table = read_table(prompts)
     require_columns(prompt_table, prompts, ["prompt_id"])
-    require_no_nulls(prompts, "prompt_id", prompt_table.column("prompt_id"))  # rows of the file, before D_pef goes
+    require_prompt_ids(prompts, prompt_table.column("prompt_id"))  # rows of the file, before D_pef goes
     prompt_table = _exp_only(prompt_table, record)
     if prompt_table.num_rows == 0:
         raise UserError(f"{prompts}: no prompts to train on" + (" (all are in D_pef)" if record else ""))
