@@ -86,6 +86,14 @@ def test_forgetting_and_newly_solved_on_constructed_runs(tmp_path):
     assert figures["forgetting@1"] == 0.0 and figures["newly_solved@1"] == 0.0
     assert figures["pass@1"] == pytest.approx((1 + 0 + 0.25 + 0) / 4)
     assert figures["distinct_correct"] == pytest.approx((8 + 0 + 2 + 0) / 4)
+    # a run that shares no prompt with the base: undefined, not 0
+    other = tmp_path / "other.parquet"
+    table = pq.read_table(_scored(other, [8, 0]))
+    pq.write_table(table.set_column(0, "prompt_id", pa.array(["z0"] * 8 + ["z1"] * 8)), other)
+    done = run_cli("eval", tmp_path / "out2", "--run", f"base={base}", "--run", f"other={other}", "--base", "base")
+    assert done.returncode == 0 and "run other shares no prompt_id with --base base" in done.stderr
+    figures = json.loads((tmp_path / "out2" / "metrics.json").read_text())["runs"]["other"]["all"]
+    assert figures["shared_prompts"] == 0 and figures["forgetting@8"] is None and figures["newly_solved@8"] is None
 
 
 def test_report_files_plots_and_table_agree(tmp_path):

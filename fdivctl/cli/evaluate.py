@@ -95,6 +95,10 @@ def command(
     opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,
                        answers=answers, seed=seed)
     report = run_eval(runs, out, opts)
+    for name, figures in report["runs"].items():
+        if figures["all"].get("shared_prompts") == 0:
+            typer.echo(f"fdivctl: warning: run {name} shares no prompt_id with --base {base}: forgetting and newly "
+                       "solved are undefined (–)", err=True)
     Console(width=200).print(metrics_table(report))
     typer.echo(f"wrote {out / 'metrics.json'}")
 

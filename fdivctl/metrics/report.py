@@ -76,6 +76,8 @@ def versus_base(run: list[PromptSamples], base: list[PromptSamples], ks: list[in
 
     forgetting@k = share of the prompts the base solves at k that the run does not;
     newly_solved@k = share of the prompts the base does not solve that the run does.
+    Either is None (undefined, not 0) when the base solves all or none of the shared prompts at k, or when the
+    runs share no prompt.
     """
     base_by_id = {p.prompt_id: p for p in base}
     shared = [(p, base_by_id[p.prompt_id]) for p in run if p.prompt_id in base_by_id]
@@ -84,9 +86,9 @@ def versus_base(run: list[PromptSamples], base: list[PromptSamples], ks: list[in
         base_solved = [r for r, b in shared if solved(b.pass_k[k])]
         base_unsolved = [r for r, b in shared if not solved(b.pass_k[k])]
         figures[f"forgetting@{k}"] = (
-            sum(not solved(r.pass_k[k]) for r in base_solved) / len(base_solved) if base_solved else 0.0
+            sum(not solved(r.pass_k[k]) for r in base_solved) / len(base_solved) if base_solved else None
         )
         figures[f"newly_solved@{k}"] = (
-            sum(solved(r.pass_k[k]) for r in base_unsolved) / len(base_unsolved) if base_unsolved else 0.0
+            sum(solved(r.pass_k[k]) for r in base_unsolved) / len(base_unsolved) if base_unsolved else None
         )
     return figures
