@@ -13,6 +13,7 @@ from rich.console import Console
 
 from cli_runner import run_cli
 from fdivctl.cli.evaluate import metrics_table
+from fdivctl.metrics.best_of_n import best_of_n_kl_bound, best_of_n_reward
 from fdivctl.metrics.calibration import expected_calibration_error
 from fdivctl.metrics.diversity import distinct_correct, distinct_n
 from fdivctl.metrics.passk import majority_correct, pass_at_k
@@ -39,6 +40,63 @@ def test_pass_at_k_matches_a_monte_carlo_estimate():
 def test_pass_at_k_rejects_k_above_n():
     with pytest.raises(ValueError, match="1 ≤ k ≤ n"):
         pass_at_k(4, 1, 8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_of_n_reward_is_the_mean_max_over_every_subset(seed):
+    from itertools import combinations
+
+    rng = random.Random(seed)
+    rewards = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(7)]  # ties included
+    for n_best in range(1, 8):
+        subsets = list(combinations(rewards, n_best))
+        assert best_of_n_reward(rewards, n_best) == pytest.approx(sum(map(max, subsets)) / len(subsets), rel=1e-12)
+    binary = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert best_of_n_reward(binary, 3) == pytest.approx(pass_at_k(8, 2, 3), rel=1e-12)
+    assert best_of_n_kl_bound(1) == 0.0 and best_of_n_kl_bound(2) == pytest.approx(0.6931471805599453 - 0.5)
+    with pytest.raises(ValueError, match="1 ≤ N ≤ n"):
+        best_of_n_reward(binary, 9)
+
+
+def test_kl_to_a_model_from_the_runs_own_samples(tmp_path, tiny_teacher):
+    """KL(run ‖ model) from recorded log-probs: 0 (to float error) for the model's own samples, > 0 for another
+    model's; with --base the best-of-N frontier and reward_kl.png; truncated sampling and token-less tables
+    are refused."""
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b", "c"], "prompt": ["Compute 1 + 2.", "Compute 3 * 4.", "1+1="],
+                             "answer": ["3", "12", "2"]}), prompts)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharp = tmp_path / "sharp"  # the teacher with a 10× head: peaked distributions, far from the teacher's
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10)
+    model.save_pretrained(sharp)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(sharp)
+    runs = {}
+    for name, model, extra in (("self", tiny_teacher, []), ("other", sharp, []),
+                               ("nucleus", tiny_teacher, ["--top-p", "0.9"])):
+        rollouts, scored = tmp_path / f"{name}.parquet", tmp_path / f"{name}.scored.parquet"
+        run_cli("rollout", model, prompts, rollouts, "--n", 4, "--max-new-tokens", 6, "--temperature", 1.3,
+                "--device", "cpu", *extra, check=True)
+        run_cli("score", rollouts, scored, check=True)
+        runs[name] = scored
+    done = run_cli("eval", tmp_path / "out", "--run", f"self={runs['self']}", "--run", f"other={runs['other']}",
+                   "--base", "self", "--kl-model", tiny_teacher, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    own, other = report["runs"]["self"]["all"], report["runs"]["other"]["all"]
+    assert abs(own["kl"]) < 1e-4 and own["kl_samples"] == 12
+    assert other["kl"] > 1.0 and other["kl"] > 3 * other["kl_stderr"]
+    assert report["best_of_n_kl_bound"]["4"] == pytest.approx(best_of_n_kl_bound(4))
+    assert own["best_of_1_reward"] == pytest.approx(own["mean_reward"])
+    assert (tmp_path / "out" / "reward_kl.png").read_bytes()[:4] == b"\x89PNG"
+    for spec, message in ((f"nucleus={runs['nucleus']}", "sampled with top-p 0.9"),
+                          (f"plain={_scored(tmp_path / 'plain.parquet', [1, 2])}", "missing columns")):
+        done = run_cli("eval", tmp_path / "bad", "--run", spec, "--kl-model", tiny_teacher, "--device", "cpu")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "bad" / "metrics.json").exists()
 
 
 def test_majority_vote():

@@ -15,7 +15,7 @@ from fdivctl.stages.evaluate import EvalOptions, run_eval
 from fdivctl.stages.rollout import RolloutOptions, run_rollout
 from fdivctl.stages.score import score_table
 
-TABLE_FIGURES = ("mean_reward", "greedy_pass@1", "distinct_correct", "distinct_4", "mean_length", "ece")
+TABLE_FIGURES = ("mean_reward", "greedy_pass@1", "distinct_correct", "distinct_4", "mean_length", "ece", "kl")
 
 
 def _parse_runs(specs: list[str]) -> dict[str, Path]:
@@ -77,7 +77,12 @@ def command(
     n: int = typer.Option(8, "--n", help="Samples per prompt for --model."),
     temperature: float = typer.Option(1.0, help="Sampling temperature for --model."),
     max_new_tokens: int = typer.Option(256, help="Longest completion for --model."),
-    device: str = typer.Option("auto", help="Device for --model."),
+    kl_model: Path = typer.Option(None, help="Measure each run's KL(run ‖ this model) in nats per sequence from the "
+                                  "run's own samples (their recorded log-probs against this model's, at the "
+                                  "sampling temperature; rollouts from `fdivctl rollout` without top-p/top-k): "
+                                  "usually the policy the --base run sampled. Adds kl, kl_stderr and "
+                                  "reward_kl.png, with --base's best-of-N frontier."),
+    device: str = typer.Option("auto", help="Device for --model and --kl-model."),
 ) -> None:
     """Evaluate scored runs: pass@k (unbiased), maj@k, diversity, calibration, forgetting, with plots."""
     runs = _parse_runs(run or [])
@@ -93,7 +98,7 @@ def command(
         score_table(rollouts, scored, spec)
         runs[name] = scored
     opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,
-                       answers=answers, seed=seed)
+                       answers=answers, seed=seed, kl_model=kl_model, device=device)
     report = run_eval(runs, out, opts)
     for name, figures in report["runs"].items():
         if figures["all"].get("shared_prompts") == 0:

@@ -44,6 +44,27 @@ def passk_curves(metrics: dict, ks: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def reward_kl(runs: dict[str, dict], base: str | None, best_of_n: list[tuple[float, float]] | None,
+              path: Path) -> None:
+    """Mean reward against KL to the --kl-model (nats per sequence, ± one standard error) for every run, and the
+    best-of-N frontier of ``base`` at the KL bound log N − (N − 1)/N (metrics/best_of_n.py)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if best_of_n:
+        xs, ys = zip(*best_of_n)
+        ax.plot(xs, ys, color="grey", marker="s", linestyle="--", label=f"best-of-N of {base}")
+    for run, figures in runs.items():
+        ax.errorbar([figures["kl"]], [figures["mean_reward"]], xerr=[figures.get("kl_stderr") or 0.0], marker="o",
+                    capsize=3, label=run)
+    ax.set_xscale("symlog", linthresh=0.1)  # runs near the model and far from it on one axis; estimates may be < 0
+    ax.set_xlabel("KL(run ‖ kl-model), nats per sequence")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
 def solve_rate_scatter(run: str, base: str, pairs: dict[str, list[tuple[float, float]]], path: Path) -> None:
     """Per-prompt solve rate (c/n) of ``run`` against ``base``, per domain."""
     groups = list(pairs)

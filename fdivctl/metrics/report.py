@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fdivctl.metrics.best_of_n import best_of_n_reward
 from fdivctl.metrics.calibration import expected_calibration_error
 from fdivctl.metrics.diversity import distinct_correct, distinct_n
 from fdivctl.metrics.passk import majority_correct, pass_at_k, solved
@@ -55,6 +56,7 @@ def aggregate(prompts: list[PromptSamples], ks: list[int], bootstrap: int = 0, s
             means = values[rng.integers(0, len(values), size=(bootstrap, len(values)))].mean(axis=1)
             figures[f"pass@{k}_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
         figures[f"maj@{k}"] = float(np.mean([p.maj_k[k] for p in prompts]))
+        figures[f"best_of_{k}_reward"] = float(np.mean([best_of_n_reward(p.rewards, k) for p in prompts]))
     figures["mean_reward"] = float(np.mean([r for p in prompts for r in p.rewards]))
     figures["distinct_correct"] = float(np.mean([distinct_correct(p.answers, p.correct) for p in prompts]))
     sequences = [t for p in prompts for t in p.tokens]

@@ -1,11 +1,14 @@
-"""``eval``: pass@k, maj@k, diversity, calibration and forgetting of scored runs, with plots.
+"""``eval``: pass@k, maj@k, best-of-N, diversity, calibration, forgetting and KL of scored runs, with plots.
 
 Inputs are scored Parquet files (``prompt_id``, ``correct``; optional
 ``sample_idx``, ``reward``, ``completion``, ``completion_token_ids``,
 ``greedy`` (bool: that row is the greedy sample, reported as greedy pass@1 and
 left out of pass@k), ``confidence`` (for ECE) and a domain column).  Answers
 for maj@k and distinct-correct counts are normalized like the ``math``
-verifier (``answers="math"``) or as stripped text (``"text"``).
+verifier (``answers="math"``) or as stripped text (``"text"``).  With
+``kl_model`` each run's KL to that model is estimated from its samples
+(:mod:`fdivctl.stages.sample_kl`) and plotted against its mean reward beside
+the base run's best-of-N frontier (:mod:`fdivctl.metrics.best_of_n`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ import pyarrow as pa
 
 from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, write_json
+from fdivctl.io.checkpoints import load_tokenizer
+from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.tables import read_table, require_columns, write_table
 from fdivctl.metrics import plots
+from fdivctl.metrics.best_of_n import best_of_n_kl_bound
 from fdivctl.metrics.diversity import distinct_correct
 from fdivctl.metrics.report import PromptSamples, aggregate, score_prompts, versus_base
 from fdivctl.rewards.math_answer import extract_answer, normalize
+from fdivctl.stages.sample_kl import sequence_kl
+from fdivctl.stages.signals import FrozenModel
 
 ANSWER_MODES = ("math", "text")
 
@@ -35,6 +43,8 @@ class EvalOptions:
     domain_column: str | None = None
     answers: str = "math"
     seed: int = 0
+    kl_model: Path | None = None  # each run's KL to this model, from its samples (stages/sample_kl.py)
+    device: str = "auto"
 
 
 def _answer(completion: str | None, mode: str) -> str | None:
@@ -119,6 +129,7 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
     _check_ks(loaded, runs, opts.ks)
     for prompts in loaded.values():
         score_prompts(prompts, opts.ks)
+    kls = _kls(runs, opts) if opts.kl_model is not None else {}
     metrics: dict[str, dict] = {}
     for name, prompts in loaded.items():
         figures = {"all": aggregate(prompts, opts.ks, opts.bootstrap, opts.seed)}
@@ -130,14 +141,25 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
             figures["all"].update(versus_base(prompts, loaded[opts.base], opts.ks))
             for d, ps in _by_domain(prompts).items() if opts.domain_column else ():
                 figures["domains"][d].update(versus_base(ps, loaded[opts.base], opts.ks))
+        figures["all"].update(kls.get(name, {}))
         metrics[name] = figures
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_per_prompt(loaded, out_dir / "per_prompt.parquet", opts)
     _write_plots(loaded, metrics, out_dir, opts)
     report = {"k": opts.ks, "base": opts.base, "runs": metrics,
+              "best_of_n_kl_bound": {str(k): best_of_n_kl_bound(k) for k in opts.ks},
+              "kl_model": None if opts.kl_model is None else str(opts.kl_model),
               "inputs": {name: str(path) for name, path in runs.items()}}
     write_json(out_dir / "metrics.json", report)
     return report
+
+
+def _kls(runs: dict[str, Path], opts: EvalOptions) -> dict[str, dict]:
+    """Every run's KL to ``opts.kl_model`` (one model load for all runs)."""
+    tokenizer = load_tokenizer(opts.kl_model, "--kl-model")
+    model = FrozenModel.load(opts.kl_model, "--kl-model", "auto", opts.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {name: sequence_kl(path, model, tokenizer_hash(tokenizer), pad_id) for name, path in runs.items()}
 
 
 def _write_per_prompt(loaded: dict[str, list[PromptSamples]], path: Path, opts: EvalOptions) -> None:
@@ -165,6 +187,11 @@ def _write_plots(loaded, metrics, out_dir: Path, opts: EvalOptions) -> None:
         for run, prompts in loaded.items()
     }
     save(plots.distinct_correct_histogram, "distinct_correct.png", counts)
+    if opts.kl_model is not None:
+        best_of_n = None if opts.base is None else [
+            (best_of_n_kl_bound(k), metrics[opts.base]["all"][f"best_of_{k}_reward"]) for k in opts.ks]
+        save(plots.reward_kl, "reward_kl.png", {run: figures["all"] for run, figures in metrics.items()},
+             opts.base, best_of_n)
     if opts.base:
         base_rate = {p.prompt_id: p.c / p.n for p in loaded[opts.base]}
         for run, prompts in loaded.items():

@@ -1,0 +1,74 @@
+"""KL(run ‖ model) per sequence, estimated from a run's own samples (``eval --kl-model``).
+
+A rollout file records, for every sampled token, its log-prob under the
+policy that sampled it at the sampling temperature T
+(``completion_logprobs``).  Scoring the same tokens with ``model`` at T gives
+log p(y_t), and
+
+    KL(π_T ‖ p_T) = E_{y ~ π_T} Σ_t [log π_T(y_t | y_<t) − log p_T(y_t | y_<t)]
+
+is estimated by the mean over the samples of that sum (the k1 estimator at the
+sequence level, unbiased), with its standard error.  Samples drawn with
+top-p or top-k truncation come from another distribution than π_T, so such
+runs are refused; greedy runs have no distribution to compare.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from fdivctl.errors import UserError
+from fdivctl.io.sequences import list_column, sequences_from_table
+from fdivctl.io.tables import provenance, read_table, require_columns
+from fdivctl.stages.signals import FrozenModel
+
+BATCH_ROWS = 16
+
+
+def sampling_temperature(path: Path) -> float:
+    """The run's sampling temperature from its provenance (1 without a record); refuses truncated sampling."""
+    sampling = provenance(path).get("sampling") or {}
+    temperature = float(sampling.get("temperature", 1.0))
+    if not temperature > 0:
+        raise UserError(f"{path}: sampled greedily (temperature 0): there is no distribution to measure a KL of")
+    if sampling.get("top_p", 1.0) < 1 or sampling.get("top_k", 0) > 0:
+        raise UserError(f"{path}: sampled with top-p {sampling.get('top_p')} / top-k {sampling.get('top_k')}: its "
+                        "recorded log-probs are not of the distribution it sampled, so its KL is not measured")
+    return temperature
+
+
+@torch.no_grad()
+def sequence_kl(path: Path, model: FrozenModel, tokenizer_hash: str, pad_id: int,
+                allow_tokenizer_mismatch: bool = False) -> dict[str, float]:
+    """``{"kl": mean, "kl_stderr": standard error (None for one sample), "kl_samples": n}`` of KL(run ‖ model) in
+    nats per sequence."""
+    table = read_table(path)
+    require_columns(table, path, ["prompt_token_ids", "completion_token_ids", "completion_logprobs"],
+                    " (--kl-model reads the token ids and log-probs that `fdivctl rollout` records)")
+    if "greedy" in table.column_names:
+        table = table.filter(pc.invert(pc.fill_null(table.column("greedy"), False)))
+    temperature = sampling_temperature(path)
+    seqs = sequences_from_table(table, path)
+    seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
+    seqs.check_tokenizer(path, tokenizer_hash, "--kl-model", allow_tokenizer_mismatch)
+    sampled = list_column(table, "completion_logprobs", path, np.float64)
+    for row, (logprobs, tokens) in enumerate(zip(sampled, seqs.completion_tokens)):
+        if len(logprobs) != len(tokens):
+            raise UserError(f"{path}: row {row} has {len(tokens)} completion tokens but {len(logprobs)} log-probs")
+    device = model.weight.device
+    gaps = []
+    for start in range(0, len(seqs), BATCH_ROWS):
+        rows = list(range(start, min(start + BATCH_ROWS, len(seqs))))
+        batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
+        logp = model.token_logprobs(model.hidden(batch), batch["token"], temperature).double()
+        per_row = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, batch["batch_index"], logp)
+        gaps += [float(sampled[r].sum()) - float(per_row[i]) for i, r in enumerate(rows)]
+    n = len(gaps)
+    mean = float(np.mean(gaps))
+    stderr = float(np.std(gaps, ddof=1) / math.sqrt(n)) if n > 1 else None
+    return {"kl": mean, "kl_stderr": stderr, "kl_samples": n}
