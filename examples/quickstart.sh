@@ -88,8 +88,8 @@ fdivctl rollout "$OUT"/student-jsd "$OUT"/data/eval_prompts.parquet "$OUT"/sampl
 # score student-jsd
 fdivctl score "$OUT"/samples/student-jsd.parquet "$OUT"/samples/student-jsd.scored.parquet --verifier python:fdivctl.demo.task:verify
 
-# pass@k, distinct correct answers and forgetting, in and out of domain, against the initial policy
-fdivctl eval "$OUT" --run 'random=$OUT/samples/random.scored.parquet' --run 'sft=$OUT/samples/sft.scored.parquet' --run 'grpo=$OUT/samples/grpo.scored.parquet' --run 'grpo-rkl=$OUT/samples/grpo-rkl.scored.parquet' --run 'dph-jsd=$OUT/samples/dph-jsd.scored.parquet' --run 'student-fkl=$OUT/samples/student-fkl.scored.parquet' --run 'student-rkl=$OUT/samples/student-rkl.scored.parquet' --run 'student-jsd=$OUT/samples/student-jsd.scored.parquet' --base sft --domain-column domain --answers text --k 1,2,4,8,16
+# pass@k, distinct correct answers and forgetting, in and out of domain, against the initial policy; each run's KL to it and the reward-KL plot
+fdivctl eval "$OUT" --run random="$OUT"/samples/random.scored.parquet --run sft="$OUT"/samples/sft.scored.parquet --run grpo="$OUT"/samples/grpo.scored.parquet --run grpo-rkl="$OUT"/samples/grpo-rkl.scored.parquet --run dph-jsd="$OUT"/samples/dph-jsd.scored.parquet --run student-fkl="$OUT"/samples/student-fkl.scored.parquet --run student-rkl="$OUT"/samples/student-rkl.scored.parquet --run student-jsd="$OUT"/samples/student-jsd.scored.parquet --base sft --domain-column domain --answers text --k 1,2,4,8,16 --kl-model "$OUT"/sft
 
 # REPORT.md: the measured table
 fdivctl demo report "$OUT"

@@ -16,6 +16,20 @@ def test_quickstart_script_is_the_pipeline():
     assert (ROOT / "examples" / "quickstart.sh").read_text() == pipeline.script(quick=False)
 
 
+def test_the_script_passes_the_pipelines_arguments_with_out_expanded():
+    """What bash hands fdivctl for each line of the script is exactly the pipeline's arguments with $OUT set (a
+    quoted 'name=$OUT/…' reached fdivctl as a literal $OUT)."""
+    import subprocess
+
+    commands = [line.removeprefix("fdivctl ") for line in pipeline.script(quick=True).splitlines()
+                if line.startswith("fdivctl ")]
+    expected = [[a.replace("$OUT", "/runs/q") for a in args] for _, args in pipeline.steps("$OUT", quick=True)]
+    for words, args in zip(commands, expected, strict=True):
+        done = subprocess.run(["bash", "-c", f'OUT=/runs/q; printf "%s\\0" {words}'], capture_output=True,
+                              text=True, check=True)
+        assert done.stdout.split("\0")[:-1] == args
+
+
 def test_quick_demo_runs_every_stage(tmp_path):
     out = tmp_path / "qs"
     done = run_cli("demo", "run", out, "--quick")
@@ -23,7 +37,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     for name in (*pipeline.EVALUATED, *pipeline.STUDENTS):
         assert (out / name / "config.json").exists(), name
         assert (out / "samples" / f"{name}.scored.parquet").exists(), name
-    for name in ("metrics.json", "REPORT.md", "passk.png", "distinct_correct.png", "per_prompt.parquet",
+    for name in ("metrics.json", "REPORT.md", "passk.png", "distinct_correct.png", "reward_kl.png", "per_prompt.parquet",
                  "teacher-logits/manifest.json", "dph-partition/partition.json", "grpo.jsonl"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -34,6 +48,8 @@ def test_quick_demo_runs_every_stage(tmp_path):
             assert curve == sorted(curve), (run, curve)
     assert set(metrics["runs"]["sft"]["domains"]) == {"in", "out"}
     assert metrics["runs"]["sft"]["all"]["mean_reward"] > metrics["runs"]["random"]["all"]["mean_reward"]
+    assert abs(metrics["runs"]["sft"]["all"]["kl"]) < 1e-3  # the initial policy's own samples
+    assert metrics["runs"]["random"]["all"]["kl"] > metrics["runs"]["grpo"]["all"]["kl"]
     report = (out / "REPORT.md").read_text()
     assert all(f"| {name} | in |" in report for name in pipeline.EVALUATED)
 

@@ -73,9 +73,10 @@ def steps(out: str, quick: bool) -> list[tuple[str, list[str]]]:
         run.append((f"score {name}", ["score", f"{out}/samples/{name}.parquet",
                                       f"{out}/samples/{name}.scored.parquet", "--verifier", VERIFIER]))
     runs = [arg for name in (*EVALUATED, *STUDENTS) for arg in ("--run", f"{name}={out}/samples/{name}.scored.parquet")]
-    run.append(("pass@k, distinct correct answers and forgetting, in and out of domain, against the initial policy",
+    run.append(("pass@k, distinct correct answers and forgetting, in and out of domain, against the initial policy; "
+                 "each run's KL to it and the reward-KL plot",
                 ["eval", out, *runs, "--base", "sft", "--domain-column", "domain", "--answers", "text", "--k",
-                 b["ks"]]))
+                 b["ks"], "--kl-model", f"{out}/sft"]))
     run.append(("REPORT.md: the measured table", ["demo", "report", out]))
     return run
 
@@ -92,9 +93,13 @@ def script(quick: bool) -> str:
         "",
     ]
     for what, args in steps("$OUT", quick):
-        quoted = " ".join('"$OUT"' + a[4:] if a.startswith("$OUT") else shlex.quote(a) for a in args)
-        lines += [f"# {what}", f"fdivctl {quoted}", ""]
+        lines += [f"# {what}", "fdivctl " + " ".join(map(_shell_word, args)), ""]
     return "\n".join(lines)
+
+
+def _shell_word(arg: str) -> str:
+    """``arg`` quoted for the shell with every ``$OUT`` in it expanded: the rest quoted, ``"$OUT"`` between."""
+    return '"$OUT"'.join(shlex.quote(part) if part else "" for part in arg.split("$OUT"))
 
 
 def write_data(directory: Path, sft_per_prompt: int, seed: int) -> dict:
@@ -118,7 +123,8 @@ def write_report(out: Path) -> Path:
     """REPORT.md from ``out/metrics.json`` (written by ``fdivctl eval``)."""
     metrics = json.loads((out / "metrics.json").read_text())
     ks = metrics["k"]
-    header = ["run", "domain", *[f"pass@{k}" for k in ks], "distinct correct", f"forgetting@{ks[-1]}"]
+    header = ["run", "domain", *[f"pass@{k}" for k in ks], "distinct correct", f"forgetting@{ks[-1]}",
+              "KL to sft"]
     lines = [
         "# fdivctl quickstart report",
         "",
@@ -127,7 +133,9 @@ def write_report(out: Path) -> Path:
         f"{metrics['runs']['sft']['all']['samples'] // max(1, metrics['runs']['sft']['all']['prompts'])} times "
         "per prompt at temperature 1; pass@k is the unbiased estimator; distinct correct = mean number of "
         "different correct answers per prompt; forgetting = share of the prompts the initial policy (`sft`) solves "
-        "at the largest k that the run no longer solves.",
+        "at the largest k that the run no longer solves; KL to sft = KL(run ‖ sft) in nats per sequence, estimated "
+        "from the run's samples (`reward_kl.png` plots it against the mean reward, beside sft's "
+        "best-of-N).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -137,8 +145,9 @@ def write_report(out: Path) -> Path:
             cells = [run, domain, *[f"{values[f'pass@{k}']:.3f}" for k in ks], f"{values['distinct_correct']:.2f}"]
             forgetting = values.get(f"forgetting@{ks[-1]}")
             cells.append("–" if forgetting is None or run == "sft" else f"{forgetting:.3f}")
+            cells.append(f"{values['kl']:.2f}" if "kl" in values else "–")
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Plots: `passk.png`, `distinct_correct.png`. Numbers: `metrics.json`.", ""]
+    lines += ["", "Plots: `passk.png`, `distinct_correct.png`, `reward_kl.png`. Numbers: `metrics.json`.", ""]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines))
     return path

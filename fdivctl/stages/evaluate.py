@@ -29,7 +29,7 @@ from fdivctl.metrics.best_of_n import best_of_n_kl_bound
 from fdivctl.metrics.diversity import distinct_correct
 from fdivctl.metrics.report import PromptSamples, aggregate, score_prompts, versus_base
 from fdivctl.rewards.math_answer import extract_answer, normalize
-from fdivctl.stages.sample_kl import sequence_kl
+from fdivctl.stages.sample_kl import kl_figures, sequence_log_ratios
 from fdivctl.stages.signals import FrozenModel
 
 ANSWER_MODES = ("math", "text")
@@ -129,7 +129,7 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
     _check_ks(loaded, runs, opts.ks)
     for prompts in loaded.values():
         score_prompts(prompts, opts.ks)
-    kls = _kls(runs, opts) if opts.kl_model is not None else {}
+    ratios = _log_ratios(runs, opts) if opts.kl_model is not None else {}
     metrics: dict[str, dict] = {}
     for name, prompts in loaded.items():
         figures = {"all": aggregate(prompts, opts.ks, opts.bootstrap, opts.seed)}
@@ -141,7 +141,10 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
             figures["all"].update(versus_base(prompts, loaded[opts.base], opts.ks))
             for d, ps in _by_domain(prompts).items() if opts.domain_column else ():
                 figures["domains"][d].update(versus_base(ps, loaded[opts.base], opts.ks))
-        figures["all"].update(kls.get(name, {}))
+        if name in ratios:
+            figures["all"].update(kl_figures([g for p in prompts for g in ratios[name][p.prompt_id]]))
+            for d, ps in _by_domain(prompts).items() if opts.domain_column else ():
+                figures["domains"][d].update(kl_figures([g for p in ps for g in ratios[name][p.prompt_id]]))
         metrics[name] = figures
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_per_prompt(loaded, out_dir / "per_prompt.parquet", opts)
@@ -154,12 +157,12 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
     return report
 
 
-def _kls(runs: dict[str, Path], opts: EvalOptions) -> dict[str, dict]:
-    """Every run's KL to ``opts.kl_model`` (one model load for all runs)."""
+def _log_ratios(runs: dict[str, Path], opts: EvalOptions) -> dict[str, dict[str, list[float]]]:
+    """Every run's per-sequence log-ratios to ``opts.kl_model``, by prompt_id (one model load for all runs)."""
     tokenizer = load_tokenizer(opts.kl_model, "--kl-model")
     model = FrozenModel.load(opts.kl_model, "--kl-model", "auto", opts.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return {name: sequence_kl(path, model, tokenizer_hash(tokenizer), pad_id) for name, path in runs.items()}
+    return {name: sequence_log_ratios(path, model, tokenizer_hash(tokenizer), pad_id) for name, path in runs.items()}
 
 
 def _write_per_prompt(loaded: dict[str, list[PromptSamples]], path: Path, opts: EvalOptions) -> None:

@@ -42,11 +42,18 @@ def sampling_temperature(path: Path) -> float:
     return temperature
 
 
+def kl_figures(gaps: list[float]) -> dict[str, float | None]:
+    """``{"kl": mean, "kl_stderr": standard error (None for one sample), "kl_samples": n}`` of per-sequence
+    log-ratios log π(y) − log p(y): the estimate of KL(π ‖ p) in nats per sequence."""
+    n = len(gaps)
+    stderr = float(np.std(gaps, ddof=1) / math.sqrt(n)) if n > 1 else None
+    return {"kl": float(np.mean(gaps)), "kl_stderr": stderr, "kl_samples": n}
+
+
 @torch.no_grad()
-def sequence_kl(path: Path, model: FrozenModel, tokenizer_hash: str, pad_id: int,
-                allow_tokenizer_mismatch: bool = False) -> dict[str, float]:
-    """``{"kl": mean, "kl_stderr": standard error (None for one sample), "kl_samples": n}`` of KL(run ‖ model) in
-    nats per sequence."""
+def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, pad_id: int,
+                        allow_tokenizer_mismatch: bool = False) -> dict[str, list[float]]:
+    """Per prompt_id, each sampled sequence's log π_T(y) − log p_T(y) (:func:`kl_figures` averages them)."""
     table = read_table(path)
     require_columns(table, path, ["prompt_token_ids", "completion_token_ids", "completion_logprobs"],
                     " (--kl-model reads the token ids and log-probs that `fdivctl rollout` records)")
@@ -61,14 +68,12 @@ def sequence_kl(path: Path, model: FrozenModel, tokenizer_hash: str, pad_id: int
         if len(logprobs) != len(tokens):
             raise UserError(f"{path}: row {row} has {len(tokens)} completion tokens but {len(logprobs)} log-probs")
     device = model.weight.device
-    gaps = []
+    gaps: dict[str, list[float]] = {}
     for start in range(0, len(seqs), BATCH_ROWS):
         rows = list(range(start, min(start + BATCH_ROWS, len(seqs))))
         batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
         logp = model.token_logprobs(model.hidden(batch), batch["token"], temperature).double()
         per_row = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, batch["batch_index"], logp)
-        gaps += [float(sampled[r].sum()) - float(per_row[i]) for i, r in enumerate(rows)]
-    n = len(gaps)
-    mean = float(np.mean(gaps))
-    stderr = float(np.std(gaps, ddof=1) / math.sqrt(n)) if n > 1 else None
-    return {"kl": mean, "kl_stderr": stderr, "kl_samples": n}
+        for i, r in enumerate(rows):
+            gaps.setdefault(seqs.prompt_ids[r], []).append(float(sampled[r].sum()) - float(per_row[i]))
+    return gaps
