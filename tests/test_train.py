@@ -141,6 +141,17 @@ def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
     pq.write_table(pa.table({"prompt": prompts[:2], "chosen": [" 1+1"] * 2, "rejected": [" 9+9", None]}), pairs)
     done = run_cli("train", task / "sft", tmp_path / "bad", *common)
     assert done.returncode == 2 and "column 'rejected' is null in row 1" in done.stderr
+    # given reference log-probs: both columns, finite (a NaN stopped the run as a 'non-finite loss')
+    base = {"prompt": prompts[:2], "chosen": [" 1+1"] * 2, "rejected": [" 9+9"] * 2}
+    for extra, message in (({"ref_chosen_logp": [-1.0, -2.0]}, "has ref_chosen_logp but not ref_rejected_logp"),
+                           ({"ref_chosen_logp": [-1.0, float("nan")], "ref_rejected_logp": [-1.0, -2.0]},
+                            "column 'ref_chosen_logp' is nan in row 1"),
+                           ({"ref_chosen_logp": [-1.0, -2.0], "ref_rejected_logp": [None, -2.0]},
+                            "column 'ref_rejected_logp' is null in row 0")):
+        pq.write_table(pa.table({**base, **extra}), pairs)
+        done = run_cli("train", task / "sft", tmp_path / "bad", *common)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_input_one_line_exit_2(task, tmp_path):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -22,7 +23,7 @@ from fdivctl import divergences, engine
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.sequences import Sequences, sequences_from_table, text_column
-from fdivctl.io.tables import read_table, require_columns, write_table
+from fdivctl.io.tables import read_table, require_columns, require_no_nulls, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
 from fdivctl.training import distributed
@@ -43,11 +44,31 @@ class FDPOOptions:
     loop: LoopOptions = field(default_factory=LoopOptions)
 
 
+REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+def _require_finite(path: Path, name: str, column: pa.ChunkedArray) -> None:
+    """One UserError naming the first row where a number column is null, NaN or ±inf."""
+    require_no_nulls(path, name, column)
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+        raise UserError(f"{path}: column {name!r} must hold numbers, got {column.type}")
+    values = column.to_numpy()
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise UserError(f"{path}: column {name!r} is {values[bad[0]]} in row {int(bad[0])}: log-probs must be finite")
+
+
 def _pairs(path: Path, tokenizer) -> tuple[Sequences, Sequences, pa.Table]:
     table = read_table(path)
     require_columns(table, path, ["prompt", "chosen", "rejected"], " (text columns of preference pairs)")
     for column in ("prompt", "chosen", "rejected"):
         text_column(table, column, path)
+    given = [name for name in REFERENCE_COLUMNS if name in table.column_names]
+    if len(given) == 1:
+        raise UserError(f"{path}: has {given[0]} but not {(set(REFERENCE_COLUMNS) - set(given)).pop()}: give both "
+                        "reference log-prob columns, or neither (the initial policy's are computed then)")
+    for name in given:
+        _require_finite(path, name, table.column(name))
     sides = []
     for side in ("chosen", "rejected"):
         view = pa.table({"prompt": table.column("prompt"), "completion": table.column(side)})
@@ -73,7 +94,7 @@ def _reference_logprobs(table: pa.Table, load_reference: Callable[[], object], c
                         rejected: Sequences, pad_id: int, cache: Path, batch_size: int) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
     """log π_ref of both responses: from the table's columns, the cache, or computed once (then cached)."""
-    if "ref_chosen_logp" in table.column_names and "ref_rejected_logp" in table.column_names:
+    if all(name in table.column_names for name in REFERENCE_COLUMNS):  # checked by _pairs
         source = table
     elif cache.exists():
         source = read_table(cache)
