@@ -218,6 +218,22 @@ def test_bad_counts_are_refused_before_any_work(task, tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("value, message", [(float("nan"), "completion_logprobs[1] is nan"),
+                                            (0.5, "completion_logprobs[1] is 0.5, not the log-prob")])
+def test_recorded_logprobs_must_be_logprobs(task, scored_rollouts, tmp_path, value, message):
+    """The old policy's log-probs are checked with the file (a NaN stopped the run as a 'non-finite loss' at its
+    first step, a positive value trained on)."""
+    table = pq.read_table(scored_rollouts)
+    logprobs = table.column("completion_logprobs").to_pylist()
+    logprobs[2][1] = value
+    bad = tmp_path / "bad.parquet"
+    column = table.column_names.index("completion_logprobs")
+    pq.write_table(table.set_column(column, "completion_logprobs", pa.array(logprobs, pa.list_(pa.float32()))), bad)
+    done = run_cli("train", task / "sft", tmp_path / "o", "--rollouts", bad, "--device", "cpu")
+    assert done.returncode == 2 and f"bad.parquet: row 2: {message}" in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_missing_or_unreadable_rollouts_file_is_one_line(task, tmp_path):
     """The staged run reads the file's provenance first: it went to pyarrow unchecked (a traceback, exit 1)."""
     (tmp_path / "junk.parquet").write_text("not parquet")

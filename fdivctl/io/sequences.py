@@ -126,6 +126,24 @@ def list_column(table: pa.Table, column: str, path: Path, dtype=np.int64) -> lis
     return np.split(flat.to_numpy(zero_copy_only=False).astype(dtype), np.cumsum(lengths)[:-1])
 
 
+# a recorded log-prob above this is no log-prob (a probability, a logit): log p ≤ 0, up to low-precision rounding
+_MAX_LOGPROB = 1e-2
+
+
+def sampled_logprobs(table: pa.Table, path: Path, seqs: Sequences, dtype=np.float32) -> list[np.ndarray]:
+    """The ``completion_logprobs`` column, one array per row: one finite log-prob ≤ 0 per completion token of
+    ``seqs`` (rollout's record of the sampling policy), or one UserError naming the row."""
+    logprobs = list_column(table, "completion_logprobs", path, dtype)
+    for row, (values, tokens) in enumerate(zip(logprobs, seqs.completion_tokens)):
+        if len(values) != len(tokens):
+            raise UserError(f"{path}: row {row} has {len(tokens)} completion tokens but {len(values)} log-probs")
+        bad = np.flatnonzero(~np.isfinite(values) | (values > _MAX_LOGPROB))
+        if len(bad):
+            raise UserError(f"{path}: row {row}: completion_logprobs[{int(bad[0])}] is {values[bad[0]]}, not the "
+                            "log-prob of a sampled token (finite, ≤ 0)")
+    return logprobs
+
+
 def _is_number(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 

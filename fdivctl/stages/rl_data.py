@@ -21,7 +21,7 @@ from fdivctl import engine
 from fdivctl.divergences import Divergence
 from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import Sequences, list_column, sequences_from_table
+from fdivctl.io.sequences import Sequences, sampled_logprobs, sequences_from_table
 from fdivctl.io.tables import is_int_list, require_columns
 from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.signals import FrozenModel, store_target, store_token_logprobs
@@ -52,10 +52,7 @@ class ScoredRollouts:
         if any(r is None or not np.isfinite(r) for r in rewards):
             raise UserError(f"{path}: the reward column has null or non-finite values")
         seqs = sequences_from_table(table, path)
-        old = list_column(table, "completion_logprobs", path, np.float32)
-        for row, (lp, tokens) in enumerate(zip(old, seqs.completion_tokens)):
-            if len(lp) != len(tokens):
-                raise UserError(f"{path}: row {row} has {len(tokens)} completion tokens but {len(lp)} log-probs")
+        old = sampled_logprobs(table, path, seqs)
         index: dict[str, int] = {}
         groups = torch.tensor([index.setdefault(pid, len(index)) for pid in seqs.prompt_ids], dtype=torch.long)
         sizes = torch.bincount(groups)

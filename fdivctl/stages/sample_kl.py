@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from fdivctl.errors import UserError
-from fdivctl.io.sequences import list_column, sequences_from_table
+from fdivctl.io.sequences import sampled_logprobs, sequences_from_table
 from fdivctl.io.tables import provenance, read_table, require_columns
 from fdivctl.stages.signals import FrozenModel
 
@@ -63,10 +63,7 @@ def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, pad
     seqs = sequences_from_table(table, path)
     seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
     seqs.check_tokenizer(path, tokenizer_hash, "--kl-model", allow_tokenizer_mismatch)
-    sampled = list_column(table, "completion_logprobs", path, np.float64)
-    for row, (logprobs, tokens) in enumerate(zip(sampled, seqs.completion_tokens)):
-        if len(logprobs) != len(tokens):
-            raise UserError(f"{path}: row {row} has {len(tokens)} completion tokens but {len(logprobs)} log-probs")
+    sampled = sampled_logprobs(table, path, seqs, np.float64)
     device = model.weight.device
     gaps: dict[str, list[float]] = {}
     for start in range(0, len(seqs), BATCH_ROWS):

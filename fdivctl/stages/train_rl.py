@@ -42,7 +42,7 @@ from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import Sequences, int_list_column, list_column, load_sequences, sequences_from_table
+from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, sampled_logprobs, sequences_from_table
 from fdivctl.io.tables import provenance, read_table, require_columns, require_prompt_ids, write_table
 from fdivctl.objectives import trace
 from fdivctl.rewards.pool import failures
@@ -149,9 +149,8 @@ def load_partition(directory: Path, policy_hash: str, allow_mismatch: bool) -> t
                         f", the policy has {policy_hash[:16]}…")
     path = Path(directory) / "reference.parquet"
     table = pq.read_table(path)  # may be empty: no prompt reached D_pef
-    samples = ReferenceSamples(sequences_from_table(table, path),
-                               list_column(table, "completion_logprobs", path, np.float32),
-                               float(record["temperature"]))
+    seqs = sequences_from_table(table, path)
+    samples = ReferenceSamples(seqs, sampled_logprobs(table, path, seqs), float(record["temperature"]))
     return record, samples
 
 
