@@ -304,6 +304,25 @@ def test_no_completion_token_is_refused_and_an_empty_batch_has_zero_loss(tmp_pat
     assert loss.item() == 0.0 and figures["ce"] == 0.0 and figures["tokens"] == 0.0
 
 
+def test_chunk_size_changes_memory_not_the_update(tmp_path, student, data, tiny_teacher):
+    """distill --chunk-size 3: the student head's pass (jsd to an online teacher, plus cross-entropy) in 3-token
+    chunks gives the one-chunk run's losses and weights up to fp32 summation order."""
+    common = ["--data", data, "--teacher", tiny_teacher, "--loss", "jsd", "--mix-ce", 0.5, "--max-steps", 2,
+              "--lr", "1e-3", "--batch-size", 4, "--device", "cpu"]
+    for name, extra in (("default", []), ("chunked", ["--chunk-size", 3])):
+        run_cli("distill", student, tmp_path / name, *common, *extra, "--log-jsonl", tmp_path / f"{name}.jsonl",
+                check=True)
+    logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+            for n in ("default", "chunked")]
+    for key in ("jsd", "ce", "grad_norm"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-5), key
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("default", "chunked"))
+    apart = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 0 < apart < 1e-5, apart  # 0 would mean no chunking happened
+    done = run_cli("distill", student, tmp_path / "bad", *common, "--chunk-size", 0)
+    assert done.returncode == 2 and "--chunk-size must be ≥ 1, got 0" in done.stderr
+
+
 def test_max_grad_norm_zero_is_no_clipping_and_a_negative_one_is_refused(tmp_path, student, data):
     """Clipping at a negative norm would flip the gradient (clip_grad_norm_ scales by max_norm / ‖g‖)."""
     common = ["--data", data, "--loss", "ce", "--max-steps", 2, "--lr", "1e-2", "--device", "cpu"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from fdivctl.cli.options import (
+    CHUNK_SIZE,
     DIST_BACKEND,
     GRAD_CHECKPOINTING,
     LORA_ALPHA,
@@ -70,6 +71,7 @@ def command(
     depth_warmup: int = typer.Option(100, help="TCOD: steps until every turn is exposed (linear growth)."),
     temperature: float = typer.Option(1.0, help="Distillation temperature (student and teacher divided by it)."),
     mix_ce: float = typer.Option(0.0, help="Weight of the ground-truth cross-entropy added to the divergence."),
+    chunk_size: int = CHUNK_SIZE,
     tail: str = typer.Option("tail", help="Top-k store form: tail (k+1 buckets), renormalize, or ignore."),
     vocab: str = typer.Option("strict", help="Online teacher with another vocabulary size: strict, truncate, pad."),
     lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW)."),
@@ -120,8 +122,8 @@ def command(
     loop.check()  # before any file is read
     online = OnPolicyOptions(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, baseline=baseline,
                              baseline_topk=baseline_topk, backend=backend, chat=chat) if on_policy else None
-    opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, tail=tail,
-                          vocab=vocab, dtype=dtype, device=device,
+    opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, chunk_size=chunk_size,
+                          tail=tail, vocab=vocab, dtype=dtype, device=device,
                           allow_tokenizer_mismatch=allow_tokenizer_mismatch, teacher_weights=teacher_weights,
                           on_policy=online, prompt_weighting=prompt_weighting, paced_alpha=paced_alpha,
                           paced_beta=paced_beta, pass_rates=pass_rates, depth_curriculum=depth_curriculum,

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from fdivctl.cli.options import (
+    CHUNK_SIZE,
     DIST_BACKEND,
     GRAD_CHECKPOINTING,
     LORA_ALPHA,
@@ -87,9 +88,7 @@ def command(
     ppo_epochs: int = typer.Option(1, help="Passes over each batch of rollouts."),
     minibatch_size: int = typer.Option(None, help="Responses per optimizer step (default: all of the batch)."),
     micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update)."),
-    chunk_size: int = typer.Option(None, help="Token rows per chunk of the head's [rows, vocab] pass, the policy "
-                                   "loss's largest buffers (memory vs speed; the update is the same; default about "
-                                   "2^26 logits per chunk on CUDA, 2^22 on the CPU)."),
+    chunk_size: int = CHUNK_SIZE,
     divergence: str = typer.Option("none", help="Regularizer toward the reference: none or a registry divergence "
                                    "(rkl, fkl, jsd, alpha, hellinger, tv, …; params as jsd:beta=0.3). --algo dph: "
                                    "the D_pef divergence (fkl default, jsd, alpha); fdpo: rkl (DPO), fkl, jsd, "

@@ -45,6 +45,7 @@ def opd_loss(
     teacher_logprob: torch.Tensor,
     baseline_target: engine.Target | None,
     temperature: float = 1.0,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The OPD surrogate of one batch of sampled tokens and its parts (for logging).
 
@@ -70,6 +71,7 @@ def opd_loss(
     loss, _ = engine.token_loss(
         hidden, head_weight, objective, bias=head_bias, token_ids=token_ids,
         target=baseline_target, divergence="rkl" if baseline else None, temperature=temperature,
+        chunk_size=chunk_size,
     )
     figures = {"tokens": float(n_tokens), "loss": float(loss.detach()),
                "opd_reward": float(sum(sums["reward"])) / max(1, n_tokens)}

@@ -97,6 +97,7 @@ class DistillOptions:
     schedule: str | None = None  # "fkl:0.5,rkl:0.5": replaces loss
     temperature: float = 1.0
     mix_ce: float = 0.0
+    chunk_size: int | None = None  # token rows per chunk of the student head's [rows, V] pass; None: the default
     tail: str = "tail"
     vocab: str = "strict"
     dtype: str = "auto"
@@ -137,6 +138,8 @@ class DistillOptions:
     def check(self) -> None:
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise UserError(f"--chunk-size must be ≥ 1, got {self.chunk_size}")
         if self.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise UserError(f"--prompt-weighting {self.prompt_weighting!r}; valid: {', '.join(PROMPT_WEIGHTINGS)}")
         if self.on_policy is not None:
@@ -394,7 +397,7 @@ def prepare_distill(
                 else:
                     target = signal.target(batch)
             loss, figures = kd_loss(KDBatch(hidden, batch["token"], target, token_logprob, weights_t), head.weight,
-                                    bias, divergence, opts.temperature, opts.mix_ce)
+                                    bias, divergence, opts.temperature, opts.mix_ce, opts.chunk_size)
             return loss, {**figures, **region}
         except ValueError as err:
             raise UserError(str(err)) from None
@@ -431,7 +434,8 @@ def _opd(teacher: FrozenModel, batch: dict, hidden: torch.Tensor, weight, bias, 
         teacher_logprob = top.token_logprob
     else:
         teacher_logprob = teacher.token_logprobs(teacher_hidden, tokens, opts.temperature)
-    loss, figures = opd_loss(hidden, weight, bias, tokens, teacher_logprob, baseline_target, opts.temperature)
+    loss, figures = opd_loss(hidden, weight, bias, tokens, teacher_logprob, baseline_target, opts.temperature,
+                             opts.chunk_size)
     figures["response_length"] = float(len(tokens)) / int(batch["input_ids"].shape[0])
     return loss, figures
 

@@ -278,7 +278,8 @@ class PolicyUpdate:
             if replay.divergence is not None:
                 target = self.reference.model.target(self.reference.model.hidden(batch))
             value, _ = kd.kd_loss(kd.KDBatch(scored_hidden(self.decoder, batch), batch["token"], target),
-                                  self.head.weight, getattr(self.head, "bias", None), replay.divergence)
+                                  self.head.weight, self.head_options["bias"], replay.divergence,
+                                  chunk_size=self.opts.chunk_size)
             loss = weight * replay.coef * value
             return loss, {f"replay_loss_{k}": float(value.detach()), "loss": float(loss.detach())}
 
