@@ -145,7 +145,7 @@ def write_report(out: Path) -> Path:
             cells = [run, domain, *[f"{values[f'pass@{k}']:.3f}" for k in ks], f"{values['distinct_correct']:.2f}"]
             forgetting = values.get(f"forgetting@{ks[-1]}")
             cells.append("–" if forgetting is None or run == "sft" else f"{forgetting:.3f}")
-            cells.append(f"{values['kl']:.2f}" if "kl" in values else "–")
+            cells.append(f"{round(values['kl'], 2) + 0.0:.2f}" if "kl" in values else "–")  # + 0.0: no "-0.00"
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Plots: `passk.png`, `distinct_correct.png`, `reward_kl.png`. Numbers: `metrics.json`.", ""]
     path = out / "REPORT.md"

@@ -93,6 +93,8 @@ def _identity(value):
 
 def _shown(value) -> str:
     """A setting as the message shows it: a path's content hash shortened."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_shown, value)) + "]"
     if isinstance(value, str) and value.startswith(("file ", "model ", "dir ")):
         kind, digest = value.split(" ", 1)
         return f"{kind} {digest[:12]}…"
