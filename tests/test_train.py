@@ -218,6 +218,16 @@ def test_bad_counts_are_refused_before_any_work(task, tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_non_finite_reward_is_named_by_row(task, scored_rollouts, tmp_path):
+    table = pq.read_table(scored_rollouts)
+    rewards = table.column("reward").to_pylist()
+    rewards[4] = float("inf")
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(table.column_names.index("reward"), "reward", pa.array(rewards, pa.float32())), bad)
+    done = run_cli("train", task / "sft", tmp_path / "o", "--rollouts", bad, "--device", "cpu")
+    assert done.returncode == 2 and "column 'reward' is inf in row 4: it must be finite" in done.stderr
+
+
 @pytest.mark.parametrize("value, message", [(float("nan"), "completion_logprobs[1] is nan"),
                                             (0.5, "completion_logprobs[1] is 0.5, not the log-prob")])
 def test_recorded_logprobs_must_be_logprobs(task, scored_rollouts, tmp_path, value, message):

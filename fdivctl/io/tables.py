@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -98,6 +99,17 @@ def require_no_nulls(path: str | Path, name: str, column: pa.ChunkedArray) -> No
     if column.null_count:
         row = pc.index(pc.is_null(column), True).as_py()
         raise UserError(f"{path}: column {name!r} is null in row {row}")
+
+
+def require_finite(path: str | Path, name: str, column: pa.ChunkedArray) -> None:
+    """One UserError naming the first row where the number column ``name`` is null, NaN or ±inf."""
+    require_no_nulls(path, name, column)
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+        raise UserError(f"{path}: column {name!r} must hold numbers, got {column.type}")
+    values = column.to_numpy()
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise UserError(f"{path}: column {name!r} is {values[bad[0]]} in row {int(bad[0])}: it must be finite")
 
 
 def require_prompt_ids(path: str | Path, column: pa.ChunkedArray) -> None:

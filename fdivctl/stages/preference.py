@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -23,7 +22,7 @@ from fdivctl import divergences, engine
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.sequences import Sequences, sequences_from_table, text_column
-from fdivctl.io.tables import read_table, require_columns, require_no_nulls, write_table
+from fdivctl.io.tables import read_table, require_columns, require_finite, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
 from fdivctl.training import distributed
@@ -47,17 +46,6 @@ class FDPOOptions:
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
-def _require_finite(path: Path, name: str, column: pa.ChunkedArray) -> None:
-    """One UserError naming the first row where a number column is null, NaN or ±inf."""
-    require_no_nulls(path, name, column)
-    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
-        raise UserError(f"{path}: column {name!r} must hold numbers, got {column.type}")
-    values = column.to_numpy()
-    bad = np.flatnonzero(~np.isfinite(values))
-    if len(bad):
-        raise UserError(f"{path}: column {name!r} is {values[bad[0]]} in row {int(bad[0])}: log-probs must be finite")
-
-
 def _pairs(path: Path, tokenizer) -> tuple[Sequences, Sequences, pa.Table]:
     table = read_table(path)
     require_columns(table, path, ["prompt", "chosen", "rejected"], " (text columns of preference pairs)")
@@ -68,7 +56,7 @@ def _pairs(path: Path, tokenizer) -> tuple[Sequences, Sequences, pa.Table]:
         raise UserError(f"{path}: has {given[0]} but not {(set(REFERENCE_COLUMNS) - set(given)).pop()}: give both "
                         "reference log-prob columns, or neither (the initial policy's are computed then)")
     for name in given:
-        _require_finite(path, name, table.column(name))
+        require_finite(path, name, table.column(name))
     sides = []
     for side in ("chosen", "rejected"):
         view = pa.table({"prompt": table.column("prompt"), "completion": table.column(side)})

@@ -22,7 +22,7 @@ from fdivctl.divergences import Divergence
 from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, sampled_logprobs, sequences_from_table
-from fdivctl.io.tables import is_int_list, require_columns
+from fdivctl.io.tables import is_int_list, require_columns, require_finite
 from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.signals import FrozenModel, store_target, store_token_logprobs
 
@@ -48,9 +48,8 @@ class ScoredRollouts:
                                       "completion_logprobs"], " (rollouts from `fdivctl rollout`, then scored)")
         if not is_int_list(table.schema.field("completion_token_ids").type):
             raise UserError(f"{path}: completion_token_ids must be list<int>")
+        require_finite(path, "reward", table.column("reward"))
         rewards = table.column("reward").to_pylist()
-        if any(r is None or not np.isfinite(r) for r in rewards):
-            raise UserError(f"{path}: the reward column has null or non-finite values")
         seqs = sequences_from_table(table, path)
         old = sampled_logprobs(table, path, seqs)
         index: dict[str, int] = {}

@@ -30,9 +30,10 @@ from fdivctl.stages.signals import FrozenModel
 BATCH_ROWS = 16
 
 
-def sampling_temperature(path: Path) -> float:
-    """The run's sampling temperature from its provenance (1 without a record); refuses truncated sampling."""
-    sampling = provenance(path).get("sampling") or {}
+def sampling_temperature(path: Path, record: dict) -> float:
+    """The run's sampling temperature from its provenance ``record`` (1 without one); refuses truncated or greedy
+    sampling."""
+    sampling = record.get("sampling") or {}
     temperature = float(sampling.get("temperature", 1.0))
     if not temperature > 0:
         raise UserError(f"{path}: sampled greedily (temperature 0): there is no distribution to measure a KL of")
@@ -51,18 +52,18 @@ def kl_figures(gaps: list[float]) -> dict[str, float | None]:
 
 
 @torch.no_grad()
-def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, pad_id: int,
-                        allow_tokenizer_mismatch: bool = False) -> dict[str, list[float]]:
+def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, pad_id: int) -> dict[str, list[float]]:
     """Per prompt_id, each sampled sequence's log π_T(y) − log p_T(y) (:func:`kl_figures` averages them)."""
     table = read_table(path)
     require_columns(table, path, ["prompt_token_ids", "completion_token_ids", "completion_logprobs"],
                     " (--kl-model reads the token ids and log-probs that `fdivctl rollout` records)")
     if "greedy" in table.column_names:
         table = table.filter(pc.invert(pc.fill_null(table.column("greedy"), False)))
-    temperature = sampling_temperature(path)
+    record = provenance(path)
+    temperature = sampling_temperature(path, record)
     seqs = sequences_from_table(table, path)
-    seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
-    seqs.check_tokenizer(path, tokenizer_hash, "--kl-model", allow_tokenizer_mismatch)
+    seqs.tokenizer_hash = record.get("tokenizer_hash")
+    seqs.check_tokenizer(path, tokenizer_hash, "--kl-model", allow_mismatch=False)
     sampled = sampled_logprobs(table, path, seqs, np.float64)
     device = model.weight.device
     gaps: dict[str, list[float]] = {}
