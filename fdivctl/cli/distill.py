@@ -51,8 +51,8 @@ def command(
                              "OT; sinkhorn:batch=256,support_k=64); bdkd (forward/reverse KL balanced by the "
                              "entropy gap; bdkd:mu=2); ce (plain SFT); sft-DIVERGENCE (f-divergence SFT with the "
                              "teacher as the reference, e.g. sft-hellinger; = train --algo sft --divergence); opd "
-                             "(on-policy: sampled-token reward "
-                             "log p − log q as a policy gradient). Default: fkl offline, opd on-policy."),
+                             "(on-policy: sampled-token reward log p − log q as a policy gradient). Default: fkl "
+                             "offline, opd on-policy."),
     beta: float = typer.Option(None, help="Shorthand for --loss jsd:beta=BETA."),
     schedule: str = typer.Option(None, help="Divergences by share of steps, e.g. fkl:0.5,rkl:0.5 (PACED's two "
                                  "stages); replaces --loss; shares must sum to 1."),
