@@ -7,15 +7,27 @@ gives; with T = 0 (greedy) it is taken at T = 1.  A logits processor records
 it during generation, holding one step's ``[B, V]`` log-probs at a time (not
 every step's logits, which would be T·B·V).  A sequence stops at EOS or
 when its text contains a stop string; its tokens up to and including the
-stopping token are kept (``finish_reason = "stop"``), else ``"length"``.
+stopping token are kept (``finish_reason = "stop"``), else ``"length"``: at
+``max_new_tokens`` or where prompt + completion fill the model's context
+(:func:`~fdivctl.generation.sampling.completion_budgets`; the positions past it
+are generated with the batch and dropped, and attention is causal, so what is
+kept does not depend on them).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from fdivctl.generation.sampling import Completion, SamplingOptions
+from fdivctl.generation.sampling import Completion, SamplingOptions, completion_budgets
+from fdivctl.io.checkpoints import context_length
+
+# transformers warns once the padded batch is wider than the context; each row's own positions (from the attention
+# mask) stay within its budget, so the warning is about tokens this backend drops
+logging.getLogger("transformers.generation.stopping_criteria").addFilter(
+    lambda record: "exceeded the model's predefined maximum length" not in record.getMessage())
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -53,6 +65,7 @@ class HFGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.context = context_length(model.config)
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -63,6 +76,7 @@ class HFGenerator:
     def generate(self, prompts: list[list[int]], opts: SamplingOptions, seed: int) -> list[list[Completion]]:
         """``opts.n`` completions for each prompt (token ids), reproducible for a given ``seed``."""
         device = self.model.device
+        budgets = completion_budgets(prompts, opts.max_new_tokens, self.context)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -73,7 +87,7 @@ class HFGenerator:
         recorder = SampledLogprobs(1.0 if greedy else opts.temperature)
         kwargs = dict(
             do_sample=not greedy,
-            max_new_tokens=opts.max_new_tokens,
+            max_new_tokens=max(budgets),
             num_return_sequences=opts.n,
             logits_processor=LogitsProcessorList([recorder]),
             pad_token_id=self.pad_id,
@@ -87,7 +101,8 @@ class HFGenerator:
         sequences = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = sequences[:, width:]
         logprobs = recorder.finish(sequences).cpu()
-        completions = [self._completion(new_tokens[i].tolist(), logprobs[i].tolist(), opts) for i in range(len(new_tokens))]
+        completions = [self._completion(new_tokens[i, : budgets[i // opts.n]].tolist(), logprobs[i].tolist(), opts)
+                       for i in range(len(new_tokens))]
         return [completions[i * opts.n : (i + 1) * opts.n] for i in range(len(prompts))]
 
     def _completion(self, tokens: list[int], logprobs: list[float], opts: SamplingOptions) -> Completion:

@@ -41,3 +41,22 @@ class Completion:
     logprobs: list[float]  # log-prob of each generated token under the sampling temperature
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+def check_prompts_fit(prompt_ids: list, prompts: list[list[int]], context: int | None, model: str) -> None:
+    """Refuse, before sampling, a prompt that leaves no room in the model's context for one generated token."""
+    if context is None:
+        return
+    for prompt_id, prompt in zip(prompt_ids, prompts):
+        if len(prompt) >= context:
+            raise UserError(f"prompt_id {prompt_id!r} has {len(prompt)} tokens: it fills the {context}-token context "
+                            f"of the {model}, leaving no room to generate; drop or shorten such prompts")
+
+
+def completion_budgets(prompts: list[list[int]], max_new_tokens: int, context: int | None) -> list[int]:
+    """How many tokens each prompt may generate: ``max_new_tokens``, cut where prompt + completion reach the
+    model's context (such a completion ends with finish_reason ``length``, as vLLM ends one at ``max_model_len``)."""
+    budgets = [max_new_tokens if context is None else min(max_new_tokens, context - len(p)) for p in prompts]
+    if budgets and min(budgets) < 1:
+        raise ValueError("a prompt fills the model's context: check_prompts_fit refuses it before sampling")
+    return budgets

@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from fdivctl.errors import UserError
-from fdivctl.generation.sampling import Completion, SamplingOptions
+from fdivctl.generation.sampling import Completion, SamplingOptions, completion_budgets
+from fdivctl.io.checkpoints import model_limits
 
 _DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -59,6 +60,7 @@ class VLLMGenerator:
         except ImportError:
             raise UserError("--backend vllm: vLLM is not installed (pip install 'fdivctl[vllm]')") from None
         self.tokenizer = tokenizer
+        self.context = max_model_len or model_limits((model_dir, "model")).context
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -83,13 +85,14 @@ class VLLMGenerator:
     def generate(self, prompts: list[list[int]], opts: SamplingOptions, seed: int) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
+        budgets = completion_budgets(prompts, opts.max_new_tokens, self.context)
         params = [
             SamplingParams(
                 n=opts.n,
                 temperature=opts.temperature,
                 top_p=opts.top_p,
                 top_k=opts.top_k if opts.top_k > 0 else -1,
-                max_tokens=opts.max_new_tokens,
+                max_tokens=budgets[i],
                 seed=(seed * 100_003 + i) % 2**31,  # one stream per prompt, not one shared by the batch
                 stop=opts.stop or None,
                 include_stop_str_in_output=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,3 +62,58 @@ def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto", 
     except (OSError, ValueError) as err:
         raise UserError(f"{role} {path}: cannot load it as a causal LM ({err})") from None
     return model.to(target).eval()
+
+
+def context_length(config) -> int | None:
+    """The longest sequence (prompt + completion, in tokens) a model's config says it takes; None when it names none.
+
+    ``max_position_embeddings`` (``n_positions`` for GPT-2-style configs), raised by a RoPE scaling section (YaRN,
+    linear, dynamic NTK) to ``factor`` × its ``original_max_position_embeddings``: Qwen2.5's long-context recipe
+    adds ``rope_scaling = {type: yarn, factor: 4, original_max_position_embeddings: 32768}`` and keeps
+    ``max_position_embeddings`` at 32768, for a 131072-token context; Llama 3.1 states its extended length in
+    ``max_position_embeddings`` itself (the larger of the two counts).
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    base = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                 if isinstance(getattr(config, name, None), int)), None)
+    if base is None:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    factor = rope.get("factor") if kind != "default" else None
+    if not factor:
+        return base
+    return max(base, int(rope.get("original_max_position_embeddings") or base) * int(factor))
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """The token sequences every model of a run takes: ids below ``vocab_size``, at most ``context`` tokens
+    (None: no model names a limit); ``vocab_of``/``context_of`` say which model sets each bound, for messages."""
+
+    vocab_size: int
+    context: int | None
+    vocab_of: str
+    context_of: str | None
+
+
+def model_limits(*models: tuple[str | Path, str]) -> ModelLimits:
+    """The tightest bounds of the ``(model directory, role)`` pairs, read from their ``config.json`` (no weights)."""
+    from transformers import AutoConfig
+
+    vocab, context = None, None
+    for path, role in models:
+        path = check_model_dir(path, role)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{role} {path}: cannot read its config.json ({err})") from None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        size, length, name = int(text.vocab_size), context_length(config), f"{role} {path}"
+        if vocab is None or size < vocab[0]:
+            vocab = (size, name)
+        if length is not None and (context is None or length < context[0]):
+            context = (length, name)
+    if vocab is None:
+        raise ValueError("model_limits needs at least one model")
+    return ModelLimits(vocab[0], context[0] if context else None, vocab[1], context[1] if context else None)

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from fdivctl.errors import UserError
+from fdivctl.io.checkpoints import ModelLimits
 from fdivctl.io.tables import provenance, read_table, require_no_nulls
 
 
@@ -62,6 +63,24 @@ class Sequences:
             what = "every sequence is shorter than 2 tokens" if include_prompt else "every completion is empty"
             raise UserError(f"{path}: no token to score: {what}")
         return counts
+
+    def check_fits(self, path: Path, limits: ModelLimits) -> None:
+        """Refuse, before any work, a row the models cannot take: a token id with no embedding (an index error in
+        the first forward pass that meets it) or more tokens than the context (positions past it run silently,
+        with scores nobody should trust)."""
+        for row in range(len(self)):
+            prompt, completion = self.prompt_tokens[row], self.completion_tokens[row]
+            where = f"{path}: row {row} (prompt_id {self.prompt_ids[row]!r})"
+            length = len(prompt) + len(completion)
+            if limits.context is not None and length > limits.context:
+                raise UserError(f"{where} has {length} tokens, more than the {limits.context}-token context of the "
+                                f"{limits.context_of} (its config.json): drop or shorten such rows, or sample with "
+                                "a lower --max-new-tokens")
+            for part in (prompt, completion):
+                if len(part) and (int(part.min()) < 0 or int(part.max()) >= limits.vocab_size):
+                    bad = int(part.min()) if int(part.min()) < 0 else int(part.max())
+                    raise UserError(f"{where} has token id {bad}, outside the {limits.vocab_size}-id vocabulary "
+                                    f"of the {limits.vocab_of}: was it tokenized for another model?")
 
     def scored_count(self, row: int, include_prompt: bool) -> int:
         """How many tokens of ``row`` are scored."""

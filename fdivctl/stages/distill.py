@@ -36,8 +36,8 @@ from fdivctl import divergences, engine
 from fdivctl.engine.targets import normalize_weights
 from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
-from fdivctl.generation.sampling import SamplingOptions
-from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
+from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, int_list_column, load_sequences
@@ -225,7 +225,8 @@ class _Teachers:
         return heads[0] if len(heads) == 1 else engine.TeacherMixture(heads, self.weights)
 
 
-def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, model, batch_loss, offline_store: bool):
+def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, limits: ModelLimits, model, batch_loss,
+               offline_store: bool):
     """``evaluate(step, total) → {"eval_loss", "eval_tokens"}`` on ``opts.eval_data``, or None without it.
 
     The held-out loss is the run's loss at that step, unweighted (for ``opd``: the
@@ -237,6 +238,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, model, batch_
         return None
     seqs = load_sequences(opts.eval_data, tokenizer)
     seqs.check_scorable(opts.eval_data)
+    seqs.check_fits(opts.eval_data, limits)
     store = None
     if offline_store and opts.eval_logits is None and opts.loss_name != "ce":
         raise UserError("--eval-data with --logits needs the held-out sequences' store: --eval-logits DIR")
@@ -298,17 +300,20 @@ def prepare_distill(
     weights = _teacher_weights(opts.teacher_weights, len(teachers))
     for t in teachers:
         check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
+    limits = model_limits((student, "student"), *((t, "teacher") for t in teachers))
     if opts.on_policy is not None:
         require_columns(table, data, ["prompt_id"], " (on-policy distillation reads a prompts table)")
         require_prompt_ids(data, table.column("prompt_id"))
         prompt_rows = table.to_pylist()
         encoded = [encode_prompt(tokenizer, row, opts.on_policy.chat)[1] for row in prompt_rows]
         prompt_ids = [str(row["prompt_id"]) for row in prompt_rows]
+        check_prompts_fit(prompt_ids, encoded, limits.context, limits.context_of)
         seqs = None
     else:
         seqs = load_sequences(data, tokenizer)
         seqs.check_scorable(data)  # refuse unscorable rows before any training, not when their batch comes
         seqs.check_tokenizer(data, student_hash, "student", opts.allow_tokenizer_mismatch)
+        seqs.check_fits(data, limits)
         prompt_ids = seqs.prompt_ids
     row_weights = _row_weights(table, data, prompt_ids, opts)
     turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None
@@ -416,7 +421,7 @@ def prepare_distill(
         figures["response_length"] = figures["tokens"] / len(batch_seqs)  # every rank samples as many
         return loss, figures
 
-    loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, model, batch_loss, store is not None)
+    loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, limits, model, batch_loss, store is not None)
     return model, tokenizer, len(table), loss_fn
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, write_json
-from fdivctl.io.checkpoints import load_tokenizer
+from fdivctl.io.checkpoints import load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.tables import read_table, require_columns, write_table
 from fdivctl.metrics import plots
@@ -161,8 +161,10 @@ def _log_ratios(runs: dict[str, Path], opts: EvalOptions) -> dict[str, dict[str,
     """Every run's per-sequence log-ratios to ``opts.kl_model``, by prompt_id (one model load for all runs)."""
     tokenizer = load_tokenizer(opts.kl_model, "--kl-model")
     model = FrozenModel.load(opts.kl_model, "--kl-model", "auto", opts.device)
+    limits = model_limits((opts.kl_model, "--kl-model"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return {name: sequence_log_ratios(path, model, tokenizer_hash(tokenizer), pad_id) for name, path in runs.items()}
+    return {name: sequence_log_ratios(path, model, tokenizer_hash(tokenizer), limits, pad_id)
+            for name, path in runs.items()}
 
 
 def _write_per_prompt(loaded: dict[str, list[PromptSamples]], path: Path, opts: EvalOptions) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from fdivctl import divergences, engine
 from fdivctl.errors import UserError
-from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.sequences import Sequences, sequences_from_table, text_column
 from fdivctl.io.tables import read_table, require_columns, require_finite, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
@@ -122,6 +122,9 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     distributed.barrier(world)  # every rank has seen OUT before rank 0 writes into it
     tokenizer = load_tokenizer(policy, "policy")
     chosen, rejected, table = _pairs(pairs, tokenizer)
+    limits = model_limits((policy, "policy"))
+    chosen.check_fits(pairs, limits)
+    rejected.check_fits(pairs, limits)
     resume_from = out if opts.loop.resume and has_state(out) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model = load_causal_lm(weights_to_load(policy, resume_from, opts.loop.lora), opts.dtype, opts.device,

@@ -22,10 +22,10 @@ import torch
 
 from fdivctl.errors import UserError
 from fdivctl.generation.hf import HFGenerator
-from fdivctl.generation.sampling import SamplingOptions
+from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
 from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
 from fdivctl.io.atomic import atomic_path, write_json
-from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import model_hash, tokenizer_hash
 from fdivctl.io.tables import open_parquet, provenance, read_table, require_prompt_ids, write_tables
 
@@ -105,6 +105,15 @@ def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
     return row["prompt"], tokenizer(row["prompt"])["input_ids"]
 
 
+def _check_prompt_lengths(file: pq.ParquetFile, tokenizer, model_dir, opts: RolloutOptions) -> None:
+    """Refuse, before anything is sampled, a prompt of this shard with no room in the model's context."""
+    context = model_limits((model_dir, "model")).context
+    for _, batch in _batches(file, opts.batch_size, opts.shard):
+        rows = batch.to_pylist()
+        check_prompts_fit([row["prompt_id"] for row in rows], [encode_prompt(tokenizer, row, opts.chat)[1]
+                                                                for row in rows], context, f"model {model_dir}")
+
+
 def _batches(file: pq.ParquetFile, batch_size: int, shard: tuple[int, int]):
     """(batch number, pyarrow table of this shard's prompts), streamed."""
     i, n = shard
@@ -140,6 +149,7 @@ def run_rollout(
     prompts, out = Path(prompts), Path(out)
     file = _check_prompts(prompts)
     tokenizer = load_tokenizer(model_dir, "model")
+    _check_prompt_lengths(file, tokenizer, model_dir, opts)
     record = {
         "model": str(Path(model_dir).resolve()),
         "model_hash": model_hash(model_dir),

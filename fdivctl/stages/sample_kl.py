@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from fdivctl.errors import UserError
+from fdivctl.io.checkpoints import ModelLimits
 from fdivctl.io.sequences import sampled_logprobs, sequences_from_table
 from fdivctl.io.tables import provenance, read_table, require_columns
 from fdivctl.stages.signals import FrozenModel
@@ -52,7 +53,8 @@ def kl_figures(gaps: list[float]) -> dict[str, float | None]:
 
 
 @torch.no_grad()
-def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, pad_id: int) -> dict[str, list[float]]:
+def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, limits: ModelLimits,
+                        pad_id: int) -> dict[str, list[float]]:
     """Per prompt_id, each sampled sequence's log π_T(y) − log p_T(y) (:func:`kl_figures` averages them)."""
     table = read_table(path)
     require_columns(table, path, ["prompt_token_ids", "completion_token_ids", "completion_logprobs"],
@@ -64,6 +66,7 @@ def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, pad
     seqs = sequences_from_table(table, path)
     seqs.tokenizer_hash = record.get("tokenizer_hash")
     seqs.check_tokenizer(path, tokenizer_hash, "--kl-model", allow_mismatch=False)
+    seqs.check_fits(path, limits)
     sampled = sampled_logprobs(table, path, seqs, np.float64)
     device = model.weight.device
     gaps: dict[str, list[float]] = {}

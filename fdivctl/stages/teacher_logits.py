@@ -23,7 +23,7 @@ import torch
 
 from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
-from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import file_sha256, model_hash, tokenizer_hash
 from fdivctl.io.logit_store import STORE_DTYPES, StoreWriter, plan_shards
 from fdivctl.io.sequences import Sequences, load_sequences
@@ -104,8 +104,10 @@ def run_teacher_logits(
     seqs = load_sequences(sequences, tokenizer)
     seqs.check_tokenizer(sequences, tok_hash, f"teacher {teacher}", opts.allow_tokenizer_mismatch)
     counts = seqs.check_scorable(sequences, opts.include_prompt)
+    limits = model_limits((teacher, "teacher"))
+    seqs.check_fits(sequences, limits)
     plan = plan_shards(counts, opts.max_tokens_per_shard)
-    config_vocab = _head_rows(teacher)
+    config_vocab = limits.vocab_size
     settings = {
         "teacher": str(Path(teacher).resolve()),
         "teacher_hash": model_hash(teacher),
@@ -154,15 +156,6 @@ def run_teacher_logits(
         "tokens": int(sum(plan[i]["n_tokens"] for i in todo)),
         "complete": complete,
     }
-
-
-def _head_rows(teacher: str | Path) -> int:
-    """The teacher head's vocabulary size, from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(teacher)
-    config = getattr(config, "get_text_config", lambda: config)()
-    return int(config.vocab_size)
 
 
 def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens):

@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 import torch
 
 from fdivctl.errors import UserError
-from fdivctl.generation.sampling import SamplingOptions
-from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
+from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
+from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, sampled_logprobs, sequences_from_table
@@ -154,7 +154,7 @@ def load_partition(directory: Path, policy_hash: str, allow_mismatch: bool) -> t
     return record, samples
 
 
-def _replay(tokenizer, policy_hash: str, opts: RLOptions) -> Replay | None:
+def _replay(tokenizer, policy_hash: str, limits: ModelLimits, opts: RLOptions) -> Replay | None:
     """RECAP's replayed tables (``--replay``), tokenized and checked before any training."""
     if not opts.replay:
         return None
@@ -163,6 +163,7 @@ def _replay(tokenizer, policy_hash: str, opts: RLOptions) -> Replay | None:
         seqs = load_sequences(path, tokenizer)  # an empty table is refused as it is read
         seqs.check_scorable(path)
         seqs.check_tokenizer(path, policy_hash, "policy", opts.allow_tokenizer_mismatch)
+        seqs.check_fits(path, limits)
         sets.append(seqs)
     weights = RecapWeights(1 + len(sets), opts.recap_window, opts.recap_temperature) \
         if opts.replay_weighting == "recap" else None
@@ -170,20 +171,25 @@ def _replay(tokenizer, policy_hash: str, opts: RLOptions) -> Replay | None:
 
 
 def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
-    """Under torchrun the ranks split each step's responses (policy_update.py); online, rank 0 samples."""
+    """Under torchrun the ranks split each step's responses (policy_update.py); online, rank 0 samples.
+
+    Also returns the token bounds of every model the run loads (:func:`model_limits`), which its sequences
+    and prompts are checked against."""
     distributed.init_world(opts.loop.dist_backend, opts.device)
     opts.resolve()
     if opts.algo == "trace" and online:
         raise UserError("--algo trace trains on annotated spans of given rollouts: annotate them (a spans column) "
                         "and train staged with --rollouts")
     model, tokenizer = _load_policy(policy, out, opts)
+    frozen = [(opts.ref_model if opts.needs_reference else None, "reference model"), (opts.teacher, "teacher")]
+    limits = model_limits((policy, "policy"), *((path, role) for path, role in frozen if path is not None))
     policy_hash = tokenizer_hash(tokenizer)
     samples, record = None, None
     if opts.algo == "dph":
         record, samples = load_partition(opts.partition_dir, policy_hash, opts.allow_tokenizer_mismatch)
     update = PolicyUpdate(model, tokenizer, opts, _reference(policy, policy_hash, opts, online), samples,
-                          _teacher(policy, policy_hash, opts, online), _replay(tokenizer, policy_hash, opts))
-    return model, tokenizer, policy_hash, update, record
+                          _teacher(policy, policy_hash, opts, online), _replay(tokenizer, policy_hash, limits, opts))
+    return model, tokenizer, policy_hash, update, record, limits
 
 
 def _privileged(table: pa.Table, path: Path, data: ScoredRollouts, tokenizer, chat: bool) -> Sequences | None:
@@ -235,7 +241,7 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
                on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Optimize on a scored rollouts file; one optimizer step per minibatch per PPO epoch."""
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), rollouts=Path(rollouts)))
-    model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=False)
+    model, tokenizer, policy_hash, update, record, limits = _prepare(policy, out, opts, online=False)
     source = provenance(rollouts)
     if source.get("tokenizer_hash") and source["tokenizer_hash"] != policy_hash and not opts.allow_tokenizer_mismatch:
         raise UserError(f"tokenizer mismatch: {rollouts} was sampled with {source['tokenizer_hash'][:16]}…, the "
@@ -244,8 +250,11 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     temperature = opts.temperature or sampling.get("temperature") or 1.0
     table = _exp_only(read_table(rollouts), record)
     data = ScoredRollouts.from_table(table, rollouts)
+    data.seqs.check_fits(rollouts, limits)
     if opts.algo == "trace":
         _trace_inputs(table, rollouts, data, tokenizer, opts)
+        if data.privileged is not None:
+            data.privileged.check_fits(rollouts, limits)
     credit, kept, figures = update.advantages(data, temperature, sampling.get("max_new_tokens"))
     figures.update(_partition_sizes(record))
     plan = update.steps(data, kept, opts.loop.seed)
@@ -334,7 +343,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     check_fresh_output(out, opts.loop.resume)
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), prompts=Path(prompts), verifier=verifier,
                                            online=online))
-    model, tokenizer, policy_hash, update, record = _prepare(policy, out, opts, online=True)
+    model, tokenizer, policy_hash, update, record, limits = _prepare(policy, out, opts, online=True)
     prompt_table = read_table(prompts)
     require_columns(prompt_table, prompts, ["prompt_id"])
     require_prompt_ids(prompts, prompt_table.column("prompt_id"))  # rows of the file, before D_pef goes
@@ -343,6 +352,9 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
         raise UserError(f"{prompts}: no prompts to train on" + (" (all are in D_pef)" if record else ""))
     if online.prompt_sampling == "gaussian":
         _check_pass_rates(prompt_table, prompts)
+    rows = prompt_table.to_pylist()
+    check_prompts_fit([row["prompt_id"] for row in rows], [encode_prompt(tokenizer, row, online.chat)[1] for row in rows],
+                      limits.context, limits.context_of)
     sampling = SamplingOptions(**{**(online.sampling or SamplingOptions()).as_record(), "n": online.group_size})
     sampling.check()
     if sampling.temperature == 0:
@@ -351,7 +363,6 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     trainer = Trainer(model, tokenizer, out, opts.loop, total=online.iterations)
     generate = _generator(model, tokenizer, policy, out, opts, online, trainer)
     artifacts = run_dir(out)
-    rows = prompt_table.to_pylist()
     last: dict = {}
     first = trainer.state.get("iteration", 0)
     update.load_state_dict(trainer.state)
