@@ -153,3 +153,15 @@ def test_eval_kl_model_refuses_sequences_past_its_context(tmp_path, short, tiny_
     done = run_cli("eval", tmp_path / "out", "--run", f"run={scored}", "--kl-model", short, "--device", "cpu")
     assert done.returncode == 2 and f"context of the --kl-model {short}" in done.stderr, done.stderr
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_on_policy_samples_stop_at_the_tightest_context_of_the_run(tmp_path, short, student, prompts):
+    """The 512-token student samples for the 32-token teacher: each sequence stops within the teacher's context."""
+    log = tmp_path / "log.jsonl"
+    run_cli("distill", student, tmp_path / "opd", "--on-policy", "--prompts", prompts, "--teacher", short,
+            "--max-new-tokens", 100, "--samples-per-prompt", 1, "--batch-size", 4, "--max-steps", 1, "--device", "cpu", "--log-jsonl", log,
+            check=True)
+    record = json.loads(log.read_text().splitlines()[-1])
+    tokenizer = AutoTokenizer.from_pretrained(short)
+    room = sum(CONTEXT - len(tokenizer(t)["input_ids"]) for t in pq.read_table(prompts).column("prompt").to_pylist())
+    assert 0 < record["tokens"] <= room, (record, room)

@@ -59,13 +59,14 @@ class SampledLogprobs(LogitsProcessor):
 
 
 class HFGenerator:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, context: int | None = None):
+        """``context`` bounds prompt + completion (default: the model's own, from its config)."""
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.context = context_length(model.config)
+        self.context = context or context_length(model.config)
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

@@ -333,7 +333,7 @@ def prepare_distill(
     generate = None
     if opts.on_policy is not None:
         generate = live_generator(model, tokenizer, resume_from or student, opts.on_policy.backend, opts.dtype,
-                                  opts.device, lambda: current["step"], distributed.current())
+                                  opts.device, lambda: current["step"], distributed.current(), limits.context)
 
     def token_weights(rows: list[int], batch_index: torch.Tensor, step: int):
         """Per-token weights ``[N]`` of the batch (PACED × TCOD), or None when neither is on."""

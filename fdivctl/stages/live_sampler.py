@@ -30,18 +30,21 @@ Generate = Callable[[list[list[int]], SamplingOptions, int], list[list[Completio
 
 
 def live_generator(model, tokenizer, start: Path, backend: str, dtype: str, device: str,
-                   current_step: Callable[[], int], world: distributed.World | None = None) -> Generate:
+                   current_step: Callable[[], int], world: distributed.World | None = None,
+                   context: int | None = None) -> Generate:
     """A ``generate`` that always samples from the current weights of ``model``.
 
     ``start`` is the checkpoint the weights were loaded from (the sampler's
     first weights); ``current_step()`` tells when they have changed.  Under
     torchrun (``world``) every rank calls ``generate``; rank 0 gets the
-    completions, the others None.
+    completions, the others None.  ``context`` bounds prompt + completion
+    (the run's tightest model, e.g. a teacher with a shorter context than the
+    student; default: the sampled model's own).
     """
     world = world or distributed.World()
     backend = resolve_backend(backend, device)
     if backend == "hf" and not world.distributed:
-        hf = HFGenerator(model, tokenizer)
+        hf = HFGenerator(model, tokenizer, context)
 
         def generate_hf(prompts, sampling, seed):
             model.eval()
@@ -57,9 +60,9 @@ def live_generator(model, tokenizer, start: Path, backend: str, dtype: str, devi
             # vLLM forks its engine process by default; a fork of this rank would inherit its open connections to
             # the other ranks' process group, so the engine is spawned instead
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        sampler = VLLMGenerator(start, tokenizer, dtype)
+        sampler = VLLMGenerator(start, tokenizer, dtype, max_model_len=context)
     elif world.main:
-        sampler = HFGenerator(load_causal_lm(start, dtype, device, "sampler"), tokenizer)
+        sampler = HFGenerator(load_causal_lm(start, dtype, device, "sampler"), tokenizer, context)
     synced = {"step": current_step()}
 
     def generate_synced(prompts, sampling, seed):

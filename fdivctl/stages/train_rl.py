@@ -361,7 +361,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
         raise UserError("online RL samples: --temperature must be > 0")
     temperature = opts.temperature or sampling.temperature
     trainer = Trainer(model, tokenizer, out, opts.loop, total=online.iterations)
-    generate = _generator(model, tokenizer, policy, out, opts, online, trainer)
+    generate = _generator(model, tokenizer, policy, out, opts, online, trainer, limits.context)
     artifacts = run_dir(out)
     last: dict = {}
     first = trainer.state.get("iteration", 0)
@@ -412,11 +412,13 @@ def _mean(steps: list[dict]) -> dict:
     return {k: (sum(s.get(k, 0.0) for s in steps) / (1 if k == "tokens" else len(steps))) for k in keys}
 
 
-def _generator(model, tokenizer, policy: Path, out: Path, opts: RLOptions, online: OnlineOptions, trainer: Trainer):
-    """``generate(prompt ids, sampling, seed)`` with the current weights of ``model``."""
+def _generator(model, tokenizer, policy: Path, out: Path, opts: RLOptions, online: OnlineOptions, trainer: Trainer,
+               context: int | None):
+    """``generate(prompt ids, sampling, seed)`` with the current weights of ``model``, each sequence within
+    ``context`` tokens (the tightest of the run's models)."""
     start = out if opts.loop.resume and has_state(out) else policy
     return live_generator(model, tokenizer, start, online.backend, opts.dtype, opts.device, lambda: trainer.step,
-                          trainer.world)
+                          trainer.world, context)
 
 
 def _sample_and_score(generate, tokenizer, batch: pa.Table, rows: list[dict],
