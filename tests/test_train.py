@@ -58,10 +58,12 @@ def test_staged_and_online_give_the_same_update(task, tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
-def test_chunk_size_changes_memory_not_the_update(task, scored_rollouts, tmp_path):
-    """--chunk-size 5 cuts every head pass (policy loss, full-vocabulary rkl to the reference) into 5-token chunks:
-    the same update as the default single chunk, up to fp32 summation order; 0 is refused."""
-    common = ["--divergence", "rkl", "--div-estimator", "full", "--div-coef", "0.1"]
+@pytest.mark.parametrize("estimator", ["full", "k3"])
+def test_chunk_size_changes_memory_not_the_update(task, scored_rollouts, tmp_path, estimator):
+    """--chunk-size 5 cuts every head pass (policy loss; full-vocabulary rkl to the reference, or the reference's
+    token log-probs for k3) into 5-token chunks: the same update as the default single chunk, up to fp32
+    summation order; 0 is refused."""
+    common = ["--divergence", "rkl", "--div-estimator", estimator, "--div-coef", "0.1"]
     default = staged_run(task, scored_rollouts, tmp_path / "default", *common)
     chunked = staged_run(task, scored_rollouts, tmp_path / "chunked", *common, "--chunk-size", 5)
     assert [r["grad_norm"] for r in chunked] == pytest.approx([r["grad_norm"] for r in default], rel=1e-5)

@@ -20,9 +20,10 @@ LORA_ALPHA = typer.Option(None, help="LoRA scale α (the update is (α/r)·BA); 
 LORA_DROPOUT = typer.Option(0.0, help="Dropout on the LoRA branch's input.")
 DIST_BACKEND = typer.Option("auto", help="Under torchrun (torchrun --nproc-per-node N -m fdivctl …): the "
                             "process-group backend, nccl, gloo, or auto (nccl on CUDA, gloo on CPUs).")
-CHUNK_SIZE = typer.Option(None, help="Token rows per chunk of the head's [rows, vocab] pass, the loss's largest "
-                          "buffers (memory vs speed; the update is the same; default about 2^26 logits per chunk on "
-                          "CUDA, 2^22 on the CPU).")
+CHUNK_SIZE = typer.Option(None, help="Token rows per chunk of each head's [rows, vocab] pass (the trained "
+                          "model's, and a reference's or teacher's token log-probs), the largest buffers (memory vs "
+                          "speed; the update is the same; default about 2^26 logits per chunk on CUDA, 2^22 on the "
+                          "CPU).")
 MAX_GRAD_NORM = typer.Option(1.0, help="Clip the gradient's global L2 norm to this before each optimizer step "
                              "(0: no clipping; the norm is logged either way).")
 GRAD_CHECKPOINTING = typer.Option(False, help="Recompute decoder activations in backward: less memory, about one "

@@ -318,10 +318,11 @@ def prepare_distill(
     row_weights = _row_weights(table, data, prompt_ids, opts)
     turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None
     max_turns = max((int(t.max()) + 1 for t in turns if len(t)), default=1) if turns is not None else 1
-    frozen = [FrozenModel.load(t, "teacher", opts.dtype, opts.device) for t in teachers]
+    frozen = [FrozenModel.load(t, "teacher", opts.dtype, opts.device, opts.chunk_size) for t in teachers]
     if opts.trust_region is not None and len(frozen) > 1:
         raise UserError("--trust-region compares one teacher with the base: give one --teacher (or --logits)")
-    base = None if opts.trust_region is None else FrozenModel.load(student, "student", opts.dtype, opts.device)
+    base = None if opts.trust_region is None else FrozenModel.load(student, "student", opts.dtype, opts.device,
+                                                                   opts.chunk_size)
     signal = _Teachers(frozen, weights, opts.vocab)
     model = load_causal_lm(weights_to_load(student, resume_from, opts.loop.lora), opts.dtype, opts.device,
                            "student").train()

@@ -37,19 +37,21 @@ def scored_hidden(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 @dataclass
 class FrozenModel:
-    """A causal LM whose parameters never change: its final hidden states and its head."""
+    """A causal LM whose parameters never change: its final hidden states and its head (its token log-probs
+    computed ``chunk_size`` token rows at a time, the run's ``--chunk-size``; None: the engine's default)."""
 
     decoder: torch.nn.Module
     weight: torch.Tensor
     bias: torch.Tensor | None
+    chunk_size: int | None = None
 
     @classmethod
-    def load(cls, path: Path, role: str, dtype: str, device: str) -> FrozenModel:
+    def load(cls, path: Path, role: str, dtype: str, device: str, chunk_size: int | None = None) -> FrozenModel:
         model = load_causal_lm(path, dtype, device, role)
         model.requires_grad_(False)
         model.eval()
         head = model.get_output_embeddings()
-        return cls(model.get_decoder(), head.weight, getattr(head, "bias", None))
+        return cls(model.get_decoder(), head.weight, getattr(head, "bias", None), chunk_size)
 
     @torch.no_grad()
     def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,8 +62,8 @@ class FrozenModel:
 
     @torch.no_grad()
     def token_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        return engine.token_outputs(hidden, self.weight, bias=self.bias, token_ids=tokens,
-                                    temperature=temperature).logprob
+        return engine.token_outputs(hidden, self.weight, bias=self.bias, token_ids=tokens, temperature=temperature,
+                                    chunk_size=self.chunk_size).logprob
 
 
 def _stored(store: LogitStore, seqs: Sequences, row: int):

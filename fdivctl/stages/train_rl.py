@@ -112,7 +112,7 @@ def _frozen(model: Path | None, store: Path | None, role: str, flags: tuple[str,
         logits = LogitStore(store)
         logits.check_tokenizer(policy_hash, "policy", opts.allow_tokenizer_mismatch)
         return ReferencePolicy(None, logits, opts.tail)
-    return ReferencePolicy(FrozenModel.load(model, role, opts.dtype, opts.device), None, opts.tail)
+    return ReferencePolicy(FrozenModel.load(model, role, opts.dtype, opts.device, opts.chunk_size), None, opts.tail)
 
 
 def _reference(policy: Path, policy_hash: str, opts: RLOptions, online: bool) -> ReferencePolicy | None:
