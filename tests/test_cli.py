@@ -58,3 +58,39 @@ def test_every_float_option_refuses_nan_and_inf():
     floats = [(c.name, name, p.default) for c in app.registered_commands
               for name, p in inspect.signature(c.callback).parameters.items() if p.annotation in ("float", "float | None")]
     assert len(floats) > 40 and all(info.callback is _finite for _, _, info in floats)
+
+
+@pytest.fixture
+def outputs(tmp_path, tiny_teacher):
+    """Inputs every command accepts, a file and a directory to misuse as outputs, and a path under the file."""
+    from conftest import write_sequences
+
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["1+2="], "answer": ["3"]}), prompts)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("not a directory")
+    return {"model": tiny_teacher, "prompts": prompts, "data": write_sequences(tmp_path / "s.parquet", 200, 2, 4, 4, 0),
+            "dir": tmp_path / "dir", "file": tmp_path / "file", "under": tmp_path / "file" / "out"}
+
+
+@pytest.mark.parametrize("args, misuse, message", [
+    (["rollout", "{model}", "{prompts}", "{out}", "--device", "cpu"], "dir", "is a directory: give the output a file"),
+    (["rollout", "{model}", "{prompts}", "{out}", "--device", "cpu"], "under", "is a file, so nothing can be written"),
+    (["score", "{prompts}", "{out}"], "dir", "is a directory"),
+    (["merge", "{out}", "{prompts}"], "dir", "is a directory"),
+    (["teacher-logits", "{model}", "{data}", "{out}", "--k", "4", "--device", "cpu"], "file", "exists and is not a dir"),
+    (["teacher-logits", "{model}", "{data}", "{out}", "--k", "4", "--device", "cpu"], "under", "is a file, so nothing"),
+    (["distill", "{model}", "{out}", "--loss", "ce", "--data", "{data}", "--device", "cpu"], "file", "is not a directory"),
+    (["train", "{model}", "{out}", "--algo", "sft", "--data", "{data}", "--device", "cpu"], "under", "is a file, so"),
+    (["distill", "{model}", "{dir}/run", "--loss", "ce", "--data", "{data}", "--log-jsonl", "{out}", "--device", "cpu"],
+     "dir", "is a directory"),
+    (["eval", "{out}", "--run", "a={prompts}"], "file", "exists and is not a directory"),
+    (["soup", "{model}", "{model}", "-o", "{out}"], "under", "is a file, so nothing"),
+    (["demo", "run", "{out}"], "under", "is a file, so nothing"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(outputs, args, misuse, message):
+    """Before: tracebacks (NotADirectoryError, IsADirectoryError), rollout's only after every prompt was sampled."""
+    done = run_cli(*(a.format(out=outputs[misuse], **outputs) for a in args))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in outputs["dir"].iterdir()) == []
+    assert outputs["file"].read_text() == "not a directory"

@@ -340,22 +340,25 @@ def test_max_grad_norm_zero_is_no_clipping_and_a_negative_one_is_refused(tmp_pat
 
 def test_token_id_columns_read_row_by_row_across_chunks_slices_and_nulls(tmp_path, data):
     """list<int> columns (io.sequences.int_list_column) read from the flat Arrow values: several record batches, a
-    sliced table, a null row (no tokens), large_list; a null id inside a row is one clear error."""
+    sliced table, large_list; a null row (a missing completion, not an empty one) or a null id inside a row is
+    one clear error."""
     from fdivctl.errors import UserError
     from fdivctl.io.sequences import int_list_column
 
     kinds = (pa.list_(pa.int32()), pa.large_list(pa.int64()))
     for kind in kinds:
-        chunks = [pa.array([[1, 2], None, []], kind), pa.array([[5], [7, 8, 9]], kind)]
+        chunks = [pa.array([[1, 2], [3], []], kind), pa.array([[5], [7, 8, 9]], kind)]
         table = pa.table({"c": pa.chunked_array(chunks)}).slice(1)
         got = int_list_column(table, "c", tmp_path)
-        assert [row.tolist() for row in got] == [[], [], [5], [7, 8, 9]] and all(r.dtype == "int64" for r in got)
+        assert [row.tolist() for row in got] == [[3], [], [5], [7, 8, 9]] and all(r.dtype == "int64" for r in got)
     assert int_list_column(pa.table({"c": pa.array([], kinds[0])}), "c", tmp_path) == []
     on_disk = pq.read_table(data)
     assert [r.tolist() for r in int_list_column(on_disk, "completion_token_ids", data)] == \
         on_disk.column("completion_token_ids").to_pylist()
     with pytest.raises(UserError, match="has null values inside its lists"):
         int_list_column(pa.table({"c": pa.array([[1, None]], kinds[0])}), "c", tmp_path)
+    with pytest.raises(UserError, match="column 'c' is null in row 1"):
+        int_list_column(pa.table({"c": pa.array([[1], None], kinds[0])}), "c", tmp_path)
 
 
 def _scored_logits(model_dir, data):

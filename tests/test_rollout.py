@@ -144,6 +144,9 @@ def test_greedy_and_stop_strings(tmp_path, tiny_teacher, prompts):
         (pa.table({"prompt_id": [7, 8, 7], "prompt": ["x", "y", "z"]}), "prompt_id '7' is in rows 0 and 2"),
         # met while sampling (the model is loaded by then): no interrupted run is left behind either
         (pa.table({"prompt_id": ["a", "b"], "prompt": ["x", None]}), "prompt_id 'b': the prompt is null"),
+        (pa.table({"prompt_id": ["a"], "prompt": [5]}), "prompt_id 'a': the prompt is not text but int"),
+        (pa.table({"prompt_id": ["a"], "messages": ["hello"]}), "messages must be a non-empty list of {role, content}"),
+        (pa.table({"prompt_id": ["a"], "messages": [[{"role": "user"}]]}), "got [{'role': 'user'}]"),
     ],
 )
 def test_bad_prompts(tmp_path, tiny_teacher, table, message):
@@ -157,6 +160,12 @@ def test_bad_prompts(tmp_path, tiny_teacher, table, message):
 def test_bad_model_and_options(tmp_path, prompts, tiny_teacher):
     done = _cli("rollout", tmp_path, prompts, tmp_path / "r.parquet")
     assert done.returncode == 2 and "no config.json" in done.stderr
+    bare = tmp_path / "no-tokenizer"  # transformers 5 would build an empty tokenizer: every prompt encodes to []
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_teacher / name).read_bytes())
+    done = _cli("rollout", bare, prompts, tmp_path / "r.parquet")
+    assert done.returncode == 2 and "no tokenizer files (tokenizer.json" in done.stderr, done.stderr
     done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--top-p", 0)
     assert done.returncode == 2 and "--top-p" in done.stderr
     done = _cli("rollout", tiny_teacher, prompts, tmp_path / "r.parquet", "--backend", "tgi")

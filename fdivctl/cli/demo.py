@@ -72,9 +72,11 @@ def run(
     """Run the whole quickstart, printing each fdivctl command before it runs."""
     from fdivctl.cli import app as root
     from fdivctl.errors import UserError
+    from fdivctl.io.atomic import check_output_dir
 
     if out.exists():
         raise UserError(f"{out} exists: choose a new directory")
+    check_output_dir(out)
     started = time.perf_counter()
     for what, args in pipeline.steps(str(out), quick):
         typer.secho(f"\n# {what}\n$ fdivctl {shlex.join(args)}", fg=typer.colors.CYAN, err=True)

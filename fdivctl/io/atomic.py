@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fdivctl.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -27,6 +29,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Refuse, before any work, a file output that cannot be written: ``path`` is a directory, or lies under a
+    file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: give the output a file name")
+    _check_parents(path)
+    return path
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Refuse, before any work, a directory output that cannot be made: ``path`` is a file, or lies under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a directory")
+    _check_parents(path)
+    return path
+
+
+def _check_parents(path: Path) -> None:
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise UserError(f"{path}: {existing} is a file, so nothing can be written under it")
 
 
 def write_json(path: str | Path, data: object) -> None:

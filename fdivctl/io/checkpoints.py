@@ -10,6 +10,9 @@ import torch
 
 from fdivctl.errors import UserError
 
+#: files a saved tokenizer has at least one of (fast, sentencepiece, BPE or WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -39,6 +42,10 @@ def load_tokenizer(path: str | Path, role: str = "model"):
     from transformers import AutoTokenizer
 
     path = check_model_dir(path, role)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers 5 builds an empty tokenizer from config.json alone: every prompt would encode to no tokens
+        raise UserError(f"{role} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …): save the "
+                        "tokenizer with the model (tokenizer.save_pretrained(DIR))")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from fdivctl import __version__
 from fdivctl.errors import UserError
-from fdivctl.io.atomic import atomic_path, write_json
+from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.hashing import file_sha256
 
 FORMAT = "fdivctl-logit-store"
@@ -83,9 +83,7 @@ class StoreWriter:
     """Writes the shards of one store; resumable and safe for disjoint parallel writers."""
 
     def __init__(self, directory: str | Path, settings: dict):
-        self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise UserError(f"{self.directory}: exists and is not a directory")
+        self.directory = check_output_dir(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.settings = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings}
         store_json = self.directory / "store.json"

@@ -128,18 +128,19 @@ def int_list_column(table: pa.Table, column: str, path: Path) -> list[np.ndarray
 
 def list_column(table: pa.Table, column: str, path: Path, dtype=np.int64) -> list[np.ndarray]:
     """A list<int> (``dtype`` integer) or list<number> (``dtype`` floating) column as one ``dtype`` array per
-    row (null row: empty); UserError for another type or a null value. Views into one flat array, without a
-    Python object per value (``to_pylist`` needs ~30 bytes per token)."""
+    row; UserError for another type, a null row (a missing completion is no empty one) or a null value. Views
+    into one flat array, without a Python object per value (``to_pylist`` needs ~30 bytes per token)."""
     kind = table.schema.field(column).type
     numbers = pa.types.is_integer if np.issubdtype(dtype, np.integer) else _is_number
     if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and numbers(kind.value_type)):
         wanted = "list<int>" if numbers is pa.types.is_integer else "list<float>"
         raise UserError(f"{path}: column {column!r} must be {wanted}, got {kind}")
+    require_no_nulls(path, column, table.column(column))
     lists = table.column(column).combine_chunks()
-    flat = lists.flatten()  # the rows' values in order; a null row contributes none
+    flat = lists.flatten()  # the rows' values in order
     if flat.null_count:
         raise UserError(f"{path}: column {column!r} has null values inside its lists")
-    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     if len(lengths) == 0:
         return []
     return np.split(flat.to_numpy(zero_copy_only=False).astype(dtype), np.cumsum(lengths)[:-1])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from fdivctl.errors import UserError
-from fdivctl.io.atomic import atomic_path, write_json
+from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.checkpoints import load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.tables import read_table, require_columns, write_table
@@ -116,6 +116,7 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
     """Compute every figure, write metrics.json, per_prompt.parquet and the plots; return the metrics."""
     if not runs:
         raise UserError("give at least one --run NAME=FILE (or --model with --prompts)")
+    check_output_dir(out_dir)
     if opts.answers not in ANSWER_MODES:
         raise UserError(f"--answers {opts.answers!r}; valid: {', '.join(ANSWER_MODES)}")
     if opts.ks is not None and (not opts.ks or min(opts.ks) < 1):

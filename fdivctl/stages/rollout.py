@@ -24,7 +24,7 @@ from fdivctl.errors import UserError
 from fdivctl.generation.hf import HFGenerator
 from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
 from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
-from fdivctl.io.atomic import atomic_path, write_json
+from fdivctl.io.atomic import atomic_path, check_output_file, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import model_hash, tokenizer_hash
 from fdivctl.io.tables import open_parquet, provenance, read_table, require_prompt_ids, write_tables
@@ -93,16 +93,25 @@ def _check_prompts(path: Path) -> pq.ParquetFile:
 
 def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
     """(prompt text, prompt token ids); chat template for ``messages`` rows or with ``chat``."""
+    where = f"prompt_id {row.get('prompt_id')!r}"
     messages = row.get("messages")
-    if messages is not None or chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("the tokenizer has no chat template (drop --chat, or give plain prompt text)")
-        messages = messages if messages is not None else [{"role": "user", "content": row["prompt"]}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
-    if row.get("prompt") is None:
-        raise UserError(f"prompt_id {row.get('prompt_id')!r}: the prompt is null")
-    return row["prompt"], tokenizer(row["prompt"])["input_ids"]
+    if messages is None:
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str):
+            raise UserError(f"{where}: the prompt is " + ("null" if prompt is None else
+                                                          f"not text but {type(prompt).__name__}"))
+        if not chat:
+            return prompt, tokenizer(prompt)["input_ids"]
+        messages = [{"role": "user", "content": prompt}]
+    elif not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
+            for m in messages)):
+        raise UserError(f"{where}: messages must be a non-empty list of {{role, content}} messages, got "
+                        f"{str(messages)[:80]}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template (drop --chat, or give plain prompt text)")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _check_prompt_lengths(file: pq.ParquetFile, tokenizer, model_dir, opts: RolloutOptions) -> None:
@@ -146,7 +155,7 @@ def run_rollout(
     if opts.batch_size < 1 or opts.tensor_parallel_size < 1:
         raise UserError("--batch-size and --tensor-parallel-size must be ≥ 1")
     backend = resolve_backend(opts.backend, opts.device)
-    prompts, out = Path(prompts), Path(out)
+    prompts, out = Path(prompts), check_output_file(out)
     file = _check_prompts(prompts)
     tokenizer = load_tokenizer(model_dir, "model")
     _check_prompt_lengths(file, tokenizer, model_dir, opts)
@@ -242,6 +251,7 @@ def merge_rollouts(inputs: list[Path], out: Path) -> int:
     """Join shard outputs of one rollout run, streaming; refuse files of different runs or shared rows."""
     if not inputs:
         raise UserError("merge needs at least one input file")
+    check_output_file(out)
     first, keys, n_keys = None, set(), 0
     for path in inputs:
         key_table = read_table(path, columns=["prompt_id", "sample_idx"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from fdivctl.errors import UserError
+from fdivctl.io.atomic import check_output_file
 from fdivctl.io.tables import provenance, read_table, require_columns, write_table
 from fdivctl.rewards.pool import failures, run_pool
 from fdivctl.rewards.verifiers import Verifier
@@ -33,6 +34,7 @@ def score_table(
     rows' verification failed: scored 0, with the reason in their verdict)."""
     if workers < 1 or not timeout > 0:
         raise UserError("--workers must be ≥ 1 and --timeout > 0")
+    check_output_file(out)
     table = read_table(rollouts)
     require_columns(table, rollouts, verifier.required_columns() + ["prompt_id"])
     clash = [c for c in ADDED if c in table.column_names]

@@ -22,7 +22,7 @@ import torch
 
 from fdivctl.engine.targets import normalize_weights
 from fdivctl.errors import UserError
-from fdivctl.io.atomic import write_json
+from fdivctl.io.atomic import check_output_dir, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import model_hash, tokenizer_hash
 
@@ -60,6 +60,7 @@ def run_soup(models: list[Path], out: Path, weights: list[float] | None = None) 
     weights = soup_weights(weights, len(models))
     if out.exists():
         raise UserError(f"{out} exists: choose a new directory for the soup")
+    check_output_dir(out)
     base = load_causal_lm(models[0], device="cpu", role="soup input")
     tokenizer = load_tokenizer(models[0], role="soup input")
     vocab_hash = tokenizer_hash(tokenizer)

@@ -207,9 +207,12 @@ class Trainer:
 
 
 class JsonlLog:
-    """Appends one JSON object per line to ``path`` (or does nothing without a path)."""
+    """Appends one JSON object per line to ``path``, its directory made if need be (or does nothing without a
+    path)."""
 
     def __init__(self, path: Path | None):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a") if path else None
 
     def write(self, record: dict) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fdivctl.errors import UserError
+from fdivctl.io.atomic import check_output_dir, check_output_file
 from fdivctl.io.hashing import file_fingerprint, model_hash
 from fdivctl.training.checkpoint import has_state, saved_state
 
@@ -43,7 +44,11 @@ def run_settings(options, **inputs) -> dict[str, object]:
 
 def begin_run(out: Path, loop, settings: dict[str, object]) -> None:
     """Give the run's ``settings`` to its loop options (every checkpoint saves them); with ``--resume`` and a
-    checkpoint in ``out``, first refuse settings other than the ones it saved."""
+    checkpoint in ``out``, first refuse settings other than the ones it saved; refuse an ``out`` that cannot be a
+    directory, or a ``--log-jsonl`` that cannot be a file, before any work."""
+    check_output_dir(out)
+    if loop.log_jsonl is not None:
+        check_output_file(loop.log_jsonl)
     if loop.resume and has_state(out):
         check_same_run(out, saved_state(out).get("run_settings"), settings)
     loop.run_settings = settings
