@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore, verify_store
 from fdivctl.io.tables import write_table
 from cli_runner import run_cli
@@ -153,11 +154,20 @@ def test_verify_detects_corruption_missing_shard_and_duplicated_row(tmp_path, st
     assert any("checksum" in p for p in verify_store(corrupted))
     done = _cli("teacher-logits", "--verify", corrupted, check=False)
     assert done.returncode == 1 and "checksum" in done.stderr
+    # a reader checks each shard as it first opens it: the sound shard reads, the damaged one is refused
+    index = pq.read_table(corrupted / "index.parquet").to_pylist()
+    in_shard = {row["shard"]: (row["prompt_id"], row["sample_idx"]) for row in index}
+    reader = LogitStore(corrupted)
+    assert len(reader.sequence(*in_shard[0]).ids) > 0
+    with pytest.raises(UserError, match="shard-00001.safetensors is corrupted .* --verify"):
+        reader.sequence(*in_shard[1])
 
     missing = tmp_path / "missing"
     shutil.copytree(store, missing)
     (missing / "shard-00000.safetensors").unlink()
     assert any("missing" in p for p in verify_store(missing))
+    with pytest.raises(UserError, match="shard-00000.safetensors is missing"):
+        LogitStore(missing).sequence(*in_shard[0])
 
     duplicated = tmp_path / "duplicated"
     shutil.copytree(store, duplicated)
