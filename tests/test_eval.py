@@ -236,3 +236,17 @@ def test_bad_run_spec_and_unscored_file(tmp_path):
     pq.write_table(pa.table({"prompt_id": ["a"], "completion": ["x"]}), tmp_path / "raw.parquet")
     done = run_cli("eval", tmp_path / "o", "--run", f"r={tmp_path / 'raw.parquet'}")
     assert done.returncode == 2 and "missing column 'correct'" in done.stderr
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("reward", float("nan"), "column 'reward' is nan in row 3: it must be finite"),
+    ("correct", None, "column 'correct' is null in row 3"),
+    ("confidence", float("inf"), "column 'confidence' is inf in row 3"),
+])
+def test_a_missing_or_non_finite_score_is_refused(tmp_path, column, value, message):
+    """Before: a NaN reward made mean_reward NaN (and metrics.json invalid JSON); a null correct counted as wrong."""
+    extra = lambda i, s, ok: {"confidence": 0.5, **({column: value} if (i, s) == (0, 3) else {})}  # noqa: E731
+    scored = _scored(tmp_path / "s.parquet", [1, 2], extra=extra)
+    done = run_cli("eval", tmp_path / "out", "--run", f"s={scored}")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()

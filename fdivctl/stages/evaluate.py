@@ -23,7 +23,7 @@ from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.checkpoints import load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
-from fdivctl.io.tables import read_table, require_columns, write_table
+from fdivctl.io.tables import read_table, require_columns, require_finite, require_no_nulls, write_table
 from fdivctl.metrics import plots
 from fdivctl.metrics.best_of_n import best_of_n_kl_bound
 from fdivctl.metrics.diversity import distinct_correct
@@ -64,6 +64,11 @@ def load_run(path: Path, opts: EvalOptions) -> list[PromptSamples]:
         require_columns(table, path, [opts.domain_column], " (from --domain-column)")
     if not pa.types.is_boolean(table.schema.field("correct").type):
         raise UserError(f"{path}: column 'correct' must be bool, got {table.schema.field('correct').type}")
+    for name in ("prompt_id", "correct"):
+        require_no_nulls(path, name, table.column(name))
+    for name in ("reward", "confidence"):  # a NaN would be every figure it enters (and invalid JSON)
+        if name in table.column_names:
+            require_finite(path, name, table.column(name))
     rows = table.to_pylist()
     rows.sort(key=lambda r: (str(r["prompt_id"]), r.get("sample_idx") or 0))
     grouped: dict[str, PromptSamples] = {}
