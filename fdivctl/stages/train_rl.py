@@ -58,7 +58,7 @@ from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
-from fdivctl.training.loop import JsonlLog, Trainer, check_fresh_output
+from fdivctl.training.loop import Interruption, JsonlLog, Trainer, check_fresh_output
 from fdivctl.training.lora import weights_to_load
 from fdivctl.training.run_settings import begin_run, run_settings
 
@@ -267,16 +267,19 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     def state() -> dict:
         return {"credit": credit.state(), **update.state_dict()}
 
-    with JsonlLog(opts.loop.log_jsonl if trainer.world.main else None) as log:
+    with JsonlLog(opts.loop.log_jsonl if trainer.world.main else None) as log, Interruption(trainer) as interruption:
         while trainer.step < len(plan):
             step_figures = update.step(trainer, data, credit, plan[trainer.step], temperature)
             trainer.advance_schedule()
             last = {"step": trainer.step, **figures, **step_figures}
             log.write(last)
-            if opts.loop.save_every and trainer.step % opts.loop.save_every == 0 and trainer.step < len(plan):
+            saved = bool(opts.loop.save_every) and trainer.step % opts.loop.save_every == 0 and trainer.step < len(plan)
+            if saved:
                 trainer.save(state())
             if on_step:
                 on_step(trainer.step, len(plan), last)
+            if trainer.step < len(plan):
+                interruption.save_if_asked(trainer.step, state(), saved)
     trainer.save(state())
     return {"steps": trainer.step, "responses": len(data), "responses_kept": len(kept), **last}
 
@@ -368,7 +371,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     update.load_state_dict(trainer.state)
     accuracy = _tracked_accuracy(artifacts, first) if online.prompt_sampling == "gaussian" else {}
     world = trainer.world
-    with JsonlLog(opts.loop.log_jsonl if world.main else None) as log:
+    with JsonlLog(opts.loop.log_jsonl if world.main else None) as log, \
+            Interruption(trainer, "iteration") as interruption:
         for iteration in range(first, online.iterations):
             start = time.perf_counter()
             scored = artifacts / f"iter-{iteration + 1:04d}.scored.parquet"
@@ -395,10 +399,13 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
                     "verifier_failures": len(failures(table.column("verdict").to_pylist())),
                     "seconds": time.perf_counter() - start}
             log.write(last)
-            if (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations:
+            saved = (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations
+            if saved:
                 trainer.save({"iteration": iteration + 1, **update.state_dict()})
             if on_iteration:
                 on_iteration(iteration + 1, online.iterations, last)
+            if iteration + 1 < online.iterations:
+                interruption.save_if_asked(iteration + 1, {"iteration": iteration + 1, **update.state_dict()}, saved)
     if not last:
         trainer.save({"iteration": trainer.state.get("iteration", 0), **update.state_dict()})
     return {"iterations": online.iterations, "steps": trainer.step, **last}

@@ -6,13 +6,17 @@ accumulation, clipping and checkpoints; every command that updates a model
 goes through it.  :func:`run_loop` drives it over a fixed list of examples
 with a deterministic order (epoch e shuffles with ``seed + e``), so resuming
 at step s replays exactly what an uninterrupted run would do.  A non-finite
-loss stops the run with the last good checkpoint kept.
+loss stops the run with the last good checkpoint kept; Ctrl-C stops it with a
+checkpoint of the last finished step (:class:`Interruption`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -206,6 +210,49 @@ class Trainer:
         distributed.barrier(self.world)
 
 
+class Interruption:
+    """Ctrl-C during training, as a context around a loop.
+
+    The first SIGINT lets the current step (or online iteration: ``unit``) finish; then
+    :meth:`save_if_asked` checkpoints it and ends the command with exit status 130, and the same command
+    with ``--resume`` continues from there.  A second SIGINT stops at once, without a checkpoint.  Only in
+    a single process's main thread: under torchrun the ranks would see the signal at different steps and
+    could not save together, so Ctrl-C stops them at once as before.
+    """
+
+    def __init__(self, trainer: Trainer, unit: str = "step"):
+        self.trainer, self.unit = trainer, unit
+        self.asked = False
+        self._previous = None
+
+    def __enter__(self) -> Interruption:
+        if not self.trainer.world.distributed and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print(f"\nfdivctl: interrupted: finishing this {self.unit}, then saving a checkpoint (Ctrl-C again quits "
+              "without one)", file=sys.stderr, flush=True)
+
+    def save_if_asked(self, done: int, extra: dict | None = None, saved: bool = False) -> None:
+        """After ``done`` steps (iterations): when Ctrl-C was pressed, checkpoint with ``extra`` (unless the loop
+        just ``saved`` this one) and exit 130."""
+        if not self.asked:
+            return
+        if not saved:
+            self.trainer.save(extra)
+        print(f"fdivctl: stopped after {self.unit} {done}: checkpoint in {self.trainer.out}; run the same command "
+              "with --resume to continue", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 class JsonlLog:
     """Appends one JSON object per line to ``path``, its directory made if need be (or does nothing without a
     path)."""
@@ -277,7 +324,7 @@ def run_loop(
         raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the {world.size} processes "
                         "(each micro-batch is split over them)")
     last: dict = {}
-    with JsonlLog(opts.log_jsonl if world.main else None) as log:
+    with JsonlLog(opts.log_jsonl if world.main else None) as log, Interruption(trainer) as interruption:
         while trainer.step < total:
             micro = [rows[world.rank :: world.size] for rows in batches_for_step(n_examples, trainer.step, opts)]
             figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
@@ -286,9 +333,12 @@ def run_loop(
             if evaluate and opts.eval_every and (trainer.step % opts.eval_every == 0 or trainer.step == total):
                 last.update(evaluate(trainer.step, total))
             log.write(last)
-            if opts.save_every and trainer.step % opts.save_every == 0 and trainer.step < total:
+            saved = bool(opts.save_every) and trainer.step % opts.save_every == 0 and trainer.step < total
+            if saved:
                 trainer.save()
             if on_step:
                 on_step(trainer.step, total, last)
+            if trainer.step < total:
+                interruption.save_if_asked(trainer.step, saved=saved)
     trainer.save()
     return {"steps": trainer.step, **last}
