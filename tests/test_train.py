@@ -230,6 +230,17 @@ def test_a_non_finite_reward_is_named_by_row(task, scored_rollouts, tmp_path):
     assert done.returncode == 2 and "column 'reward' is inf in row 4: it must be finite" in done.stderr
 
 
+def test_dynamic_sampling_with_only_equal_reward_groups_warns_that_nothing_was_trained(task, scored_rollouts,
+                                                                                      tmp_path):
+    table = pq.read_table(scored_rollouts)
+    flat = tmp_path / "flat.parquet"
+    pq.write_table(table.set_column(table.column_names.index("reward"), "reward",
+                                    pa.array([1.0] * table.num_rows, pa.float32())), flat)
+    done = run_cli("train", task / "sft", tmp_path / "o", "--rollouts", flat, "--dynamic-sampling", "--device", "cpu")
+    assert done.returncode == 0 and json.loads(done.stdout)["steps"] == 0
+    assert "warning: no response of" in done.stderr and "holds the starting policy" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("value, message", [(float("nan"), "completion_logprobs[1] is nan"),
                                             (0.5, "completion_logprobs[1] is 0.5, not the log-prob")])
 def test_recorded_logprobs_must_be_logprobs(task, scored_rollouts, tmp_path, value, message):

@@ -255,6 +255,10 @@ def command(
                              device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
             if rollouts is not None:
                 summary = run_staged(policy, rollouts, out, opts, on_step=on_step)
+                if not summary["responses_kept"] and is_main():
+                    typer.echo(f"fdivctl: warning: no response of {rollouts} was trained on (every group's rewards "
+                               "were equal, which --dynamic-sampling drops, or its completions were empty): no step "
+                               f"was taken, and {out} holds the starting policy", err=True)
             else:
                 online = OnlineOptions(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
                                        prompt_sampling=prompt_sampling, gcs_mu=gcs_mu, gcs_sigma=gcs_sigma,
