@@ -241,6 +241,8 @@ def test_parse_spec():
     assert divergences.parse("fkl").name == "fkl"
     with pytest.raises(ValueError, match="expected key=value"):
         divergences.parse("jsd:0.3")
+    with pytest.raises(ValueError, match="beta is given twice"):  # was: the last one, silently
+        divergences.parse("jsd:beta=0.5,beta=0.2")
 
 
 def test_shape_mismatch_is_an_error():

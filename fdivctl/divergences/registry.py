@@ -75,6 +75,8 @@ def split_spec(spec: str) -> tuple[str, dict[str, float]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"divergence spec {spec!r}: expected key=value, got {item!r}")
+        if key.strip() in params:
+            raise ValueError(f"divergence spec {spec!r}: {key.strip()} is given twice")
         try:
             params[key.strip()] = float(value)
         except ValueError:
