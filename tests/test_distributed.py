@@ -2,6 +2,7 @@
 and a run resumes on another number of processes."""
 
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +71,26 @@ def test_two_gloo_processes_equal_one_and_resume_across_world_sizes(tmp_path, st
     done = run_torchrun(*_args(student, resumed, data, tiny_teacher, 4, "--resume"))
     assert done.returncode == 0, done.stderr[-3000:]
     _close(single, resumed)
+
+
+def test_bf16_master_weights_shard_and_resume_across_world_sizes(tmp_path, student, data, tiny_teacher):
+    """A bf16 model's fp32 master weights are DTensor shards under FSDP2: each rank saves its own; 2 steps then a
+    resume to 4 on 2 processes equal 4 steps at once, bit for bit, and one process resumes them too."""
+    whole, resumed, other = tmp_path / "whole", tmp_path / "resumed", tmp_path / "other"
+    bf16 = ("--dtype", "bf16")
+    done = run_torchrun(*_args(student, whole, data, tiny_teacher, 4, *bf16))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_torchrun(*_args(student, resumed, data, tiny_teacher, 2, *bf16))
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted(p.name for p in (resumed / "fdivctl_state" / "master").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    shutil.copytree(resumed, other)
+    done = run_torchrun(*_args(student, resumed, data, tiny_teacher, 4, *bf16, "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_file(resumed / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    _close(whole, resumed, atol=0)
+    done = run_cli(*_args(student, other, data, tiny_teacher, 3, *bf16, "--resume"))  # the shards, resharded
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, student, data, tiny_teacher):

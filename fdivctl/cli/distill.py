@@ -15,6 +15,7 @@ from fdivctl.cli.options import (
     LORA_DROPOUT,
     LORA_R,
     MAX_GRAD_NORM,
+    TRAIN_DTYPE,
 )
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
@@ -99,7 +100,7 @@ def command(
     log_jsonl: Path = typer.Option(None, help="Append one JSON line per step: loss, divergence, ce, grad norm, lr, "
                                    "tokens/s."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT (exact: data order, optimizer, RNG)."),
-    dtype: str = typer.Option("auto", help="Model dtype: auto, fp32, bf16, fp16."),
+    dtype: str = TRAIN_DTYPE,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     allow_tokenizer_mismatch: bool = typer.Option(False, help="UNSAFE: skip the student/teacher tokenizer check."),
 ) -> None:

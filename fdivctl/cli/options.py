@@ -24,6 +24,9 @@ CHUNK_SIZE = typer.Option(None, help="Token rows per chunk of each head's [rows,
                           "model's, and a reference's or teacher's token log-probs), the largest buffers (memory vs "
                           "speed; the update is the same; default about 2^26 logits per chunk on CUDA, 2^22 on the "
                           "CPU).")
+TRAIN_DTYPE = typer.Option("auto", help="Model dtype: auto (the checkpoint's on CUDA, fp32 on the CPU), fp32, bf16, "
+                           "fp16. A bf16/fp16 model computes in that dtype and AdamW updates fp32 master copies of "
+                           "its weights (saved with each checkpoint).")
 MAX_GRAD_NORM = typer.Option(1.0, help="Clip the gradient's global L2 norm to this before each optimizer step "
                              "(0: no clipping; the norm is logged either way).")
 GRAD_CHECKPOINTING = typer.Option(False, help="Recompute decoder activations in backward: less memory, about one "

@@ -15,6 +15,7 @@ from fdivctl.cli.options import (
     LORA_DROPOUT,
     LORA_R,
     MAX_GRAD_NORM,
+    TRAIN_DTYPE,
 )
 from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
@@ -177,7 +178,7 @@ def command(
     lora_r: int = LORA_R,
     lora_alpha: float = LORA_ALPHA,
     lora_dropout: float = LORA_DROPOUT,
-    dtype: str = typer.Option("auto", help="Model dtype: auto, fp32, bf16, fp16."),
+    dtype: str = TRAIN_DTYPE,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     allow_tokenizer_mismatch: bool = typer.Option(False, help="UNSAFE: skip the tokenizer hash checks."),
 ) -> None:

@@ -6,7 +6,9 @@ Under LoRA the directory holds the merged weights and the adapter alone in
 ``fdivctl_state/state.pt`` holds the scheduler state, the step, the RNG
 states and what the caller adds; ``fdivctl_state/optimizer/`` holds the
 optimizer state as a ``torch.distributed.checkpoint`` directory that every
-rank writes its own shard into (:func:`fdivctl.training.distributed.save_optimizer`).
+rank writes its own shard into (:func:`fdivctl.training.distributed.save_optimizer`),
+and for a bf16/fp16 model ``fdivctl_state/master/`` its fp32 master weights
+the same way (:mod:`fdivctl.training.master_weights`).
 A checkpoint is written to a staging sibling directory and renamed into place,
 so ``OUT`` always holds either the previous complete checkpoint or the new one
 (DESIGN.md, "Checkpoints").  Under torchrun every rank must see ``OUT``'s
@@ -31,6 +33,7 @@ from fdivctl.training import lora
 STATE_DIR = "fdivctl_state"
 RUN_DIR = "fdivctl_run"
 OPTIMIZER_DIR = "optimizer"
+MASTER_DIR = "master"
 
 
 def run_dir(out: Path) -> Path:
@@ -49,6 +52,11 @@ def staging_dir(out: Path) -> Path:
 def optimizer_dir(checkpoint: Path) -> Path:
     """Where a checkpoint (or its staging directory) keeps the sharded optimizer state."""
     return Path(checkpoint) / STATE_DIR / OPTIMIZER_DIR
+
+
+def master_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint (or its staging directory) keeps the fp32 master weights of a bf16/fp16 model."""
+    return Path(checkpoint) / STATE_DIR / MASTER_DIR
 
 
 def begin_checkpoint(out: Path) -> None:

@@ -229,6 +229,23 @@ def load_optimizer(model, optimizer, path: Path) -> None:
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write named tensors (whole or DTensor shards) with ``torch.distributed.checkpoint``, as
+    :func:`save_optimizer` writes the optimizer state (a collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+
+    with _single_process_is_meant():
+        dcp.save({"tensors": tensors}, checkpoint_id=path, no_dist=not dist.is_initialized())
+
+
+def load_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Read what :func:`save_tensors` wrote into ``tensors`` in place, resharded to this run's processes."""
+    import torch.distributed.checkpoint as dcp
+
+    with _single_process_is_meant():
+        dcp.load({"tensors": tensors}, checkpoint_id=path, no_dist=not dist.is_initialized())
+
+
 def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     """Restore an optimizer state that a checkpoint older than :func:`save_optimizer` stored whole in
     ``state.pt`` (full, keyed by parameter name; each rank keeps its slices)."""

@@ -32,10 +32,12 @@ from fdivctl.training.checkpoint import (
     finish_checkpoint,
     has_state,
     load_state,
+    master_dir,
     optimizer_dir,
     staging_dir,
 )
 from fdivctl.training.lora import LoraOptions, add_adapters, check_resume
+from fdivctl.training.master_weights import MasterWeights
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -145,7 +147,12 @@ class Trainer:
         if self.world.distributed:
             distributed.shard(model, self.world)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        # a bf16/fp16 model is updated through fp32 copies (master_weights.py); the optimizer state is named by
+        # the module that holds what it updates
+        self.masters = MasterWeights(model) if MasterWeights.needed(model) else None
+        self.updated = self.masters.params if self.masters else self.params
+        self.optimizer_owner = self.masters.module if self.masters else model
+        self.optimizer = torch.optim.AdamW(self.updated, lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(opts, total))
         self.total = total
         self.step = 0
@@ -153,9 +160,11 @@ class Trainer:
         if resuming:
             self.state = load_state(self.out)
             if "optimizer" in self.state:  # a checkpoint from before the sharded optimizer state
-                distributed.load_full_optimizer_state(model, self.optimizer, self.state.pop("optimizer"))
+                distributed.load_full_optimizer_state(self.optimizer_owner, self.optimizer, self.state.pop("optimizer"))
             else:
-                distributed.load_optimizer(model, self.optimizer, optimizer_dir(self.out))
+                distributed.load_optimizer(self.optimizer_owner, self.optimizer, optimizer_dir(self.out))
+            if self.masters and master_dir(self.out).is_dir():  # else: copies of the saved (rounded) weights
+                distributed.load_tensors(self.masters.copies, master_dir(self.out))
             self.scheduler.load_state_dict(self.state["scheduler"])
             self.step = self.state["step"]
         elif self.out.exists() and any(p.name != RUN_DIR for p in self.out.iterdir()):
@@ -169,6 +178,7 @@ class Trainer:
         """
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         figures: dict[str, float] = {}
         for micro in micro_batches:
             loss, parts = micro()
@@ -180,8 +190,12 @@ class Trainer:
             for key, value in parts.items():
                 figures[key] = figures.get(key, 0.0) + value
         distributed.average_replicated_grads(self.params, self.world)
-        grad_norm = distributed.clip_grad_norm(self.params, self.opts.max_grad_norm or math.inf, self.world)
+        if self.masters:
+            self.masters.take_grads()
+        grad_norm = distributed.clip_grad_norm(self.updated, self.opts.max_grad_norm or math.inf, self.world)
         self.optimizer.step()
+        if self.masters:
+            self.masters.to_model()
         self.step += 1
         figures = distributed.mean_figures(figures, self.world)
         seconds = time.perf_counter() - start
@@ -203,7 +217,9 @@ class Trainer:
         if self.world.main:
             begin_checkpoint(self.out)
         distributed.barrier(self.world)
-        distributed.save_optimizer(self.model, self.optimizer, optimizer_dir(staging_dir(self.out)))
+        distributed.save_optimizer(self.optimizer_owner, self.optimizer, optimizer_dir(staging_dir(self.out)))
+        if self.masters:
+            distributed.save_tensors(self.masters.copies, master_dir(staging_dir(self.out)))
         if self.world.main:
             finish_checkpoint(self.out, self.model, self.tokenizer, self.scheduler, self.step,
                               {"run_settings": self.opts.run_settings, **(extra or {})}, model_state)
