@@ -393,3 +393,34 @@ def test_trust_region_distills_only_where_the_teacher_stayed_near_the_base(tmp_p
     assert first["trust_region_kept"] == pytest.approx(float(mask.mean()))
     assert first["loss"] == pytest.approx(float((mask * per_token).sum() / len(tokens)), rel=1e-5)
     assert first["loss"] < runs["free"][0]["loss"]
+
+
+def test_text_completions_end_with_eos_so_sft_learns_to_stop(tmp_path, tokenizer_dir):
+    """A text completion gets the tokenizer's EOS appended (not twice, not to an empty one); SFT on completions
+    written without it then gives a model that stops after the answer (before: it never saw EOS, and sampled to
+    --max-new-tokens)."""
+    from transformers import AutoTokenizer
+
+    from fdivctl import tiny
+    from fdivctl.io.sequences import sequences_from_table
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    table = pa.table({"prompt": ["1+2=", "1+2=", "1+2="], "completion": [" 3", " 3" + tok.eos_token, ""]})
+    seqs = sequences_from_table(table, tmp_path, tok)
+    answer = tok(" 3", add_special_tokens=False)["input_ids"]
+    assert [c.tolist() for c in seqs.completion_tokens] == [answer + [tok.eos_token_id]] * 2 + [[]]
+
+    model = tmp_path / "random"
+    tiny.make_model(model, tok, seed=0, hidden=64, layers=1)
+    prompts = ["1+2=", "2+2=", "3+3=", "1+1="]
+    answers = [" 3", " 4", " 6", " 2"]
+    data = tmp_path / "sft.parquet"
+    pq.write_table(pa.table({"prompt": prompts * 4, "completion": answers * 4}), data)
+    run_cli("train", model, tmp_path / "sft", "--algo", "sft", "--data", data, "--lr", "3e-3", "--batch-size", 8,
+            "--max-steps", 60, "--lr-schedule", "constant", "--device", "cpu", check=True)
+    pq.write_table(pa.table({"prompt_id": ["a", "b", "c", "d"], "prompt": prompts}), tmp_path / "prompts.parquet")
+    run_cli("rollout", tmp_path / "sft", tmp_path / "prompts.parquet", tmp_path / "r.parquet", "--temperature", 0,
+            "--max-new-tokens", 12, "--device", "cpu", check=True)
+    rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    assert [r["finish_reason"] for r in rows] == ["stop"] * 4, [r["completion"] for r in rows]
+    assert [r["completion"] for r in rows] == answers

@@ -201,7 +201,9 @@ def test_text_sequences_are_tokenized_with_the_teacher(tmp_path, tiny_teacher):
     _cli("teacher-logits", tiny_teacher, path, out, "--k", 4, "--device", "cpu")
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     got = LogitStore(out).sequence("0", 0)
-    assert got.token_ids.tolist() == tok(" The answer is 7.", add_special_tokens=False)["input_ids"]
+    # a text completion ends with EOS (appended): the teacher's stopping distribution is stored too
+    assert got.token_ids.tolist() == tok(" The answer is 7.", add_special_tokens=False)["input_ids"] + \
+        [tok.eos_token_id]
 
 
 def test_tokenizer_mismatch_is_refused(tmp_path, store, tiny_teacher, seqs):

@@ -6,7 +6,10 @@ Accepted tables (Parquet):
   ``completion_token_ids`` (list<int>);
 * any table with text ``prompt`` and ``completion`` columns, tokenized here
   with the given tokenizer: the prompt with the tokenizer's special tokens,
-  the completion without (so ``prompt_ids + completion_ids`` is the sequence).
+  the completion without, then the tokenizer's EOS token after a non-empty
+  completion that does not end with it (so ``prompt_ids + completion_ids`` is
+  the sequence, and a model trained on it learns where an answer ends; TRL's
+  SFT and DPO trainers append it the same way).
 
 Row keys are ``prompt_id`` (any scalar; kept as text) and ``sample_idx``
 (default 0); without ``prompt_id`` the row number is the key.  Keys must be
@@ -196,8 +199,10 @@ def sequences_from_table(table: pa.Table, path: Path, tokenizer=None) -> Sequenc
             raise UserError(f"{path}: text columns need a tokenizer")
         prompt_text, completion_text = text_column(table, "prompt", path), text_column(table, "completion", path)
         prompts = [np.asarray(x, dtype=np.int64) for x in tokenizer(prompt_text, add_special_tokens=True)["input_ids"]]
+        eos = tokenizer.eos_token_id
         completions = [
-            np.asarray(x, dtype=np.int64) for x in tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+            np.asarray(x + [eos] if x and eos is not None and x[-1] != eos else x, dtype=np.int64)
+            for x in tokenizer(completion_text, add_special_tokens=False)["input_ids"]
         ]
     else:
         raise UserError(
