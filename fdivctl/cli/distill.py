@@ -40,7 +40,9 @@ def command(
     baseline_topk: int = typer.Option(None, help="vopd: the baseline's KL over the teacher's top-K ids + tail "
                                       "instead of the full vocabulary."),
     backend: str = typer.Option("hf", help="On-policy sampling: hf, vllm, or auto (vllm on CUDA when installed)."),
-    chat: bool = typer.Option(False, help="On-policy: wrap each prompt in the tokenizer's chat template."),
+    chat: bool = typer.Option(False, help="Wrap text prompts in the tokenizer's chat template, as rollout --chat "
+                              "does: on-policy prompts, and the prompts of text prompt/completion tables (--data, "
+                              "--eval-data; a --logits store must be made with teacher-logits --chat)."),
     logits: Path = typer.Option(None, help="Offline teacher signal: a store from `fdivctl teacher-logits`."),
     teacher: list[Path] = typer.Option(None, "--teacher", help="Online teacher signal: a teacher model directory "
                                        "(run under no_grad); repeat for a per-token mixture of teachers."),
@@ -126,7 +128,7 @@ def command(
     opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, chunk_size=chunk_size,
                           tail=tail, vocab=vocab, dtype=dtype, device=device,
                           allow_tokenizer_mismatch=allow_tokenizer_mismatch, teacher_weights=teacher_weights,
-                          on_policy=online, prompt_weighting=prompt_weighting, paced_alpha=paced_alpha,
+                          on_policy=online, chat=chat, prompt_weighting=prompt_weighting, paced_alpha=paced_alpha,
                           paced_beta=paced_beta, pass_rates=pass_rates, depth_curriculum=depth_curriculum,
                           depth_start=depth_start, depth_warmup=depth_warmup, eval_data=eval_data,
                           eval_logits=eval_logits, trust_region=trust_region, loop=loop)

@@ -30,6 +30,8 @@ def command(
     shard: str = typer.Option(None, help="Process shards j with j mod n = i, as i/n, so n processes split one store "
                               "(default 0/1; under torchrun RANK/WORLD_SIZE)."),
     include_prompt: bool = typer.Option(False, help="Also score prompt tokens (after the first)."),
+    chat: bool = typer.Option(False, help="Text (prompt, completion) tables: wrap each prompt in the tokenizer's "
+                              "chat template, as rollout --chat does (distill --chat must then read the store)."),
     device: str = typer.Option("auto", help="Where the teacher runs: auto, cpu, cuda, cuda:N."),
     model_dtype: str = typer.Option("auto", help="Teacher weights dtype: auto, fp32, bf16, fp16."),
     allow_tokenizer_mismatch: bool = typer.Option(
@@ -56,7 +58,7 @@ def command(
     opts = TeacherLogitsOptions(
         k=k, temperature=temperature, dtype=dtype, batch_size=batch_size,
         max_tokens_per_shard=max_tokens_per_shard, shard=parse_shard(shard),
-        include_prompt=include_prompt, device=device, model_dtype=model_dtype,
+        include_prompt=include_prompt, chat=chat, device=device, model_dtype=model_dtype,
         allow_tokenizer_mismatch=allow_tokenizer_mismatch,
     )
     with progress_bar("teacher-logits", "tok") as progress:

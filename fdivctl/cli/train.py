@@ -70,7 +70,9 @@ def command(
     top_p: float = typer.Option(1.0, help="Online sampling nucleus mass."),
     max_new_tokens: int = typer.Option(256, help="Online sampling: longest completion in tokens."),
     stop: list[str] = typer.Option(None, "--stop", help="Online sampling stop string (repeatable)."),
-    chat: bool = typer.Option(False, help="Wrap plain prompts in the tokenizer's chat template."),
+    chat: bool = typer.Option(False, help="Wrap text prompts in the tokenizer's chat template, as rollout --chat "
+                              "does: online --prompts, --partition, and the text tables of --algo sft (--data) and "
+                              "fdpo (--pairs). Staged --rollouts were encoded when sampled: give --chat there."),
     backend: str = typer.Option("hf", help="Online sampling: hf (the training model itself), vllm (one engine, "
                                 "updated weights loaded into it each iteration), or auto (vllm on CUDA when "
                                 "installed)."),
@@ -214,6 +216,9 @@ def command(
     if not wanted and len([i for i in inputs if i in ("--rollouts", "--prompts")]) != 1 or \
             (not wanted and any(i in ("--pairs", "--data") for i in inputs)):
         raise UserError(f"--algo {algo}: give --rollouts (staged) or --prompts (online), one of them")
+    if chat and rollouts is not None:
+        raise UserError("--chat wraps text prompts; --rollouts holds token ids, encoded when they were sampled (give "
+                        "--chat to that rollout)")
     with progress_bar(f"train {algo}", "steps") as progress:
         task = progress.add_task(f"train {algo}", total=None)
 
@@ -230,12 +235,12 @@ def command(
             summary = run_distill(policy, out, data,
                                   DistillOptions(loss=SFT_PREFIX + divergence if f_sft else "ce", dtype=dtype,
                                                  device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-                                                 loop=loop),
+                                                 chat=chat, loop=loop),
                                   teacher=(ref_model or policy) if f_sft else None, on_step=on_step)
         elif algo == "fdpo":
             summary = run_fdpo(policy, pairs, out, FDPOOptions(divergence="rkl" if divergence == "none" else
                                                                divergence, beta=beta, dtype=dtype, device=device,
-                                                               loop=loop), on_step=on_step)
+                                                               chat=chat, loop=loop), on_step=on_step)
         else:
             opts = RLOptions(algo=algo, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, std_norm=std_norm,
                              dynamic_sampling=dynamic_sampling, overlong_penalty=overlong_penalty,

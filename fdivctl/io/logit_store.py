@@ -206,6 +206,14 @@ class LogitStore:
                 "same tokenizer (--allow-tokenizer-mismatch skips this check and is unsafe)"
             )
 
+    def check_chat(self, chat: bool) -> None:
+        """Refuse a consumer that encodes text prompts otherwise than the store's source was (``--chat``): the
+        completions would match while the teacher was conditioned on other prompt tokens."""
+        if bool(self.manifest.get("chat", False)) != chat:
+            made = "with" if self.manifest.get("chat") else "without"
+            raise UserError(f"logit store {self.directory} was made {made} --chat (its text prompts "
+                            f"{'in' if made == 'with' else 'outside'} the chat template): give the same here")
+
     def _shard(self, index: int):
         """Shard ``index``, its checksum checked when it is first opened (a flipped bit in a stored log-prob
         would otherwise train on silently; the cost is one sequential read of the shard, ~1.7 GB/s)."""

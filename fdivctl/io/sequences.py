@@ -28,6 +28,7 @@ import torch
 
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import ModelLimits
+from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.tables import provenance, read_table, require_no_nulls
 
 
@@ -180,25 +181,36 @@ def text_column(table: pa.Table, column: str, path: Path) -> list[str]:
     return table.column(column).to_pylist()
 
 
-def load_sequences(path: str | Path, tokenizer=None) -> Sequences:
-    """Read a sequences table; ``tokenizer`` is needed only for text columns."""
+def load_sequences(path: str | Path, tokenizer=None, chat: bool = False) -> Sequences:
+    """Read a sequences table; ``tokenizer`` is needed only for text columns (``chat``: see
+    :func:`sequences_from_table`)."""
     path = Path(path)
-    seqs = sequences_from_table(read_table(path), path, tokenizer)
+    seqs = sequences_from_table(read_table(path), path, tokenizer, chat)
     seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
     return seqs
 
 
-def sequences_from_table(table: pa.Table, path: Path, tokenizer=None) -> Sequences:
-    """The sequences of a table already in memory (``path`` names it in errors; no tokenizer hash)."""
+def sequences_from_table(table: pa.Table, path: Path, tokenizer=None, chat: bool = False) -> Sequences:
+    """The sequences of a table already in memory (``path`` names it in errors; no tokenizer hash).
+
+    ``chat`` wraps each text prompt in the tokenizer's chat template as ``rollout --chat`` does (a user turn and
+    the assistant header), so a model trained on the table sees its prompts as it will be sampled; token-id
+    tables were encoded when they were sampled, and ``chat`` refuses them.
+    """
     names = table.column_names
     if "prompt_token_ids" in names and "completion_token_ids" in names:
+        if chat:
+            raise UserError(f"{path}: --chat wraps text prompts in the chat template, and this table holds token "
+                            "ids (encoded when they were sampled: give --chat to that rollout instead)")
         prompts = int_list_column(table, "prompt_token_ids", path)
         completions = int_list_column(table, "completion_token_ids", path)
     elif "prompt" in names and "completion" in names:
         if tokenizer is None:
             raise UserError(f"{path}: text columns need a tokenizer")
         prompt_text, completion_text = text_column(table, "prompt", path), text_column(table, "completion", path)
-        prompts = [np.asarray(x, dtype=np.int64) for x in tokenizer(prompt_text, add_special_tokens=True)["input_ids"]]
+        prompts = [np.asarray(encode_prompt(tokenizer, {"prompt": text, "prompt_id": row}, True)[1], dtype=np.int64)
+                   for row, text in enumerate(prompt_text)] if chat else \
+            [np.asarray(x, dtype=np.int64) for x in tokenizer(prompt_text, add_special_tokens=True)["input_ids"]]
         eos = tokenizer.eos_token_id
         completions = [
             np.asarray(x + [eos] if x and eos is not None and x[-1] != eos else x, dtype=np.int64)

@@ -40,6 +40,7 @@ from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
 from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
+from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.sequences import Sequences, int_list_column, load_sequences
 from fdivctl.io.tables import read_table, require_columns, require_no_nulls, require_prompt_ids
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
@@ -54,7 +55,6 @@ from fdivctl.schedules.depth import (
 from fdivctl.schedules.divergence_schedule import DivergenceSchedule
 from fdivctl.schedules.paced import paced_weights
 from fdivctl.stages.live_sampler import live_generator
-from fdivctl.stages.rollout import encode_prompt
 from fdivctl.stages.signals import (
     FrozenModel,
     check_same_tokenizer,
@@ -105,6 +105,7 @@ class DistillOptions:
     allow_tokenizer_mismatch: bool = False
     teacher_weights: str | None = None  # several teachers: "0.7,0.3" or "confidence" (default)
     on_policy: OnPolicyOptions | None = None  # None: offline, on the data's sequences
+    chat: bool = False  # text prompt/completion tables (data, eval data): prompts through the chat template
     prompt_weighting: str = "none"  # none | paced
     paced_alpha: float = 1.0
     paced_beta: float = 1.0
@@ -236,7 +237,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, limits: Model
         if opts.loop.eval_every:
             raise UserError("--eval-every needs --eval-data FILE (held-out sequences)")
         return None
-    seqs = load_sequences(opts.eval_data, tokenizer)
+    seqs = load_sequences(opts.eval_data, tokenizer, opts.chat)
     seqs.check_scorable(opts.eval_data)
     seqs.check_fits(opts.eval_data, limits)
     store = None
@@ -245,6 +246,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, limits: Model
     if opts.eval_logits is not None:
         store = LogitStore(opts.eval_logits)
         store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
+        store.check_chat(opts.chat)
     size = opts.loop.batch_size
 
     def evaluate(step: int, total: int) -> dict:
@@ -297,6 +299,7 @@ def prepare_distill(
     if logits is not None:
         store = LogitStore(logits)
         store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
+        store.check_chat(opts.chat)
     weights = _teacher_weights(opts.teacher_weights, len(teachers))
     for t in teachers:
         check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
@@ -310,7 +313,7 @@ def prepare_distill(
         check_prompts_fit(prompt_ids, encoded, limits.context, limits.context_of)
         seqs = None
     else:
-        seqs = load_sequences(data, tokenizer)
+        seqs = load_sequences(data, tokenizer, opts.chat)
         seqs.check_scorable(data)  # refuse unscorable rows before any training, not when their batch comes
         seqs.check_tokenizer(data, student_hash, "student", opts.allow_tokenizer_mismatch)
         seqs.check_fits(data, limits)

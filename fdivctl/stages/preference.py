@@ -40,13 +40,14 @@ class FDPOOptions:
     beta: float = 0.1
     dtype: str = "auto"
     device: str = "auto"
+    chat: bool = False  # prompts through the chat template
     loop: LoopOptions = field(default_factory=LoopOptions)
 
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
-def _pairs(path: Path, tokenizer) -> tuple[Sequences, Sequences, pa.Table]:
+def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.Table]:
     table = read_table(path)
     require_columns(table, path, ["prompt", "chosen", "rejected"], " (text columns of preference pairs)")
     for column in ("prompt", "chosen", "rejected"):
@@ -60,7 +61,7 @@ def _pairs(path: Path, tokenizer) -> tuple[Sequences, Sequences, pa.Table]:
     sides = []
     for side in ("chosen", "rejected"):
         view = pa.table({"prompt": table.column("prompt"), "completion": table.column(side)})
-        seqs = sequences_from_table(view, path, tokenizer)
+        seqs = sequences_from_table(view, path, tokenizer, chat)
         for row in range(len(seqs)):
             if len(seqs.completion_tokens[row]) == 0:
                 raise UserError(f"{path}: row {row} has an empty {side} response")
@@ -121,7 +122,7 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), pairs=Path(pairs)))
     distributed.barrier(world)  # every rank has seen OUT before rank 0 writes into it
     tokenizer = load_tokenizer(policy, "policy")
-    chosen, rejected, table = _pairs(pairs, tokenizer)
+    chosen, rejected, table = _pairs(pairs, tokenizer, opts.chat)
     limits = model_limits((policy, "policy"))
     chosen.check_fits(pairs, limits)
     rejected.check_fits(pairs, limits)

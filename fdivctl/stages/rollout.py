@@ -27,6 +27,7 @@ from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
 from fdivctl.io.atomic import atomic_path, check_output_file, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import model_hash, tokenizer_hash
+from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.tables import open_parquet, provenance, read_table, require_prompt_ids, write_tables
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -89,29 +90,6 @@ def _check_prompts(path: Path) -> pq.ParquetFile:
     if clash:
         raise UserError(f"{path}: column {clash[0]!r} would be overwritten by rollout's output")
     return file
-
-
-def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
-    """(prompt text, prompt token ids); chat template for ``messages`` rows or with ``chat``."""
-    where = f"prompt_id {row.get('prompt_id')!r}"
-    messages = row.get("messages")
-    if messages is None:
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str):
-            raise UserError(f"{where}: the prompt is " + ("null" if prompt is None else
-                                                          f"not text but {type(prompt).__name__}"))
-        if not chat:
-            return prompt, tokenizer(prompt)["input_ids"]
-        messages = [{"role": "user", "content": prompt}]
-    elif not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
-            for m in messages)):
-        raise UserError(f"{where}: messages must be a non-empty list of {{role, content}} messages, got "
-                        f"{str(messages)[:80]}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the tokenizer has no chat template (drop --chat, or give plain prompt text)")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _check_prompt_lengths(file: pq.ParquetFile, tokenizer, model_dir, opts: RolloutOptions) -> None:

@@ -38,6 +38,7 @@ class TeacherLogitsOptions:
     max_tokens_per_shard: int = 1_000_000
     shard: tuple[int, int] = (0, 1)
     include_prompt: bool = False
+    chat: bool = False  # text tables: prompts through the chat template (recorded; distill --chat must agree)
     device: str = "auto"
     model_dtype: str = "auto"
     allow_tokenizer_mismatch: bool = False
@@ -101,7 +102,7 @@ def run_teacher_logits(
     opts.check()
     tokenizer = load_tokenizer(teacher, "teacher")
     tok_hash = tokenizer_hash(tokenizer)
-    seqs = load_sequences(sequences, tokenizer)
+    seqs = load_sequences(sequences, tokenizer, opts.chat)
     seqs.check_tokenizer(sequences, tok_hash, f"teacher {teacher}", opts.allow_tokenizer_mismatch)
     counts = seqs.check_scorable(sequences, opts.include_prompt)
     limits = model_limits((teacher, "teacher"))
@@ -117,6 +118,7 @@ def run_teacher_logits(
         "temperature": opts.temperature,
         "dtype": opts.dtype,
         "include_prompt": opts.include_prompt,
+        "chat": opts.chat,
         "batch_size": opts.batch_size,
         "max_tokens_per_shard": opts.max_tokens_per_shard,
         "source": str(Path(sequences).resolve()),

@@ -42,8 +42,16 @@ from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
 from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
+from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, sampled_logprobs, sequences_from_table
-from fdivctl.io.tables import provenance, read_table, require_columns, require_prompt_ids, write_table
+from fdivctl.io.tables import (
+    open_parquet,
+    provenance,
+    read_table,
+    require_columns,
+    require_prompt_ids,
+    write_table,
+)
 from fdivctl.objectives import trace
 from fdivctl.rewards.pool import failures
 from fdivctl.rewards.verifiers import Verifier
@@ -53,7 +61,7 @@ from fdivctl.stages.live_sampler import live_generator
 from fdivctl.stages.policy_update import PolicyUpdate
 from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, Replay, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
-from fdivctl.stages.rollout import encode_prompt, rollout_rows
+from fdivctl.stages.rollout import rollout_rows
 from fdivctl.stages.score import score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training import distributed
@@ -154,13 +162,14 @@ def load_partition(directory: Path, policy_hash: str, allow_mismatch: bool) -> t
     return record, samples
 
 
-def _replay(tokenizer, policy_hash: str, limits: ModelLimits, opts: RLOptions) -> Replay | None:
-    """RECAP's replayed tables (``--replay``), tokenized and checked before any training."""
+def _replay(tokenizer, policy_hash: str, limits: ModelLimits, opts: RLOptions, chat: bool) -> Replay | None:
+    """RECAP's replayed tables (``--replay``), tokenized (text prompts through the chat template with ``chat``,
+    as the online run's prompts) and checked before any training."""
     if not opts.replay:
         return None
     sets = []
     for path in opts.replay:
-        seqs = load_sequences(path, tokenizer)  # an empty table is refused as it is read
+        seqs = load_sequences(path, tokenizer, chat and _is_text(path))  # an empty table is refused as it is read
         seqs.check_scorable(path)
         seqs.check_tokenizer(path, policy_hash, "policy", opts.allow_tokenizer_mismatch)
         seqs.check_fits(path, limits)
@@ -170,7 +179,13 @@ def _replay(tokenizer, policy_hash: str, limits: ModelLimits, opts: RLOptions) -
     return Replay(sets, opts.replay_divergence(), opts.replay_coef, opts.replay_batch_size, weights)
 
 
-def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
+def _is_text(path: Path) -> bool:
+    """Whether a sequences table holds text prompts (no token ids: those were encoded when they were sampled)."""
+    names = open_parquet(path).schema_arrow.names
+    return not ("prompt_token_ids" in names and "completion_token_ids" in names)
+
+
+def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool, chat: bool = False):
     """Under torchrun the ranks split each step's responses (policy_update.py); online, rank 0 samples.
 
     Also returns the token bounds of every model the run loads (:func:`model_limits`), which its sequences
@@ -188,7 +203,7 @@ def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool):
     if opts.algo == "dph":
         record, samples = load_partition(opts.partition_dir, policy_hash, opts.allow_tokenizer_mismatch)
     update = PolicyUpdate(model, tokenizer, opts, _reference(policy, policy_hash, opts, online), samples,
-                          _teacher(policy, policy_hash, opts, online), _replay(tokenizer, policy_hash, limits, opts))
+                          _teacher(policy, policy_hash, opts, online), _replay(tokenizer, policy_hash, limits, opts, chat))
     return model, tokenizer, policy_hash, update, record, limits
 
 
@@ -346,7 +361,8 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     check_fresh_output(out, opts.loop.resume)
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), prompts=Path(prompts), verifier=verifier,
                                            online=online))
-    model, tokenizer, policy_hash, update, record, limits = _prepare(policy, out, opts, online=True)
+    model, tokenizer, policy_hash, update, record, limits = _prepare(policy, out, opts, online=True,
+                                                                     chat=online.chat)
     prompt_table = read_table(prompts)
     require_columns(prompt_table, prompts, ["prompt_id"])
     require_prompt_ids(prompts, prompt_table.column("prompt_id"))  # rows of the file, before D_pef goes
