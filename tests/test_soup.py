@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from cli_runner import run_cli
 from fdivctl import tiny
@@ -18,6 +18,12 @@ def models(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("soup")
     for name, seed, hidden in (("a", 1, 64), ("b", 2, 64), ("c", 3, 64), ("wide", 4, 128)):
         tiny.make_model(root / name, tokenizer, seed=seed, hidden=hidden, layers=1)
+    # the shapes of "a", other meanings: two 32-wide heads instead of one 64-wide, or the head tied to the embedding
+    base = json.loads((root / "a" / "config.json").read_text())
+    for name, change in (("heads", {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}),
+                         ("tied", {"tie_word_embeddings": True})):
+        Qwen2ForCausalLM(Qwen2Config(**{**base, **change})).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
     return root
 
 
@@ -42,7 +48,9 @@ def test_uniform_by_default(models, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["wide"], "differ at parameter"),
+    (["wide"], "wide has hidden_size = 128"),
+    (["heads"], "heads has num_attention_heads = 2"),
+    (["tied"], "tied has tie_word_embeddings = True"),
     (["b", "--weights", "1"], "--weights has 1 numbers for 2 models"),
     (["b", "--weights", "1,-1"], "must be 2 finite non-negative numbers"),
     (["b", "--weights", "inf,1"], "must be 2 finite non-negative numbers"),
@@ -50,7 +58,8 @@ def test_uniform_by_default(models, tmp_path):
 ])
 def test_bad_input_is_one_line_and_exit_2(models, tmp_path, args, message):
     out = tmp_path / "ref"
-    done = run_cli("soup", models / "a", *[models / a if a in ("b", "wide") else a for a in args], "-o", out)
+    done = run_cli("soup", models / "a", *[models / a if a in ("b", "wide", "heads", "tied") else a for a in args],
+                   "-o", out)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists() and not any(tmp_path.iterdir())
 

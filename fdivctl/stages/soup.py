@@ -42,11 +42,25 @@ def soup_weights(weights: list[float] | None, n_models: int) -> list[float]:
         raise UserError(f"--weights: {err}") from None
 
 
+# config fields that decide what the weights mean: equal shapes with another head count, tying or RoPE base are
+# another function of the same numbers, and their average is no model of either
+STRUCTURE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "tie_word_embeddings", "hidden_act", "rms_norm_eps", "layer_norm_eps",
+             "rope_theta", "rope_parameters", "rope_scaling", "attention_bias", "mlp_bias", "n_embd", "n_layer",
+             "n_head", "n_inner", "activation_function", "layer_norm_epsilon")
+
+
 def _check_compatible(first, first_dir: Path, other, other_dir: Path) -> None:
     a, b = first.config, other.config
     if (a.model_type, a.architectures) != (b.model_type, b.architectures):
         raise UserError(f"{other_dir} is a {b.model_type} {b.architectures}, {first_dir} a {a.model_type} "
                         f"{a.architectures}: a soup needs one architecture")
+    da, db = a.to_dict(), b.to_dict()
+    differing = [key for key in STRUCTURE if da.get(key) != db.get(key)]
+    if differing:
+        key = differing[0]
+        raise UserError(f"{other_dir} has {key} = {db.get(key)!r}, {first_dir} {da.get(key)!r}: a soup needs one "
+                        "architecture")
     shapes_a = {k: tuple(v.shape) for k, v in first.state_dict().items()}
     shapes_b = {k: tuple(v.shape) for k, v in other.state_dict().items()}
     if shapes_a != shapes_b:
