@@ -173,11 +173,14 @@ def _single_and_sharded(args: list, tmp_path) -> dict[str, list[dict]]:
     return logs
 
 
-def test_staged_grpo_on_two_processes_equals_one(tmp_path, task, scored_rollouts):
+@pytest.mark.parametrize("extra", [[], ["--tis-cap", 2]], ids=["sampler-ratio", "tis"])
+def test_staged_grpo_on_two_processes_equals_one(tmp_path, task, scored_rollouts, extra):
     """Each step's responses are split over the ranks; 5 per step with 2 per micro-batch leaves rank 1 one micro-batch
-    short, so it runs a zero-weighted one to keep FSDP's collectives paired."""
+    short, so it runs a zero-weighted one to keep FSDP's collectives paired (with --tis-cap every rank first
+    recomputes π_old over all the responses, a forward through the sharded policy)."""
     args = ["train", task / "sft", None, "--rollouts", scored_rollouts, "--divergence", "rkl", "--div-coef", 0.1,
-            "--minibatch-size", 5, "--micro-batch-size", 2, "--lr", 1e-3, "--device", "cpu", "--log-jsonl", None]
+            "--minibatch-size", 5, "--micro-batch-size", 2, "--lr", 1e-3, "--device", "cpu", "--log-jsonl", None,
+            *extra]
     runs = _single_and_sharded(args, tmp_path)
     assert len(runs["single"]) == len(runs["sharded"]) == 20
     for x, y in zip(runs["single"], runs["sharded"]):

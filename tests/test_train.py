@@ -2,6 +2,7 @@
 DPH-RL partition and training, f-DPO, resume, and bad input."""
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -440,3 +441,37 @@ def test_prompt_sampling_is_checked(task, tmp_path):
                        "gaussian", "--device", "cpu")
         assert done.returncode == 2 and f"row 0 has pass_rate {bad!r}" in done.stderr, done.stderr
         assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def _shifted_logprobs(scored, out, shift: float):
+    """``scored`` as if its sampler had given every token of the even rows ``shift`` less log-prob."""
+    table = pq.read_table(scored)
+    column = [[lp - shift * (i % 2 == 0) for lp in row]
+              for i, row in enumerate(table.column("completion_logprobs").to_pylist())]
+    index = table.column_names.index("completion_logprobs")
+    pq.write_table(table.set_column(index, "completion_logprobs", pa.array(column, pa.list_(pa.float32()))), out)
+    lengths = [len(row) for row in table.column("completion_token_ids").to_pylist()]
+    return out, sum(n for i, n in enumerate(lengths) if i % 2 == 0) / sum(lengths)
+
+
+def test_truncated_importance_sampling_corrects_a_sampler_mismatch(task, scored_rollouts, tmp_path):
+    """--tis-cap: the PPO ratio is taken against the trainer's own π_old (so nothing clips on the first pass) and
+    each token is weighted by min(π_old/π_sampler, C): exp(0.5) where the sampler said 0.5 nats less, C past it."""
+    common = ["--ppo-epochs", 1, "--clip-low", 0.2, "--clip-high", 0.2]
+    shifted, share = _shifted_logprobs(scored_rollouts, tmp_path / "shifted.parquet", 0.5)
+    plain = staged_run(task, shifted, tmp_path / "plain", *common)[0]
+    assert plain["clip_frac"] > 0.05 and plain["logprob_gap"] == pytest.approx(0.5 * share, rel=1e-3)
+    tis = staged_run(task, shifted, tmp_path / "tis", *common, "--tis-cap", 2)[0]
+    assert tis["clip_frac"] == 0 and tis["tis_capped_frac"] == 0
+    assert tis["tis_weight"] == pytest.approx(share * math.exp(0.5) + (1 - share), rel=1e-4)
+    far, _ = _shifted_logprobs(scored_rollouts, tmp_path / "far.parquet", 1.0)
+    capped = staged_run(task, far, tmp_path / "capped", *common, "--tis-cap", 2)[0]
+    assert capped["tis_capped_frac"] == pytest.approx(share, rel=1e-6)
+    assert capped["tis_weight"] == pytest.approx(share * 2 + (1 - share), rel=1e-4)
+    # with the sampler and the trainer agreeing, TIS changes nothing
+    a = staged_run(task, scored_rollouts, tmp_path / "a", *common)[0]
+    b = staged_run(task, scored_rollouts, tmp_path / "b", *common, "--tis-cap", 2)[0]
+    assert b["tis_weight"] == pytest.approx(1.0, abs=1e-5)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4) and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    done = run_cli("train", task / "sft", tmp_path / "bad", "--rollouts", scored_rollouts, "--tis-cap", 0.5)
+    assert done.returncode == 2 and "--tis-cap must be ≥ 1" in done.stderr

@@ -88,6 +88,12 @@ def command(
     overlong_penalty: float = typer.Option(None, help="DAPO soft overlong penalty zone, as a share of the maximum "
                                            "length (0 = off; dapo 0.2)."),
     entropy_coef: float = typer.Option(0.0, help="Entropy bonus coefficient."),
+    tis_cap: float = typer.Option(None, help="Truncated importance sampling (TIS, Yao et al. 2025) for a sampler "
+                                  "whose probabilities differ from the trainer's (vLLM, another precision, an "
+                                  "older checkpoint): recompute π_old with the policy before the updates, take the "
+                                  "PPO ratio against it, and weight each token's policy-gradient term by "
+                                  "min(π_old/π_sampler, C) with this C (e.g. 2). Logs tis_weight and "
+                                  "tis_capped_frac."),
     ppo_epochs: int = typer.Option(1, help="Passes over each batch of rollouts."),
     minibatch_size: int = typer.Option(None, help="Responses per optimizer step (default: all of the batch)."),
     micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update)."),
@@ -244,7 +250,8 @@ def command(
         else:
             opts = RLOptions(algo=algo, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, std_norm=std_norm,
                              dynamic_sampling=dynamic_sampling, overlong_penalty=overlong_penalty,
-                             entropy_coef=entropy_coef, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
+                             entropy_coef=entropy_coef, tis_cap=tis_cap, ppo_epochs=ppo_epochs,
+                             minibatch_size=minibatch_size,
                              micro_batch_size=micro_batch_size, chunk_size=chunk_size, divergence=divergence,
                              div_coef=div_coef,
                              div_estimator=div_estimator, div_in=div_in, ref_model=ref_model, ref_logits=ref_logits,

@@ -106,6 +106,8 @@ class PolicyUpdate:
             else torch.ones(len(data))
         credit = Credit(advantages, div_scale, self._dgpo_scale(data, temperature) if opts.algo == "dgpo" else None,
                         self._trace_routes(data, figures) if opts.algo == "trace" else None)
+        if opts.tis_cap is not None:
+            credit.token_old, credit.token_tis = self._truncated_importance(data, temperature, figures)
         keep = torch.ones(len(data), dtype=torch.bool)
         if opts.dynamic_sampling:
             keep = ~grpo.equal_reward_groups(data.rewards, data.groups)
@@ -146,6 +148,26 @@ class PolicyUpdate:
                     0, torch.arange(len(rows)).repeat_interleave(data.lengths[rows]), values)
             parts.append(values)
         return torch.cat(parts) if parts else torch.zeros(0)
+
+    def _truncated_importance(self, data: ScoredRollouts, temperature: float,
+                              figures: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log π_old per token under the trainer's policy before this batch's updates, and the truncated
+        importance weight ``min(π_old / π_sampler, C)`` of each token).
+
+        Yao et al. 2025 ("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", TIS): the
+        sampler (vLLM, another precision or a stale checkpoint) and the trainer give the same tokens different
+        probabilities, so the PPO ratio is taken against the trainer's own π_old and each token's policy-gradient
+        term is weighted by the capped ratio of the two.
+        """
+        old = self._per_response(data, lambda rows, batch, hidden: engine.token_outputs(
+            hidden, self.head.weight, **self.head_options, token_ids=batch["token"],
+            temperature=temperature).logprob, reduce=False)
+        sampled = torch.from_numpy(np.concatenate(data.old_logprobs)) if len(data) else torch.zeros(0)
+        ratio = torch.exp((old - sampled).clamp(-20.0, 20.0))
+        weights = ratio.clamp(max=self.opts.tis_cap)
+        figures["tis_weight"] = float(weights.mean()) if len(weights) else 1.0
+        figures["tis_capped_frac"] = float((ratio > self.opts.tis_cap).float().mean()) if len(weights) else 0.0
+        return old, weights
 
     def _old_logprobs(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
         """The sampling policy's log-probs of the tokens of ``rows``, concatenated, on the model's device."""
@@ -328,7 +350,11 @@ class PolicyUpdate:
             batch = self._batch(data.seqs, rows)
             hidden = scored_hidden(self.decoder, batch)
             lengths = data.lengths[rows]
-            old = self._old_logprobs(data, rows)
+            sampled = self._old_logprobs(data, rows)
+            recomputed = credit.old_logprobs(data, rows)
+            old = sampled if recomputed is None else recomputed.to(self.device)
+            tis = credit.tis_weights(data, rows)
+            tis = torch.ones_like(old) if tis is None else tis.to(self.device)
             adv = credit.token_advantages(data, rows).to(self.device)
             div_scale = credit.div_scale[rows].repeat_interleave(lengths).to(self.device)
             weights = grpo.token_weights(lengths, n_tokens, scale.n_seqs, opts.loss_agg).to(self.device)
@@ -359,7 +385,7 @@ class PolicyUpdate:
             def objective(out, r):
                 surrogate, clipped = grpo.clipped_surrogate(out["logprob"], denominator[r], adv[r], opts.clip_low,
                                                             opts.clip_high)
-                loss = (weights[r] * pg_share[r] * surrogate).sum()
+                loss = (weights[r] * pg_share[r] * tis[r] * surrogate).sum()
                 parts["positive_nll"].append(-(out["logprob"].detach() * positive[r]).sum())
                 parts["pg_loss"].append(loss.detach())
                 parts["clipped"].append(clipped.sum())
@@ -393,7 +419,7 @@ class PolicyUpdate:
                        "entropy": float(out.entropy.sum()) / n_tokens,
                        # |log π_θ − log π_old| per token: ~0 on a step's first on-policy pass unless the sampler's
                        # weights or numerics differ from the trainer's
-                       "logprob_gap": float((out.logprob - old).abs().sum()) / n_tokens,
+                       "logprob_gap": float((out.logprob - sampled).abs().sum()) / n_tokens,
                        "loss": float(loss.detach())}
             if regularize:
                 figures["divergence"] = float(sum(parts["divergence"])) / n_tokens

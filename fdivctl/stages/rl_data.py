@@ -108,16 +108,28 @@ def token_index(data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
 class Credit:
     """What each response (and token) of a batch is credited with: its advantage, the weight of its divergence
     term (APO's DADS; 1 otherwise), for DGPO each token's share of the advantage, and for TRACE each token's
-    route (0 GRPO, 1 forward KL, 2 reverse KL; objectives/trace.py) — per-token values concatenated."""
+    route (0 GRPO, 1 forward KL, 2 reverse KL; objectives/trace.py), and with ``--tis-cap`` each token's
+    log-prob under the trainer's policy before the update and its truncated importance weight — per-token values
+    concatenated."""
 
     advantages: torch.Tensor  # [S]
     div_scale: torch.Tensor  # [S]
     token_scale: torch.Tensor | None = None  # [Σ lengths]
     token_route: torch.Tensor | None = None  # int8 [Σ lengths]
+    token_old: torch.Tensor | None = None  # float32 [Σ lengths]: log π_old recomputed by the trainer
+    token_tis: torch.Tensor | None = None  # float32 [Σ lengths]: min(π_old / π_sampler, C)
 
     def state(self) -> dict:
         return {"advantages": self.advantages, "div_scale": self.div_scale, "token_scale": self.token_scale,
-                "token_route": self.token_route}
+                "token_route": self.token_route, "token_old": self.token_old, "token_tis": self.token_tis}
+
+    def old_logprobs(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor | None:
+        """The trainer's recomputed log π_old of every token of ``rows`` (None: the sampler's are the ratio's)."""
+        return None if self.token_old is None else self.token_old[token_index(data, rows)]
+
+    def tis_weights(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor | None:
+        """The truncated importance weight of every token of ``rows`` (None without ``--tis-cap``)."""
+        return None if self.token_tis is None else self.token_tis[token_index(data, rows)]
 
     def token_advantages(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
         """The advantage of every token of ``rows``, concatenated."""

@@ -46,6 +46,7 @@ class RLOptions:
     dynamic_sampling: bool | None = None
     overlong_penalty: float | None = None  # buffer as a share of the maximum length (0: off)
     entropy_coef: float = 0.0
+    tis_cap: float | None = None  # truncated importance sampling against the sampler's log-probs; None: off
     ppo_epochs: int = 1
     minibatch_size: int | None = None  # responses per optimizer step; None: all of them
     micro_batch_size: int = 8
@@ -109,6 +110,9 @@ class RLOptions:
             raise UserError("--ppo-epochs, --micro-batch-size and --minibatch-size must be ≥ 1")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UserError(f"--chunk-size must be ≥ 1, got {self.chunk_size}")
+        if self.tis_cap is not None and not self.tis_cap >= 1:
+            raise UserError(f"--tis-cap must be ≥ 1 (the largest importance weight; 2 in the TIS paper), got "
+                            f"{self.tis_cap}")
         if not 0 <= self.overlong_penalty < 1:
             raise UserError("--overlong-penalty is the penalty zone as a share of the maximum length, in [0, 1)")
         if self.div_estimator not in ESTIMATORS:
