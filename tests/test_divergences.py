@@ -260,3 +260,14 @@ def test_fprime_is_the_generators_derivative_and_differentiable(entry):
     numeric = (d.generator(torch.log(u + h)) - d.generator(torch.log(u - h))) / (2 * h)
     torch.testing.assert_close(d.fprime(log_u), numeric, rtol=1e-6, atol=1e-8)
     torch.autograd.gradcheck(d.fprime, (log_u.clone().requires_grad_(True),))
+
+
+def test_the_divergences_command_shows_an_unbounded_divergence_as_inf():
+    """q has no mass where p has: KL(p‖q) is +∞ (the floored log 0 would print ~1e29); bounded ones stay finite."""
+    from cli_runner import run_cli
+
+    done = run_cli("divergences", "-d", "fkl", "-d", "tv", "--q", "1,0,0")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in done.stdout.splitlines()
+            if line.startswith("│ fkl") or line.startswith("│ tv")}
+    assert rows == {"fkl": "inf", "tv": "0.400000"}, done.stdout
