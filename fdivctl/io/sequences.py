@@ -190,6 +190,11 @@ def load_sequences(path: str | Path, tokenizer=None, chat: bool = False) -> Sequ
     return seqs
 
 
+def has_token_ids(columns: list[str]) -> bool:
+    """Whether a sequences table with these columns is read by its token ids (else by its text columns)."""
+    return "prompt_token_ids" in columns and "completion_token_ids" in columns
+
+
 def sequences_from_table(table: pa.Table, path: Path, tokenizer=None, chat: bool = False) -> Sequences:
     """The sequences of a table already in memory (``path`` names it in errors; no tokenizer hash).
 
@@ -198,7 +203,7 @@ def sequences_from_table(table: pa.Table, path: Path, tokenizer=None, chat: bool
     tables were encoded when they were sampled, and ``chat`` refuses them.
     """
     names = table.column_names
-    if "prompt_token_ids" in names and "completion_token_ids" in names:
+    if has_token_ids(names):
         if chat:
             raise UserError(f"{path}: --chat wraps text prompts in the chat template, and this table holds token "
                             "ids (encoded when they were sampled: give --chat to that rollout instead)")

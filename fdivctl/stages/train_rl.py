@@ -43,7 +43,14 @@ from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, 
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.prompts import encode_prompt
-from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, sampled_logprobs, sequences_from_table
+from fdivctl.io.sequences import (
+    Sequences,
+    has_token_ids,
+    int_list_column,
+    load_sequences,
+    sampled_logprobs,
+    sequences_from_table,
+)
 from fdivctl.io.tables import (
     open_parquet,
     provenance,
@@ -169,7 +176,8 @@ def _replay(tokenizer, policy_hash: str, limits: ModelLimits, opts: RLOptions, c
         return None
     sets = []
     for path in opts.replay:
-        seqs = load_sequences(path, tokenizer, chat and _is_text(path))  # an empty table is refused as it is read
+        text = not has_token_ids(open_parquet(path).schema_arrow.names)  # token ids were encoded when sampled
+        seqs = load_sequences(path, tokenizer, chat and text)  # an empty table is refused as it is read
         seqs.check_scorable(path)
         seqs.check_tokenizer(path, policy_hash, "policy", opts.allow_tokenizer_mismatch)
         seqs.check_fits(path, limits)
@@ -177,12 +185,6 @@ def _replay(tokenizer, policy_hash: str, limits: ModelLimits, opts: RLOptions, c
     weights = RecapWeights(1 + len(sets), opts.recap_window, opts.recap_temperature) \
         if opts.replay_weighting == "recap" else None
     return Replay(sets, opts.replay_divergence(), opts.replay_coef, opts.replay_batch_size, weights)
-
-
-def _is_text(path: Path) -> bool:
-    """Whether a sequences table holds text prompts (no token ids: those were encoded when they were sampled)."""
-    names = open_parquet(path).schema_arrow.names
-    return not ("prompt_token_ids" in names and "completion_token_ids" in names)
 
 
 def _prepare(policy: Path, out: Path, opts: RLOptions, online: bool, chat: bool = False):
