@@ -70,6 +70,20 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> tor
     return ((start - lengths.float()) / buffer).clamp(min=-1.0, max=0.0)
 
 
+def importance_ratio(logprob: torch.Tensor, old_logprob: torch.Tensor) -> torch.Tensor:
+    """``π/π_old = exp(log π − log π_old)``, the log-ratio clamped to ±20 so that one token cannot overflow."""
+    return torch.exp((logprob - old_logprob).clamp(-20.0, 20.0))
+
+
+def truncated_importance_weights(trainer_logprob: torch.Tensor, sampler_logprob: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIS (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"): each
+    token's weight ``min(π_old(y)/π_sampler(y), C)`` for a sampler whose probabilities differ from the trainer's,
+    and the bool mask of the tokens the cap truncated."""
+    ratio = importance_ratio(trainer_logprob, sampler_logprob)
+    return ratio.clamp(max=cap), ratio > cap
+
+
 def clipped_surrogate(
     logprob: torch.Tensor,
     old_logprob: torch.Tensor,
@@ -78,7 +92,7 @@ def clipped_surrogate(
     clip_high: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``L_it`` and a bool mask of the tokens where the clipped branch is the one taken."""
-    ratio = torch.exp((logprob - old_logprob).clamp(-20.0, 20.0))
+    ratio = importance_ratio(logprob, old_logprob)
     unclipped = ratio * advantage
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantage
     loss = -torch.minimum(unclipped, clipped)

@@ -151,22 +151,16 @@ class PolicyUpdate:
 
     def _truncated_importance(self, data: ScoredRollouts, temperature: float,
                               figures: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log π_old per token under the trainer's policy before this batch's updates, and the truncated
-        importance weight ``min(π_old / π_sampler, C)`` of each token).
-
-        Yao et al. 2025 ("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", TIS): the
-        sampler (vLLM, another precision or a stale checkpoint) and the trainer give the same tokens different
-        probabilities, so the PPO ratio is taken against the trainer's own π_old and each token's policy-gradient
-        term is weighted by the capped ratio of the two.
-        """
+        """(log π_old per token under the trainer's policy before this batch's updates, and each token's truncated
+        importance weight against the sampler's log-probs, :func:`grpo.truncated_importance_weights`): the PPO
+        ratio is then taken against the trainer's own π_old."""
         old = self._per_response(data, lambda rows, batch, hidden: engine.token_outputs(
             hidden, self.head.weight, **self.head_options, token_ids=batch["token"],
             temperature=temperature).logprob, reduce=False)
         sampled = torch.from_numpy(np.concatenate(data.old_logprobs)) if len(data) else torch.zeros(0)
-        ratio = torch.exp((old - sampled).clamp(-20.0, 20.0))
-        weights = ratio.clamp(max=self.opts.tis_cap)
+        weights, capped = grpo.truncated_importance_weights(old, sampled, self.opts.tis_cap)
         figures["tis_weight"] = float(weights.mean()) if len(weights) else 1.0
-        figures["tis_capped_frac"] = float((ratio > self.opts.tis_cap).float().mean()) if len(weights) else 0.0
+        figures["tis_capped_frac"] = float(capped.float().mean()) if len(weights) else 0.0
         return old, weights
 
     def _old_logprobs(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
