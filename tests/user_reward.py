@@ -20,3 +20,17 @@ def raises_on_odd(completion: str, row: dict) -> float:
 
 def nan_reward(completion: str, row: dict) -> float:
     return float("nan")
+
+
+def interrupt_once(completion: str, row: dict) -> float:
+    """Ctrl-C to the scoring process at the row flagged ``interrupt``, the first time (a marker file remembers)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    if row.get("interrupt") and not Path(row["marker"]).exists():
+        Path(row["marker"]).touch()
+        os.kill(os.getppid(), signal.SIGINT)
+        time.sleep(30)
+    return float(len(completion) % 2)

@@ -114,6 +114,9 @@ def _run(argv: list[str] | None) -> None:
     except typer.Abort:
         typer.echo("fdivctl: aborted", err=True)
         sys.exit(130)
-    # with standalone_mode=False click returns typer.Exit's code instead of raising it
+    # with standalone_mode=False click returns typer.Exit's code instead of raising it; 130 is typer's Ctrl-C
+    if code == 130:
+        typer.echo("fdivctl: interrupted; what the command had saved is kept (rollout, score, train and distill "
+                   "continue with --resume, teacher-logits when run again)", err=True)
     if isinstance(code, int) and code:
         sys.exit(code)

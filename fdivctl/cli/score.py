@@ -25,13 +25,17 @@ def command(
     sql_timeout: float = typer.Option(5.0, help="Seconds each SQL query may run."),
     workers: int = typer.Option(4, help="Verifier processes."),
     timeout: float = typer.Option(10.0, help="Seconds one row's verification may take; past it the row scores 0."),
+    part_rows: int = typer.Option(1024, help="Rows verified per part; each finished part is saved in OUT.parts/ "
+                                  "until OUT is written, so an interrupted run loses at most one part."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its saved parts (same input and "
+                                "verifier settings)."),
 ) -> None:
     """Verify completions and write reward, correct, verdict and per-prompt pass_rate."""
     spec = make_verifier(verifier, pattern=pattern, db=str(db) if db else None, sql_timeout=sql_timeout)
     with progress_bar("score", "rows") as progress:
         task = progress.add_task("score", total=None)
         summary = score_table(rollouts, out, spec, workers=workers, timeout=timeout,
-                              on_done=lambda n: progress.advance(task, n))
+                              on_done=lambda n: progress.advance(task, n), part_rows=part_rows, resume=resume)
     if summary["verifier_failures"]:
         typer.echo(f"fdivctl: warning: {summary['verifier_failures']} of {summary['rows']} rows scored 0 because "
                    f"their verification failed (the verdict column says why; first: {summary['first_failure']})",

@@ -10,7 +10,6 @@ resumed run samples exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +23,10 @@ from fdivctl.errors import UserError
 from fdivctl.generation.hf import HFGenerator
 from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
 from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
-from fdivctl.io.atomic import atomic_path, check_output_file, write_json
+from fdivctl.io.atomic import atomic_path, check_output_file
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import model_hash, tokenizer_hash
+from fdivctl.io.parts import open_parts, part_path
 from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.tables import open_parquet, provenance, read_table, require_prompt_ids, write_tables
 
@@ -148,22 +148,8 @@ def run_rollout(
         "chat": opts.chat,
         "source": str(prompts.resolve()),
     }
-    parts = out.with_name(out.name + ".parts")
-    if parts.exists():
-        if not opts.resume:
-            raise UserError(f"{parts} holds an interrupted run: pass --resume to continue it, or remove it")
-        previous = json.loads((parts / "run.json").read_text())
-        if previous != record:
-            raise UserError(f"--resume: {parts} was made with other settings; remove it or use the same ones")
-    else:
-        parts.mkdir(parents=True)
-        write_json(parts / "run.json", record)
-    try:
+    with open_parts(out, record, opts.resume) as parts:
         summary = _generate_parts(model_dir, tokenizer, file, parts, opts, backend, on_batch)
-    except UserError:  # bad input met before anything was sampled: leave no interrupted run behind
-        if not any(parts.glob("part-*.parquet")):
-            shutil.rmtree(parts)
-        raise
     _join_parts(parts, out, record)
     return summary
 
@@ -177,7 +163,7 @@ def _generate_parts(model_dir, tokenizer, file: pq.ParquetFile, parts: Path, opt
         generator = HFGenerator(load_causal_lm(model_dir, opts.dtype, opts.device, "model"), tokenizer)
     samples = tokens = 0
     for number, batch in _batches(file, opts.batch_size, opts.shard):
-        part = parts / f"part-{number:06d}.parquet"
+        part = part_path(parts, number)
         if part.exists():
             continue
         rows = batch.to_pylist()

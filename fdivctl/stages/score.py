@@ -3,18 +3,27 @@
 ``pass_rate`` is the share of correct samples among the rows of the same
 ``prompt_id`` (every row of a prompt carries it).  The input's columns and
 provenance are kept; the verifier is added to the provenance.
+
+With ``part_rows`` the rows are verified that many at a time and each part's
+verdicts are saved as it finishes (:mod:`fdivctl.io.parts`), so an interrupted
+run (slow verifiers: code execution, SQL) resumes with ``resume`` where it
+stopped instead of from the first row.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fdivctl.errors import UserError
-from fdivctl.io.atomic import check_output_file
+from fdivctl.io.atomic import atomic_path, check_output_file
+from fdivctl.io.hashing import file_fingerprint
+from fdivctl.io.parts import open_parts, part_path
 from fdivctl.io.tables import provenance, read_table, require_columns, write_table
 from fdivctl.rewards.pool import failures, run_pool
 from fdivctl.rewards.verifiers import Verifier
@@ -29,11 +38,15 @@ def score_table(
     workers: int = 4,
     timeout: float = 10.0,
     on_done: Callable[[int], None] | None = None,
+    part_rows: int | None = None,
+    resume: bool = False,
 ) -> dict:
     """Score every row of ``rollouts`` into ``out``; return a summary (rows, mean reward, accuracy, and how many
     rows' verification failed: scored 0, with the reason in their verdict)."""
     if workers < 1 or not timeout > 0:
         raise UserError("--workers must be ≥ 1 and --timeout > 0")
+    if part_rows is not None and part_rows < 1:
+        raise UserError(f"--part-rows must be ≥ 1, got {part_rows}")
     check_output_file(out)
     table = read_table(rollouts)
     require_columns(table, rollouts, verifier.required_columns() + ["prompt_id"])
@@ -48,7 +61,15 @@ def score_table(
     if verifier.kind == "python":  # a user function sees the row's scalar columns (token lists stay here)
         columns += [f.name for f in table.schema if not pa.types.is_list(f.type)]
     rows = table.select(list(dict.fromkeys(columns))).to_pylist()
-    results = run_pool(verifier, rows, workers, timeout, on_done)
+    record = {"scored_by": {"verifier": verifier.kind, "function": verifier.function, "pattern": verifier.pattern,
+                            "timeout": timeout}}
+    if part_rows is None:
+        results = run_pool(verifier, rows, workers, timeout, on_done)
+    else:
+        run = {**record, "source": str(Path(rollouts).resolve()), "source_fingerprint": file_fingerprint(rollouts),
+               "part_rows": part_rows}
+        with open_parts(Path(out), run, resume) as parts:
+            results = _verify_in_parts(verifier, rows, workers, timeout, on_done, parts, part_rows)
     by_prompt: dict[object, list[bool]] = defaultdict(list)
     for row, (_, correct, _) in zip(rows, results):
         by_prompt[row["prompt_id"]].append(correct)
@@ -59,9 +80,9 @@ def score_table(
         .append_column("verdict", pa.array([r[2] for r in results], pa.string()))
         .append_column("pass_rate", pa.array([rates[row["prompt_id"]] for row in rows], pa.float32()))
     )
-    record = {**provenance(rollouts), "scored_by": {"verifier": verifier.kind, "function": verifier.function,
-                                                    "pattern": verifier.pattern, "timeout": timeout}}
-    write_table(out, scored, record)
+    write_table(out, scored, {**provenance(rollouts), **record})
+    if part_rows is not None:
+        shutil.rmtree(parts)
     n = len(results)
     failed = failures([r[2] for r in results])
     return {
@@ -72,3 +93,24 @@ def score_table(
         "verifier_failures": len(failed),
         **({"first_failure": f"row {failed[0]}: {results[failed[0]][2]}"} if failed else {}),
     }
+
+
+def _verify_in_parts(verifier, rows: list[dict], workers: int, timeout: float, on_done, parts: Path,
+                     part_rows: int) -> list[tuple[float, bool, str]]:
+    """The verdicts of ``rows``, ``part_rows`` at a time: a part an interrupted run finished is read back, each new
+    one is saved (atomically) as it finishes."""
+    results = []
+    for number, start in enumerate(range(0, len(rows), part_rows)):
+        chunk, part = rows[start : start + part_rows], part_path(parts, number)
+        if part.exists():
+            saved = pq.read_table(part).to_pydict()
+            results += list(zip(saved["reward"], saved["correct"], saved["verdict"]))
+            if on_done:
+                on_done(len(chunk))
+            continue
+        verdicts = run_pool(verifier, chunk, workers, timeout, on_done)
+        with atomic_path(part) as tmp:
+            pq.write_table(pa.table({"reward": pa.array([r[0] for r in verdicts], pa.float32()),
+                                     "correct": [r[1] for r in verdicts], "verdict": [r[2] for r in verdicts]}), tmp)
+        results += verdicts
+    return results
