@@ -290,13 +290,12 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
             trainer.advance_schedule()
             last = {"step": trainer.step, **figures, **step_figures}
             log.write(last)
-            saved = bool(opts.loop.save_every) and trainer.step % opts.loop.save_every == 0 and trainer.step < len(plan)
-            if saved:
+            if opts.loop.save_every and trainer.step % opts.loop.save_every == 0 and trainer.step < len(plan):
                 trainer.save(state())
             if on_step:
                 on_step(trainer.step, len(plan), last)
             if trainer.step < len(plan):
-                interruption.save_if_asked(trainer.step, state(), saved)
+                interruption.save_if_asked(trainer.step, state())
     trainer.save(state())
     return {"steps": trainer.step, "responses": len(data), "responses_kept": len(kept), **last}
 
@@ -417,13 +416,12 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
                     "verifier_failures": len(failures(table.column("verdict").to_pylist())),
                     "seconds": time.perf_counter() - start}
             log.write(last)
-            saved = (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations
-            if saved:
+            if (iteration + 1) % online.save_every == 0 or iteration + 1 == online.iterations:
                 trainer.save({"iteration": iteration + 1, **update.state_dict()})
             if on_iteration:
                 on_iteration(iteration + 1, online.iterations, last)
             if iteration + 1 < online.iterations:
-                interruption.save_if_asked(iteration + 1, {"iteration": iteration + 1, **update.state_dict()}, saved)
+                interruption.save_if_asked(iteration + 1, {"iteration": iteration + 1, **update.state_dict()})
     if not last:
         trainer.save({"iteration": trainer.state.get("iteration", 0), **update.state_dict()})
     return {"iterations": online.iterations, "steps": trainer.step, **last}

@@ -156,6 +156,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(opts, total))
         self.total = total
         self.step = 0
+        self._saved_at: int | None = None  # the schedule position of the last checkpoint this process wrote
         self.state: dict = {}
         if resuming:
             self.state = load_state(self.out)
@@ -224,6 +225,12 @@ class Trainer:
             finish_checkpoint(self.out, self.model, self.tokenizer, self.scheduler, self.step,
                               {"run_settings": self.opts.run_settings, **(extra or {})}, model_state)
         distributed.barrier(self.world)
+        self._saved_at = self.scheduler.last_epoch
+
+    @property
+    def saved(self) -> bool:
+        """Whether the last checkpoint holds the run as it is now (nothing advanced the schedule since)."""
+        return self._saved_at == self.scheduler.last_epoch
 
 
 class Interruption:
@@ -257,12 +264,12 @@ class Interruption:
         print(f"\nfdivctl: interrupted: finishing this {self.unit}, then saving a checkpoint (Ctrl-C again quits "
               "without one)", file=sys.stderr, flush=True)
 
-    def save_if_asked(self, done: int, extra: dict | None = None, saved: bool = False) -> None:
+    def save_if_asked(self, done: int, extra: dict | None = None) -> None:
         """After ``done`` steps (iterations): when Ctrl-C was pressed, checkpoint with ``extra`` (unless the loop
-        just ``saved`` this one) and exit 130."""
+        has just saved this one) and exit 130."""
         if not self.asked:
             return
-        if not saved:
+        if not self.trainer.saved:
             self.trainer.save(extra)
         print(f"fdivctl: stopped after {self.unit} {done}: checkpoint in {self.trainer.out}; run the same command "
               "with --resume to continue", file=sys.stderr, flush=True)
@@ -349,12 +356,11 @@ def run_loop(
             if evaluate and opts.eval_every and (trainer.step % opts.eval_every == 0 or trainer.step == total):
                 last.update(evaluate(trainer.step, total))
             log.write(last)
-            saved = bool(opts.save_every) and trainer.step % opts.save_every == 0 and trainer.step < total
-            if saved:
+            if opts.save_every and trainer.step % opts.save_every == 0 and trainer.step < total:
                 trainer.save()
             if on_step:
                 on_step(trainer.step, total, last)
             if trainer.step < total:
-                interruption.save_if_asked(trainer.step, saved=saved)
+                interruption.save_if_asked(trainer.step)
     trainer.save()
     return {"steps": trainer.step, **last}
