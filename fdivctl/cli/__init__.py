@@ -24,7 +24,7 @@ from fdivctl.cli import soup as soup_cmd
 from fdivctl.cli import teacher_logits as teacher_logits_cmd
 from fdivctl.cli import train as train_cmd
 from fdivctl.cli.options import require_finite_floats
-from fdivctl.errors import UserError
+from fdivctl.errors import UserError, storage_failure
 from fdivctl.training import distributed
 
 app = typer.Typer(
@@ -100,7 +100,8 @@ def _exit_status(done: SystemExit) -> int:
 
 
 def _run(argv: list[str] | None) -> None:
-    """Run one command; a UserError ends it with one line and exit code 2."""
+    """Run one command; a UserError, or a full disk or a forbidden path (:func:`storage_failure`), ends it with
+    one line and exit code 2."""
     try:
         code = app(args=argv, prog_name="fdivctl", standalone_mode=False)
     except UserError as err:
@@ -114,6 +115,12 @@ def _run(argv: list[str] | None) -> None:
     except typer.Abort:
         typer.echo("fdivctl: aborted", err=True)
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 — a full disk or a forbidden path is one line; anything else is re-raised
+        message = storage_failure(err)
+        if message is None:
+            raise
+        typer.echo(f"fdivctl: error: {message}", err=True)
+        sys.exit(2)
     # with standalone_mode=False click returns typer.Exit's code instead of raising it; 130 is typer's Ctrl-C
     if code == 130:
         typer.echo("fdivctl: interrupted; what the command had saved is kept (rollout, score, train and distill "

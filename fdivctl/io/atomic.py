@@ -13,20 +13,24 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from fdivctl.errors import UserError
+from fdivctl.errors import UserError, storage_failures_named
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    A full disk or a forbidden path (:func:`fdivctl.errors.storage_failure`) becomes a :class:`UserError` that
+    names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with storage_failures_named(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fdivctl.engine.targets import normalize_weights
-from fdivctl.errors import UserError
+from fdivctl.errors import UserError, storage_failures_named
 from fdivctl.io.atomic import check_output_dir, write_json
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import model_hash, tokenizer_hash
@@ -94,15 +94,16 @@ def run_soup(models: list[Path], out: Path, weights: list[float] | None = None) 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        base.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        summary = {
-            "models": [{"path": str(p), "model_hash": model_hash(p), "weight": w} for p, w in zip(models, weights)],
-            "tokenizer_hash": vocab_hash,
-            "parameters": sum(t.numel() for t in params.values()),
-        }
-        write_json(tmp / "soup.json", summary)
-        tmp.rename(out)
+        with storage_failures_named(out):
+            base.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            summary = {
+                "models": [{"path": str(p), "model_hash": model_hash(p), "weight": w} for p, w in zip(models, weights)],
+                "tokenizer_hash": vocab_hash,
+                "parameters": sum(t.numel() for t in params.values()),
+            }
+            write_json(tmp / "soup.json", summary)
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"soup": str(out), **summary}

@@ -284,7 +284,8 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     def state() -> dict:
         return {"credit": credit.state(), **update.state_dict()}
 
-    with JsonlLog(opts.loop.log_jsonl if trainer.world.main else None) as log, Interruption(trainer) as interruption:
+    log_path = opts.loop.log_jsonl if trainer.world.main else None
+    with JsonlLog(log_path, trainer.step) as log, Interruption(trainer) as interruption:
         while trainer.step < len(plan):
             step_figures = update.step(trainer, data, credit, plan[trainer.step], temperature)
             trainer.advance_schedule()
@@ -388,7 +389,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     update.load_state_dict(trainer.state)
     accuracy = _tracked_accuracy(artifacts, first) if online.prompt_sampling == "gaussian" else {}
     world = trainer.world
-    with JsonlLog(opts.loop.log_jsonl if world.main else None) as log, \
+    with JsonlLog(opts.loop.log_jsonl if world.main else None, trainer.step) as log, \
             Interruption(trainer, "iteration") as interruption:
         for iteration in range(first, online.iterations):
             start = time.perf_counter()

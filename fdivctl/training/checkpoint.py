@@ -60,16 +60,19 @@ def master_dir(checkpoint: Path) -> Path:
 
 
 def begin_checkpoint(out: Path) -> None:
-    """Rank 0: an empty staging directory for ``out`` (:func:`staging_dir`, with ``fdivctl_state/``).
+    """Rank 0: an empty staging directory for ``out`` (:func:`staging_dir`, with ``fdivctl_state/``)."""
+    discard_checkpoint(out)
+    (staging_dir(out) / STATE_DIR).mkdir(parents=True)
 
-    A run directory left in a stale staging directory by a save interrupted after the move is put back first.
-    """
+
+def discard_checkpoint(out: Path) -> None:
+    """Rank 0: remove the staging directory of ``out`` left by a save that failed or was interrupted (it may
+    hold gigabytes of weights), putting back first the run directory a save stopped after the move had moved."""
     out, tmp = Path(out), staging_dir(out)
     if (tmp / RUN_DIR).is_dir() and not (out / RUN_DIR).exists():
         out.mkdir(parents=True, exist_ok=True)
         (tmp / RUN_DIR).rename(out / RUN_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / STATE_DIR).mkdir(parents=True)
 
 
 def finish_checkpoint(out: Path, model, tokenizer, scheduler, step: int, extra: dict,
@@ -83,15 +86,14 @@ def finish_checkpoint(out: Path, model, tokenizer, scheduler, step: int, extra: 
     old = out.with_name(f".{out.name}.old")
     lora.save_pretrained(model, tmp, model_state)
     tokenizer.save_pretrained(tmp)
-    torch.save(
-        {
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            **extra,
-        },
-        tmp / STATE_DIR / "state.pt",
-    )
+    state = {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        **extra,
+    }
+    with open(tmp / STATE_DIR / "state.pt", "wb") as stream:  # a Python stream: a full disk keeps its errno
+        torch.save(state, stream)
     if (out / RUN_DIR).is_dir():
         (out / RUN_DIR).rename(tmp / RUN_DIR)
     shutil.rmtree(old, ignore_errors=True)

@@ -12,23 +12,26 @@ checkpoint of the last finished step (:class:`Interruption`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fdivctl.errors import UserError
+from fdivctl.errors import UserError, storage_failures_named
+from fdivctl.io.atomic import atomic_path
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import (
     RUN_DIR,
     begin_checkpoint,
+    discard_checkpoint,
     finish_checkpoint,
     has_state,
     load_state,
@@ -215,15 +218,21 @@ class Trainer:
         """Checkpoint into ``out``: every rank writes its optimizer shard; the weights, gathered, and the rest are
         written by rank 0, which then renames the staging directory into place."""
         model_state = distributed.model_state(self.model) if self.world.distributed else None
-        if self.world.main:
-            begin_checkpoint(self.out)
-        distributed.barrier(self.world)
-        distributed.save_optimizer(self.optimizer_owner, self.optimizer, optimizer_dir(staging_dir(self.out)))
-        if self.masters:
-            distributed.save_tensors(self.masters.copies, master_dir(staging_dir(self.out)))
-        if self.world.main:
-            finish_checkpoint(self.out, self.model, self.tokenizer, self.scheduler, self.step,
-                              {"run_settings": self.opts.run_settings, **(extra or {})}, model_state)
+        try:
+            with storage_failures_named(self.out):
+                if self.world.main:
+                    begin_checkpoint(self.out)
+                distributed.barrier(self.world)
+                distributed.save_optimizer(self.optimizer_owner, self.optimizer, optimizer_dir(staging_dir(self.out)))
+                if self.masters:
+                    distributed.save_tensors(self.masters.copies, master_dir(staging_dir(self.out)))
+                if self.world.main:
+                    finish_checkpoint(self.out, self.model, self.tokenizer, self.scheduler, self.step,
+                                      {"run_settings": self.opts.run_settings, **(extra or {})}, model_state)
+        except BaseException:  # the previous checkpoint stays; the half-written one goes
+            if self.world.main:
+                discard_checkpoint(self.out)
+            raise
         distributed.barrier(self.world)
         self._saved_at = self.scheduler.last_epoch
 
@@ -278,24 +287,58 @@ class Interruption:
 
 class JsonlLog:
     """Appends one JSON object per line to ``path``, its directory made if need be (or does nothing without a
-    path)."""
+    path).
 
-    def __init__(self, path: Path | None):
+    The file holds the records of one run's steps 1 … ``step``, where the run starts at ``step`` (0, or the
+    checkpoint a resumed run continues): a new run replaces a previous file, and a resumed one keeps what came
+    before its checkpoint but not the steps it is about to redo (those a crash after the checkpoint logged)."""
+
+    def __init__(self, path: Path | None, step: int = 0):
+        self.file = None
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a") if path else None
+            kept = _records_through(Path(path), step) if step else []
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(kept))
+            self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with self._named_failures():
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+
+    @contextlib.contextmanager
+    def _named_failures(self) -> Iterator[None]:
+        """A failed write (a full disk) names the log file."""
+        try:
+            yield
+        except OSError as err:
+            err.filename = err.filename or self.file.name
+            raise
 
     def __enter__(self) -> JsonlLog:
         return self
 
     def __exit__(self, *exc) -> None:
         if self.file:
-            self.file.close()
+            with self._named_failures():
+                self.file.close()
+
+
+def _records_through(path: Path, step: int) -> list[str]:
+    """The lines of the JSONL log ``path`` whose record's ``step`` is at most ``step`` (a line a crash cut off
+    is dropped)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    return kept
 
 
 def batches_for_step(n_examples: int, step: int, opts: LoopOptions) -> list[list[int]]:
@@ -347,7 +390,7 @@ def run_loop(
         raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the {world.size} processes "
                         "(each micro-batch is split over them)")
     last: dict = {}
-    with JsonlLog(opts.log_jsonl if world.main else None) as log, Interruption(trainer) as interruption:
+    with JsonlLog(opts.log_jsonl if world.main else None, trainer.step) as log, Interruption(trainer) as interruption:
         while trainer.step < total:
             micro = [rows[world.rank :: world.size] for rows in batches_for_step(n_examples, trainer.step, opts)]
             figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
