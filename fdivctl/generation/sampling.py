@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from fdivctl.errors import UserError
+from fdivctl.io.prompts import encode_prompt
 
 
 @dataclass
@@ -43,14 +44,18 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
-def check_prompts_fit(prompt_ids: list, prompts: list[list[int]], context: int | None, model: str) -> None:
-    """Refuse, before sampling, a prompt that leaves no room in the model's context for one generated token."""
-    if context is None:
-        return
-    for prompt_id, prompt in zip(prompt_ids, prompts):
-        if len(prompt) >= context:
-            raise UserError(f"prompt_id {prompt_id!r} has {len(prompt)} tokens: it fills the {context}-token context "
-                            f"of the {model}, leaving no room to generate; drop or shorten such prompts")
+def encode_prompts(tokenizer, rows: list[dict], chat: bool, context: int | None,
+                   model: str) -> list[tuple[str, list[int]]]:
+    """Each prompt row's (text, token ids) (:func:`fdivctl.io.prompts.encode_prompt`), refusing before sampling a
+    prompt that leaves no room in the ``context`` of ``model`` (its name, for the message) for one generated
+    token."""
+    encoded = [encode_prompt(tokenizer, row, chat) for row in rows]
+    if context is not None:
+        for row, (_, ids) in zip(rows, encoded):
+            if len(ids) >= context:
+                raise UserError(f"prompt_id {row['prompt_id']!r} has {len(ids)} tokens: it fills the {context}-token "
+                                f"context of the {model}, leaving no room to generate; drop or shorten such prompts")
+    return encoded
 
 
 def completion_budgets(prompts: list[list[int]], max_new_tokens: int, context: int | None) -> list[int]:
@@ -58,5 +63,5 @@ def completion_budgets(prompts: list[list[int]], max_new_tokens: int, context: i
     model's context (such a completion ends with finish_reason ``length``, as vLLM ends one at ``max_model_len``)."""
     budgets = [max_new_tokens if context is None else min(max_new_tokens, context - len(p)) for p in prompts]
     if budgets and min(budgets) < 1:
-        raise ValueError("a prompt fills the model's context: check_prompts_fit refuses it before sampling")
+        raise ValueError("a prompt fills the model's context: encode_prompts refuses it before sampling")
     return budgets

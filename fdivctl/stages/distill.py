@@ -36,11 +36,10 @@ from fdivctl import divergences, engine
 from fdivctl.engine.targets import normalize_weights
 from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
-from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
+from fdivctl.generation.sampling import SamplingOptions, encode_prompts
 from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.sequences import Sequences, int_list_column, load_sequences
 from fdivctl.io.tables import read_table, require_columns, require_no_nulls, require_prompt_ids
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
@@ -308,9 +307,9 @@ def prepare_distill(
         require_columns(table, data, ["prompt_id"], " (on-policy distillation reads a prompts table)")
         require_prompt_ids(data, table.column("prompt_id"))
         prompt_rows = table.to_pylist()
-        encoded = [encode_prompt(tokenizer, row, opts.on_policy.chat)[1] for row in prompt_rows]
+        encoded = [ids for _, ids in encode_prompts(tokenizer, prompt_rows, opts.on_policy.chat, limits.context,
+                                                     limits.context_of)]
         prompt_ids = [str(row["prompt_id"]) for row in prompt_rows]
-        check_prompts_fit(prompt_ids, encoded, limits.context, limits.context_of)
         seqs = None
     else:
         seqs = load_sequences(data, tokenizer, opts.chat)

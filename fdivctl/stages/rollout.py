@@ -21,7 +21,7 @@ import torch
 
 from fdivctl.errors import UserError
 from fdivctl.generation.hf import HFGenerator
-from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
+from fdivctl.generation.sampling import SamplingOptions, encode_prompts
 from fdivctl.generation.vllm_backend import VLLMGenerator, vllm_available
 from fdivctl.io.atomic import atomic_path, check_output_file
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
@@ -96,9 +96,7 @@ def _check_prompt_lengths(file: pq.ParquetFile, tokenizer, model_dir, opts: Roll
     """Refuse, before anything is sampled, a prompt of this shard with no room in the model's context."""
     context = model_limits((model_dir, "model")).context
     for _, batch in _batches(file, opts.batch_size, opts.shard):
-        rows = batch.to_pylist()
-        check_prompts_fit([row["prompt_id"] for row in rows], [encode_prompt(tokenizer, row, opts.chat)[1]
-                                                                for row in rows], context, f"model {model_dir}")
+        encode_prompts(tokenizer, batch.to_pylist(), opts.chat, context, f"model {model_dir}")
 
 
 def _batches(file: pq.ParquetFile, batch_size: int, shard: tuple[int, int]):

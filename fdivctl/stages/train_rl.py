@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fdivctl.errors import UserError
-from fdivctl.generation.sampling import SamplingOptions, check_prompts_fit
+from fdivctl.generation.sampling import SamplingOptions, encode_prompts
 from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
@@ -374,8 +374,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     if online.prompt_sampling == "gaussian":
         _check_pass_rates(prompt_table, prompts)
     rows = prompt_table.to_pylist()
-    check_prompts_fit([row["prompt_id"] for row in rows], [encode_prompt(tokenizer, row, online.chat)[1] for row in rows],
-                      limits.context, limits.context_of)
+    encode_prompts(tokenizer, rows, online.chat, limits.context, limits.context_of)
     sampling = SamplingOptions(**{**(online.sampling or SamplingOptions()).as_record(), "n": online.group_size})
     sampling.check()
     if sampling.temperature == 0:
