@@ -19,7 +19,7 @@ def command(
     sequences: Path = typer.Argument(
         None,
         help="Sequences Parquet: rollouts (prompt_token_ids, completion_token_ids) or text "
-        "(prompt, completion); keys prompt_id, sample_idx.",
+        "(prompt, completion) or conversations (messages: one sequence per assistant reply); keys prompt_id, sample_idx.",
     ),
     out: Path = typer.Argument(None, help="Store directory to create or resume."),
     k: int = typer.Option(64, "--k", help="Top-k ids and log-probs kept per token."),

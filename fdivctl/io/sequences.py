@@ -9,7 +9,9 @@ Accepted tables (Parquet):
   the completion without, then the tokenizer's EOS token after a non-empty
   completion that does not end with it (so ``prompt_ids + completion_ids`` is
   the sequence, and a model trained on it learns where an answer ends; TRL's
-  SFT and DPO trainers append it the same way).
+  SFT and DPO trainers append it the same way);
+* conversations: a ``messages`` column, one row per assistant reply
+  (:mod:`fdivctl.io.conversations`; read with :func:`read_sequences`).
 
 Row keys are ``prompt_id`` (any scalar; kept as text) and ``sample_idx``
 (default 0); without ``prompt_id`` the row number is the key.  Keys must be
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 import torch
 
 from fdivctl.errors import UserError
+from fdivctl.io import conversations
 from fdivctl.io.checkpoints import ModelLimits
 from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.tables import provenance, read_table, require_no_nulls
@@ -184,10 +187,19 @@ def text_column(table: pa.Table, column: str, path: Path) -> list[str]:
 def load_sequences(path: str | Path, tokenizer=None, chat: bool = False) -> Sequences:
     """Read a sequences table; ``tokenizer`` is needed only for text columns (``chat``: see
     :func:`sequences_from_table`)."""
+    return read_sequences(path, tokenizer, chat)[1]
+
+
+def read_sequences(path: str | Path, tokenizer=None, chat: bool = False) -> tuple[pa.Table, Sequences]:
+    """A sequences file as (its rows, their sequences), row for row: a conversations table's rows are its
+    assistant replies (:mod:`fdivctl.io.conversations`, rendered with the chat template whatever ``chat`` says)."""
     path = Path(path)
-    seqs = sequences_from_table(read_table(path), path, tokenizer, chat)
+    table = read_table(path)
+    if conversations.is_conversations(table.column_names):
+        table, chat = conversations.expand(table, path, tokenizer), False
+    seqs = sequences_from_table(table, path, tokenizer, chat)
     seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
-    return seqs
+    return table, seqs
 
 
 def has_token_ids(columns: list[str]) -> bool:
@@ -223,8 +235,8 @@ def sequences_from_table(table: pa.Table, path: Path, tokenizer=None, chat: bool
         ]
     else:
         raise UserError(
-            f"{path}: needs prompt_token_ids + completion_token_ids (list<int>) or prompt + completion "
-            f"(text) columns; it has {', '.join(names)}"
+            f"{path}: needs prompt_token_ids + completion_token_ids (list<int>), prompt + completion (text) or "
+            f"messages (conversations) columns; it has {', '.join(names)}"
         )
     n = table.num_rows
     prompt_ids = (

@@ -40,7 +40,7 @@ from fdivctl.generation.sampling import SamplingOptions, encode_prompts
 from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import Sequences, int_list_column, load_sequences
+from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, read_sequences
 from fdivctl.io.tables import read_table, require_columns, require_no_nulls, require_prompt_ids
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
@@ -293,7 +293,6 @@ def prepare_distill(
                         "(several teachers on-policy: --loss jsd, rkl, …)")
     tokenizer = load_tokenizer(student, "student")
     student_hash = tokenizer_hash(tokenizer)
-    table = read_table(data)
     store = None
     if logits is not None:
         store = LogitStore(logits)
@@ -304,6 +303,7 @@ def prepare_distill(
         check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
     limits = model_limits((student, "student"), *((t, "teacher") for t in teachers))
     if opts.on_policy is not None:
+        table = read_table(data)
         require_columns(table, data, ["prompt_id"], " (on-policy distillation reads a prompts table)")
         require_prompt_ids(data, table.column("prompt_id"))
         prompt_rows = table.to_pylist()
@@ -312,7 +312,7 @@ def prepare_distill(
         prompt_ids = [str(row["prompt_id"]) for row in prompt_rows]
         seqs = None
     else:
-        seqs = load_sequences(data, tokenizer, opts.chat)
+        table, seqs = read_sequences(data, tokenizer, opts.chat)
         seqs.check_scorable(data)  # refuse unscorable rows before any training, not when their batch comes
         seqs.check_tokenizer(data, student_hash, "student", opts.allow_tokenizer_mismatch)
         seqs.check_fits(data, limits)

@@ -1,0 +1,85 @@
+"""Multi-turn conversations as sequences: one sequence per assistant reply.
+
+A table with a ``messages`` column (each row a list of ``{role, content}``
+messages) and no prompt/completion columns holds conversations.  Reply i of a
+conversation (its i-th assistant message, at position j) becomes the sequence
+
+    prompt     = template(messages[:j], with the assistant header)
+    completion = template(messages[:j + 1])  minus that prompt's text
+
+so the completion is the reply and the template's end-of-turn marker, and
+the prompt is the conversation before it encoded as ``rollout`` encodes a
+``messages`` prompt (:func:`fdivctl.io.prompts.encode_prompt`).  The two are
+tokenized apart, as a sampled reply follows its prompt's tokens; where the
+assistant header ends in a newline or a special token (Qwen2, Llama 3) that is
+also how the whole conversation tokenizes, while a header ending in a space
+would merge with the reply's first word in the whole text.  A loss over
+the completions is the loss over the assistant replies only, each in its own
+context: what TRL's ``SFTTrainer`` computes with ``assistant_only_loss`` on
+the whole conversation (a causal model's prediction of a reply's tokens does
+not depend on what follows), paid for by reading each prefix again.  A
+template that rewrites earlier turns (one that drops past reasoning) gets the
+prompts it will be sampled with, which one masked conversation would not give.
+
+Row keys: ``prompt_id`` (or the row number) and ``sample_idx`` = the reply's
+0-based index in its conversation, which is also each completion token's
+``turn_ids`` entry (the turns of ``distill --depth-curriculum``).  The other
+columns repeat on each of a conversation's rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from fdivctl.errors import UserError
+from fdivctl.io.prompts import check_messages, encode_prompt
+
+
+def is_conversations(columns: list[str]) -> bool:
+    """Whether a sequences table with these columns holds conversations (read through :func:`expand`)."""
+    has_pairs = "prompt" in columns and "completion" in columns
+    has_ids = "prompt_token_ids" in columns and "completion_token_ids" in columns
+    return "messages" in columns and not has_pairs and not has_ids
+
+
+def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
+    """The conversations ``table`` as a token-id sequences table: one row per assistant reply (module doc)."""
+    if tokenizer is None:
+        raise UserError(f"{path}: a messages table needs a tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{path}: its messages are rendered with the tokenizer's chat template, and the tokenizer "
+                        "has none")
+    for column in ("sample_idx", "turn_ids"):
+        if column in table.column_names:
+            raise UserError(f"{path}: a messages table has one conversation per row, and {column} is set from "
+                            f"its assistant replies: drop the {column} column")
+    keys = ([str(v) for v in table.column("prompt_id").to_pylist()] if "prompt_id" in table.column_names
+            else [str(r) for r in range(table.num_rows)])
+    take, reply_idx, prompts, completions = [], [], [], []
+    for row, (key, messages) in enumerate(zip(keys, table.column("messages").to_pylist())):
+        where = f"{path}: row {row} (prompt_id {key!r})"
+        check_messages(messages, where)
+        replies = [j for j, message in enumerate(messages) if message["role"] == "assistant"]
+        if not replies:
+            raise UserError(f"{where} has no assistant message: nothing to train on")
+        if replies[0] == 0:
+            raise UserError(f"{where} opens with an assistant message: it has no context to be predicted from")
+        for index, j in enumerate(replies):
+            prompt_text, prompt = encode_prompt(tokenizer, {"messages": messages[:j], "prompt_id": key}, True)
+            full = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
+            if not full.startswith(prompt_text):
+                raise UserError(f"{where}: the chat template renders the conversation before reply {index} "
+                                "differently once the reply follows, so the reply has no prompt to split at")
+            take.append(row)
+            reply_idx.append(index)
+            prompts.append(prompt)
+            completions.append(tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"])
+    carried = table.drop_columns([c for c in ("messages", "prompt_id") if c in table.column_names]).take(take)
+    tokens = pa.list_(pa.int32())
+    turns = [[index] * len(completion) for index, completion in zip(reply_idx, completions)]
+    return pa.table({"prompt_id": [keys[r] for r in take], "sample_idx": pa.array(reply_idx, pa.int64()),
+                     "prompt_token_ids": pa.array(prompts, tokens), "completion_token_ids": pa.array(completions, tokens),
+                     "turn_ids": pa.array(turns, tokens),
+                     **{name: carried.column(name) for name in carried.column_names}})

@@ -1,0 +1,114 @@
+"""Multi-turn conversations (a ``messages`` column) as sequences: one row per assistant reply.
+
+Before: train --algo sft, distill and teacher-logits refused a messages table ("needs prompt_token_ids + …").
+"""
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from cli_runner import run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fdivctl.errors import UserError
+from fdivctl.io.logit_store import LogitStore
+from fdivctl.io.prompts import encode_prompt
+from fdivctl.io.sequences import load_sequences, read_sequences
+
+#: a template with an end-of-turn (the tokenizer's EOS) and a generation prompt ending in a newline, as instruct
+#: models' templates have (Qwen2's "<|im_start|>assistant\n")
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>\n{% endif %}")
+
+CHATS = [
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Compute 1 + 2."},
+     {"role": "assistant", "content": "The answer is 3."}, {"role": "user", "content": "And 3 * 4?"},
+     {"role": "assistant", "content": "The answer is 12."}],
+    [{"role": "user", "content": "Compute 5 - 1."}, {"role": "assistant", "content": "4"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tiny_teacher):
+    path = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny_teacher, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chats") / "chats.parquet"
+    pq.write_table(pa.table({"prompt_id": ["c1", "c2"], "messages": CHATS, "pass_rate": [0.25, 0.75]}), path)
+    return path
+
+
+def test_each_reply_is_a_row_prompted_by_the_conversation_before_it(chat_model, chats):
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    table, seqs = read_sequences(chats, tokenizer)
+    assert list(zip(seqs.prompt_ids, seqs.sample_idx)) == [("c1", 0), ("c1", 1), ("c2", 0)]
+    assert table.column("pass_rate").to_pylist() == [0.25, 0.25, 0.75] and len(table) == len(seqs)
+    for row, (chat, reply_at) in enumerate([(CHATS[0], 2), (CHATS[0], 4), (CHATS[1], 1)]):
+        _, prompt = encode_prompt(tokenizer, {"messages": chat[:reply_at]}, chat=True)  # as rollout encodes it
+        assert seqs.prompt_tokens[row].tolist() == prompt
+        assert tokenizer.decode(seqs.completion_tokens[row]) == f"{chat[reply_at]['content']}<|eos|>\n"
+        assert table.column("turn_ids")[row].as_py() == [seqs.sample_idx[row]] * len(seqs.completion_tokens[row])
+
+
+def test_the_replies_log_probs_are_those_of_the_whole_conversation(chat_model, chats):
+    """Each row's completion, scored after its prompt, has the log-probs the same tokens have in one forward pass
+    over the whole conversation (TRL's assistant-only loss): nothing of a later turn leaks into a reply's row."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
+    seqs = load_sequences(chats, tokenizer)
+
+    def logprobs(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[0, :-1].log_softmax(-1)
+        return logits.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+    whole = seqs.prompt_tokens[1].tolist() + seqs.completion_tokens[1].tolist()  # the last row of c1: all of it
+    every = logprobs(whole)
+    for row in (0, 1):
+        prompt, reply = seqs.prompt_tokens[row].tolist(), seqs.completion_tokens[row].tolist()
+        assert whole[: len(prompt) + len(reply)] == prompt + reply  # the reply sits in the conversation there
+        alone = logprobs(prompt + reply)[len(prompt) - 1 :]
+        assert torch.allclose(alone, every[len(prompt) - 1 : len(prompt) - 1 + len(reply)], atol=1e-5)
+
+
+def test_sft_teacher_logits_and_distill_read_a_messages_table(tmp_path, chat_model, chats):
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    sft = run_cli("train", chat_model, tmp_path / "sft", "--algo", "sft", "--data", chats, "--batch-size", 3,
+                  "--max-steps", 2, "--device", "cpu")
+    assert sft.returncode == 0, sft.stderr
+    store = tmp_path / "store"
+    run_cli("teacher-logits", chat_model, chats, store, "--k", 4, "--device", "cpu", check=True)
+    seqs = load_sequences(chats, tokenizer)
+    assert LogitStore(store).sequence("c1", 1).token_ids.tolist() == seqs.completion_tokens[1].tolist()
+    done = run_cli("distill", chat_model, tmp_path / "kd", "--logits", store, "--data", chats, "--loss", "jsd",
+                   "--batch-size", 3, "--max-steps", 1, "--prompt-weighting", "paced", "--depth-curriculum",
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("messages, extra, message", [
+    ([[{"role": "user", "content": "hi"}]], {}, "row 0 (prompt_id '0') has no assistant message"),
+    ([[{"role": "assistant", "content": "hi"}]], {}, "opens with an assistant message"),
+    ([[{"role": "user"}]], {}, "messages must be a non-empty list of {role, content} messages"),
+    ([CHATS[1]], {"sample_idx": [0]}, "drop the sample_idx column"),
+])
+def test_bad_conversations_are_refused_naming_the_row(tmp_path, chat_model, messages, extra, message):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"messages": messages, **extra}), path)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{")):
+        load_sequences(path, AutoTokenizer.from_pretrained(chat_model))
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path, tiny_teacher, chats):
+    done = run_cli("train", tiny_teacher, tmp_path / "sft", "--algo", "sft", "--data", chats, "--device", "cpu")
+    assert done.returncode == 2 and "rendered with the tokenizer's chat template, and the tokenizer has none" in \
+        done.stderr, done.stderr
