@@ -112,3 +112,21 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path, tiny_teacher, 
     done = run_cli("train", tiny_teacher, tmp_path / "sft", "--algo", "sft", "--data", chats, "--device", "cpu")
     assert done.returncode == 2 and "rendered with the tokenizer's chat template, and the tokenizer has none" in \
         done.stderr, done.stderr
+
+
+def test_a_template_that_refuses_the_messages_is_one_line(tmp_path, chat_model, chats):
+    """Mistral's and Llama 2's templates raise on a system turn: one line naming the row (was: jinja2's traceback),
+    in rollout as in training."""
+    strict = tmp_path / "strict"
+    shutil.copytree(chat_model, strict)
+    tokenizer = AutoTokenizer.from_pretrained(strict)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + TEMPLATE)
+    tokenizer.save_pretrained(strict)
+    message = "the tokenizer's chat template refused these messages: TemplateError: System role not supported"
+    done = run_cli("train", strict, tmp_path / "sft", "--algo", "sft", "--data", chats, "--device", "cpu")
+    assert done.returncode == 2 and "prompt_id 'c1'" in done.stderr and message in done.stderr, done.stderr
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": ["c1"], "messages": [CHATS[0][:2]]}), prompts)
+    done = run_cli("rollout", strict, prompts, tmp_path / "r.parquet", "--device", "cpu")
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from fdivctl.errors import UserError
-from fdivctl.io.prompts import check_messages, encode_prompt
+from fdivctl.io.prompts import check_messages, encode_prompt, render_chat
 
 
 def is_conversations(columns: list[str]) -> bool:
@@ -68,7 +68,7 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
             raise UserError(f"{where} opens with an assistant message: it has no context to be predicted from")
         for index, j in enumerate(replies):
             prompt_text, prompt = encode_prompt(tokenizer, {"messages": messages[:j], "prompt_id": key}, True)
-            full = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
+            full = render_chat(tokenizer, messages[: j + 1], where, generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise UserError(f"{where}: the chat template renders the conversation before reply {index} "
                                 "differently once the reply follows, so the reply has no prompt to split at")

@@ -21,8 +21,19 @@ def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
         check_messages(messages, where)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template (drop --chat, or give plain prompt text)")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render_chat(tokenizer, messages, where, generation_prompt=True)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_chat(tokenizer, messages: list[dict], where: str, generation_prompt: bool) -> str:
+    """The chat template's text of ``messages`` (with the assistant header after them: ``generation_prompt``);
+    a template that refuses them (Mistral's and Llama 2's raise on a system turn or roles that do not alternate)
+    is one UserError naming ``where``."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    except Exception as err:  # noqa: BLE001 — jinja2's TemplateError and what a template's own code raises
+        raise UserError(f"{where}: the tokenizer's chat template refused these messages: "
+                        f"{type(err).__name__}: {err}") from None
 
 
 def check_messages(messages, where: str) -> None:

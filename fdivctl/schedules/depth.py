@@ -35,8 +35,12 @@ def assistant_header(tokenizer) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template: give each completion token's turn in a turn_ids column")
     messages = [{"role": "user", "content": "x"}]
-    bare = tokenizer.apply_chat_template(messages, tokenize=False)
-    opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        bare = tokenizer.apply_chat_template(messages, tokenize=False)
+        opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001 — jinja2's TemplateError, or what the template's own code raises
+        raise ValueError(f"the chat template refused a one-message conversation ({type(err).__name__}: {err})") \
+            from None
     if not opened.startswith(bare) or opened == bare:
         raise ValueError("the chat template writes no separate assistant header: give a turn_ids column")
     return tokenizer.encode(opened[len(bare):], add_special_tokens=False)
