@@ -262,3 +262,21 @@ def test_an_interrupted_score_resumes_from_its_saved_parts(tmp_path):
     columns = ["reward", "correct", "verdict", "pass_rate"]
     assert pq.read_table(out).select(columns).equals(pq.read_table(tmp_path / "straight.parquet").select(columns))
     assert pq.read_table(out).column("reward").to_pylist() == [float(i % 2) for i in range(n)]
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "{model}", "{out}", "--prompts", "{prompts}", "--verifier", "math", "--iterations", 1, "--group-size", 2],
+    ["train", "{model}", "{out}", "--algo", "dph", "--partition", "--partition-dir", "{out}", "--prompts", "{prompts}",
+     "--verifier", "math"],
+    ["eval", "{out}", "--model", "{model}", "--prompts", "{prompts}", "--verifier", "exact"],
+])
+def test_sampling_then_scoring_refuses_prompts_the_verifier_cannot_read_before_sampling(tmp_path, tiny_teacher,
+                                                                                      command):
+    """Before: online train sampled a whole iteration, then failed on its own rollouts file's missing 'answer'."""
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["Compute 1 + 1.", "Compute 2 + 2."]}), prompts)
+    out = tmp_path / "out"
+    args = [str(a).format(model=tiny_teacher, out=out, prompts=prompts) for a in command]
+    done = run_cli(*args, "--device", "cpu")
+    assert done.returncode == 2 and f"{prompts}: missing column 'answer' (--verifier" in done.stderr, done.stderr
+    assert not out.exists()

@@ -13,7 +13,7 @@ from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.rewards.verifiers import make_verifier
 from fdivctl.stages.evaluate import EvalOptions, run_eval
 from fdivctl.stages.rollout import RolloutOptions, run_rollout
-from fdivctl.stages.score import score_table
+from fdivctl.stages.score import check_prompt_columns, score_table
 
 TABLE_FIGURES = ("mean_reward", "greedy_pass@1", "distinct_correct", "distinct_4", "mean_length", "ece", "kl")
 
@@ -91,6 +91,7 @@ def command(
             raise UserError("--model needs --prompts")
         name = model.name or "model"
         spec = make_verifier(verifier)
+        check_prompt_columns(prompts, spec)
         out.mkdir(parents=True, exist_ok=True)
         rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"
         sampling = SamplingOptions(n=n, temperature=temperature, max_new_tokens=max_new_tokens)

@@ -36,7 +36,7 @@ from fdivctl.io.tables import provenance, read_table, write_table
 from fdivctl.objectives.dph import split_prompts
 from fdivctl.rewards.verifiers import Verifier
 from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout, shard_path
-from fdivctl.stages.score import score_table
+from fdivctl.stages.score import check_prompt_columns, score_table
 from fdivctl.stages.train_rl import PARTITION_FILE
 from fdivctl.training import distributed
 
@@ -49,6 +49,7 @@ def run_partition(policy: Path, prompts: Path, out: Path, verifier: Verifier, k:
         raise UserError("--k must be ≥ 1 and --pef-threshold lie in (0, 1]")
     if rollout.sampling.temperature == 0:
         raise UserError("pre-sampling needs --temperature > 0 (k greedy samples would be identical)")
+    check_prompt_columns(prompts, verifier)
     out = Path(out)
     if (out / PARTITION_FILE).exists():
         raise UserError(f"{out} already holds a finished partition")

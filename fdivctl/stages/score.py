@@ -24,7 +24,7 @@ from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, check_output_file
 from fdivctl.io.hashing import file_fingerprint
 from fdivctl.io.parts import open_parts, part_path
-from fdivctl.io.tables import provenance, read_table, require_columns, write_table
+from fdivctl.io.tables import open_parquet, provenance, read_table, require_columns, write_table
 from fdivctl.rewards.pool import failures, run_pool
 from fdivctl.rewards.verifiers import Verifier
 
@@ -93,6 +93,14 @@ def score_table(
         "verifier_failures": len(failed),
         **({"first_failure": f"row {failed[0]}: {results[failed[0]][2]}"} if failed else {}),
     }
+
+
+def check_prompt_columns(prompts: str | Path, verifier: Verifier) -> None:
+    """Refuse, before anything is sampled, a prompts file without the columns ``verifier`` reads from each
+    prompt's row (``answer``, ``db_path``), which rollout carries into the rollouts it then scores."""
+    needed = [c for c in verifier.required_columns() if c != "completion"]
+    require_columns(open_parquet(prompts).schema_arrow.empty_table(), prompts, needed,
+                    f" (--verifier {verifier.kind} reads it from each prompt's row)")
 
 
 def _verify_in_parts(verifier, rows: list[dict], workers: int, timeout: float, on_done, parts: Path,

@@ -69,7 +69,7 @@ from fdivctl.stages.policy_update import PolicyUpdate
 from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, Replay, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.rollout import rollout_rows
-from fdivctl.stages.score import score_table
+from fdivctl.stages.score import check_prompt_columns, score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
@@ -361,6 +361,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
     """Sample, score and update for ``online.iterations`` iterations; checkpoint into ``out``."""
     online.check()
     check_fresh_output(out, opts.loop.resume)
+    check_prompt_columns(prompts, verifier)
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), prompts=Path(prompts), verifier=verifier,
                                            online=online))
     model, tokenizer, policy_hash, update, record, limits = _prepare(policy, out, opts, online=True,
