@@ -130,6 +130,16 @@ def test_fdpo_reverse_kl_is_dpo():
     dpo = -F.logsigmoid(beta * ((pw - rw) - (pl - rl))).mean()
     assert loss.item() == pytest.approx(dpo.item(), rel=1e-12)
     assert figures["reward_accuracy"] == pytest.approx(float((((pw - rw) - (pl - rl)) > 0).double().mean()))
+    # TRL's DPO rewards β log u (before: β (log u + 1), 0.1 at the reference with --beta 0.1)
+    assert figures["chosen_reward"] == pytest.approx(float(beta * (pw - rw).mean()), rel=1e-12)
+    assert figures["rejected_reward"] == pytest.approx(float(beta * (pl - rl).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["rkl", "fkl", "jsd", "alpha:alpha=0.3"])
+def test_fdpo_rewards_are_zero_at_the_reference(spec):
+    same = torch.tensor([-3.0, -7.5], dtype=torch.float64)
+    _, figures = fdpo.fdpo_loss(divergences.parse(spec), 0.1, same, same - 1, same, same - 1)
+    assert figures["chosen_reward"] == 0 and figures["rejected_reward"] == 0 and figures["reward_margin"] == 0
 
 
 @pytest.mark.parametrize("spec", ["fkl", "jsd", "alpha:alpha=0.3"])

@@ -18,7 +18,11 @@ scores ``u^(a−1)/(a−1)``; with ``a = 1 − α`` that is ``−u^(−α)/α``,
 up to the constant ``1/α``, which cancels in the chosen − rejected difference:
 TRL's ``a`` is ``1 −`` our α.
 The implicit reward of a response is ``β f′(u)``; accuracy is the share of
-pairs whose chosen reward is the larger.
+pairs whose chosen reward is the larger.  The rewards are reported as
+``β (f′(u) − f′(1))``, zero where the policy is the reference whatever the
+divergence (f′(1) is 1 for reverse KL, −1 for forward KL, 0 for the others),
+so that reverse KL reports TRL's DPO rewards ``β log u``; the constant
+cancels in the loss and the margin.
 """
 
 from __future__ import annotations
@@ -62,11 +66,12 @@ def fdpo_loss(
     rejected = beta * fprime(divergence, rejected_logp - ref_rejected_logp)
     margin = chosen - rejected
     loss = -F.logsigmoid(margin).mean()
+    at_reference = beta * float(fprime(divergence, torch.zeros(())))
     figures = {
         "loss": float(loss.detach()),
         "reward_accuracy": float((margin > 0).float().mean()),
         "reward_margin": float(margin.detach().mean()),
-        "chosen_reward": float(chosen.detach().mean()),
-        "rejected_reward": float(rejected.detach().mean()),
+        "chosen_reward": float(chosen.detach().mean() - at_reference),
+        "rejected_reward": float(rejected.detach().mean() - at_reference),
     }
     return loss, figures
