@@ -37,6 +37,19 @@ def student(tmp_path_factory, tokenizer_dir):
     return path
 
 
+def with_chat_template(model: Path, out: Path, template: str) -> Path:
+    """A copy of the model directory ``model`` at ``out`` whose tokenizer has ``template`` as its chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def write_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_len: int, seed: int,
                     **columns) -> Path:
     """A sequences Parquet of ``n`` rows of random token ids (ids ≥ 3: no special tokens), plus ``columns``."""

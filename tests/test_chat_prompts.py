@@ -4,12 +4,12 @@ Before: train --algo sft|fdpo and distill read text tables plainly whatever --ch
 template), so a model was trained on prompts unlike those it was then sampled with.
 """
 
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runner import run_cli
+from conftest import with_chat_template
 from transformers import AutoTokenizer
 
 from fdivctl.errors import UserError
@@ -22,12 +22,7 @@ TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endf
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, tiny_teacher):
-    path = tmp_path_factory.mktemp("chat") / "model"
-    shutil.copytree(tiny_teacher, path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
+    return with_chat_template(tiny_teacher, tmp_path_factory.mktemp("chat") / "model", TEMPLATE)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@
 Before: train --algo sft, distill and teacher-logits refused a messages table ("needs prompt_token_ids + …").
 """
 
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from cli_runner import run_cli
+from conftest import with_chat_template
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fdivctl.errors import UserError
@@ -32,12 +32,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, tiny_teacher):
-    path = tmp_path_factory.mktemp("chat") / "model"
-    shutil.copytree(tiny_teacher, path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
+    return with_chat_template(tiny_teacher, tmp_path_factory.mktemp("chat") / "model", TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +112,8 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path, tiny_teacher, 
 def test_a_template_that_refuses_the_messages_is_one_line(tmp_path, chat_model, chats):
     """Mistral's and Llama 2's templates raise on a system turn: one line naming the row (was: jinja2's traceback),
     in rollout as in training."""
-    strict = tmp_path / "strict"
-    shutil.copytree(chat_model, strict)
-    tokenizer = AutoTokenizer.from_pretrained(strict)
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                               "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + TEMPLATE)
-    tokenizer.save_pretrained(strict)
+    strict = with_chat_template(chat_model, tmp_path / "strict", "{% for m in messages %}{% if m['role'] == 'system' %}"
+                                "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + TEMPLATE)
     message = "the tokenizer's chat template refused these messages: TemplateError: System role not supported"
     done = run_cli("train", strict, tmp_path / "sft", "--algo", "sft", "--data", chats, "--device", "cpu")
     assert done.returncode == 2 and "prompt_id 'c1'" in done.stderr and message in done.stderr, done.stderr
