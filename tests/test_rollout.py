@@ -119,6 +119,18 @@ def test_shards_merge_to_every_prompt_once(tmp_path, tiny_teacher, prompts):
     assert keys == sorted((f"q{i}", s) for i in range(5) for s in range(3))
     overlap = _cli("merge", tmp_path / "bad.parquet", outs[0], outs[0])
     assert overlap.returncode == 2 and "overlap" in overlap.stderr
+    # one shard of two is not the run (before: merged silently, half the prompts missing); --partial says so
+    half = tmp_path / "half.parquet"
+    refused = _cli("merge", half, outs[1])
+    assert refused.returncode == 2 and "shard 0/2 of the run is not among the inputs" in refused.stderr
+    assert not half.exists()
+    partial = _cli("merge", half, outs[1], "--partial")
+    assert partial.returncode == 0 and "warning: merged without shard 0/2" in partial.stderr
+    assert provenance(half)["missing_shards"] == ["0/2"] and pq.read_table(half).num_rows == 6
+    third = tmp_path / "third.parquet"
+    assert _cli("rollout", tiny_teacher, prompts, third, *ARGS, "--shard", "0/3").returncode == 0
+    mixed = _cli("merge", tmp_path / "mixed.parquet", third, outs[1])
+    assert mixed.returncode == 2 and "were sharded differently" in mixed.stderr
 
 
 def test_greedy_and_stop_strings(tmp_path, tiny_teacher, prompts):

@@ -62,10 +62,15 @@ def rollout(
 def merge(
     out: Path = typer.Argument(..., help="Merged Parquet to write."),
     inputs: list[Path] = typer.Argument(..., help="Shard outputs of one rollout (or score) run."),
+    partial: bool = typer.Option(False, help="Merge the shards given even if some of the run's are missing (they "
+                                 "are named in a warning and in the output's provenance, missing_shards)."),
 ) -> None:
-    """Join the shard outputs of one run (--shard i/n) into one file."""
-    rows = merge_rollouts(inputs, out)
-    typer.echo(json.dumps({"merged": str(out), "rows": rows}))
+    """Join the shard outputs of one run (--shard i/n) into one file: every shard, each once."""
+    rows, missing = merge_rollouts(inputs, out, partial)
+    if missing:
+        typer.echo(f"fdivctl: warning: merged without shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                   "of the run", err=True)
+    typer.echo(json.dumps({"merged": str(out), "rows": rows, **({"missing_shards": missing} if missing else {})}))
 
 
 def register(app: typer.Typer) -> None:

@@ -209,21 +209,45 @@ def _join_parts(parts: Path, out: Path, record: dict) -> None:
     shutil.rmtree(parts)
 
 
-def merge_rollouts(inputs: list[Path], out: Path) -> int:
-    """Join shard outputs of one rollout run, streaming; refuse files of different runs or shared rows."""
+def merge_rollouts(inputs: list[Path], out: Path, partial: bool = False) -> tuple[int, list[str]]:
+    """Join shard outputs of one rollout (or score) run, streaming; refuse files of different runs or shared rows,
+    and a set of shards that is not the whole run (their provenance's ``shard`` i/n: every i of one n) unless
+    ``partial``.  Returns the rows written and the shards missing (``"i/n"``; with ``partial`` only)."""
     if not inputs:
         raise UserError("merge needs at least one input file")
     check_output_file(out)
-    first, keys, n_keys = None, set(), 0
+    first, keys, n_keys, shards = None, set(), 0, {}
     for path in inputs:
         key_table = read_table(path, columns=["prompt_id", "sample_idx"])
-        record = {k: v for k, v in provenance(path).items() if k != "shard"}
+        record = provenance(path)
+        if "shard" in record:
+            shards[path] = tuple(record.pop("shard"))
         if first is None:
             first = record
         elif record != first:
             raise UserError(f"{path}: made by another run than {inputs[0]} (model, sampling or source differ)")
         keys.update(zip(key_table.column("prompt_id").to_pylist(), key_table.column("sample_idx").to_pylist()))
         n_keys += key_table.num_rows
+    missing = _missing_shards(shards)
     if len(keys) != n_keys:
         raise UserError("the inputs overlap: some (prompt_id, sample_idx) appear twice")
-    return write_tables(out, (read_table(p) for p in inputs), {**first, "merged_from": [str(p) for p in inputs]})
+    if missing and not partial:
+        raise UserError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of the run "
+                        f"{'are' if len(missing) > 1 else 'is'} not among the inputs: give every shard, or pass "
+                        "--partial to merge what is there")
+    rows = write_tables(out, (read_table(p) for p in inputs), {**first, "merged_from": [str(p) for p in inputs],
+                                                                **({"missing_shards": missing} if missing else {})})
+    return rows, missing
+
+
+def _missing_shards(shards: dict[Path, tuple[int, int]]) -> list[str]:
+    """The shards ``i/n`` of the run that no input holds (one n for every input; a 0/1 file is a whole run)."""
+    counts = {n for _, n in shards.values()}
+    if len(counts) > 1:
+        raise UserError("the inputs were sharded differently (" + ", ".join(
+            f"{path}: {i}/{n}" for path, (i, n) in shards.items()) + "): they are not shards of one run")
+    if not counts:
+        return []
+    (n,) = counts
+    held = {i for i, _ in shards.values()}
+    return [f"{i}/{n}" for i in range(n) if i not in held]
