@@ -94,3 +94,16 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(outputs, ar
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert sorted(p.name for p in outputs["dir"].iterdir()) == []
     assert outputs["file"].read_text() == "not a directory"
+
+
+def test_a_json_lines_input_is_told_how_to_become_parquet(tmp_path, tiny_teacher):
+    """The error's conversion command, run as given, makes the Parquet file the command then reads."""
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt_id": "a", "prompt": "Compute 1 + 2."}\n{"prompt_id": "b", "prompt": "Compute 2 + 2."}\n')
+    done = run_cli("rollout", tiny_teacher, jsonl, tmp_path / "r.parquet", "--device", "cpu")
+    assert done.returncode == 2 and "not a readable Parquet file" in done.stderr
+    command = done.stderr.split("convert it with ", 1)[1].strip()
+    subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+    converted = tmp_path / "prompts.parquet"
+    done = run_cli("rollout", tiny_teacher, converted, tmp_path / "r.parquet", "--max-new-tokens", 4, "--device", "cpu")
+    assert done.returncode == 0, done.stderr

@@ -31,7 +31,23 @@ def open_parquet(path: str | Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+        raise UserError(f"{path}: not a readable Parquet file ({err}){_conversion_hint(path)}") from None
+
+
+#: how to turn a table in another common format into Parquet, by file suffix
+_CONVERSIONS = {
+    ".jsonl": "pyarrow.json.read_json", ".csv": "pyarrow.csv.read_csv",
+}
+
+
+def _conversion_hint(path: Path) -> str:
+    """For a JSON Lines or CSV file, the one line of Python that writes it as Parquet."""
+    reader = _CONVERSIONS.get(path.suffix.lower())
+    if reader is None:
+        return ""
+    module = reader.rsplit(".", 1)[0]
+    return (f"; fdivctl reads Parquet: convert it with python -c \"import {module}, pyarrow.parquet as pq; "
+            f"pq.write_table({reader}('{path}'), '{path.with_suffix('.parquet')}')\"")
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
