@@ -212,6 +212,8 @@ def test_f_divergence_sft_runs_against_the_initial_policy(task, tmp_path):
     (["--minibatch-size", 0], "--minibatch-size must be ≥ 1"),
     (["--max-steps", 0], "--max-steps must be ≥ 1 (leave it out for --epochs over the data), got 0"),
     (["--prompts", "PROMPTS", *VERIFIER, "--score-workers", 0], "--score-workers must be ≥ 1, got 0"),
+    # before: "use --n 1", an option train does not have, after the policy had been loaded
+    (["--prompts", "PROMPTS", *VERIFIER, "--temperature", 0], "online RL samples its groups: --temperature must be > 0"),
 ])
 def test_bad_counts_are_refused_before_any_work(task, tmp_path, args, message):
     inputs = [] if "--prompts" in args else ["--rollouts", tmp_path / "unread.parquet"]

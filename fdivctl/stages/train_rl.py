@@ -107,6 +107,14 @@ class OnlineOptions:
             raise UserError("--group-size must be ≥ 2: GRPO compares samples of one prompt")
         if self.score_workers < 1:
             raise UserError(f"--score-workers must be ≥ 1, got {self.score_workers}")
+        self.group_sampling().check()
+
+    def group_sampling(self) -> SamplingOptions:
+        """The sampling options of an iteration: ``group_size`` samples of each prompt, at a temperature > 0."""
+        sampling = SamplingOptions(**{**(self.sampling or SamplingOptions()).as_record(), "n": self.group_size})
+        if sampling.temperature == 0:
+            raise UserError("online RL samples its groups: --temperature must be > 0")
+        return sampling
 
 
 def _load_policy(policy: Path, out: Path, opts: RLOptions):
@@ -376,10 +384,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts:
         _check_pass_rates(prompt_table, prompts)
     rows = prompt_table.to_pylist()
     encode_prompts(tokenizer, rows, online.chat, limits.context, limits.context_of)
-    sampling = SamplingOptions(**{**(online.sampling or SamplingOptions()).as_record(), "n": online.group_size})
-    sampling.check()
-    if sampling.temperature == 0:
-        raise UserError("online RL samples: --temperature must be > 0")
+    sampling = online.group_sampling()
     temperature = opts.temperature or sampling.temperature
     trainer = Trainer(model, tokenizer, out, opts.loop, total=online.iterations)
     generate = _generator(model, tokenizer, policy, out, opts, online, trainer, limits.context)
