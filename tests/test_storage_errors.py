@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,3 +108,15 @@ def test_storage_failure_reads_the_errno_wherever_the_library_put_it():
     assert storage_failure(rust, "s.safetensors").startswith("s.safetensors: disk quota exceeded: free space in")
     assert storage_failure(OSError(2, "No such file or directory")) is None  # a bug's traceback stays
     assert storage_failure(torch.cuda.OutOfMemoryError("CUDA out of memory")) is None
+
+
+def test_a_log_on_a_stream_is_appended_to_never_replaced(tmp_path, student, tiny_teacher):
+    """--log-jsonl /dev/stdout streams the records (a resumed or new run's rewrite is for regular files only: the
+    atomic rename would have replaced /dev/stdout itself)."""
+    data = write_sequences(tmp_path / "data.parquet", 200, 8, 4, 6, seed=0)
+    args = ["distill", student, tmp_path / "out", "--teacher", tiny_teacher, "--data", data, "--batch-size", 2,
+            "--max-steps", 2, "--device", "cpu", "--log-jsonl", "/dev/stdout"]
+    done = subprocess.run([sys.executable, "-m", "fdivctl", *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["step"] for line in done.stdout.splitlines()[:2]] == [1, 2]
+    assert Path("/dev/stdout").is_symlink()

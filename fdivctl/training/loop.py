@@ -12,14 +12,13 @@ checkpoint of the last finished step (:class:`Interruption`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,39 +288,33 @@ class JsonlLog:
     """Appends one JSON object per line to ``path``, its directory made if need be (or does nothing without a
     path).
 
-    The file holds the records of one run's steps 1 … ``step``, where the run starts at ``step`` (0, or the
-    checkpoint a resumed run continues): a new run replaces a previous file, and a resumed one keeps what came
-    before its checkpoint but not the steps it is about to redo (those a crash after the checkpoint logged)."""
+    A regular file holds the records of one run's steps 1 … ``step``, where the run starts at ``step`` (0, or
+    the checkpoint a resumed run continues): a new run replaces a previous file, and a resumed one keeps what came
+    before its checkpoint but not the steps it is about to redo (those a crash after the checkpoint logged).  A
+    stream (``/dev/stdout``, a pipe, any symlink) is only appended to."""
 
     def __init__(self, path: Path | None, step: int = 0):
         self.file = None
         if path:
-            kept = _records_through(Path(path), step) if step else []
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(kept))
+            path = Path(path)
+            if not path.is_symlink() and (path.is_file() or not path.exists()):
+                kept = _records_through(path, step) if step else []
+                with atomic_path(path) as tmp:
+                    tmp.write_text("".join(kept))
             self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
         if self.file:
-            with self._named_failures():
+            with storage_failures_named(self.file.name):
                 self.file.write(json.dumps(record) + "\n")
                 self.file.flush()
-
-    @contextlib.contextmanager
-    def _named_failures(self) -> Iterator[None]:
-        """A failed write (a full disk) names the log file."""
-        try:
-            yield
-        except OSError as err:
-            err.filename = err.filename or self.file.name
-            raise
 
     def __enter__(self) -> JsonlLog:
         return self
 
     def __exit__(self, *exc) -> None:
         if self.file:
-            with self._named_failures():
+            with storage_failures_named(self.file.name):
                 self.file.close()
 
 
