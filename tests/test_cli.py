@@ -1,5 +1,7 @@
 """The command line itself: a bad command line is click's usage message and exit 2, never a traceback."""
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -69,8 +71,10 @@ def outputs(tmp_path, tiny_teacher):
     pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["1+2="], "answer": ["3"]}), prompts)
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("not a directory")
+    os.mkfifo(tmp_path / "fifo")
     return {"model": tiny_teacher, "prompts": prompts, "data": write_sequences(tmp_path / "s.parquet", 200, 2, 4, 4, 0),
-            "dir": tmp_path / "dir", "file": tmp_path / "file", "under": tmp_path / "file" / "out"}
+            "dir": tmp_path / "dir", "file": tmp_path / "file", "under": tmp_path / "file" / "out",
+            "fifo": tmp_path / "fifo", "null": "/dev/null", "stdout": "/dev/stdout"}
 
 
 @pytest.mark.parametrize("args, misuse, message", [
@@ -87,6 +91,10 @@ def outputs(tmp_path, tiny_teacher):
     (["eval", "{out}", "--run", "a={prompts}"], "file", "exists and is not a directory"),
     (["soup", "{model}", "{model}", "-o", "{out}"], "under", "is a file, so nothing"),
     (["demo", "run", "{out}"], "under", "is a file, so nothing"),
+    # before: the atomic rename replaced the device's or the pipe's entry with a Parquet file
+    (["rollout", "{model}", "{prompts}", "{out}", "--device", "cpu"], "null", "is not a regular file (a device or"),
+    (["score", "{prompts}", "{out}"], "stdout", "/dev/stdout is not a regular file"),
+    (["merge", "{out}", "{prompts}"], "fifo", "is not a regular file (a device or a pipe)"),
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(outputs, args, misuse, message):
     """Before: tracebacks (NotADirectoryError, IsADirectoryError), rollout's only after every prompt was sampled."""
@@ -94,6 +102,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(outputs, ar
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert sorted(p.name for p in outputs["dir"].iterdir()) == []
     assert outputs["file"].read_text() == "not a directory"
+    assert stat.S_ISFIFO(os.stat(outputs["fifo"]).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
 def test_a_json_lines_input_is_told_how_to_become_parquet(tmp_path, tiny_teacher):

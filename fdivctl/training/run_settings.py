@@ -48,7 +48,7 @@ def begin_run(out: Path, loop, settings: dict[str, object]) -> None:
     directory, or a ``--log-jsonl`` that cannot be a file, before any work."""
     check_output_dir(out)
     if loop.log_jsonl is not None:
-        check_output_file(loop.log_jsonl)
+        check_output_file(loop.log_jsonl, stream_ok=True)
     if loop.resume and has_state(out):
         check_same_run(out, saved_state(out).get("run_settings"), settings)
     loop.run_settings = settings
