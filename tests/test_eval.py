@@ -1,6 +1,11 @@
 """eval: pass@k against exact combinatorics and Monte-Carlo, maj@k, forgetting, ECE, plots, table."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import random
 from fractions import Fraction
 from math import comb
@@ -250,3 +255,26 @@ def test_a_missing_or_non_finite_score_is_refused(tmp_path, column, value, messa
     done = run_cli("eval", tmp_path / "out", "--run", f"s={scored}")
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_model_shortcut_continues_when_run_again(tmp_path, tiny_teacher):
+    """Ctrl-C while eval --model samples leaves the finished parts; the same command again continues them (before:
+    refused with 'pass --resume', an option eval does not have)."""
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": [f"q{i}" for i in range(96)], "prompt": ["Compute 1 + 2."] * 96,
+                             "answer": ["3"] * 96}), prompts)
+    args = ["eval", tmp_path / "out", "--model", tiny_teacher, "--prompts", prompts, "--n", 2, "--k", "1,2",
+            "--max-new-tokens", 24, "--device", "cpu"]
+    parts = tmp_path / "out" / f"{tiny_teacher.name}.rollouts.parquet.parts"
+    process = subprocess.Popen([sys.executable, "-m", "fdivctl", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not list(parts.glob("part-*.parquet")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and list(parts.glob("part-*.parquet")), err
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][tiny_teacher.name]["all"]["samples"] \
+        == 192 and not parts.exists()

@@ -253,7 +253,7 @@ def test_an_interrupted_score_resumes_from_its_saved_parts(tmp_path):
     refused = score(out)
     assert refused.returncode == 2 and "holds an interrupted run: pass --resume" in refused.stderr
     other = score(out, "--resume", "--timeout", "5")
-    assert other.returncode == 2 and "was made with other settings" in other.stderr
+    assert other.returncode == 2 and "holds an interrupted run with other settings" in other.stderr
     resumed = score(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert not parts.exists()

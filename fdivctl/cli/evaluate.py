@@ -71,7 +71,8 @@ def command(
     domain_column: str = typer.Option(None, help="Column that splits every figure by domain (e.g. in/out of domain)."),
     answers: str = typer.Option("math", help="How answers are normalized for maj@k and distinct answers: math or text."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
-    model: Path = typer.Option(None, help="Shortcut: sample this model on --prompts, score, then evaluate it."),
+    model: Path = typer.Option(None, help="Shortcut: sample this model on --prompts, score, then evaluate it (an "
+                               "interrupted run continues its sampling when run again)."),
     prompts: Path = typer.Option(None, help="Prompts Parquet for --model."),
     verifier: str = typer.Option("math", help="Verifier for --model (as in `fdivctl score`)."),
     n: int = typer.Option(8, "--n", help="Samples per prompt for --model."),
@@ -95,7 +96,7 @@ def command(
         out.mkdir(parents=True, exist_ok=True)
         rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"
         sampling = SamplingOptions(n=n, temperature=temperature, max_new_tokens=max_new_tokens)
-        run_rollout(model, prompts, rollouts, RolloutOptions(sampling=sampling, device=device))
+        run_rollout(model, prompts, rollouts, RolloutOptions(sampling=sampling, device=device, resume=True))
         score_table(rollouts, scored, spec)
         runs[name] = scored
     opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,

@@ -35,7 +35,8 @@ def open_parts(out: Path, record: dict, resume: bool):
         if not resume:
             raise UserError(f"{parts} holds an interrupted run: pass --resume to continue it, or remove it")
         if json.loads((parts / "run.json").read_text()) != record:
-            raise UserError(f"--resume: {parts} was made with other settings; remove it or use the same ones")
+            raise UserError(f"{parts} holds an interrupted run with other settings; remove it, or continue it with "
+                            "the same ones")
     else:
         parts.mkdir(parents=True)
         write_json(parts / "run.json", record)
