@@ -124,6 +124,6 @@ def _run(argv: list[str] | None) -> None:
     # with standalone_mode=False click returns typer.Exit's code instead of raising it; 130 is typer's Ctrl-C
     if code == 130:
         typer.echo("fdivctl: interrupted; what the command had saved is kept (rollout, score, train and distill "
-                   "continue with --resume, teacher-logits when run again)", err=True)
+                   "continue with --resume, teacher-logits and eval --model when run again)", err=True)
     if isinstance(code, int) and code:
         sys.exit(code)
