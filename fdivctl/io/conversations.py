@@ -80,6 +80,6 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
     tokens = pa.list_(pa.int32())
     turns = [[index] * len(completion) for index, completion in zip(reply_idx, completions)]
     return pa.table({"prompt_id": [keys[r] for r in take], "sample_idx": pa.array(reply_idx, pa.int64()),
-                     "prompt_token_ids": pa.array(prompts, tokens), "completion_token_ids": pa.array(completions, tokens),
-                     "turn_ids": pa.array(turns, tokens),
+                     "prompt_token_ids": pa.array(prompts, tokens),
+                     "completion_token_ids": pa.array(completions, tokens), "turn_ids": pa.array(turns, tokens),
                      **{name: carried.column(name) for name in carried.column_names}})
