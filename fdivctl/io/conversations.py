@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from fdivctl.errors import UserError
-from fdivctl.io.prompts import check_messages, encode_prompt, render_chat
+from fdivctl.io.prompts import check_messages, encode_messages, render_chat
 
 
 def is_conversations(columns: list[str]) -> bool:
@@ -44,13 +44,30 @@ def is_conversations(columns: list[str]) -> bool:
     return "messages" in columns and not has_pairs and not has_ids
 
 
-def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
-    """The conversations ``table`` as a token-id sequences table: one row per assistant reply (module doc)."""
+def check_chat_tokenizer(tokenizer, path: Path) -> None:
+    """Refuse to read the messages of ``path`` without a tokenizer that has a chat template."""
     if tokenizer is None:
         raise UserError(f"{path}: a messages table needs a tokenizer")
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{path}: its messages are rendered with the tokenizer's chat template, and the tokenizer "
                         "has none")
+
+
+def split_reply(tokenizer, before: list[dict], reply: list[dict], where: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) of the messages ``reply`` after the conversation ``before``: the prompt is
+    ``before`` with the assistant header, as rollout encodes it; the reply is the rest of the rendering of
+    ``before + reply`` (module doc)."""
+    prompt_text, prompt = encode_messages(tokenizer, before, where)
+    full = render_chat(tokenizer, before + reply, where, generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise UserError(f"{where}: the chat template renders the conversation before the reply differently once "
+                        "the reply follows, so the reply has no prompt to split at")
+    return prompt, tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
+
+
+def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
+    """The conversations ``table`` as a token-id sequences table: one row per assistant reply (module doc)."""
+    check_chat_tokenizer(tokenizer, path)
     for column in ("sample_idx", "turn_ids"):
         if column in table.column_names:
             raise UserError(f"{path}: a messages table has one conversation per row, and {column} is set from "
@@ -67,15 +84,11 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
         if replies[0] == 0:
             raise UserError(f"{where} opens with an assistant message: it has no context to be predicted from")
         for index, j in enumerate(replies):
-            prompt_text, prompt = encode_prompt(tokenizer, {"messages": messages[:j], "prompt_id": key}, True)
-            full = render_chat(tokenizer, messages[: j + 1], where, generation_prompt=False)
-            if not full.startswith(prompt_text):
-                raise UserError(f"{where}: the chat template renders the conversation before reply {index} "
-                                "differently once the reply follows, so the reply has no prompt to split at")
+            prompt, completion = split_reply(tokenizer, messages[:j], messages[j : j + 1], f"{where}, reply {index}")
             take.append(row)
             reply_idx.append(index)
             prompts.append(prompt)
-            completions.append(tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"])
+            completions.append(completion)
     carried = table.drop_columns([c for c in ("messages", "prompt_id") if c in table.column_names]).take(take)
     tokens = pa.list_(pa.int32())
     turns = [[index] * len(completion) for index, completion in zip(reply_idx, completions)]

@@ -21,6 +21,12 @@ def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
         check_messages(messages, where)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template (drop --chat, or give plain prompt text)")
+    return encode_messages(tokenizer, messages, where)
+
+
+def encode_messages(tokenizer, messages: list[dict], where: str) -> tuple[str, list[int]]:
+    """(text, token ids) of ``messages`` as a prompt: the chat template's rendering with the assistant header
+    (the template writes the special tokens it wants; none are added)."""
     text = render_chat(tokenizer, messages, where, generation_prompt=True)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
