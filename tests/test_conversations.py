@@ -1,8 +1,11 @@
 """Multi-turn conversations (a ``messages`` column) as sequences: one row per assistant reply.
 
-Before: train --algo sft, distill and teacher-logits refused a messages table ("needs prompt_token_ids + …").
+Before: train --algo sft, distill and teacher-logits refused a messages table ("needs prompt_token_ids + …"), and
+train --algo fdpo conversational preference pairs.
 """
 
+import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +16,7 @@ from conftest import with_chat_template
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fdivctl.errors import UserError
+from fdivctl.io.conversations import preference_pairs
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.sequences import load_sequences, read_sequences
@@ -121,3 +125,42 @@ def test_a_template_that_refuses_the_messages_is_one_line(tmp_path, chat_model, 
     pq.write_table(pa.table({"prompt_id": ["c1"], "messages": [CHATS[0][:2]]}), prompts)
     done = run_cli("rollout", strict, prompts, tmp_path / "r.parquet", "--device", "cpu")
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Compute 1 + 2."}]
+GOOD, BAD = [{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": "4"}]
+
+
+def test_conversational_preference_pairs_in_both_trl_layouts(tmp_path, chat_model):
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    explicit = pa.table({"prompt": [PROMPT], "chosen": [GOOD], "rejected": [BAD]})
+    implicit = pa.table({"chosen": [PROMPT + GOOD], "rejected": [PROMPT + BAD]})
+    mixed = pa.table({"prompt": ["Compute 1 + 2."], "chosen": ["3"], "rejected": [BAD]})
+    pairs = preference_pairs(explicit, tmp_path, tokenizer)
+    assert preference_pairs(implicit, tmp_path, tokenizer) == pairs  # the shared opening messages are the prompt
+    _, prompt = encode_prompt(tokenizer, {"messages": PROMPT}, chat=True)
+    assert pairs["chosen"][0] == [prompt] == pairs["rejected"][0]
+    assert [tokenizer.decode(ids) for ids in (pairs["chosen"][1][0], pairs["rejected"][1][0])] == ["3<|eos|>\n",
+                                                                                                  "4<|eos|>\n"]
+    one_user = preference_pairs(mixed, tmp_path, tokenizer)  # text: one user message, one assistant message
+    assert one_user["chosen"] == preference_pairs(pa.table({"prompt": [PROMPT[1:]], "chosen": [GOOD],
+                                                            "rejected": [BAD]}), tmp_path, tokenizer)["chosen"]
+    for table, message in ((pa.table({"chosen": [GOOD], "rejected": [BAD]}), "share no prompt: give a prompt"),
+                           (pa.table({"chosen": [PROMPT + GOOD], "rejected": [PROMPT + GOOD]}),
+                            "the chosen response has no message after the prompt")):
+        with pytest.raises(UserError, match=message):
+            preference_pairs(table, tmp_path, tokenizer)
+
+
+def test_fdpo_trains_on_conversational_pairs(tmp_path, chat_model):
+    """The first step of f-DPO (rkl) from the reference has loss log 2 and rewards 0, as for text pairs."""
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"chosen": [PROMPT + GOOD, CHATS[1]],
+                             "rejected": [PROMPT + BAD, CHATS[1][:1] + [{"role": "assistant", "content": "5"}]]}),
+                   pairs)
+    log = tmp_path / "log.jsonl"
+    done = run_cli("train", chat_model, tmp_path / "dpo", "--algo", "fdpo", "--pairs", pairs, "--batch-size", 2,
+                   "--max-steps", 1, "--device", "cpu", "--log-jsonl", log)
+    assert done.returncode == 0, done.stderr
+    first = json.loads(log.read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["chosen_reward"] == pytest.approx(0.0)

@@ -96,3 +96,50 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
                      "prompt_token_ids": pa.array(prompts, tokens),
                      "completion_token_ids": pa.array(completions, tokens), "turn_ids": pa.array(turns, tokens),
                      **{name: carried.column(name) for name in carried.column_names}})
+
+
+def is_messages_column(table: pa.Table, column: str) -> bool:
+    """Whether ``column`` of ``table`` holds lists of messages (list<struct>)."""
+    kind = table.schema.field(column).type
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type)
+
+
+def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[list, list]]:
+    """Conversational preference pairs as (prompt ids, response ids) of each row, for ``"chosen"`` and
+    ``"rejected"``, in TRL's two conversational layouts:
+
+    * explicit: ``prompt`` messages (or text: one user message), ``chosen``/``rejected`` the messages that follow
+      (or text: one assistant message);
+    * implicit: no ``prompt`` column, ``chosen``/``rejected`` whole conversations whose shared opening messages
+      are the prompt (TRL's ``extract_prompt``).
+
+    Each side is split by :func:`split_reply`: the prompt as rollout encodes it, the response with its
+    end-of-turn."""
+    check_chat_tokenizer(tokenizer, path)
+    rows = zip(table.column("prompt").to_pylist() if "prompt" in table.column_names else [None] * table.num_rows,
+               table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
+    pairs: dict[str, tuple[list, list]] = {"chosen": ([], []), "rejected": ([], [])}
+    for row, (prompt, chosen, rejected) in enumerate(rows):
+        where = f"{path}: row {row}"
+        if prompt is None:
+            check_messages(chosen, f"{where}, chosen")
+            check_messages(rejected, f"{where}, rejected")
+            shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen),
+                                                                                                 len(rejected)))
+            if shared == 0:
+                raise UserError(f"{where}: chosen and rejected open with different messages, so they share no "
+                                "prompt: give a prompt column")
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        elif isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        check_messages(prompt, f"{where}, prompt")
+        for side, reply in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(reply, str):
+                reply = [{"role": "assistant", "content": reply}]
+            if not reply:
+                raise UserError(f"{where}: the {side} response has no message after the prompt")
+            check_messages(reply, f"{where}, {side}")
+            prompt_ids, reply_ids = split_reply(tokenizer, prompt, reply, f"{where}, {side}")
+            pairs[side][0].append(prompt_ids)
+            pairs[side][1].append(reply_ids)
+    return pairs

@@ -2,7 +2,10 @@
 
 Pairs: a Parquet table with text columns ``prompt``, ``chosen``, ``rejected``
 (the prompt tokenized with the tokenizer's special tokens, the responses
-without, as for any sequences table).  The reference log-probs
+without, as for any sequences table), or conversational pairs, messages
+through the chat template in TRL's explicit (``prompt`` messages) or implicit
+(whole ``chosen``/``rejected`` conversations) layout
+(:func:`fdivctl.io.conversations.preference_pairs`).  The reference log-probs
 log π_ref(y|x) of both responses come from the columns ``ref_chosen_logp``
 and ``ref_rejected_logp`` when the table has them; otherwise they are
 computed once with the initial policy (under no_grad) and cached in
@@ -15,14 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from fdivctl import divergences, engine
 from fdivctl.errors import UserError
+from fdivctl.io import conversations
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.sequences import Sequences, sequences_from_table, text_column
-from fdivctl.io.tables import read_table, require_columns, require_finite, write_table
+from fdivctl.io.tables import read_table, require_columns, require_finite, require_no_nulls, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
 from fdivctl.training import distributed
@@ -49,24 +54,35 @@ REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 
 def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.Table]:
     table = read_table(path)
-    require_columns(table, path, ["prompt", "chosen", "rejected"], " (text columns of preference pairs)")
-    for column in ("prompt", "chosen", "rejected"):
-        text_column(table, column, path)
+    require_columns(table, path, ["chosen", "rejected"], " (preference pairs)")
     given = [name for name in REFERENCE_COLUMNS if name in table.column_names]
     if len(given) == 1:
         raise UserError(f"{path}: has {given[0]} but not {(set(REFERENCE_COLUMNS) - set(given)).pop()}: give both "
                         "reference log-prob columns, or neither (the initial policy's are computed then)")
     for name in given:
         require_finite(path, name, table.column(name))
-    sides = []
-    for side in ("chosen", "rejected"):
-        view = pa.table({"prompt": table.column("prompt"), "completion": table.column(side)})
-        seqs = sequences_from_table(view, path, tokenizer, chat)
+    if any(conversations.is_messages_column(table, c) for c in ("prompt", "chosen", "rejected")
+           if c in table.column_names):
+        for column in ("prompt", "chosen", "rejected"):
+            if column in table.column_names:
+                require_no_nulls(path, column, table.column(column))
+        pairs = conversations.preference_pairs(table, path, tokenizer)
+        keys = [str(row) for row in range(table.num_rows)]
+        sides = []
+        for side in ("chosen", "rejected"):
+            prompts, responses = ([np.asarray(ids, dtype=np.int64) for ids in part] for part in pairs[side])
+            sides.append(Sequences(keys, [0] * len(keys), prompts, responses, None))
+    else:
+        require_columns(table, path, ["prompt"], " (text columns of preference pairs, or messages)")
+        for column in ("prompt", "chosen", "rejected"):
+            text_column(table, column, path)
+        sides = [sequences_from_table(pa.table({"prompt": table.column("prompt"), "completion": table.column(side)}),
+                                      path, tokenizer, chat) for side in ("chosen", "rejected")]
+    for side, seqs in zip(("chosen", "rejected"), sides):
         for row in range(len(seqs)):
             if len(seqs.completion_tokens[row]) == 0:
                 raise UserError(f"{path}: row {row} has an empty {side} response")
             seqs.first_scored(row, include_prompt=False)
-        sides.append(seqs)
     return sides[0], sides[1], table
 
 
