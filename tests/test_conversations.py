@@ -164,3 +164,21 @@ def test_fdpo_trains_on_conversational_pairs(tmp_path, chat_model):
     assert done.returncode == 0, done.stderr
     first = json.loads(log.read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["chosen_reward"] == pytest.approx(0.0)
+
+
+def test_prompt_completion_messages_read_row_for_row(tmp_path, chat_model, chats):
+    """TRL's conversational prompt-completion layout: the same tokens as the reply of a messages table."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    path = tmp_path / "pc.parquet"
+    pq.write_table(pa.table({"prompt_id": ["c2", "c2"], "sample_idx": [0, 1],
+                             "prompt": ["Compute 5 - 1.", "Compute 5 - 1."], "completion": [CHATS[1][1:]] * 2}), path)
+    table, seqs = read_sequences(path, tokenizer)
+    reply = load_sequences(chats, tokenizer)  # its row 2: c2's one reply
+    assert list(zip(seqs.prompt_ids, seqs.sample_idx)) == [("c2", 0), ("c2", 1)]
+    for row in (0, 1):  # text as the prompt is one user message
+        assert seqs.prompt_tokens[row].tolist() == reply.prompt_tokens[2].tolist()
+        assert seqs.completion_tokens[row].tolist() == reply.completion_tokens[2].tolist()
+    assert "prompt" not in table.column_names
+    done = run_cli("train", chat_model, tmp_path / "sft", "--algo", "sft", "--data", path, "--max-steps", 1,
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr

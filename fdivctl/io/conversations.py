@@ -25,6 +25,10 @@ Row keys: ``prompt_id`` (or the row number) and ``sample_idx`` = the reply's
 0-based index in its conversation, which is also each completion token's
 ``turn_ids`` entry (the turns of ``distill --depth-curriculum``).  The other
 columns repeat on each of a conversation's rows.
+
+The same split serves TRL's other conversational layouts: ``prompt`` and
+``completion`` columns of messages (one sequence per row, its keys kept:
+:func:`token_table`) and preference pairs (:func:`preference_pairs`).
 """
 
 from __future__ import annotations
@@ -37,11 +41,47 @@ from fdivctl.errors import UserError
 from fdivctl.io.prompts import check_messages, encode_messages, render_chat
 
 
-def is_conversations(columns: list[str]) -> bool:
-    """Whether a sequences table with these columns holds conversations (read through :func:`expand`)."""
+def is_conversations(table: pa.Table) -> bool:
+    """Whether a sequences table holds conversations (read through :func:`token_table`): a ``messages`` column,
+    or ``prompt``/``completion`` columns of messages."""
+    columns = table.column_names
     has_pairs = "prompt" in columns and "completion" in columns
-    has_ids = "prompt_token_ids" in columns and "completion_token_ids" in columns
-    return "messages" in columns and not has_pairs and not has_ids
+    if "prompt_token_ids" in columns and "completion_token_ids" in columns:
+        return False
+    if has_pairs:
+        return any(is_messages_column(table, c) for c in ("prompt", "completion"))
+    return "messages" in columns
+
+
+def token_table(table: pa.Table, path: Path, tokenizer) -> pa.Table:
+    """The conversations ``table`` (:func:`is_conversations`) as a token-id sequences table: a ``messages`` table
+    one row per assistant reply (:func:`expand`); a ``prompt``/``completion`` table of messages (TRL's
+    conversational prompt-completion layout; text on either side is one user or assistant message) row for row,
+    its keys and other columns kept."""
+    if "messages" in table.column_names and "completion" not in table.column_names:
+        return expand(table, path, tokenizer)
+    check_chat_tokenizer(tokenizer, path)
+    prompts, completions = [], []
+    for row, (prompt, completion) in enumerate(zip(table.column("prompt").to_pylist(),
+                                                   table.column("completion").to_pylist())):
+        where = f"{path}: row {row}"
+        before, reply = _as_messages(prompt, "user", f"{where}, prompt"), \
+            _as_messages(completion, "assistant", f"{where}, completion")
+        prompt_ids, reply_ids = split_reply(tokenizer, before, reply, where)
+        prompts.append(prompt_ids)
+        completions.append(reply_ids)
+    tokens = pa.list_(pa.int32())
+    return table.drop_columns(["prompt", "completion"]).append_column(
+        "prompt_token_ids", pa.array(prompts, tokens)).append_column("completion_token_ids",
+                                                                     pa.array(completions, tokens))
+
+
+def _as_messages(value, role: str, where: str) -> list[dict]:
+    """``value`` as a list of messages: text is one message of ``role``; a list is checked."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    check_messages(value, where)
+    return value
 
 
 def check_chat_tokenizer(tokenizer, path: Path) -> None:
@@ -130,15 +170,11 @@ def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[
                 raise UserError(f"{where}: chosen and rejected open with different messages, so they share no "
                                 "prompt: give a prompt column")
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-        elif isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        check_messages(prompt, f"{where}, prompt")
+        prompt = _as_messages(prompt, "user", f"{where}, prompt")
         for side, reply in (("chosen", chosen), ("rejected", rejected)):
-            if isinstance(reply, str):
-                reply = [{"role": "assistant", "content": reply}]
             if not reply:
                 raise UserError(f"{where}: the {side} response has no message after the prompt")
-            check_messages(reply, f"{where}, {side}")
+            reply = _as_messages(reply, "assistant", f"{where}, {side}")
             prompt_ids, reply_ids = split_reply(tokenizer, prompt, reply, f"{where}, {side}")
             pairs[side][0].append(prompt_ids)
             pairs[side][1].append(reply_ids)

@@ -10,8 +10,9 @@ Accepted tables (Parquet):
   completion that does not end with it (so ``prompt_ids + completion_ids`` is
   the sequence, and a model trained on it learns where an answer ends; TRL's
   SFT and DPO trainers append it the same way);
-* conversations: a ``messages`` column, one row per assistant reply
-  (:mod:`fdivctl.io.conversations`; read with :func:`read_sequences`).
+* conversations: a ``messages`` column, one row per assistant reply, or
+  ``prompt``/``completion`` columns of messages (TRL's conversational
+  layouts; :mod:`fdivctl.io.conversations`, read with :func:`read_sequences`).
 
 Row keys are ``prompt_id`` (any scalar; kept as text) and ``sample_idx``
 (default 0); without ``prompt_id`` the row number is the key.  Keys must be
@@ -195,8 +196,8 @@ def read_sequences(path: str | Path, tokenizer=None, chat: bool = False) -> tupl
     assistant replies (:mod:`fdivctl.io.conversations`, rendered with the chat template whatever ``chat`` says)."""
     path = Path(path)
     table = read_table(path)
-    if conversations.is_conversations(table.column_names):
-        table, chat = conversations.expand(table, path, tokenizer), False
+    if conversations.is_conversations(table):
+        table, chat = conversations.token_table(table, path, tokenizer), False
     seqs = sequences_from_table(table, path, tokenizer, chat)
     seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
     return table, seqs
