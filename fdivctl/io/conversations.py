@@ -58,7 +58,7 @@ def token_table(table: pa.Table, path: Path, tokenizer) -> pa.Table:
     one row per assistant reply (:func:`expand`); a ``prompt``/``completion`` table of messages (TRL's
     conversational prompt-completion layout; text on either side is one user or assistant message) row for row,
     its keys and other columns kept."""
-    if "messages" in table.column_names and "completion" not in table.column_names:
+    if not ("prompt" in table.column_names and "completion" in table.column_names):
         return expand(table, path, tokenizer)
     check_chat_tokenizer(tokenizer, path)
     prompts, completions = [], []
