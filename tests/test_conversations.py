@@ -182,3 +182,18 @@ def test_prompt_completion_messages_read_row_for_row(tmp_path, chat_model, chats
     done = run_cli("train", chat_model, tmp_path / "sft", "--algo", "sft", "--data", path, "--max-steps", 1,
                    "--device", "cpu")
     assert done.returncode == 0, done.stderr
+
+
+def test_a_prompt_of_messages_is_sampled_through_the_template(tmp_path, chat_model):
+    """TRL's conversational prompts (a prompt column of messages) for rollout and online RL (before: 'the prompt
+    is not text but list')."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    assert encode_prompt(tokenizer, {"prompt": PROMPT}, chat=False) == encode_prompt(tokenizer, {"messages": PROMPT},
+                                                                                      chat=False)
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": [PROMPT]}), prompts)
+    out = tmp_path / "r.parquet"
+    done = run_cli("rollout", chat_model, prompts, out, "--max-new-tokens", 4, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(out).column("prompt_token_ids")[0].as_py() == encode_prompt(tokenizer, {"messages": PROMPT},
+                                                                                      chat=False)[1]

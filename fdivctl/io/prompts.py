@@ -6,9 +6,12 @@ from fdivctl.errors import UserError
 
 
 def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
-    """(prompt text, prompt token ids); chat template for ``messages`` rows or with ``chat``."""
+    """(prompt text, prompt token ids); chat template for ``messages`` rows, a ``prompt`` of messages (TRL's
+    conversational layout), or with ``chat``."""
     where = f"prompt_id {row.get('prompt_id')!r}"
     messages = row.get("messages")
+    if messages is None and isinstance(row.get("prompt"), list):
+        messages = row["prompt"]
     if messages is None:
         prompt = row.get("prompt")
         if not isinstance(prompt, str):
