@@ -49,7 +49,7 @@ def command(
     rollouts: Path = typer.Option(None, help="Staged mode: scored rollouts Parquet (rollout → score); the old "
                                   "policy's log-probs are its completion_logprobs."),
     prompts: Path = typer.Option(None, help="Online mode (and --partition): prompts Parquet with prompt_id, prompt "
-                                 "and the verifier's columns (e.g. answer)."),
+                                 "(text or messages) or messages, and the verifier's columns (e.g. answer)."),
     pairs: Path = typer.Option(None, help="--algo fdpo: Parquet with prompt, chosen, rejected (text), or "
                                "conversational pairs (messages: prompt + the replies, or whole chosen/rejected "
                                "conversations sharing their opening); optional ref_chosen_logp / ref_rejected_logp."),
