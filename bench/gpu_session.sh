@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks of the open issues in one command, sized for one device call (10 minutes, 15 of device time per
+# session): the CUDA/Triton tests, then the benchmarks of #11 (loss engine vs Liger-Kernel), #6 (GRPO step vs TRL)
+# and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output under
+# $OUT (default bench-out/), so a step that runs long costs only itself.
+#
+# On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
+# pure-Python wheels carried in .whl/ (liger-kernel, trl and its datasets, dill, multiprocess):
+#
+#     device run  carry=[".whl"]  timeout_s=590  command="bash bench/gpu_session.sh"
+#
+# fdivctl itself is used from the working tree (PYTHONPATH), not installed.
+set -uo pipefail
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step NAME SECONDS COMMAND…: run COMMAND with a time limit, its stdout to $OUT/NAME, say how it ended
+    local name=$1 seconds=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$seconds" "$@" >"$OUT/$name" 2>"$OUT/$name.err"
+    echo "$name: exit $? after $((SECONDS - start)) s"
+}
+
+if ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"; then
+    echo "no NVIDIA GPU here: these checks are for the device machine" >&2
+    exit 1
+fi
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+for wheel in .whl/*.whl; do  # one by one: a wheel for another Python fails alone
+    [ -e "$wheel" ] && pip install -q --no-deps --no-index "$wheel" 2>&1 | tail -1
+done
+step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
+    tests/test_distill_cuda.py
+step loss_engine_cuda.jsonl 200 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+step train_step_cuda.jsonl 90 python bench/train_step.py --device cuda --dtype bf16 --repeats 3
+step teacher_logits_cuda.jsonl 120 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
+    --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
+    --dtypes bf16
+tail -n 3 "$OUT"/gpu_tests.txt
