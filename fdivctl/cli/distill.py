@@ -105,6 +105,9 @@ def command(
     dtype: str = TRAIN_DTYPE,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     allow_tokenizer_mismatch: bool = typer.Option(False, help="UNSAFE: skip the student/teacher tokenizer check."),
+    allow_prompt_mismatch: bool = typer.Option(False, help="Distil from a --logits/--eval-logits store whose teacher "
+                                               "was given other prompts than the data's (context distillation: "
+                                               "the teacher saw hints or a system prompt the student does not)."),
 ) -> None:
     """Distill a teacher into a student with any divergence, through the chunked loss engine."""
     if beta is not None:
@@ -127,7 +130,8 @@ def command(
                              baseline_topk=baseline_topk, backend=backend, chat=chat) if on_policy else None
     opts = DistillOptions(loss=loss, schedule=schedule, temperature=temperature, mix_ce=mix_ce, chunk_size=chunk_size,
                           tail=tail, vocab=vocab, dtype=dtype, device=device,
-                          allow_tokenizer_mismatch=allow_tokenizer_mismatch, teacher_weights=teacher_weights,
+                          allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                          allow_prompt_mismatch=allow_prompt_mismatch, teacher_weights=teacher_weights,
                           on_policy=online, chat=chat, prompt_weighting=prompt_weighting, paced_alpha=paced_alpha,
                           paced_beta=paced_beta, pass_rates=pass_rates, depth_curriculum=depth_curriculum,
                           depth_start=depth_start, depth_warmup=depth_warmup, eval_data=eval_data,

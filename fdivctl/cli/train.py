@@ -191,6 +191,9 @@ def command(
     dtype: str = TRAIN_DTYPE,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     allow_tokenizer_mismatch: bool = typer.Option(False, help="UNSAFE: skip the tokenizer hash checks."),
+    allow_prompt_mismatch: bool = typer.Option(False, help="Staged: use a --ref-logits/--teacher-logits store made "
+                                               "from other prompts than the rollouts' (its teacher saw hints or a "
+                                               "system prompt the policy does not)."),
 ) -> None:
     """Train a policy: GRPO family / DPH-RL (staged on scored rollouts, or online), f-DPO on pairs, or SFT."""
     if algo not in ALGOS:
@@ -267,7 +270,8 @@ def command(
                              replay_objective=replay_objective, replay_coef=replay_coef,
                              replay_batch_size=replay_batch_size, replay_weighting=replay_weighting,
                              recap_window=recap_window, recap_temperature=recap_temperature, dtype=dtype,
-                             device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch, loop=loop)
+                             device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+                             allow_prompt_mismatch=allow_prompt_mismatch, loop=loop)
             if rollouts is not None:
                 summary = run_staged(policy, rollouts, out, opts, on_step=on_step)
                 if not summary["responses_kept"] and is_main():

@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 _BLOCK = 1 << 22
 # Files that define a model's outputs (weights and config); tokenizer files are hashed separately.
 _MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "generation_config.json")
@@ -21,6 +23,11 @@ def file_sha256(path: str | Path) -> str:
         while block := fh.read(_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def token_digest(tokens) -> str:
+    """sha256 (hex) of a token-id sequence, as int64: what a logit store records of each prompt it scored."""
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -11,7 +11,8 @@ Layout of a store directory::
     shard-00000.json         sidecar: the shard's sha256, rows and per-row spans; its presence
                              marks the shard finished, so a finished shard is never rewritten
     index.parquet            per source row: prompt_id, sample_idx, source_row, shard, start,
-                             length, completion_start (offset of the first completion token)
+                             length, completion_start (offset of the first completion token),
+                             prompt_sha256 (of the prompt token ids the teacher was given)
     manifest.json            store.json + every shard's file, sha256, rows and token count;
                              written last, once every shard is done
 
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 from fdivctl import __version__
 from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
-from fdivctl.io.hashing import file_sha256
+from fdivctl.io.hashing import file_sha256, token_digest
 
 FORMAT = "fdivctl-logit-store"
 FORMAT_VERSION = 1
@@ -52,6 +53,7 @@ INDEX_SCHEMA = pa.schema(
         ("start", pa.int64()),
         ("length", pa.int64()),
         ("completion_start", pa.int64()),
+        ("prompt_sha256", pa.string()),  # of the prompt tokens the teacher saw (null in stores made before)
     ]
 )
 
@@ -138,7 +140,7 @@ class StoreWriter:
             sidecar = json.loads((self.directory / shard_name(i)).with_suffix(".json").read_text())
             for span in sidecar.pop("spans"):
                 for name in INDEX_SCHEMA.names:
-                    columns[name].append(i if name == "shard" else span[name])
+                    columns[name].append(i if name == "shard" else span.get(name))
             shard_entries.append(sidecar)
         with atomic_path(self.directory / "index.parquet") as tmp:
             pq.write_table(pa.table(columns, schema=INDEX_SCHEMA), tmp)
@@ -213,6 +215,31 @@ class LogitStore:
             made = "with" if self.manifest.get("chat") else "without"
             raise UserError(f"logit store {self.directory} was made {made} --chat (its text prompts "
                             f"{'in' if made == 'with' else 'outside'} the chat template): give the same here")
+
+    def check_rows(self, seqs, data: Path, allow_prompt_mismatch: bool = False) -> None:
+        """Refuse, before any work, rows of ``seqs`` (read from ``data``) the store cannot serve: a key it lacks, a
+        completion of another length, or, unless ``allow_prompt_mismatch``, a prompt other than the one the teacher
+        was given (another chat template or ``--chat`` setting, other prompt text).  The last is what context
+        distillation does on purpose; stores made before prompts were recorded skip it.  (The completion's tokens
+        themselves are compared as each batch reads them.)"""
+        digests = self._index.get("prompt_sha256")
+        for row in range(len(seqs)):
+            key = (seqs.prompt_ids[row], seqs.sample_idx[row])
+            where = f"prompt_id {key[0]!r} sample_idx {key[1]} of {data}"
+            i = self._rows.get(key)
+            if i is None:
+                missing = sum((p, s) not in self._rows for p, s in zip(seqs.prompt_ids, seqs.sample_idx))
+                raise UserError(f"logit store {self.directory} has no sequence {where} ({missing} of the data's "
+                                f"{len(seqs)} rows are not in it): it was made for other sequences")
+            stored = self._index["length"][i] - self._index["completion_start"][i]
+            if stored != len(seqs.completion_tokens[row]):
+                raise UserError(f"logit store {self.directory} was made for other sequences: {where} has "
+                                f"{len(seqs.completion_tokens[row])} completion tokens, the store {stored}")
+            if not allow_prompt_mismatch and digests and digests[i] is not None \
+                    and digests[i] != token_digest(seqs.prompt_tokens[row]):
+                raise UserError(f"logit store {self.directory}: the teacher was given other prompt tokens for "
+                                f"{where} (another chat template or --chat setting, or other prompt text); "
+                                "--allow-prompt-mismatch distils from it anyway, as context distillation does")
 
     def _shard(self, index: int):
         """Shard ``index``, its checksum checked when it is first opened (a flipped bit in a stored log-prob

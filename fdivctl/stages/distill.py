@@ -102,6 +102,7 @@ class DistillOptions:
     dtype: str = "auto"
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
+    allow_prompt_mismatch: bool = False  # a store whose teacher saw other prompts (context distillation)
     teacher_weights: str | None = None  # several teachers: "0.7,0.3" or "confidence" (default)
     on_policy: OnPolicyOptions | None = None  # None: offline, on the data's sequences
     chat: bool = False  # text prompt/completion tables (data, eval data): prompts through the chat template
@@ -246,6 +247,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, limits: Model
         store = LogitStore(opts.eval_logits)
         store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
         store.check_chat(opts.chat)
+        store.check_rows(seqs, opts.eval_data, opts.allow_prompt_mismatch)
     size = opts.loop.batch_size
 
     def evaluate(step: int, total: int) -> dict:
@@ -316,6 +318,8 @@ def prepare_distill(
         seqs.check_scorable(data)  # refuse unscorable rows before any training, not when their batch comes
         seqs.check_tokenizer(data, student_hash, "student", opts.allow_tokenizer_mismatch)
         seqs.check_fits(data, limits)
+        if store is not None:
+            store.check_rows(seqs, data, opts.allow_prompt_mismatch)
         prompt_ids = seqs.prompt_ids
     row_weights = _row_weights(table, data, prompt_ids, opts)
     turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None

@@ -92,6 +92,7 @@ class RLOptions:
     dtype: str = "auto"
     device: str = "auto"
     allow_tokenizer_mismatch: bool = False
+    allow_prompt_mismatch: bool = False  # a --ref-logits/--teacher-logits store made from other prompts
     loop: LoopOptions = field(default_factory=LoopOptions)
 
     def resolve(self) -> RLOptions:

@@ -24,7 +24,7 @@ import torch
 from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
-from fdivctl.io.hashing import file_sha256, model_hash, tokenizer_hash
+from fdivctl.io.hashing import file_sha256, model_hash, token_digest, tokenizer_hash
 from fdivctl.io.logit_store import STORE_DTYPES, StoreWriter, plan_shards
 from fdivctl.io.sequences import Sequences, load_sequences
 
@@ -186,6 +186,7 @@ def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_
                     "start": offset,
                     "length": counts[r],
                     "completion_start": seqs.completion_start(r, opts.include_prompt),
+                    "prompt_sha256": token_digest(seqs.prompt_tokens[r]),
                 }
             )
             offset += counts[r]

@@ -276,6 +276,9 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     table = _exp_only(read_table(rollouts), record)
     data = ScoredRollouts.from_table(table, rollouts)
     data.seqs.check_fits(rollouts, limits)
+    for frozen in (update.reference, update.teacher):
+        if frozen is not None and frozen.store is not None:
+            frozen.store.check_rows(data.seqs, rollouts, opts.allow_prompt_mismatch)
     if opts.algo == "trace":
         _trace_inputs(table, rollouts, data, tokenizer, opts)
         if data.privileged is not None:
