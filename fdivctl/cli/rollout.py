@@ -17,8 +17,7 @@ from fdivctl.training.distributed import launched
 def rollout(
     model: Path = typer.Argument(..., help="Policy model directory (save_pretrained format)."),
     prompts: Path = typer.Argument(..., help="Prompts Parquet: prompt_id, prompt (text or messages) or messages, any "
-                                   "extra columns "
-                                   "(carried through, e.g. answer)."),
+                                   "extra columns (carried through, e.g. answer)."),
     out: Path = typer.Argument(..., help="Rollouts Parquet to write (one row per sample)."),
     n: int = typer.Option(1, "--n", "--samples", help="Samples per prompt (--samples under torchrun, whose own "
                           "options swallow --n)."),

@@ -39,6 +39,7 @@ from fdivctl import __version__
 from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.hashing import file_sha256, token_digest
+from fdivctl.io.sequences import Sequences
 
 FORMAT = "fdivctl-logit-store"
 FORMAT_VERSION = 1
@@ -216,7 +217,7 @@ class LogitStore:
             raise UserError(f"logit store {self.directory} was made {made} --chat (its text prompts "
                             f"{'in' if made == 'with' else 'outside'} the chat template): give the same here")
 
-    def check_rows(self, seqs, data: Path, allow_prompt_mismatch: bool = False) -> None:
+    def check_rows(self, seqs: Sequences, data: Path, allow_prompt_mismatch: bool = False) -> None:
         """Refuse, before any work, rows of ``seqs`` (read from ``data``) the store cannot serve: a key it lacks, a
         completion of another length, or, unless ``allow_prompt_mismatch``, a prompt other than the one the teacher
         was given (another chat template or ``--chat`` setting, other prompt text).  The last is what context
