@@ -276,13 +276,14 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     table = _exp_only(read_table(rollouts), record)
     data = ScoredRollouts.from_table(table, rollouts)
     data.seqs.check_fits(rollouts, limits)
-    for frozen in (update.reference, update.teacher):
-        if frozen is not None and frozen.store is not None:
-            frozen.store.check_rows(data.seqs, rollouts, opts.allow_prompt_mismatch)
     if opts.algo == "trace":
         _trace_inputs(table, rollouts, data, tokenizer, opts)
         if data.privileged is not None:
             data.privileged.check_fits(rollouts, limits)
+    # a teacher store holds TRACE's teacher after the privileged prompts, when the rollouts have them
+    for frozen, seqs in ((update.reference, data.seqs), (update.teacher, data.privileged or data.seqs)):
+        if frozen is not None and frozen.store is not None:
+            frozen.store.check_rows(seqs, rollouts, opts.allow_prompt_mismatch)
     credit, kept, figures = update.advantages(data, temperature, sampling.get("max_new_tokens"))
     figures.update(_partition_sizes(record))
     plan = update.steps(data, kept, opts.loop.seed)
