@@ -277,3 +277,23 @@ def test_replay_bad_input(task, scored_rollouts, general, tmp_path):
         done = run_cli("train", task / "sft", tmp_path / "o", "--rollouts", scored_rollouts, *args, "--device", "cpu")
         assert done.returncode == 2 and message in done.stderr, (message, done.stderr)
         assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_a_trace_teacher_store_is_checked_against_the_privileged_prompts(task, annotated, tmp_path):
+    """With privileged prompts, TRACE's teacher is given them: a store made after them is accepted, one made after
+    the rollouts' plain prompts is refused before any step (unless --allow-prompt-mismatch)."""
+    rollouts = pq.read_table(annotated / "spans.parquet")
+    tokenizer = load_tokenizer(task / "random")
+    privileged = rollouts.select(["prompt_id", "sample_idx", "completion_token_ids"]).append_column(
+        "prompt_token_ids", pa.array([tokenizer(t)["input_ids"] for t in rollouts.column("privileged_prompt")
+                                      .to_pylist()], pa.list_(pa.int32())))
+    pq.write_table(privileged, tmp_path / "privileged.parquet")
+    stores = {}
+    for name, source in (("privileged", tmp_path / "privileged.parquet"), ("plain", annotated / "plain.parquet")):
+        stores[name] = tmp_path / f"{name}-store"
+        run_cli("teacher-logits", task / "random", source, stores[name], "--k", 8, "--device", "cpu", check=True)
+    args = ["--algo", "trace", "--error-kl-coef", 0.1, "--max-steps", 1]
+    staged_run(task, annotated / "spans.parquet", tmp_path / "ok", *args, "--teacher-logits", stores["privileged"])
+    done = run_cli("train", task / "sft", tmp_path / "bad", "--rollouts", annotated / "spans.parquet", *STAGED, *args,
+                   "--teacher-logits", stores["plain"])
+    assert done.returncode == 2 and "the teacher was given other prompt tokens" in done.stderr, done.stderr
