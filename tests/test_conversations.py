@@ -197,3 +197,17 @@ def test_a_prompt_of_messages_is_sampled_through_the_template(tmp_path, chat_mod
     assert done.returncode == 0, done.stderr
     assert pq.read_table(out).column("prompt_token_ids")[0].as_py() == encode_prompt(tokenizer, {"messages": PROMPT},
                                                                                       chat=False)[1]
+
+
+def test_eval_model_samples_a_chat_model_through_its_template(tmp_path, chat_model):
+    """eval --model --chat encodes plain prompts as rollout --chat does (before: eval had no --chat, so a chat model
+    was evaluated on raw text prompts)."""
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["Compute 1 + 2."], "answer": ["3"]}), prompts)
+    done = run_cli("eval", tmp_path / "out", "--model", chat_model, "--prompts", prompts, "--n", 2, "--k", "1,2",
+                   "--max-new-tokens", 4, "--chat", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    scored = pq.read_table(tmp_path / "out" / f"{chat_model.name}.scored.parquet")
+    assert scored.column("prompt_token_ids")[0].as_py() == encode_prompt(tokenizer, {"prompt": "Compute 1 + 2."},
+                                                                         chat=True)[1]

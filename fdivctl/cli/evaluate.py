@@ -84,6 +84,8 @@ def command(
                                   "usually the policy the --base run sampled. Adds kl, kl_stderr and "
                                   "reward_kl.png, with --base's best-of-N frontier."),
     device: str = typer.Option("auto", help="Device for --model and --kl-model."),
+    chat: bool = typer.Option(False, help="--model: wrap plain prompts in the tokenizer's chat template, as rollout "
+                              "--chat does (messages prompts always are)."),
 ) -> None:
     """Evaluate scored runs: pass@k (unbiased), maj@k, diversity, calibration, forgetting, with plots."""
     runs = _parse_runs(run or [])
@@ -96,7 +98,8 @@ def command(
         out.mkdir(parents=True, exist_ok=True)
         rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"
         sampling = SamplingOptions(n=n, temperature=temperature, max_new_tokens=max_new_tokens)
-        run_rollout(model, prompts, rollouts, RolloutOptions(sampling=sampling, device=device, resume=True))
+        run_rollout(model, prompts, rollouts, RolloutOptions(sampling=sampling, device=device, chat=chat,
+                                                                     resume=True))
         score_table(rollouts, scored, spec)
         runs[name] = scored
     opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,
