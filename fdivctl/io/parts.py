@@ -28,8 +28,9 @@ def part_path(parts: Path, number: int) -> Path:
 @contextmanager
 def open_parts(out: Path, record: dict, resume: bool):
     """The parts directory of a run writing ``out`` with settings ``record``: a new one, or with ``resume`` the
-    interrupted run's (same settings only).  A UserError raised inside, before any piece exists, removes it: bad
-    input met early leaves no interrupted run behind."""
+    interrupted run's (same settings only).  The block joins the pieces into ``out``; when it succeeds the directory
+    is removed.  A UserError raised inside, before any piece exists, removes it too: bad input met early leaves no
+    interrupted run behind."""
     parts = parts_dir(out)
     if parts.exists():
         if not resume:
@@ -46,3 +47,4 @@ def open_parts(out: Path, record: dict, resume: bool):
         if not any(parts.glob("part-*.parquet")):
             shutil.rmtree(parts)
         raise
+    shutil.rmtree(parts)

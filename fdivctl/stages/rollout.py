@@ -10,7 +10,6 @@ resumed run samples exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +147,7 @@ def run_rollout(
     }
     with open_parts(out, record, opts.resume) as parts:
         summary = _generate_parts(model_dir, tokenizer, file, parts, opts, backend, on_batch)
-    _join_parts(parts, out, record)
+        _join_parts(parts, out, record)
     return summary
 
 
@@ -203,10 +202,8 @@ def rollout_rows(batch: pa.Table, rows, encoded, results) -> pa.Table:
 def _join_parts(parts: Path, out: Path, record: dict) -> None:
     files = sorted(parts.glob("part-*.parquet"))
     if not files:
-        shutil.rmtree(parts)
         raise UserError("this shard received no prompts (more shards than prompts?)")
     write_tables(out, (pq.read_table(f) for f in files), record)
-    shutil.rmtree(parts)
 
 
 def merge_rollouts(inputs: list[Path], out: Path, partial: bool = False) -> tuple[int, list[str]]:

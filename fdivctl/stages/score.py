@@ -12,7 +12,7 @@ stopped instead of from the first row.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -63,26 +63,23 @@ def score_table(
     rows = table.select(list(dict.fromkeys(columns))).to_pylist()
     record = {"scored_by": {"verifier": verifier.kind, "function": verifier.function, "pattern": verifier.pattern,
                             "timeout": timeout}}
-    if part_rows is None:
-        results = run_pool(verifier, rows, workers, timeout, on_done)
-    else:
-        run = {**record, "source": str(Path(rollouts).resolve()), "source_fingerprint": file_fingerprint(rollouts),
-               "part_rows": part_rows}
-        with open_parts(Path(out), run, resume) as parts:
-            results = _verify_in_parts(verifier, rows, workers, timeout, on_done, parts, part_rows)
-    by_prompt: dict[object, list[bool]] = defaultdict(list)
-    for row, (_, correct, _) in zip(rows, results):
-        by_prompt[row["prompt_id"]].append(correct)
-    rates = {pid: sum(c) / len(c) for pid, c in by_prompt.items()}
-    scored = (
-        table.append_column("reward", pa.array([r[0] for r in results], pa.float32()))
-        .append_column("correct", pa.array([r[1] for r in results], pa.bool_()))
-        .append_column("verdict", pa.array([r[2] for r in results], pa.string()))
-        .append_column("pass_rate", pa.array([rates[row["prompt_id"]] for row in rows], pa.float32()))
-    )
-    write_table(out, scored, {**provenance(rollouts), **record})
-    if part_rows is not None:
-        shutil.rmtree(parts)
+    in_parts = open_parts(Path(out), {**record, "source": str(Path(rollouts).resolve()), "part_rows": part_rows,
+                                      "source_fingerprint": file_fingerprint(rollouts)}, resume) \
+        if part_rows else contextlib.nullcontext()
+    with in_parts as parts:
+        results = run_pool(verifier, rows, workers, timeout, on_done) if parts is None else \
+            _verify_in_parts(verifier, rows, workers, timeout, on_done, parts, part_rows)
+        by_prompt: dict[object, list[bool]] = defaultdict(list)
+        for row, (_, correct, _) in zip(rows, results):
+            by_prompt[row["prompt_id"]].append(correct)
+        rates = {pid: sum(c) / len(c) for pid, c in by_prompt.items()}
+        scored = (
+            table.append_column("reward", pa.array([r[0] for r in results], pa.float32()))
+            .append_column("correct", pa.array([r[1] for r in results], pa.bool_()))
+            .append_column("verdict", pa.array([r[2] for r in results], pa.string()))
+            .append_column("pass_rate", pa.array([rates[row["prompt_id"]] for row in rows], pa.float32()))
+        )
+        write_table(out, scored, {**provenance(rollouts), **record})
     n = len(results)
     failed = failures([r[2] for r in results])
     return {
