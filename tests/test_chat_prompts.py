@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from fdivctl.errors import UserError
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.prompts import encode_prompt
+from fdivctl.io.prompts import TEMPLATE_DATE, encode_prompt
 from fdivctl.io.sequences import sequences_from_table
 
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
@@ -94,3 +94,20 @@ def test_online_chat_runs_encode_text_replay_tables_the_same_way(chat_model, tex
     assert replay.sets[0].prompt_tokens[0].tolist() == prompt
     plain = _replay(tokenizer, tokenizer_hash(tokenizer), limits, opts, chat=False)
     assert plain.sets[0].prompt_tokens[0].tolist() == tokenizer("Compute 1 + 2.")["input_ids"]
+
+
+# Llama 3.2's date logic, verbatim: today's date when the renderer offers strftime_now
+DATED = ('{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+         '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
+         '{%- endif %}{%- endif %}Today Date: {{ date_string }}\n' + TEMPLATE)
+
+
+def test_a_template_that_writes_the_date_renders_the_same_on_any_day(tmp_path, tiny_teacher):
+    """Before, such a template wrote today's date, so the same messages were other prompt tokens the next day: a
+    logit store made on one day was refused for the data it was made from on the next."""
+    tokenizer = AutoTokenizer.from_pretrained(with_chat_template(tiny_teacher, tmp_path / "dated", DATED))
+    text, ids = encode_prompt(tokenizer, {"prompt": "Compute 1 + 2."}, chat=True)
+    assert text == "Today Date: 26 Jul 2024\n[user] Compute 1 + 2.\n[assistant] "
+    assert TEMPLATE_DATE.strftime("%d %b %Y") == "26 Jul 2024"
+    assert "Today Date: 26 Jul 2024" not in tokenizer.apply_chat_template([{"role": "user", "content": "x"}],
+                                                                           tokenize=False)  # the clock's date

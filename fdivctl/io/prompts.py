@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+
 from fdivctl.errors import UserError
+
+# The date a chat template sees through ``strftime_now``: the default of Llama 3.1's template, which Llama 3.2's and
+# later ones replace by today's ("Today Date: 26 Nov 2026" in their system header).  With today's, one conversation
+# would be other tokens on another day, so data read on Tuesday would not match the logit store made on Monday, nor
+# a rerun reproduce a run; with this one, every rendering of the same messages is the same text.
+TEMPLATE_DATE = datetime.date(2024, 7, 26)
+
+
+def _template_strftime(format: str) -> str:
+    return TEMPLATE_DATE.strftime(format)
 
 
 def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
@@ -37,9 +49,11 @@ def encode_messages(tokenizer, messages: list[dict], where: str) -> tuple[str, l
 def render_chat(tokenizer, messages: list[dict], where: str, generation_prompt: bool) -> str:
     """The chat template's text of ``messages`` (with the assistant header after them: ``generation_prompt``);
     a template that refuses them (Mistral's and Llama 2's raise on a system turn or roles that do not alternate)
-    is one UserError naming ``where``."""
+    is one UserError naming ``where``.  A template that writes the date sees :data:`TEMPLATE_DATE`, whatever day
+    it is."""
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
+                                             strftime_now=_template_strftime)
     except Exception as err:  # noqa: BLE001 — jinja2's TemplateError and what a template's own code raises
         raise UserError(f"{where}: the tokenizer's chat template refused these messages: "
                         f"{type(err).__name__}: {err}") from None
