@@ -33,12 +33,16 @@ The same split serves TRL's other conversational layouts: ``prompt`` and
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
 from fdivctl.errors import UserError
-from fdivctl.io.prompts import check_messages, encode_messages, render_chat
+from fdivctl.io.prompts import check_messages, render_chat
+
+_BLOCK = 4096  # replies tokenized in one call
 
 
 def is_conversations(table: pa.Table) -> bool:
@@ -61,15 +65,11 @@ def token_table(table: pa.Table, path: Path, tokenizer) -> pa.Table:
     if not ("prompt" in table.column_names and "completion" in table.column_names):
         return expand(table, path, tokenizer)
     check_chat_tokenizer(tokenizer, path)
-    prompts, completions = [], []
-    for row, (prompt, completion) in enumerate(zip(table.column("prompt").to_pylist(),
-                                                   table.column("completion").to_pylist())):
-        where = f"{path}: row {row}"
-        before, reply = _as_messages(prompt, "user", f"{where}, prompt"), \
-            _as_messages(completion, "assistant", f"{where}, completion")
-        prompt_ids, reply_ids = split_reply(tokenizer, before, reply, where)
-        prompts.append(prompt_ids)
-        completions.append(reply_ids)
+    rows = enumerate(zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist()))
+    split = split_replies(tokenizer, ((_as_messages(prompt, "user", f"{path}: row {row}, prompt"),
+                                       _as_messages(completion, "assistant", f"{path}: row {row}, completion"),
+                                       f"{path}: row {row}") for row, (prompt, completion) in rows))
+    prompts, completions = zip(*split) if table.num_rows else ((), ())
     tokens = pa.list_(pa.int32())
     return table.drop_columns(["prompt", "completion"]).append_column(
         "prompt_token_ids", pa.array(prompts, tokens)).append_column("completion_token_ids",
@@ -93,16 +93,25 @@ def check_chat_tokenizer(tokenizer, path: Path) -> None:
                         "has none")
 
 
-def split_reply(tokenizer, before: list[dict], reply: list[dict], where: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, reply ids) of the messages ``reply`` after the conversation ``before``: the prompt is
-    ``before`` with the assistant header, as rollout encodes it; the reply is the rest of the rendering of
-    ``before + reply`` (module doc)."""
-    prompt_text, prompt = encode_messages(tokenizer, before, where)
-    full = render_chat(tokenizer, before + reply, where, generation_prompt=False)
-    if not full.startswith(prompt_text):
-        raise UserError(f"{where}: the chat template renders the conversation before the reply differently once "
-                        "the reply follows, so the reply has no prompt to split at")
-    return prompt, tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
+def split_replies(tokenizer, items: Iterable[tuple[list[dict], list[dict], str]]) -> Iterator[tuple[list, list]]:
+    """(prompt ids, reply ids) of each ``(before, reply, where)`` of ``items``, in order: the prompt is the
+    conversation ``before`` with the assistant header, as rollout encodes it; the reply is the rest of the
+    rendering of ``before + reply`` (module doc).  Rendered one by one and tokenized a block at a time: one
+    batch call of the fast tokenizer per block is ~2× faster than one call per text, what the tokenizing costs
+    of a million replies (``where`` names an item in errors)."""
+    items = iter(items)
+    while block := list(itertools.islice(items, _BLOCK)):
+        prompts, replies = [], []
+        for before, reply, where in block:
+            prompt = render_chat(tokenizer, before, where, generation_prompt=True)
+            full = render_chat(tokenizer, before + reply, where, generation_prompt=False)
+            if not full.startswith(prompt):
+                raise UserError(f"{where}: the chat template renders the conversation before the reply "
+                                "differently once the reply follows, so the reply has no prompt to split at")
+            prompts.append(prompt)
+            replies.append(full[len(prompt):])
+        yield from zip(tokenizer(prompts, add_special_tokens=False)["input_ids"],
+                       tokenizer(replies, add_special_tokens=False)["input_ids"])
 
 
 def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
@@ -114,21 +123,23 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
                             f"its assistant replies: drop the {column} column")
     keys = ([str(v) for v in table.column("prompt_id").to_pylist()] if "prompt_id" in table.column_names
             else [str(r) for r in range(table.num_rows)])
-    take, reply_idx, prompts, completions = [], [], [], []
-    for row, (key, messages) in enumerate(zip(keys, table.column("messages").to_pylist())):
-        where = f"{path}: row {row} (prompt_id {key!r})"
-        check_messages(messages, where)
-        replies = [j for j, message in enumerate(messages) if message["role"] == "assistant"]
-        if not replies:
-            raise UserError(f"{where} has no assistant message: nothing to train on")
-        if replies[0] == 0:
-            raise UserError(f"{where} opens with an assistant message: it has no context to be predicted from")
-        for index, j in enumerate(replies):
-            prompt, completion = split_reply(tokenizer, messages[:j], messages[j : j + 1], f"{where}, reply {index}")
-            take.append(row)
-            reply_idx.append(index)
-            prompts.append(prompt)
-            completions.append(completion)
+    take, reply_idx = [], []
+
+    def replies():
+        for row, (key, messages) in enumerate(zip(keys, table.column("messages").to_pylist())):
+            where = f"{path}: row {row} (prompt_id {key!r})"
+            check_messages(messages, where)
+            positions = [j for j, message in enumerate(messages) if message["role"] == "assistant"]
+            if not positions:
+                raise UserError(f"{where} has no assistant message: nothing to train on")
+            if positions[0] == 0:
+                raise UserError(f"{where} opens with an assistant message: it has no context to be predicted from")
+            for index, j in enumerate(positions):
+                take.append(row)
+                reply_idx.append(index)
+                yield messages[:j], messages[j : j + 1], f"{where}, reply {index}"
+
+    prompts, completions = zip(*split_replies(tokenizer, replies())) if table.num_rows else ((), ())
     carried = table.drop_columns([c for c in ("messages", "prompt_id") if c in table.column_names]).take(take)
     tokens = pa.list_(pa.int32())
     turns = [[index] * len(completion) for index, completion in zip(reply_idx, completions)]
@@ -153,29 +164,30 @@ def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[
     * implicit: no ``prompt`` column, ``chosen``/``rejected`` whole conversations whose shared opening messages
       are the prompt (TRL's ``extract_prompt``).
 
-    Each side is split by :func:`split_reply`: the prompt as rollout encodes it, the response with its
+    Each side is split by :func:`split_replies`: the prompt as rollout encodes it, the response with its
     end-of-turn."""
     check_chat_tokenizer(tokenizer, path)
     rows = zip(table.column("prompt").to_pylist() if "prompt" in table.column_names else [None] * table.num_rows,
                table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
-    pairs: dict[str, tuple[list, list]] = {"chosen": ([], []), "rejected": ([], [])}
-    for row, (prompt, chosen, rejected) in enumerate(rows):
-        where = f"{path}: row {row}"
-        if prompt is None:
-            check_messages(chosen, f"{where}, chosen")
-            check_messages(rejected, f"{where}, rejected")
-            shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen),
-                                                                                                 len(rejected)))
-            if shared == 0:
-                raise UserError(f"{where}: chosen and rejected open with different messages, so they share no "
-                                "prompt: give a prompt column")
-            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-        prompt = _as_messages(prompt, "user", f"{where}, prompt")
-        for side, reply in (("chosen", chosen), ("rejected", rejected)):
-            if not reply:
-                raise UserError(f"{where}: the {side} response has no message after the prompt")
-            reply = _as_messages(reply, "assistant", f"{where}, {side}")
-            prompt_ids, reply_ids = split_reply(tokenizer, prompt, reply, f"{where}, {side}")
-            pairs[side][0].append(prompt_ids)
-            pairs[side][1].append(reply_ids)
-    return pairs
+
+    def sides():  # each row's chosen, then its rejected
+        for row, (prompt, chosen, rejected) in enumerate(rows):
+            where = f"{path}: row {row}"
+            if prompt is None:
+                check_messages(chosen, f"{where}, chosen")
+                check_messages(rejected, f"{where}, rejected")
+                shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                              min(len(chosen), len(rejected)))
+                if shared == 0:
+                    raise UserError(f"{where}: chosen and rejected open with different messages, so they share "
+                                    "no prompt: give a prompt column")
+                prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+            prompt = _as_messages(prompt, "user", f"{where}, prompt")
+            for side, reply in (("chosen", chosen), ("rejected", rejected)):
+                if not reply:
+                    raise UserError(f"{where}: the {side} response has no message after the prompt")
+                yield prompt, _as_messages(reply, "assistant", f"{where}, {side}"), f"{where}, {side}"
+
+    split = list(split_replies(tokenizer, sides()))
+    return {side: ([p for p, _ in split[first::2]], [r for _, r in split[first::2]])
+            for first, side in enumerate(("chosen", "rejected"))}
