@@ -269,3 +269,33 @@ def test_verify_detects_a_wrong_dtype_with_a_consistent_checksum(tmp_path, store
     manifest["shards"][0]["sha256"] = file_sha256(shard)
     (bad / "manifest.json").write_text(json.dumps(manifest))
     assert any("logprobs has dtype F16, expected F32" in p for p in verify_store(bad))
+
+
+def test_a_plain_text_table_is_scored_on_every_token(tmp_path, tiny_teacher):
+    """A ``text`` column (TRL's language-modeling layout): every token after the first is scored, then EOS, as
+    TRL's SFTTrainer trains on it; SFT and distillation read it the same way, and --chat, which has no prompt to
+    wrap, is one line (was: refused as a table with no known columns)."""
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    texts = ["the cat sat on the mat", "a dog"]
+    data = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"text": texts}), data)
+    run_cli("teacher-logits", tiny_teacher, data, tmp_path / "store", "--k", 4, "--device", "cpu", check=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    reader = LogitStore(tmp_path / "store")
+    for row, text in enumerate(texts):
+        ids = tok(text)["input_ids"] + [tok.eos_token_id]
+        got = reader.sequence(str(row), 0)
+        assert got.token_ids.tolist() == ids[1:] and got.completion_start == 0
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        torch.testing.assert_close(got.token_logprob, log_p.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1),
+                                   atol=1e-5, rtol=1e-5)
+    sft = run_cli("train", tiny_teacher, tmp_path / "sft", "--algo", "sft", "--data", data, "--max-steps", 1,
+                  "--device", "cpu")
+    assert sft.returncode == 0, sft.stderr
+    kd = run_cli("distill", tiny_teacher, tmp_path / "kd", "--data", data, "--logits", tmp_path / "store",
+                 "--max-steps", 1, "--device", "cpu")
+    assert kd.returncode == 0, kd.stderr
+    chat = run_cli("teacher-logits", tiny_teacher, data, tmp_path / "chat", "--chat", "--device", "cpu")
+    assert chat.returncode == 2 and "a text column has none: drop --chat" in chat.stderr, chat.stderr
+    assert not (tmp_path / "chat").exists()

@@ -28,8 +28,9 @@ from fdivctl.training.lora import LoraOptions
 def command(
     student: Path = typer.Argument(..., help="Student model directory (save_pretrained format)."),
     out: Path = typer.Argument(..., help="Checkpoint directory to write (HF format + fdivctl_state/)."),
-    data: Path = typer.Option(None, help="Offline: sequences Parquet (rollouts, prompt/completion text, or "
-                              "messages: one sequence per assistant reply) to distill on, teacher-forced."),
+    data: Path = typer.Option(None, help="Offline: sequences Parquet (rollouts, prompt/completion text, plain "
+                              "text: every token, or messages: one sequence per assistant reply) to distill on, "
+                              "teacher-forced."),
     on_policy: bool = typer.Option(False, help="On-policy (OPD): the student samples each micro-batch's --prompts "
                                    "with its current weights and the --teacher scores those samples."),
     prompts: Path = typer.Option(None, help="On-policy: prompts Parquet (prompt_id + prompt text or messages)."),

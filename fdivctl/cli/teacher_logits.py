@@ -18,8 +18,9 @@ def command(
     teacher: Path = typer.Argument(None, help="Teacher model directory (save_pretrained format)."),
     sequences: Path = typer.Argument(
         None,
-        help="Sequences Parquet: rollouts (prompt_token_ids, completion_token_ids) or text "
-        "(prompt, completion) or conversations (messages: one sequence per assistant reply); keys prompt_id, sample_idx.",
+        help="Sequences Parquet: rollouts (prompt_token_ids, completion_token_ids), text (prompt, completion), plain "
+        "text (text: every token scored) or conversations (messages: one sequence per assistant reply); keys "
+        "prompt_id, sample_idx.",
     ),
     out: Path = typer.Argument(None, help="Store directory to create or resume."),
     k: int = typer.Option(64, "--k", help="Top-k ids and log-probs kept per token."),

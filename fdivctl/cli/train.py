@@ -53,8 +53,8 @@ def command(
     pairs: Path = typer.Option(None, help="--algo fdpo: Parquet with prompt, chosen, rejected (text), or "
                                "conversational pairs (messages: prompt + the replies, or whole chosen/rejected "
                                "conversations sharing their opening); optional ref_chosen_logp / ref_rejected_logp."),
-    data: Path = typer.Option(None, help="--algo sft: sequences Parquet (prompt/completion text, token ids, or "
-                         "messages: a loss on each assistant reply)."),
+    data: Path = typer.Option(None, help="--algo sft: sequences Parquet (prompt/completion text, token ids, "
+                         "plain text: a loss on every token, or messages: a loss on each assistant reply)."),
     verifier: str = typer.Option("math", help="Online and --partition: math | math-verify | exact | regex | sql | "
                                  "python:MODULE:FUNC."),
     pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),

@@ -10,6 +10,10 @@ Accepted tables (Parquet):
   completion that does not end with it (so ``prompt_ids + completion_ids`` is
   the sequence, and a model trained on it learns where an answer ends; TRL's
   SFT and DPO trainers append it the same way);
+* plain text, a ``text`` column (TRL's language-modeling layout): every
+  token is scored, as TRL's ``SFTTrainer`` trains on such a table; the text
+  is tokenized with the tokenizer's special tokens and the EOS token after
+  it, and the first token, which nothing predicts, is the prompt;
 * conversations: a ``messages`` column, one row per assistant reply, or
   ``prompt``/``completion`` columns of messages (TRL's conversational
   layouts; :mod:`fdivctl.io.conversations`, read with :func:`read_sequences`).
@@ -229,15 +233,21 @@ def sequences_from_table(table: pa.Table, path: Path, tokenizer=None, chat: bool
         prompts = [np.asarray(encode_prompt(tokenizer, {"prompt": text, "prompt_id": row}, True)[1], dtype=np.int64)
                    for row, text in enumerate(prompt_text)] if chat else \
             [np.asarray(x, dtype=np.int64) for x in tokenizer(prompt_text, add_special_tokens=True)["input_ids"]]
-        eos = tokenizer.eos_token_id
-        completions = [
-            np.asarray(x + [eos] if x and eos is not None and x[-1] != eos else x, dtype=np.int64)
-            for x in tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-        ]
+        completions = [_ending_with_eos(x, tokenizer)
+                       for x in tokenizer(completion_text, add_special_tokens=False)["input_ids"]]
+    elif "text" in names:
+        if tokenizer is None:
+            raise UserError(f"{path}: a text column needs a tokenizer")
+        if chat:
+            raise UserError(f"{path}: --chat wraps prompts in the chat template, and a text column has none: drop "
+                            "--chat, or give prompt and completion (or messages) columns")
+        texts = tokenizer(text_column(table, "text", path), add_special_tokens=True)["input_ids"]
+        prompts = [np.asarray(x[:1], dtype=np.int64) for x in texts]
+        completions = [_ending_with_eos(x[1:], tokenizer) for x in texts]
     else:
         raise UserError(
-            f"{path}: needs prompt_token_ids + completion_token_ids (list<int>), prompt + completion (text) or "
-            f"messages (conversations) columns; it has {', '.join(names)}"
+            f"{path}: needs prompt_token_ids + completion_token_ids (list<int>), prompt + completion (text), text "
+            f"(plain text) or messages (conversations) columns; it has {', '.join(names)}"
         )
     n = table.num_rows
     prompt_ids = (
@@ -253,3 +263,9 @@ def sequences_from_table(table: pa.Table, path: Path, tokenizer=None, chat: bool
     if len(keys) != n:
         raise UserError(f"{path}: (prompt_id, sample_idx) is not unique across rows")
     return Sequences(prompt_ids, sample_idx, prompts, completions, None)
+
+
+def _ending_with_eos(ids: list[int], tokenizer) -> np.ndarray:
+    """Completion ids with the tokenizer's EOS token after them, unless they are empty or end with it."""
+    eos = tokenizer.eos_token_id
+    return np.asarray(ids + [eos] if ids and eos is not None and ids[-1] != eos else ids, dtype=np.int64)

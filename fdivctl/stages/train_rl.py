@@ -184,8 +184,8 @@ def _replay(tokenizer, policy_hash: str, limits: ModelLimits, opts: RLOptions, c
         return None
     sets = []
     for path in opts.replay:
-        text = not has_token_ids(open_parquet(path).schema_arrow.names)  # token ids were encoded when sampled
-        seqs = load_sequences(path, tokenizer, chat and text)  # an empty table is refused as it is read
+        names = open_parquet(path).schema_arrow.names  # token ids were encoded when sampled, plain text has no prompt
+        seqs = load_sequences(path, tokenizer, chat and "prompt" in names and not has_token_ids(names))  # an empty table is refused as it is read
         seqs.check_scorable(path)
         seqs.check_tokenizer(path, policy_hash, "policy", opts.allow_tokenizer_mismatch)
         seqs.check_fits(path, limits)
