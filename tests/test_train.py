@@ -157,6 +157,33 @@ def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_fdpo_reads_implicit_prompt_text_pairs_as_trl_does(task, tmp_path):
+    """Text chosen/rejected with no prompt column (Anthropic HH's layout): the shared opening, less a trailing
+    space, is the prompt, as TRL's extract_prompt splits them; the same sequences as the explicit layout (was:
+    refused for its missing prompt column)."""
+    from transformers import AutoTokenizer
+
+    from fdivctl.stages.preference import _pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(task / "sft")
+    prompts = ["Human: 1+1?\n\nAssistant:", "Human: 2+2?\n\nAssistant:"]
+    explicit, implicit = tmp_path / "explicit.parquet", tmp_path / "implicit.parquet"
+    pq.write_table(pa.table({"prompt": prompts, "chosen": [" 2", " 4"], "rejected": [" 3", " 5 or so"]}), explicit)
+    pq.write_table(pa.table({"chosen": [p + c for p, c in zip(prompts, [" 2", " 4"])],
+                             "rejected": [p + r for p, r in zip(prompts, [" 3", " 5 or so"])]}), implicit)
+    for want, got in zip(_pairs(explicit, tokenizer, False)[:2], _pairs(implicit, tokenizer, False)[:2]):
+        assert [x.tolist() for x in got.prompt_tokens] == [x.tolist() for x in want.prompt_tokens]
+        assert [x.tolist() for x in got.completion_tokens] == [x.tolist() for x in want.completion_tokens]
+    common = ["--algo", "fdpo", "--max-steps", 1, "--batch-size", 2, "--device", "cpu"]
+    run_cli("train", task / "sft", tmp_path / "fdpo", "--pairs", implicit, *common, check=True)
+    for chosen, rejected, message in ((["a b"], ["c d"], "row 0: chosen and rejected open with different text"),
+                                      (["a b"], ["a b"], "row 0 has an empty chosen response")):
+        pq.write_table(pa.table({"chosen": chosen, "rejected": rejected}), implicit)
+        done = run_cli("train", task / "sft", tmp_path / "bad", "--pairs", implicit, *common)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_input_one_line_exit_2(task, tmp_path):
     rollouts = tmp_path / "r.parquet"
     run_cli("rollout", task / "sft", task / "data" / "prompts.parquet", rollouts, "--n", 2, "--max-new-tokens", 6,

@@ -2,7 +2,9 @@
 
 Pairs: a Parquet table with text columns ``prompt``, ``chosen``, ``rejected``
 (the prompt tokenized with the tokenizer's special tokens, the responses
-without, as for any sequences table), or conversational pairs, messages
+without, as for any sequences table), or only ``chosen`` and ``rejected``
+whose shared opening text is the prompt (TRL's implicit prompt), or
+conversational pairs, messages
 through the chat template in TRL's explicit (``prompt`` messages) or implicit
 (whole ``chosen``/``rejected`` conversations) layout
 (:func:`fdivctl.io.conversations.preference_pairs`).  The reference log-probs
@@ -73,10 +75,10 @@ def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.
             prompts, responses = ([np.asarray(ids, dtype=np.int64) for ids in part] for part in pairs[side])
             sides.append(Sequences(keys, [0] * len(keys), prompts, responses, None))
     else:
-        require_columns(table, path, ["prompt"], " (text columns of preference pairs, or messages)")
-        for column in ("prompt", "chosen", "rejected"):
-            text_column(table, column, path)
-        sides = [sequences_from_table(pa.table({"prompt": table.column("prompt"), "completion": table.column(side)}),
+        texts = {column: text_column(table, column, path) for column in ("chosen", "rejected")}
+        texts["prompt"] = text_column(table, "prompt", path) if "prompt" in table.column_names else \
+            _shared_prompts(texts, path)
+        sides = [sequences_from_table(pa.table({"prompt": texts["prompt"], "completion": texts[side]}),
                                       path, tokenizer, chat) for side in ("chosen", "rejected")]
     for side, seqs in zip(("chosen", "rejected"), sides):
         for row in range(len(seqs)):
@@ -84,6 +86,23 @@ def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.
                 raise UserError(f"{path}: row {row} has an empty {side} response")
             seqs.first_scored(row, include_prompt=False)
     return sides[0], sides[1], table
+
+
+def _shared_prompts(texts: dict[str, list[str]], path: Path) -> list[str]:
+    """TRL's implicit-prompt text pairs (no ``prompt`` column; Anthropic HH's layout): each row's prompt is the
+    text ``chosen`` and ``rejected`` open with, less a space it ends with (TRL's ``extract_prompt``), and
+    ``texts["chosen"]``/``texts["rejected"]`` become the rest."""
+    prompts = []
+    for row, (chosen, rejected) in enumerate(zip(texts["chosen"], texts["rejected"])):
+        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        if shared and chosen[shared - 1] == " ":
+            shared -= 1
+        if shared == 0:
+            raise UserError(f"{path}: row {row}: chosen and rejected open with different text, so they share no "
+                            "prompt: give a prompt column")
+        prompts.append(chosen[:shared])
+        texts["chosen"][row], texts["rejected"][row] = chosen[shared:], rejected[shared:]
+    return prompts
 
 
 def sequence_logprobs(decoder, head, seqs: Sequences, rows: list[int], pad_id: int) -> torch.Tensor:
