@@ -261,7 +261,7 @@ def test_online_recap_resumes_with_its_signal_history(task, general, tmp_path):
 
 def test_replay_bad_input(task, scored_rollouts, general, tmp_path):
     no_text = tmp_path / "no_text.parquet"
-    pq.write_table(pa.table({"prompt_id": ["a"], "text": ["hello"]}), no_text)
+    pq.write_table(pa.table({"prompt_id": ["a"], "body": ["hello"]}), no_text)
     empty = tmp_path / "empty.parquet"
     pq.write_table(pq.read_table(general).slice(0, 0), empty)
     cases = {
