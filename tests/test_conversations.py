@@ -211,3 +211,24 @@ def test_eval_model_samples_a_chat_model_through_its_template(tmp_path, chat_mod
     scored = pq.read_table(tmp_path / "out" / f"{chat_model.name}.scored.parquet")
     assert scored.column("prompt_token_ids")[0].as_py() == encode_prompt(tokenizer, {"prompt": "Compute 1 + 2."},
                                                                          chat=True)[1]
+
+
+def test_expanding_conversations_reports_its_progress_and_the_bar_shows_it(tmp_path, chat_model):
+    """A million replies take minutes to render and tokenize before the first step: the work reports each block
+    of replies (was: no sign of life), and the CLI's progress bar gives it a bar with its own unit."""
+    from fdivctl import activity
+    from fdivctl.cli.progress import progress_bar
+    from fdivctl.io.conversations import expand
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    reports = []
+    with activity.listening(lambda *report: reports.append(report)):
+        table = expand(pa.table({"messages": CHATS * 2000}), tmp_path, tokenizer)  # 3 replies per 2 conversations
+    assert table.num_rows == 6000
+    assert reports == [("chat template", "replies", 4096, 6000), ("chat template", "replies", 6000, 6000)]
+    with progress_bar("distill", "steps") as progress:
+        activity.report("chat template", "replies", 10, 20)
+        activity.report("chat template", "replies", 20, 20)
+    (task,) = [t for t in progress.tasks if t.description == "chat template"]
+    assert (task.completed, task.total, task.fields["unit"]) == (20, 20, "replies")
+    activity.report("chat template", "replies", 1, 1)  # outside a bar nothing listens

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from fdivctl import activity
 from fdivctl.errors import UserError
 from fdivctl.io.prompts import check_messages, render_chat
 
@@ -68,7 +69,8 @@ def token_table(table: pa.Table, path: Path, tokenizer) -> pa.Table:
     rows = enumerate(zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist()))
     split = split_replies(tokenizer, ((_as_messages(prompt, "user", f"{path}: row {row}, prompt"),
                                        _as_messages(completion, "assistant", f"{path}: row {row}, completion"),
-                                       f"{path}: row {row}") for row, (prompt, completion) in rows))
+                                       f"{path}: row {row}") for row, (prompt, completion) in rows),
+                           table.num_rows)
     prompts, completions = zip(*split) if table.num_rows else ((), ())
     tokens = pa.list_(pa.int32())
     return table.drop_columns(["prompt", "completion"]).append_column(
@@ -93,13 +95,15 @@ def check_chat_tokenizer(tokenizer, path: Path) -> None:
                         "has none")
 
 
-def split_replies(tokenizer, items: Iterable[tuple[list[dict], list[dict], str]]) -> Iterator[tuple[list, list]]:
+def split_replies(tokenizer, items: Iterable[tuple[list[dict], list[dict], str]],
+                  total: int) -> Iterator[tuple[list, list]]:
     """(prompt ids, reply ids) of each ``(before, reply, where)`` of ``items``, in order: the prompt is the
     conversation ``before`` with the assistant header, as rollout encodes it; the reply is the rest of the
     rendering of ``before + reply`` (module doc).  Rendered one by one and tokenized a block at a time: one
     batch call of the fast tokenizer per block is ~2× faster than one call per text, what the tokenizing costs
-    of a million replies (``where`` names an item in errors)."""
-    items = iter(items)
+    of a million replies (``where`` names an item in errors).  After each block, the progress of the ``total``
+    items goes to :func:`fdivctl.activity.report`."""
+    items, done = iter(items), 0
     while block := list(itertools.islice(items, _BLOCK)):
         prompts, replies = [], []
         for before, reply, where in block:
@@ -112,6 +116,8 @@ def split_replies(tokenizer, items: Iterable[tuple[list[dict], list[dict], str]]
             replies.append(full[len(prompt):])
         yield from zip(tokenizer(prompts, add_special_tokens=False)["input_ids"],
                        tokenizer(replies, add_special_tokens=False)["input_ids"])
+        done += len(block)
+        activity.report("chat template", "replies", done, total)
 
 
 def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
@@ -124,9 +130,12 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
     keys = ([str(v) for v in table.column("prompt_id").to_pylist()] if "prompt_id" in table.column_names
             else [str(r) for r in range(table.num_rows)])
     take, reply_idx = [], []
+    chats = table.column("messages").to_pylist()
+    total = sum(isinstance(m, dict) and m.get("role") == "assistant" for chat in chats if isinstance(chat, list)
+                for m in chat)
 
     def replies():
-        for row, (key, messages) in enumerate(zip(keys, table.column("messages").to_pylist())):
+        for row, (key, messages) in enumerate(zip(keys, chats)):
             where = f"{path}: row {row} (prompt_id {key!r})"
             check_messages(messages, where)
             positions = [j for j, message in enumerate(messages) if message["role"] == "assistant"]
@@ -139,7 +148,7 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
                 reply_idx.append(index)
                 yield messages[:j], messages[j : j + 1], f"{where}, reply {index}"
 
-    prompts, completions = zip(*split_replies(tokenizer, replies())) if table.num_rows else ((), ())
+    prompts, completions = zip(*split_replies(tokenizer, replies(), total)) if table.num_rows else ((), ())
     carried = table.drop_columns([c for c in ("messages", "prompt_id") if c in table.column_names]).take(take)
     tokens = pa.list_(pa.int32())
     turns = [[index] * len(completion) for index, completion in zip(reply_idx, completions)]
@@ -188,6 +197,6 @@ def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[
                     raise UserError(f"{where}: the {side} response has no message after the prompt")
                 yield prompt, _as_messages(reply, "assistant", f"{where}, {side}"), f"{where}, {side}"
 
-    split = list(split_replies(tokenizer, sides()))
+    split = list(split_replies(tokenizer, sides(), 2 * table.num_rows))
     return {side: ([p for p, _ in split[first::2]], [r for _, r in split[first::2]])
             for first, side in enumerate(("chosen", "rejected"))}
