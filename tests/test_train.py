@@ -155,6 +155,20 @@ def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
         done = run_cli("train", task / "sft", tmp_path / "bad", *common)
         assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "bad").exists()
+    # TRL's names for them (DPOTrainer's precompute_ref_log_probs) are read too: given values that put the chosen
+    # response far above the reference, the first loss is -log σ(β(u_w - u_l)) of them, not log 2
+    given = [[0.0, 0.0], [-30.0, -30.0]]
+    for names in (("ref_chosen_logp", "ref_rejected_logp"), ("ref_chosen_logps", "ref_rejected_logps")):
+        pq.write_table(pa.table({**base, **dict(zip(names, given))}), pairs)
+        out = tmp_path / names[0]
+        run_cli("train", task / "sft", out, *common, "--max-steps", 1, "--log-jsonl", out.with_suffix(".jsonl"),
+                check=True)
+        assert not (out / "fdivctl_run" / "reference_logprobs.parquet").exists()
+    logs = [read_jsonl(tmp_path / f"{name}.jsonl")[0]["loss"] for name in ("ref_chosen_logp", "ref_chosen_logps")]
+    assert logs[0] == logs[1] and abs(logs[0] - 0.6931) > 0.1
+    pq.write_table(pa.table({**base, "ref_chosen_logps": [-1.0, -2.0]}), pairs)
+    done = run_cli("train", task / "sft", tmp_path / "bad", *common)
+    assert done.returncode == 2 and "has ref_chosen_logps but not ref_rejected_logps" in done.stderr, done.stderr
 
 
 def test_fdpo_reads_implicit_prompt_text_pairs_as_trl_does(task, tmp_path):

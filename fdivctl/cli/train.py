@@ -51,8 +51,10 @@ def command(
     prompts: Path = typer.Option(None, help="Online mode (and --partition): prompts Parquet with prompt_id, prompt "
                                  "(text or messages) or messages, and the verifier's columns (e.g. answer)."),
     pairs: Path = typer.Option(None, help="--algo fdpo: Parquet with prompt, chosen, rejected (text; without "
-                               "prompt, the text chosen and rejected open with is the prompt), or conversational pairs (messages: prompt + the replies, or whole chosen/rejected "
-                               "conversations sharing their opening); optional ref_chosen_logp / ref_rejected_logp."),
+                               "prompt, the text chosen and rejected open with is the prompt), or conversational "
+                               "pairs (messages: prompt + the replies, or whole chosen/rejected conversations sharing "
+                               "their opening); optional ref_chosen_logp / ref_rejected_logp (or TRL's "
+                               "ref_chosen_logps / ref_rejected_logps)."),
     data: Path = typer.Option(None, help="--algo sft: sequences Parquet (prompt/completion text, token ids, "
                          "plain text: a loss on every token, or messages: a loss on each assistant reply)."),
     verifier: str = typer.Option("math", help="Online and --partition: math | math-verify | exact | regex | sql | "

@@ -9,7 +9,8 @@ through the chat template in TRL's explicit (``prompt`` messages) or implicit
 (whole ``chosen``/``rejected`` conversations) layout
 (:func:`fdivctl.io.conversations.preference_pairs`).  The reference log-probs
 log π_ref(y|x) of both responses come from the columns ``ref_chosen_logp``
-and ``ref_rejected_logp`` when the table has them; otherwise they are
+and ``ref_rejected_logp`` (or TRL's ``ref_chosen_logps`` and
+``ref_rejected_logps``) when the table has them; otherwise they are
 computed once with the initial policy (under no_grad) and cached in
 ``OUT/fdivctl_run/reference_logprobs.parquet``, which a resumed run reuses.
 """
@@ -52,17 +53,22 @@ class FDPOOptions:
 
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+#: the same columns as TRL's DPOTrainer names them (``precompute_ref_log_probs``), read when ours are absent
+TRL_REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.Table]:
     table = read_table(path)
     require_columns(table, path, ["chosen", "rejected"], " (preference pairs)")
-    given = [name for name in REFERENCE_COLUMNS if name in table.column_names]
+    names = REFERENCE_COLUMNS if any(n in table.column_names for n in REFERENCE_COLUMNS) else TRL_REFERENCE_COLUMNS
+    given = [name for name in names if name in table.column_names]
     if len(given) == 1:
-        raise UserError(f"{path}: has {given[0]} but not {(set(REFERENCE_COLUMNS) - set(given)).pop()}: give both "
+        raise UserError(f"{path}: has {given[0]} but not {(set(names) - set(given)).pop()}: give both "
                         "reference log-prob columns, or neither (the initial policy's are computed then)")
     for name in given:
         require_finite(path, name, table.column(name))
+    if given and names is TRL_REFERENCE_COLUMNS:
+        table = table.rename_columns([dict(zip(names, REFERENCE_COLUMNS)).get(n, n) for n in table.column_names])
     if any(conversations.is_messages_column(table, c) for c in ("prompt", "chosen", "rejected")
            if c in table.column_names):
         for column in ("prompt", "chosen", "rejected"):
