@@ -164,6 +164,12 @@ def is_messages_column(table: pa.Table, column: str) -> bool:
     return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type)
 
 
+def shared_opening(chosen, rejected) -> int:
+    """How many items (messages, or characters of text) ``chosen`` and ``rejected`` open with alike: the
+    implicit prompt of a preference pair (TRL's ``extract_prompt``)."""
+    return next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+
+
 def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[list, list]]:
     """Conversational preference pairs as (prompt ids, response ids) of each row, for ``"chosen"`` and
     ``"rejected"``, in TRL's two conversational layouts:
@@ -185,8 +191,7 @@ def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[
             if prompt is None:
                 check_messages(chosen, f"{where}, chosen")
                 check_messages(rejected, f"{where}, rejected")
-                shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
-                              min(len(chosen), len(rejected)))
+                shared = shared_opening(chosen, rejected)
                 if shared == 0:
                     raise UserError(f"{where}: chosen and rejected open with different messages, so they share "
                                     "no prompt: give a prompt column")

@@ -100,7 +100,7 @@ def _shared_prompts(texts: dict[str, list[str]], path: Path) -> list[str]:
     ``texts["chosen"]``/``texts["rejected"]`` become the rest."""
     prompts = []
     for row, (chosen, rejected) in enumerate(zip(texts["chosen"], texts["rejected"])):
-        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        shared = conversations.shared_opening(chosen, rejected)
         if shared and chosen[shared - 1] == " ":
             shared -= 1
         if shared == 0:
