@@ -31,6 +31,7 @@ Usage::
     python bench/train_step.py --quick                       # CPU, small model
     python bench/train_step.py --device cuda --dtype bf16    # H100: hidden 2048, vocab 151936, 8 × 1024 tokens
     python bench/train_step.py --device cuda --dtype bf16 --chunk-sizes 512,1024,2048,4096
+    python bench/train_step.py --device cuda --dtype bf16 --profile profile.txt  # + where each variant's time goes
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -176,6 +178,22 @@ def _measure(step, policy, repeats, device):
     return statistics.median(times), peak
 
 
+def _profile(step, policy, device) -> str:
+    """One more run of ``step`` under torch.profiler: its operators and kernels by self device time (CPU time on
+    the CPU), the top 25 — where a variant's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    policy.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    policy.zero_grad(set_to_none=True)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=25)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -184,7 +202,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-sizes", default="", help="also measure fdivctl at these token rows per head chunk "
                         "(train --chunk-size), e.g. 512,1024,2048: one chunk_sweep entry each, beside the default")
+    parser.add_argument("--profile", default=None, help="write each variant's torch.profiler table (top 25 by self "
+                        "device time) of one more step to this file, after the timed runs")
     args = parser.parse_args()
+    profiles = []
     sweep = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
     device = torch.device(args.device)
     shapes = SHAPES["quick" if args.quick else device.type]
@@ -205,6 +226,9 @@ def main() -> None:
             result[f"{name}_s"] = seconds
             result[f"{name}_tokens_per_s"] = tokens / seconds
             result[f"{name}_peak_bytes"] = peak
+            if args.profile:
+                profiles.append(f"== {name}, shape {shape}, {tokens} tokens, {args.dtype} ==\n"
+                                f"{_profile(step, policy, device)}\n")
         others = [other for other in ("trl", "naive") if f"{other}_s" in result]
         for other in others:
             result.update(_ratios(result, "fdivctl", other))
@@ -218,6 +242,8 @@ def main() -> None:
         del policy, reference, frozen, variants
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.profile:
+        Path(args.profile).write_text("".join(profiles))
 
 
 if __name__ == "__main__":
