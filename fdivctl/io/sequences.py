@@ -86,8 +86,8 @@ class Sequences:
             length = len(prompt) + len(completion)
             if limits.context is not None and length > limits.context:
                 raise UserError(f"{where} has {length} tokens, more than the {limits.context}-token context of the "
-                                f"{limits.context_of} (its config.json): drop or shorten such rows, or sample with "
-                                "a lower --max-new-tokens")
+                                f"{limits.context_of} (its config.json): drop or shorten such rows (rollouts: sample "
+                                "them with a lower --max-new-tokens)")
             for part in (prompt, completion):
                 if len(part) and (int(part.min()) < 0 or int(part.max()) >= limits.vocab_size):
                     bad = int(part.min()) if int(part.min()) < 0 else int(part.max())
