@@ -44,6 +44,11 @@ def command(
     chat: bool = typer.Option(False, help="Wrap text prompts in the tokenizer's chat template, as rollout --chat "
                               "does: on-policy prompts, and the prompts of text prompt/completion tables (--data, "
                               "--eval-data; a --logits store must be made with teacher-logits --chat)."),
+    max_length: int = typer.Option(None, help="Cut each sequence (--data, --eval-data) to this many tokens, prompt + "
+                                   "completion, keeping its start (TRL's max_length): the completion is cut, a "
+                                   "prompt that alone fills it is refused, the summary counts the rows cut; a "
+                                   "--logits store must be made with the same teacher-logits --max-length. Default: "
+                                   "refuse a sequence longer than the models' context."),
     logits: Path = typer.Option(None, help="Offline teacher signal: a store from `fdivctl teacher-logits`."),
     teacher: list[Path] = typer.Option(None, "--teacher", help="Online teacher signal: a teacher model directory "
                                        "(run under no_grad); repeat for a per-token mixture of teachers."),
@@ -133,7 +138,8 @@ def command(
                           tail=tail, vocab=vocab, dtype=dtype, device=device,
                           allow_tokenizer_mismatch=allow_tokenizer_mismatch,
                           allow_prompt_mismatch=allow_prompt_mismatch, teacher_weights=teacher_weights,
-                          on_policy=online, chat=chat, prompt_weighting=prompt_weighting, paced_alpha=paced_alpha,
+                          on_policy=online, chat=chat, max_length=max_length, prompt_weighting=prompt_weighting,
+                          paced_alpha=paced_alpha,
                           paced_beta=paced_beta, pass_rates=pass_rates, depth_curriculum=depth_curriculum,
                           depth_start=depth_start, depth_warmup=depth_warmup, eval_data=eval_data,
                           eval_logits=eval_logits, trust_region=trust_region, loop=loop)

@@ -33,6 +33,10 @@ def command(
     include_prompt: bool = typer.Option(False, help="Also score prompt tokens (after the first)."),
     chat: bool = typer.Option(False, help="Text (prompt, completion) tables: wrap each prompt in the tokenizer's "
                               "chat template, as rollout --chat does (distill --chat must then read the store)."),
+    max_length: int = typer.Option(None, help="Cut each sequence to this many tokens, prompt + completion, keeping "
+                                   "its start (TRL's max_length): the completion is cut, a prompt that alone fills "
+                                   "it is refused, the summary counts the rows cut; recorded, distill --max-length "
+                                   "must agree. Default: refuse a sequence longer than the teacher's context."),
     device: str = typer.Option("auto", help="Where the teacher runs: auto, cpu, cuda, cuda:N."),
     model_dtype: str = typer.Option("auto", help="Teacher weights dtype: auto, fp32, bf16, fp16."),
     allow_tokenizer_mismatch: bool = typer.Option(
@@ -59,7 +63,7 @@ def command(
     opts = TeacherLogitsOptions(
         k=k, temperature=temperature, dtype=dtype, batch_size=batch_size,
         max_tokens_per_shard=max_tokens_per_shard, shard=parse_shard(shard),
-        include_prompt=include_prompt, chat=chat, device=device, model_dtype=model_dtype,
+        include_prompt=include_prompt, chat=chat, max_length=max_length, device=device, model_dtype=model_dtype,
         allow_tokenizer_mismatch=allow_tokenizer_mismatch,
     )
     with progress_bar("teacher-logits", "tok") as progress:

@@ -77,6 +77,10 @@ def command(
     chat: bool = typer.Option(False, help="Wrap text prompts in the tokenizer's chat template, as rollout --chat "
                               "does: online --prompts, --partition, and the text tables of --algo sft (--data) and "
                               "fdpo (--pairs). Staged --rollouts were encoded when sampled: give --chat there."),
+    max_length: int = typer.Option(None, help="--algo sft: cut each --data sequence to this many tokens, prompt + "
+                                   "completion, keeping its start (TRL's max_length): the completion is cut, a "
+                                   "prompt that alone fills it is refused, the summary counts the rows cut. Default: "
+                                   "refuse a sequence longer than the model's context."),
     backend: str = typer.Option("hf", help="Online sampling: hf (the training model itself), vllm (one engine, "
                                 "updated weights loaded into it each iteration), or auto (vllm on CUDA when "
                                 "installed)."),
@@ -229,6 +233,8 @@ def command(
     if not wanted and len([i for i in inputs if i in ("--rollouts", "--prompts")]) != 1 or \
             (not wanted and any(i in ("--pairs", "--data") for i in inputs)):
         raise UserError(f"--algo {algo}: give --rollouts (staged) or --prompts (online), one of them")
+    if max_length is not None and algo != "sft":
+        raise UserError("--max-length cuts the sequences of --algo sft's --data")
     if chat and rollouts is not None:
         raise UserError("--chat wraps text prompts; --rollouts holds token ids, encoded when they were sampled (give "
                         "--chat to that rollout)")
@@ -248,7 +254,7 @@ def command(
             summary = run_distill(policy, out, data,
                                   DistillOptions(loss=SFT_PREFIX + divergence if f_sft else "ce", dtype=dtype,
                                                  device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-                                                 chat=chat, loop=loop),
+                                                 chat=chat, max_length=max_length, loop=loop),
                                   teacher=(ref_model or policy) if f_sft else None, on_step=on_step)
         elif algo == "fdpo":
             summary = run_fdpo(policy, pairs, out, FDPOOptions(divergence="rkl" if divergence == "none" else

@@ -217,6 +217,15 @@ class LogitStore:
             raise UserError(f"logit store {self.directory} was made {made} --chat (its text prompts "
                             f"{'in' if made == 'with' else 'outside'} the chat template): give the same here")
 
+    def check_max_length(self, max_length: int | None) -> None:
+        """Refuse a consumer that cuts the sequences otherwise than the store's were (``--max-length``): the
+        rows' completions would be of other lengths."""
+        made = self.manifest.get("max_length")
+        if made != max_length:
+            said = lambda n: "without --max-length" if n is None else f"with --max-length {n}"  # noqa: E731
+            raise UserError(f"logit store {self.directory} was made {said(made)}: give the same here (this run "
+                            f"is {said(max_length)})")
+
     def check_rows(self, seqs: Sequences, data: Path, allow_prompt_mismatch: bool = False) -> None:
         """Refuse, before any work, rows of ``seqs`` (read from ``data``) the store cannot serve: a key it lacks, a
         completion of another length, or, unless ``allow_prompt_mismatch``, a prompt other than the one the teacher

@@ -47,6 +47,7 @@ class Sequences:
     prompt_tokens: list[np.ndarray]
     completion_tokens: list[np.ndarray]
     tokenizer_hash: str | None  # recorded in the file's provenance, when it has one
+    truncated: int = 0  # rows whose completion --max-length cut (read_sequences)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -93,6 +94,25 @@ class Sequences:
                     bad = int(part.min()) if int(part.min()) < 0 else int(part.max())
                     raise UserError(f"{where} has token id {bad}, outside the {limits.vocab_size}-id vocabulary "
                                     f"of the {limits.vocab_of}: was it tokenized for another model?")
+
+    def truncate(self, max_length: int, path: Path) -> int:
+        """Cut each row's completion so that prompt + completion hold at most ``max_length`` tokens, keeping their
+        start (TRL's ``max_length``); returns how many rows were cut.  A prompt that alone fills ``max_length`` is
+        refused, naming its row: cutting it would change what the completion answers, and nothing of the
+        completion would be left to train on."""
+        if max_length < 2:
+            raise UserError(f"--max-length must be ≥ 2 tokens, got {max_length}")
+        cut = 0
+        for row, (prompt, completion) in enumerate(zip(self.prompt_tokens, self.completion_tokens)):
+            if len(prompt) + len(completion) <= max_length:
+                continue
+            if len(prompt) >= max_length:
+                raise UserError(f"{path}: row {row} (prompt_id {self.prompt_ids[row]!r}): its prompt alone has "
+                                f"{len(prompt)} tokens, and --max-length {max_length} cuts completions only: raise "
+                                "it or drop the row")
+            self.completion_tokens[row] = completion[: max_length - len(prompt)]
+            cut += 1
+        return cut
 
     def scored_count(self, row: int, include_prompt: bool) -> int:
         """How many tokens of ``row`` are scored."""
@@ -189,21 +209,32 @@ def text_column(table: pa.Table, column: str, path: Path) -> list[str]:
     return table.column(column).to_pylist()
 
 
-def load_sequences(path: str | Path, tokenizer=None, chat: bool = False) -> Sequences:
+def load_sequences(path: str | Path, tokenizer=None, chat: bool = False, max_length: int | None = None) -> Sequences:
     """Read a sequences table; ``tokenizer`` is needed only for text columns (``chat``: see
-    :func:`sequences_from_table`)."""
-    return read_sequences(path, tokenizer, chat)[1]
+    :func:`sequences_from_table`; ``max_length``: see :func:`read_sequences`)."""
+    return read_sequences(path, tokenizer, chat, max_length)[1]
 
 
-def read_sequences(path: str | Path, tokenizer=None, chat: bool = False) -> tuple[pa.Table, Sequences]:
+def read_sequences(path: str | Path, tokenizer=None, chat: bool = False,
+                   max_length: int | None = None) -> tuple[pa.Table, Sequences]:
     """A sequences file as (its rows, their sequences), row for row: a conversations table's rows are its
-    assistant replies (:mod:`fdivctl.io.conversations`, rendered with the chat template whatever ``chat`` says)."""
+    assistant replies (:mod:`fdivctl.io.conversations`, rendered with the chat template whatever ``chat`` says).
+    With ``max_length`` each sequence is cut to that many tokens (:meth:`Sequences.truncate`; a ``turn_ids``
+    column with it); ``seqs.truncated`` counts the rows cut."""
     path = Path(path)
     table = read_table(path)
     if conversations.is_conversations(table):
         table, chat = conversations.token_table(table, path, tokenizer), False
     seqs = sequences_from_table(table, path, tokenizer, chat)
     seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
+    if max_length is not None:
+        lengths = [len(c) for c in seqs.completion_tokens]
+        seqs.truncated = seqs.truncate(max_length, path)
+        if seqs.truncated and "turn_ids" in table.column_names:  # a row's turns cut with it (when they match it)
+            turns = int_list_column(table, "turn_ids", path)
+            cut = pa.array([t[: len(c)] if len(t) == n else t for t, c, n in zip(turns, seqs.completion_tokens,
+                                                                                  lengths)], pa.list_(pa.int32()))
+            table = table.set_column(table.column_names.index("turn_ids"), "turn_ids", cut)
     return table, seqs
 
 

@@ -106,6 +106,7 @@ class DistillOptions:
     teacher_weights: str | None = None  # several teachers: "0.7,0.3" or "confidence" (default)
     on_policy: OnPolicyOptions | None = None  # None: offline, on the data's sequences
     chat: bool = False  # text prompt/completion tables (data, eval data): prompts through the chat template
+    max_length: int | None = None  # data and eval data: sequences cut to this many tokens (Sequences.truncate)
     prompt_weighting: str = "none"  # none | paced
     paced_alpha: float = 1.0
     paced_beta: float = 1.0
@@ -141,6 +142,8 @@ class DistillOptions:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UserError(f"--chunk-size must be ≥ 1, got {self.chunk_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max-length must be ≥ 2 tokens, got {self.max_length}")
         if self.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise UserError(f"--prompt-weighting {self.prompt_weighting!r}; valid: {', '.join(PROMPT_WEIGHTINGS)}")
         if self.on_policy is not None:
@@ -149,6 +152,8 @@ class DistillOptions:
                 raise UserError("--loss ce has no teacher: on-policy distillation needs one")
             if self.depth_curriculum:
                 raise UserError("--depth-curriculum reads turn_ids of fixed multi-turn data: it is offline only")
+            if self.max_length is not None:
+                raise UserError("--max-length cuts fixed sequences: on-policy, --max-new-tokens bounds the samples")
         elif self.loss_name == "opd":
             raise UserError("--loss opd scores the student's own samples: add --on-policy --prompts FILE")
         if self.trust_region is not None and not self.trust_region > 0:
@@ -237,7 +242,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, limits: Model
         if opts.loop.eval_every:
             raise UserError("--eval-every needs --eval-data FILE (held-out sequences)")
         return None
-    seqs = load_sequences(opts.eval_data, tokenizer, opts.chat)
+    seqs = load_sequences(opts.eval_data, tokenizer, opts.chat, opts.max_length)
     seqs.check_scorable(opts.eval_data)
     seqs.check_fits(opts.eval_data, limits)
     store = None
@@ -247,6 +252,7 @@ def _evaluator(opts: DistillOptions, tokenizer, student_hash: str, limits: Model
         store = LogitStore(opts.eval_logits)
         store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
         store.check_chat(opts.chat)
+        store.check_max_length(opts.max_length)
         store.check_rows(seqs, opts.eval_data, opts.allow_prompt_mismatch)
     size = opts.loop.batch_size
 
@@ -300,6 +306,7 @@ def prepare_distill(
         store = LogitStore(logits)
         store.check_tokenizer(student_hash, "student", opts.allow_tokenizer_mismatch)
         store.check_chat(opts.chat)
+        store.check_max_length(opts.max_length)
     weights = _teacher_weights(opts.teacher_weights, len(teachers))
     for t in teachers:
         check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
@@ -314,7 +321,7 @@ def prepare_distill(
         prompt_ids = [str(row["prompt_id"]) for row in prompt_rows]
         seqs = None
     else:
-        table, seqs = read_sequences(data, tokenizer, opts.chat)
+        table, seqs = read_sequences(data, tokenizer, opts.chat, opts.max_length)
         seqs.check_scorable(data)  # refuse unscorable rows before any training, not when their batch comes
         seqs.check_tokenizer(data, student_hash, "student", opts.allow_tokenizer_mismatch)
         seqs.check_fits(data, limits)
@@ -429,6 +436,7 @@ def prepare_distill(
         return loss, figures
 
     loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, limits, model, batch_loss, store is not None)
+    loss_fn.truncated_rows = 0 if seqs is None else seqs.truncated
     return model, tokenizer, len(table), loss_fn
 
 
@@ -472,4 +480,5 @@ def run_distill(
                                            teacher=[Path(t) for t in teachers]))
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
-    return run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate)
+    summary = run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate)
+    return summary if opts.max_length is None else {**summary, "truncated_rows": loss_fn.truncated_rows}

@@ -39,6 +39,7 @@ class TeacherLogitsOptions:
     shard: tuple[int, int] = (0, 1)
     include_prompt: bool = False
     chat: bool = False  # text tables: prompts through the chat template (recorded; distill --chat must agree)
+    max_length: int | None = None  # sequences cut to this many tokens (recorded; distill --max-length must agree)
     device: str = "auto"
     model_dtype: str = "auto"
     allow_tokenizer_mismatch: bool = False
@@ -50,6 +51,8 @@ class TeacherLogitsOptions:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if self.dtype not in STORE_DTYPES:
             raise UserError(f"--dtype {self.dtype!r}; valid: {', '.join(STORE_DTYPES)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max-length must be ≥ 2 tokens, got {self.max_length}")
         if self.batch_size < 1 or self.max_tokens_per_shard < 1:
             raise UserError("--batch-size and --max-tokens-per-shard must be ≥ 1")
         i, n = self.shard
@@ -102,7 +105,7 @@ def run_teacher_logits(
     opts.check()
     tokenizer = load_tokenizer(teacher, "teacher")
     tok_hash = tokenizer_hash(tokenizer)
-    seqs = load_sequences(sequences, tokenizer, opts.chat)
+    seqs = load_sequences(sequences, tokenizer, opts.chat, opts.max_length)
     seqs.check_tokenizer(sequences, tok_hash, f"teacher {teacher}", opts.allow_tokenizer_mismatch)
     counts = seqs.check_scorable(sequences, opts.include_prompt)
     limits = model_limits((teacher, "teacher"))
@@ -119,6 +122,7 @@ def run_teacher_logits(
         "dtype": opts.dtype,
         "include_prompt": opts.include_prompt,
         "chat": opts.chat,
+        "max_length": opts.max_length,
         "batch_size": opts.batch_size,
         "max_tokens_per_shard": opts.max_tokens_per_shard,
         "source": str(Path(sequences).resolve()),
@@ -157,6 +161,7 @@ def run_teacher_logits(
         "shards_total": len(plan),
         "tokens": int(sum(plan[i]["n_tokens"] for i in todo)),
         "complete": complete,
+        **({} if opts.max_length is None else {"truncated_rows": seqs.truncated}),
     }
 
 
