@@ -28,7 +28,7 @@ def _summary(done) -> dict:
 def test_truncate_cuts_completions_keeping_their_start_and_refuses_a_prompt_that_fills_it(tmp_path):
     seqs = Sequences(["a", "b", "c"], [0, 0, 0], [np.arange(3), np.arange(2), np.arange(5)],
                      [np.arange(10, 20), np.arange(10, 12), np.arange(0)], None)
-    assert seqs.truncate(5, tmp_path) == 1  # only row a is longer than 5 tokens; c fits with its empty completion
+    assert seqs.truncate(5, tmp_path) == [0]  # only row a is longer than 5 tokens; c fits with its empty completion
     assert seqs.completion_tokens[0].tolist() == [10, 11] and seqs.completion_tokens[1].tolist() == [10, 11]
     with pytest.raises(UserError, match=r"row 2 \(prompt_id 'c'\): its prompt alone has 5 tokens, and "
                                         "--max-length 4 cuts completions only"):
@@ -68,9 +68,25 @@ def test_a_store_and_its_distillation_cut_alike(tmp_path, tiny_teacher, student)
     assert _summary(sft)["truncated_rows"] == 2
 
 
+def test_fdpo_cuts_both_responses_and_refuses_given_reference_log_probs_then(tmp_path, student):
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    pairs = tmp_path / "pairs.parquet"
+    base = {"prompt": ["1+1=", "2+2="], "chosen": [" two " * 6, " 4"], "rejected": [" 3", " five " * 6]}
+    pq.write_table(pa.table(base), pairs)
+    common = ["--algo", "fdpo", "--pairs", pairs, "--max-steps", 1, "--batch-size", 2, "--device", "cpu"]
+    done = run_cli("train", student, tmp_path / "fdpo", *common, "--max-length", 6, check=True)
+    assert _summary(done)["truncated_rows"] == 2  # row 0's chosen, row 1's rejected
+    cache = pq.read_table(tmp_path / "fdpo" / "fdivctl_run" / "reference_logprobs.parquet")
+    assert cache.num_rows == 2 and len(tokenizer("1+1=")["input_ids"]) < 6
+    pq.write_table(pa.table({**base, "ref_chosen_logp": [-1.0, -2.0], "ref_rejected_logp": [-1.0, -2.0]}), pairs)
+    done = run_cli("train", student, tmp_path / "given", *common, "--max-length", 6)
+    assert done.returncode == 2 and "--max-length 6 cuts 2 pairs, and the table's reference log-probs are of the " \
+        "whole responses" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
-    (["train", "--algo", "fdpo", "--pairs", "x.parquet", "--max-length", 8], "--max-length cuts the sequences of "
-                                                                             "--algo sft's --data"),
+    (["train", "--algo", "grpo", "--rollouts", "x.parquet", "--max-length", 8],
+     "--max-length cuts fixed sequences: --algo sft's --data and fdpo's --pairs"),
     (["distill", "--on-policy", "--prompts", "p.parquet", "--teacher", "t", "--max-length", 8],
      "--max-length cuts fixed sequences: on-policy, --max-new-tokens bounds the samples"),
     (["teacher-logits", "t", "s.parquet", "o", "--max-length", 1], "--max-length must be ≥ 2 tokens, got 1"),

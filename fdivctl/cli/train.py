@@ -77,10 +77,11 @@ def command(
     chat: bool = typer.Option(False, help="Wrap text prompts in the tokenizer's chat template, as rollout --chat "
                               "does: online --prompts, --partition, and the text tables of --algo sft (--data) and "
                               "fdpo (--pairs). Staged --rollouts were encoded when sampled: give --chat there."),
-    max_length: int = typer.Option(None, help="--algo sft: cut each --data sequence to this many tokens, prompt + "
-                                   "completion, keeping its start (TRL's max_length): the completion is cut, a "
-                                   "prompt that alone fills it is refused, the summary counts the rows cut. Default: "
-                                   "refuse a sequence longer than the model's context."),
+    max_length: int = typer.Option(None, help="--algo sft and fdpo: cut each sequence of --data (each response of "
+                                   "--pairs) to this many tokens, prompt + completion, keeping its start (TRL's "
+                                   "max_length): the completion is cut, a prompt that alone fills it is refused, the "
+                                   "summary counts the rows cut. Default: refuse a sequence longer than the model's "
+                                   "context."),
     backend: str = typer.Option("hf", help="Online sampling: hf (the training model itself), vllm (one engine, "
                                 "updated weights loaded into it each iteration), or auto (vllm on CUDA when "
                                 "installed)."),
@@ -233,8 +234,8 @@ def command(
     if not wanted and len([i for i in inputs if i in ("--rollouts", "--prompts")]) != 1 or \
             (not wanted and any(i in ("--pairs", "--data") for i in inputs)):
         raise UserError(f"--algo {algo}: give --rollouts (staged) or --prompts (online), one of them")
-    if max_length is not None and algo != "sft":
-        raise UserError("--max-length cuts the sequences of --algo sft's --data")
+    if max_length is not None and algo not in ("sft", "fdpo"):
+        raise UserError("--max-length cuts fixed sequences: --algo sft's --data and fdpo's --pairs")
     if chat and rollouts is not None:
         raise UserError("--chat wraps text prompts; --rollouts holds token ids, encoded when they were sampled (give "
                         "--chat to that rollout)")
@@ -259,7 +260,8 @@ def command(
         elif algo == "fdpo":
             summary = run_fdpo(policy, pairs, out, FDPOOptions(divergence="rkl" if divergence == "none" else
                                                                divergence, beta=beta, dtype=dtype, device=device,
-                                                               chat=chat, loop=loop), on_step=on_step)
+                                                               chat=chat, max_length=max_length, loop=loop),
+                             on_step=on_step)
         else:
             opts = RLOptions(algo=algo, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, std_norm=std_norm,
                              dynamic_sampling=dynamic_sampling, overlong_penalty=overlong_penalty,

@@ -95,14 +95,13 @@ class Sequences:
                     raise UserError(f"{where} has token id {bad}, outside the {limits.vocab_size}-id vocabulary "
                                     f"of the {limits.vocab_of}: was it tokenized for another model?")
 
-    def truncate(self, max_length: int, path: Path) -> int:
+    def truncate(self, max_length: int, path: Path) -> list[int]:
         """Cut each row's completion so that prompt + completion hold at most ``max_length`` tokens, keeping their
-        start (TRL's ``max_length``); returns how many rows were cut.  A prompt that alone fills ``max_length`` is
+        start (TRL's ``max_length``); returns the rows it cut.  A prompt that alone fills ``max_length`` is
         refused, naming its row: cutting it would change what the completion answers, and nothing of the
         completion would be left to train on."""
-        if max_length < 2:
-            raise UserError(f"--max-length must be ≥ 2 tokens, got {max_length}")
-        cut = 0
+        check_max_length(max_length)
+        cut = []
         for row, (prompt, completion) in enumerate(zip(self.prompt_tokens, self.completion_tokens)):
             if len(prompt) + len(completion) <= max_length:
                 continue
@@ -111,7 +110,7 @@ class Sequences:
                                 f"{len(prompt)} tokens, and --max-length {max_length} cuts completions only: raise "
                                 "it or drop the row")
             self.completion_tokens[row] = completion[: max_length - len(prompt)]
-            cut += 1
+            cut.append(row)
         return cut
 
     def scored_count(self, row: int, include_prompt: bool) -> int:
@@ -151,6 +150,12 @@ class Sequences:
         as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
         return {"input_ids": input_ids, "attention_mask": attention, "batch_index": as_tensor(batch_index),
                 "position": as_tensor(position), "token": as_tensor(token)}
+
+
+def check_max_length(max_length: int | None) -> None:
+    """Refuse a ``--max-length`` (when given) that leaves no completion token after a one-token prompt."""
+    if max_length is not None and max_length < 2:
+        raise UserError(f"--max-length must be ≥ 2 tokens, got {max_length}")
 
 
 def int_list_column(table: pa.Table, column: str, path: Path) -> list[np.ndarray]:
@@ -229,7 +234,7 @@ def read_sequences(path: str | Path, tokenizer=None, chat: bool = False,
     seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
     if max_length is not None:
         lengths = [len(c) for c in seqs.completion_tokens]
-        seqs.truncated = seqs.truncate(max_length, path)
+        seqs.truncated = len(seqs.truncate(max_length, path))
         if seqs.truncated and "turn_ids" in table.column_names:  # a row's turns cut with it (when they match it)
             turns = int_list_column(table, "turn_ids", path)
             cut = pa.array([t[: len(c)] if len(t) == n else t for t, c, n in zip(turns, seqs.completion_tokens,

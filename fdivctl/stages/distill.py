@@ -40,7 +40,7 @@ from fdivctl.generation.sampling import SamplingOptions, encode_prompts
 from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.logit_store import LogitStore
-from fdivctl.io.sequences import Sequences, int_list_column, load_sequences, read_sequences
+from fdivctl.io.sequences import Sequences, check_max_length, int_list_column, load_sequences, read_sequences
 from fdivctl.io.tables import read_table, require_columns, require_no_nulls, require_prompt_ids
 from fdivctl.objectives.kd import KDBatch, kd_loss, parse_loss
 from fdivctl.objectives.opd import BASELINES, opd_loss
@@ -142,8 +142,7 @@ class DistillOptions:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UserError(f"--chunk-size must be ≥ 1, got {self.chunk_size}")
-        if self.max_length is not None and self.max_length < 2:
-            raise UserError(f"--max-length must be ≥ 2 tokens, got {self.max_length}")
+        check_max_length(self.max_length)
         if self.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise UserError(f"--prompt-weighting {self.prompt_weighting!r}; valid: {', '.join(PROMPT_WEIGHTINGS)}")
         if self.on_policy is not None:

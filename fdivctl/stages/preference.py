@@ -29,7 +29,7 @@ from fdivctl import divergences, engine
 from fdivctl.errors import UserError
 from fdivctl.io import conversations
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
-from fdivctl.io.sequences import Sequences, sequences_from_table, text_column
+from fdivctl.io.sequences import Sequences, check_max_length, sequences_from_table, text_column
 from fdivctl.io.tables import read_table, require_columns, require_finite, require_no_nulls, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
@@ -49,6 +49,7 @@ class FDPOOptions:
     dtype: str = "auto"
     device: str = "auto"
     chat: bool = False  # prompts through the chat template
+    max_length: int | None = None  # each response cut so that prompt + response hold this many tokens
     loop: LoopOptions = field(default_factory=LoopOptions)
 
 
@@ -159,11 +160,19 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
         raise UserError(f"--algo fdpo takes --divergence {', '.join(FDPO_DIVERGENCES)}; got {divergence.name}")
     if not opts.beta > 0:
         raise UserError("--beta must be > 0")
+    check_max_length(opts.max_length)
     check_fresh_output(out, opts.loop.resume)
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), pairs=Path(pairs)))
     distributed.barrier(world)  # every rank has seen OUT before rank 0 writes into it
     tokenizer = load_tokenizer(policy, "policy")
     chosen, rejected, table = _pairs(pairs, tokenizer, opts.chat)
+    truncated = 0
+    if opts.max_length is not None:
+        truncated = len({row for seqs in (chosen, rejected) for row in seqs.truncate(opts.max_length, pairs)})
+        if truncated and all(name in table.column_names for name in REFERENCE_COLUMNS):
+            raise UserError(f"{pairs}: --max-length {opts.max_length} cuts {truncated} pairs, and the table's "
+                            "reference log-probs are of the whole responses: drop those columns (the initial "
+                            "policy's are computed then) or --max-length")
     limits = model_limits((policy, "policy"))
     chosen.check_fits(pairs, limits)
     rejected.check_fits(pairs, limits)
@@ -188,4 +197,5 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
                                       for r in rows))
         return loss, figures
 
-    return run_loop(model, tokenizer, len(chosen), loss_fn, out, opts.loop, on_step)
+    summary = run_loop(model, tokenizer, len(chosen), loss_fn, out, opts.loop, on_step)
+    return summary if opts.max_length is None else {**summary, "truncated_rows": truncated}

@@ -26,7 +26,7 @@ from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import file_sha256, model_hash, token_digest, tokenizer_hash
 from fdivctl.io.logit_store import STORE_DTYPES, StoreWriter, plan_shards
-from fdivctl.io.sequences import Sequences, load_sequences
+from fdivctl.io.sequences import Sequences, check_max_length, load_sequences
 
 
 @dataclass
@@ -51,8 +51,7 @@ class TeacherLogitsOptions:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if self.dtype not in STORE_DTYPES:
             raise UserError(f"--dtype {self.dtype!r}; valid: {', '.join(STORE_DTYPES)}")
-        if self.max_length is not None and self.max_length < 2:
-            raise UserError(f"--max-length must be ≥ 2 tokens, got {self.max_length}")
+        check_max_length(self.max_length)
         if self.batch_size < 1 or self.max_tokens_per_shard < 1:
             raise UserError("--batch-size and --max-tokens-per-shard must be ≥ 1")
         i, n = self.shard
