@@ -25,14 +25,34 @@ def _summary(done) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_truncate_cuts_completions_keeping_their_start_and_refuses_a_prompt_that_fills_it(tmp_path):
+def test_truncate_cuts_completions_keeping_their_start_and_names_the_rows_a_prompt_fills():
     seqs = Sequences(["a", "b", "c"], [0, 0, 0], [np.arange(3), np.arange(2), np.arange(5)],
                      [np.arange(10, 20), np.arange(10, 12), np.arange(0)], None)
-    assert seqs.truncate(5, tmp_path) == [0]  # only row a is longer than 5 tokens; c fits with its empty completion
+    assert seqs.truncate(5) == ([0], [])  # only row a is longer than 5 tokens; c fits with its empty completion
     assert seqs.completion_tokens[0].tolist() == [10, 11] and seqs.completion_tokens[1].tolist() == [10, 11]
-    with pytest.raises(UserError, match=r"row 2 \(prompt_id 'c'\): its prompt alone has 5 tokens, and "
-                                        "--max-length 4 cuts completions only"):
-        seqs.truncate(4, tmp_path)
+    assert seqs.truncate(3) == ([1], [0, 2])  # a's and c's prompts fill 3 tokens: nothing of them is trained on
+    assert seqs.take([1]).prompt_ids == ["b"] and seqs.take([1]).completion_tokens[0].tolist() == [10]
+
+
+def test_rows_whose_prompt_fills_max_length_are_dropped_from_the_table_too(tmp_path, tiny_teacher):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    path = tmp_path / "long_prompt.parquet"
+    pq.write_table(pa.table({"prompt_id": ["long", "short"], "prompt": ["one two three four five six seven", "a"],
+                             "completion": [" b", " c d e f g h i j k"], "pass_rate": [0.5, 1.0]}), path)
+    table, seqs = read_sequences(path, tokenizer, max_length=4)
+    assert (seqs.truncated, seqs.dropped, seqs.prompt_ids) == (1, 1, ["short"])
+    assert table.column("prompt_id").to_pylist() == ["short"] and table.column("pass_rate").to_pylist() == [1.0]
+    assert len(seqs.prompt_tokens[0]) + len(seqs.completion_tokens[0]) == 4
+    done = run_cli("teacher-logits", tiny_teacher, path, tmp_path / "store", "--k", 4, "--max-length", 4, "--device",
+                   "cpu", check=True)
+    assert (_summary(done)["truncated_rows"], _summary(done)["dropped_rows"]) == (1, 1)
+    assert len(LogitStore(tmp_path / "store")) == 1
+    done = run_cli("distill", tiny_teacher, tmp_path / "kd", "--data", path, "--logits", tmp_path / "store",
+                   "--max-length", 4, "--prompt-weighting", "paced", "--max-steps", 1, "--device", "cpu", check=True)
+    assert (_summary(done)["truncated_rows"], _summary(done)["dropped_rows"]) == (1, 1)
+    pq.write_table(pq.read_table(path).slice(0, 1), path)
+    with pytest.raises(UserError, match="every prompt alone fills --max-length 4: no sequence is left"):
+        read_sequences(path, tokenizer, max_length=4)
 
 
 def test_a_turn_ids_column_is_cut_with_its_completion(tmp_path, tiny_teacher):
@@ -53,7 +73,7 @@ def test_a_store_and_its_distillation_cut_alike(tmp_path, tiny_teacher, student)
     store = tmp_path / "store"
     done = run_cli("teacher-logits", tiny_teacher, data, store, "--k", 4, "--max-length", 6, "--device", "cpu",
                    check=True)
-    assert _summary(done)["truncated_rows"] == 2  # "a dog" fits
+    assert (_summary(done)["truncated_rows"], _summary(done)["dropped_rows"]) == (2, 0)  # "a dog" fits
     ids = tokenizer(TEXTS[0])["input_ids"]
     assert LogitStore(store).sequence("0", 0).token_ids.tolist() == ids[1:6]  # the first 6 tokens, first unscored
     common = ["--data", data, "--logits", store, "--max-steps", 1, "--device", "cpu"]
@@ -80,8 +100,8 @@ def test_fdpo_cuts_both_responses_and_refuses_given_reference_log_probs_then(tmp
     assert cache.num_rows == 2 and len(tokenizer("1+1=")["input_ids"]) < 6
     pq.write_table(pa.table({**base, "ref_chosen_logp": [-1.0, -2.0], "ref_rejected_logp": [-1.0, -2.0]}), pairs)
     done = run_cli("train", student, tmp_path / "given", *common, "--max-length", 6)
-    assert done.returncode == 2 and "--max-length 6 cuts 2 pairs, and the table's reference log-probs are of the " \
-        "whole responses" in done.stderr, done.stderr
+    assert done.returncode == 2 and "--max-length 6 cuts or drops 2 pairs, and the table's reference log-probs are " \
+        "of the whole responses" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -45,10 +45,10 @@ def command(
                               "does: on-policy prompts, and the prompts of text prompt/completion tables (--data, "
                               "--eval-data; a --logits store must be made with teacher-logits --chat)."),
     max_length: int = typer.Option(None, help="Cut each sequence (--data, --eval-data) to this many tokens, prompt + "
-                                   "completion, keeping its start (TRL's max_length): the completion is cut, a "
-                                   "prompt that alone fills it is refused, the summary counts the rows cut; a "
-                                   "--logits store must be made with the same teacher-logits --max-length. Default: "
-                                   "refuse a sequence longer than the models' context."),
+                                   "completion, keeping its start (TRL's max_length): the completion is cut, and a "
+                                   "row whose prompt alone fills it is dropped; the summary counts both. A --logits "
+                                   "store must be made with the same teacher-logits --max-length. Default: refuse a "
+                                   "sequence longer than the models' context."),
     logits: Path = typer.Option(None, help="Offline teacher signal: a store from `fdivctl teacher-logits`."),
     teacher: list[Path] = typer.Option(None, "--teacher", help="Online teacher signal: a teacher model directory "
                                        "(run under no_grad); repeat for a per-token mixture of teachers."),

@@ -34,9 +34,9 @@ def command(
     chat: bool = typer.Option(False, help="Text (prompt, completion) tables: wrap each prompt in the tokenizer's "
                               "chat template, as rollout --chat does (distill --chat must then read the store)."),
     max_length: int = typer.Option(None, help="Cut each sequence to this many tokens, prompt + completion, keeping "
-                                   "its start (TRL's max_length): the completion is cut, a prompt that alone fills "
-                                   "it is refused, the summary counts the rows cut; recorded, distill --max-length "
-                                   "must agree. Default: refuse a sequence longer than the teacher's context."),
+                                   "its start (TRL's max_length): the completion is cut, and a row whose prompt alone "
+                                   "fills it is dropped; the summary counts both. Recorded: distill --max-length must "
+                                   "agree. Default: refuse a sequence longer than the teacher's context."),
     device: str = typer.Option("auto", help="Where the teacher runs: auto, cpu, cuda, cuda:N."),
     model_dtype: str = typer.Option("auto", help="Teacher weights dtype: auto, fp32, bf16, fp16."),
     allow_tokenizer_mismatch: bool = typer.Option(

@@ -79,9 +79,9 @@ def command(
                               "fdpo (--pairs). Staged --rollouts were encoded when sampled: give --chat there."),
     max_length: int = typer.Option(None, help="--algo sft and fdpo: cut each sequence of --data (each response of "
                                    "--pairs) to this many tokens, prompt + completion, keeping its start (TRL's "
-                                   "max_length): the completion is cut, a prompt that alone fills it is refused, the "
-                                   "summary counts the rows cut. Default: refuse a sequence longer than the model's "
-                                   "context."),
+                                   "max_length): the completion is cut, and a row whose prompt alone fills it is "
+                                   "dropped; the summary counts both. Default: refuse a sequence longer than the "
+                                   "model's context."),
     backend: str = typer.Option("hf", help="Online sampling: hf (the training model itself), vllm (one engine, "
                                 "updated weights loaded into it each iteration), or auto (vllm on CUDA when "
                                 "installed)."),

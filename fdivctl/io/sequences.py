@@ -48,6 +48,7 @@ class Sequences:
     completion_tokens: list[np.ndarray]
     tokenizer_hash: str | None  # recorded in the file's provenance, when it has one
     truncated: int = 0  # rows whose completion --max-length cut (read_sequences)
+    dropped: int = 0  # rows --max-length dropped: their prompt alone fills it (read_sequences)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -95,23 +96,28 @@ class Sequences:
                     raise UserError(f"{where} has token id {bad}, outside the {limits.vocab_size}-id vocabulary "
                                     f"of the {limits.vocab_of}: was it tokenized for another model?")
 
-    def truncate(self, max_length: int, path: Path) -> list[int]:
+    def truncate(self, max_length: int) -> tuple[list[int], list[int]]:
         """Cut each row's completion so that prompt + completion hold at most ``max_length`` tokens, keeping their
-        start (TRL's ``max_length``); returns the rows it cut.  A prompt that alone fills ``max_length`` is
-        refused, naming its row: cutting it would change what the completion answers, and nothing of the
-        completion would be left to train on."""
+        start (TRL's ``max_length``).  Returns (the rows cut, the rows whose prompt alone fills ``max_length``):
+        nothing of the latter's completions fits, so, as TRL trains on none of it, the caller drops them
+        (:meth:`take`); a prompt is never cut, which would change what its completion answers."""
         check_max_length(max_length)
-        cut = []
+        cut, full = [], []
         for row, (prompt, completion) in enumerate(zip(self.prompt_tokens, self.completion_tokens)):
             if len(prompt) + len(completion) <= max_length:
                 continue
             if len(prompt) >= max_length:
-                raise UserError(f"{path}: row {row} (prompt_id {self.prompt_ids[row]!r}): its prompt alone has "
-                                f"{len(prompt)} tokens, and --max-length {max_length} cuts completions only: raise "
-                                "it or drop the row")
+                full.append(row)
+                continue
             self.completion_tokens[row] = completion[: max_length - len(prompt)]
             cut.append(row)
-        return cut
+        return cut, full
+
+    def take(self, rows: list[int]) -> Sequences:
+        """The sequences of ``rows``, in that order."""
+        return Sequences([self.prompt_ids[r] for r in rows], [self.sample_idx[r] for r in rows],
+                         [self.prompt_tokens[r] for r in rows], [self.completion_tokens[r] for r in rows],
+                         self.tokenizer_hash)
 
     def scored_count(self, row: int, include_prompt: bool) -> int:
         """How many tokens of ``row`` are scored."""
@@ -225,7 +231,8 @@ def read_sequences(path: str | Path, tokenizer=None, chat: bool = False,
     """A sequences file as (its rows, their sequences), row for row: a conversations table's rows are its
     assistant replies (:mod:`fdivctl.io.conversations`, rendered with the chat template whatever ``chat`` says).
     With ``max_length`` each sequence is cut to that many tokens (:meth:`Sequences.truncate`; a ``turn_ids``
-    column with it); ``seqs.truncated`` counts the rows cut."""
+    column with it) and a row whose prompt alone fills it is dropped; ``seqs.truncated`` and ``seqs.dropped``
+    count them."""
     path = Path(path)
     table = read_table(path)
     if conversations.is_conversations(table):
@@ -234,12 +241,18 @@ def read_sequences(path: str | Path, tokenizer=None, chat: bool = False,
     seqs.tokenizer_hash = provenance(path).get("tokenizer_hash")
     if max_length is not None:
         lengths = [len(c) for c in seqs.completion_tokens]
-        seqs.truncated = len(seqs.truncate(max_length, path))
-        if seqs.truncated and "turn_ids" in table.column_names:  # a row's turns cut with it (when they match it)
+        cut, full = seqs.truncate(max_length)
+        if cut and "turn_ids" in table.column_names:  # a row's turns cut with it (when they match it)
             turns = int_list_column(table, "turn_ids", path)
-            cut = pa.array([t[: len(c)] if len(t) == n else t for t, c, n in zip(turns, seqs.completion_tokens,
-                                                                                  lengths)], pa.list_(pa.int32()))
-            table = table.set_column(table.column_names.index("turn_ids"), "turn_ids", cut)
+            table = table.set_column(table.column_names.index("turn_ids"), "turn_ids", pa.array(
+                [t[: len(c)] if len(t) == n else t for t, c, n in zip(turns, seqs.completion_tokens, lengths)],
+                pa.list_(pa.int32())))
+        if full:
+            keep = sorted(set(range(len(seqs))) - set(full))
+            if not keep:
+                raise UserError(f"{path}: every prompt alone fills --max-length {max_length}: no sequence is left")
+            table, seqs = table.take(keep), seqs.take(keep)
+        seqs.truncated, seqs.dropped = len(cut), len(full)
     return table, seqs
 
 

@@ -435,7 +435,7 @@ def prepare_distill(
         return loss, figures
 
     loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, limits, model, batch_loss, store is not None)
-    loss_fn.truncated_rows = 0 if seqs is None else seqs.truncated
+    loss_fn.cut_rows = {} if seqs is None else {"truncated_rows": seqs.truncated, "dropped_rows": seqs.dropped}
     return model, tokenizer, len(table), loss_fn
 
 
@@ -480,4 +480,4 @@ def run_distill(
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
     summary = run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate)
-    return summary if opts.max_length is None else {**summary, "truncated_rows": loss_fn.truncated_rows}
+    return summary if opts.max_length is None else {**summary, **loss_fn.cut_rows}

@@ -166,13 +166,19 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     distributed.barrier(world)  # every rank has seen OUT before rank 0 writes into it
     tokenizer = load_tokenizer(policy, "policy")
     chosen, rejected, table = _pairs(pairs, tokenizer, opts.chat)
-    truncated = 0
-    if opts.max_length is not None:
-        truncated = len({row for seqs in (chosen, rejected) for row in seqs.truncate(opts.max_length, pairs)})
-        if truncated and all(name in table.column_names for name in REFERENCE_COLUMNS):
-            raise UserError(f"{pairs}: --max-length {opts.max_length} cuts {truncated} pairs, and the table's "
-                            "reference log-probs are of the whole responses: drop those columns (the initial "
-                            "policy's are computed then) or --max-length")
+    truncated = dropped = 0
+    if opts.max_length is not None:  # a pair's two sides share their prompt: a row is dropped from both or neither
+        (cut_w, full), (cut_l, _) = chosen.truncate(opts.max_length), rejected.truncate(opts.max_length)
+        truncated, dropped = len(set(cut_w) | set(cut_l)), len(full)
+        if (truncated or dropped) and all(name in table.column_names for name in REFERENCE_COLUMNS):
+            raise UserError(f"{pairs}: --max-length {opts.max_length} cuts or drops {truncated + dropped} pairs, "
+                            "and the table's reference log-probs are of the whole responses: drop those columns "
+                            "(the initial policy's are computed then) or --max-length")
+        if full:
+            keep = sorted(set(range(len(chosen))) - set(full))
+            chosen, rejected, table = chosen.take(keep), rejected.take(keep), table.take(keep)
+        if not len(chosen):
+            raise UserError(f"{pairs}: every prompt alone fills --max-length {opts.max_length}: no pair is left")
     limits = model_limits((policy, "policy"))
     chosen.check_fits(pairs, limits)
     rejected.check_fits(pairs, limits)
@@ -198,4 +204,4 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
         return loss, figures
 
     summary = run_loop(model, tokenizer, len(chosen), loss_fn, out, opts.loop, on_step)
-    return summary if opts.max_length is None else {**summary, "truncated_rows": truncated}
+    return summary if opts.max_length is None else {**summary, "truncated_rows": truncated, "dropped_rows": dropped}
