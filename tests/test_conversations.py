@@ -232,3 +232,51 @@ def test_expanding_conversations_reports_its_progress_and_the_bar_shows_it(tmp_p
     (task,) = [t for t in progress.tasks if t.description == "chat template"]
     assert (task.completed, task.total, task.fields["unit"]) == (20, 20, "replies")
     activity.report("chat template", "replies", 1, 1)  # outside a bar nothing listens
+
+
+#: renders the functions a row offers and an assistant's tool calls, as tool-calling templates (Qwen2.5's) do
+TOOL_TEMPLATE = ("{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}{% for m in messages %}<{{ m['role'] }}>"
+                 "\n{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% else %}{{ m['content'] }}{% endif %}<|eos|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<assistant>\n{% endif %}")
+ADD = {"type": "function", "function": {"name": "add", "parameters": {"properties": {"a": {"type": "integer"}}}}}
+NEG = {"type": "function", "function": {"name": "neg", "parameters": {"properties": {"b": {"type": "integer"}}}}}
+CALL = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}]
+TOOL_CHATS = [[{"role": "user", "content": "Add 2."}, {"role": "assistant", "content": None, "tool_calls": CALL},
+               {"role": "tool", "content": "4"}, {"role": "assistant", "content": "It is 4."}],
+              [{"role": "user", "content": "Negate 1."}, {"role": "assistant", "content": "-1"}]]
+
+
+def test_a_tools_column_reaches_the_template_without_parquets_null_fields(tmp_path, chat_model):
+    """TRL's tool-calling layout: each row's tools go to the template with its messages, and the null fields Parquet
+    gives every struct (row 0's schema holds row 1's parameter b, every message a tool_calls) are dropped; tools as
+    JSON text read the same.  Before: the tools were never rendered (the model was trained on calls to functions it
+    was never shown), and a message whose content is null beside its tool calls was refused."""
+    tokenizer = AutoTokenizer.from_pretrained(with_chat_template(chat_model, tmp_path / "tools", TOOL_TEMPLATE))
+    table = pa.table({"messages": TOOL_CHATS, "tools": [[ADD], [NEG]]})
+    assert table.column("tools").to_pylist()[0][0]["function"]["parameters"]["properties"]["b"] is None  # padded
+    assert table.column("messages").to_pylist()[1][0]["tool_calls"] is None
+    seqs = load_sequences(_write(tmp_path / "a.parquet", table), tokenizer)
+    assert seqs.prompt_ids == ["0", "0", "1"]  # one sequence per assistant reply
+    tools = '<tools>[{"type": "function", "function": {"name": "add", "parameters": {"properties": {"a": {"type": ' \
+            '"integer"}}}}}]</tools>\n'
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert seqs.prompt_tokens[0].tolist() == ids(tools + "<user>\nAdd 2.<|eos|>\n<assistant>\n")
+    call = '[{"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}]'
+    assert seqs.completion_tokens[0].tolist() == ids(call + "<|eos|>\n")
+    as_text = table.set_column(1, "tools", pa.array(['[{"type": "function", "function": {"name": "add", "parameters":'
+                                                     ' {"properties": {"a": {"type": "integer"}}}}}]', None]))
+    again = load_sequences(_write(tmp_path / "b.parquet", as_text), tokenizer)
+    assert [x.tolist() for x in again.prompt_tokens[:2]] == [x.tolist() for x in seqs.prompt_tokens[:2]]
+    assert "<tools>" not in tokenizer.decode(again.prompt_tokens[2].tolist())  # row 1 has no tools now
+    with pytest.raises(UserError, match=r"row 0 \(prompt_id '0'\): its tools are not JSON"):
+        load_sequences(_write(tmp_path / "c.parquet", table.set_column(1, "tools", pa.array(["[{", None]))),
+                       tokenizer)
+    with pytest.raises(UserError, match="prompt_id 'p': its tools reach the model through the chat template"):
+        encode_prompt(tokenizer, {"prompt_id": "p", "prompt": "Add 2.", "tools": [ADD]}, chat=False)
+    text, _ = encode_prompt(tokenizer, {"prompt_id": "p", "prompt": "Add 2.", "tools": [ADD]}, chat=True)
+    assert text == tools + "<user>\nAdd 2.<|eos|>\n<assistant>\n"
+
+
+def _write(path, table):
+    pq.write_table(table, path)
+    return path

@@ -28,7 +28,10 @@ columns repeat on each of a conversation's rows.
 
 The same split serves TRL's other conversational layouts: ``prompt`` and
 ``completion`` columns of messages (one sequence per row, its keys kept:
-:func:`token_table`) and preference pairs (:func:`preference_pairs`).
+:func:`token_table`) and preference pairs (:func:`preference_pairs`).  A
+``tools`` column (TRL's tool-calling datasets: each row's function schemas,
+a list or JSON text) is given to the template with the row's messages, as
+TRL's ``SFTTrainer`` gives it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import pyarrow as pa
 
 from fdivctl import activity
 from fdivctl.errors import UserError
-from fdivctl.io.prompts import check_messages, render_chat
+from fdivctl.io.prompts import check_messages, render_chat, row_tools
 
 _BLOCK = 4096  # replies tokenized in one call
 
@@ -66,16 +69,22 @@ def token_table(table: pa.Table, path: Path, tokenizer) -> pa.Table:
     if not ("prompt" in table.column_names and "completion" in table.column_names):
         return expand(table, path, tokenizer)
     check_chat_tokenizer(tokenizer, path)
-    rows = enumerate(zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist()))
+    rows = enumerate(zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist(),
+                         _tools(table)))
     split = split_replies(tokenizer, ((_as_messages(prompt, "user", f"{path}: row {row}, prompt"),
                                        _as_messages(completion, "assistant", f"{path}: row {row}, completion"),
-                                       f"{path}: row {row}") for row, (prompt, completion) in rows),
-                           table.num_rows)
+                                       f"{path}: row {row}", row_tools(tools, f"{path}: row {row}"))
+                                      for row, (prompt, completion, tools) in rows), table.num_rows)
     prompts, completions = zip(*split) if table.num_rows else ((), ())
     tokens = pa.list_(pa.int32())
     return table.drop_columns(["prompt", "completion"]).append_column(
         "prompt_token_ids", pa.array(prompts, tokens)).append_column("completion_token_ids",
                                                                      pa.array(completions, tokens))
+
+
+def _tools(table: pa.Table) -> list:
+    """Each row's ``tools`` value (:func:`fdivctl.io.prompts.row_tools`), None for each without the column."""
+    return table.column("tools").to_pylist() if "tools" in table.column_names else [None] * table.num_rows
 
 
 def _as_messages(value, role: str, where: str) -> list[dict]:
@@ -95,20 +104,20 @@ def check_chat_tokenizer(tokenizer, path: Path) -> None:
                         "has none")
 
 
-def split_replies(tokenizer, items: Iterable[tuple[list[dict], list[dict], str]],
+def split_replies(tokenizer, items: Iterable[tuple[list[dict], list[dict], str, list[dict] | None]],
                   total: int) -> Iterator[tuple[list, list]]:
-    """(prompt ids, reply ids) of each ``(before, reply, where)`` of ``items``, in order: the prompt is the
+    """(prompt ids, reply ids) of each ``(before, reply, where, tools)`` of ``items``, in order: the prompt is the
     conversation ``before`` with the assistant header, as rollout encodes it; the reply is the rest of the
-    rendering of ``before + reply`` (module doc).  Rendered one by one and tokenized a block at a time: one
-    batch call of the fast tokenizer per block is ~2× faster than one call per text, what the tokenizing costs
-    of a million replies (``where`` names an item in errors).  After each block, the progress of the ``total``
-    items goes to :func:`fdivctl.activity.report`."""
+    rendering of ``before + reply`` (module doc); both are rendered with the functions ``tools`` (or none).
+    Rendered one by one and tokenized a block at a time: one batch call of the fast tokenizer per block is ~2×
+    faster than one call per text, what the tokenizing costs of a million replies (``where`` names an item in
+    errors).  After each block, the progress of the ``total`` items goes to :func:`fdivctl.activity.report`."""
     items, done = iter(items), 0
     while block := list(itertools.islice(items, _BLOCK)):
         prompts, replies = [], []
-        for before, reply, where in block:
-            prompt = render_chat(tokenizer, before, where, generation_prompt=True)
-            full = render_chat(tokenizer, before + reply, where, generation_prompt=False)
+        for before, reply, where, tools in block:
+            prompt = render_chat(tokenizer, before, where, generation_prompt=True, tools=tools)
+            full = render_chat(tokenizer, before + reply, where, generation_prompt=False, tools=tools)
             if not full.startswith(prompt):
                 raise UserError(f"{where}: the chat template renders the conversation before the reply "
                                 "differently once the reply follows, so the reply has no prompt to split at")
@@ -135,9 +144,10 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
                 for m in chat)
 
     def replies():
-        for row, (key, messages) in enumerate(zip(keys, chats)):
+        for row, (key, messages, tools) in enumerate(zip(keys, chats, _tools(table))):
             where = f"{path}: row {row} (prompt_id {key!r})"
             check_messages(messages, where)
+            tools = row_tools(tools, where)
             positions = [j for j, message in enumerate(messages) if message["role"] == "assistant"]
             if not positions:
                 raise UserError(f"{where} has no assistant message: nothing to train on")
@@ -146,7 +156,7 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
             for index, j in enumerate(positions):
                 take.append(row)
                 reply_idx.append(index)
-                yield messages[:j], messages[j : j + 1], f"{where}, reply {index}"
+                yield messages[:j], messages[j : j + 1], f"{where}, reply {index}", tools
 
     prompts, completions = zip(*split_replies(tokenizer, replies(), total)) if table.num_rows else ((), ())
     carried = table.drop_columns([c for c in ("messages", "prompt_id") if c in table.column_names]).take(take)
@@ -183,11 +193,12 @@ def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[
     end-of-turn."""
     check_chat_tokenizer(tokenizer, path)
     rows = zip(table.column("prompt").to_pylist() if "prompt" in table.column_names else [None] * table.num_rows,
-               table.column("chosen").to_pylist(), table.column("rejected").to_pylist())
+               table.column("chosen").to_pylist(), table.column("rejected").to_pylist(), _tools(table))
 
     def sides():  # each row's chosen, then its rejected
-        for row, (prompt, chosen, rejected) in enumerate(rows):
+        for row, (prompt, chosen, rejected, tools) in enumerate(rows):
             where = f"{path}: row {row}"
+            tools = row_tools(tools, where)
             if prompt is None:
                 check_messages(chosen, f"{where}, chosen")
                 check_messages(rejected, f"{where}, rejected")
@@ -200,7 +211,7 @@ def preference_pairs(table: pa.Table, path: Path, tokenizer) -> dict[str, tuple[
             for side, reply in (("chosen", chosen), ("rejected", rejected)):
                 if not reply:
                     raise UserError(f"{where}: the {side} response has no message after the prompt")
-                yield prompt, _as_messages(reply, "assistant", f"{where}, {side}"), f"{where}, {side}"
+                yield prompt, _as_messages(reply, "assistant", f"{where}, {side}"), f"{where}, {side}", tools
 
     split = list(split_replies(tokenizer, sides(), 2 * table.num_rows))
     return {side: ([p for p, _ in split[first::2]], [r for _, r in split[first::2]])
