@@ -280,3 +280,22 @@ def test_a_tools_column_reaches_the_template_without_parquets_null_fields(tmp_pa
 def _write(path, table):
     pq.write_table(table, path)
     return path
+
+
+def test_messages_stored_as_json_text_read_as_the_messages_themselves(tmp_path, chat_model):
+    """Some datasets store each conversation as JSON text: the same sequences as the list (was: refused as "not a
+    list of messages"), in training data as in sampled prompts; text that is not JSON names its row."""
+    import json as json_
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    listed = load_sequences(_write(tmp_path / "list.parquet", pa.table({"messages": CHATS})), tokenizer)
+    text = load_sequences(_write(tmp_path / "text.parquet",
+                                 pa.table({"messages": [json_.dumps(chat) for chat in CHATS]})), tokenizer)
+    assert [x.tolist() for x in text.prompt_tokens] == [x.tolist() for x in listed.prompt_tokens]
+    assert [x.tolist() for x in text.completion_tokens] == [x.tolist() for x in listed.completion_tokens]
+    prompt = CHATS[1][:1]
+    assert encode_prompt(tokenizer, {"prompt_id": "p", "messages": json_.dumps(prompt)}, chat=False) == \
+        encode_prompt(tokenizer, {"prompt_id": "p", "messages": prompt}, chat=False)
+    with pytest.raises(UserError, match=r"row 1 \(prompt_id '1'\): its messages are text but not JSON"):
+        load_sequences(_write(tmp_path / "bad.parquet", pa.table({"messages": [json_.dumps(CHATS[0]), "[{"]})),
+                       tokenizer)

@@ -44,7 +44,7 @@ import pyarrow as pa
 
 from fdivctl import activity
 from fdivctl.errors import UserError
-from fdivctl.io.prompts import check_messages, render_chat, row_tools
+from fdivctl.io.prompts import check_messages, parse_messages, render_chat, row_tools
 
 _BLOCK = 4096  # replies tokenized in one call
 
@@ -139,24 +139,22 @@ def expand(table: pa.Table, path: Path, tokenizer) -> pa.Table:
     keys = ([str(v) for v in table.column("prompt_id").to_pylist()] if "prompt_id" in table.column_names
             else [str(r) for r in range(table.num_rows)])
     take, reply_idx = [], []
-    chats = table.column("messages").to_pylist()
-    total = sum(isinstance(m, dict) and m.get("role") == "assistant" for chat in chats if isinstance(chat, list)
-                for m in chat)
+    where = [f"{path}: row {row} (prompt_id {key!r})" for row, key in enumerate(keys)]
+    chats = [parse_messages(messages, where[row]) for row, messages in enumerate(table.column("messages").to_pylist())]
+    total = sum(m["role"] == "assistant" for chat in chats for m in chat)
 
     def replies():
-        for row, (key, messages, tools) in enumerate(zip(keys, chats, _tools(table))):
-            where = f"{path}: row {row} (prompt_id {key!r})"
-            check_messages(messages, where)
-            tools = row_tools(tools, where)
+        for row, (messages, tools) in enumerate(zip(chats, _tools(table))):
+            tools = row_tools(tools, where[row])
             positions = [j for j, message in enumerate(messages) if message["role"] == "assistant"]
             if not positions:
-                raise UserError(f"{where} has no assistant message: nothing to train on")
+                raise UserError(f"{where[row]} has no assistant message: nothing to train on")
             if positions[0] == 0:
-                raise UserError(f"{where} opens with an assistant message: it has no context to be predicted from")
+                raise UserError(f"{where[row]} opens with an assistant message: it has no context to be predicted from")
             for index, j in enumerate(positions):
                 take.append(row)
                 reply_idx.append(index)
-                yield messages[:j], messages[j : j + 1], f"{where}, reply {index}", tools
+                yield messages[:j], messages[j : j + 1], f"{where[row]}, reply {index}", tools
 
     prompts, completions = zip(*split_replies(tokenizer, replies(), total)) if table.num_rows else ((), ())
     carried = table.drop_columns([c for c in ("messages", "prompt_id") if c in table.column_names]).take(take)

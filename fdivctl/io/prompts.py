@@ -37,7 +37,7 @@ def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
             return prompt, tokenizer(prompt)["input_ids"]
         messages = [{"role": "user", "content": prompt}]
     else:
-        check_messages(messages, where)
+        messages = parse_messages(messages, where)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template (drop --chat, or give plain prompt text)")
     return encode_messages(tokenizer, messages, where, tools)
@@ -90,6 +90,17 @@ def without_nulls(value):
         return {key: without_nulls(item) for key, item in value.items() if item is not None}
     if isinstance(value, list):
         return [without_nulls(item) for item in value]
+    return value
+
+
+def parse_messages(value, where: str) -> list[dict]:
+    """A ``messages`` value: a list of messages, or JSON text of one (some datasets store them so), checked."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: its messages are text but not JSON ({err})") from None
+    check_messages(value, where)
     return value
 
 
