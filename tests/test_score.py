@@ -200,12 +200,36 @@ def test_huge_and_deeply_nested_completions(tmp_path):
     assert pq.read_table(tmp_path / "s.parquet").column("correct").to_pylist()[1] is True
 
 
+def test_several_verifiers_sum_their_weighted_rewards_and_the_first_decides_correct(tmp_path):
+    """Correctness plus a shaping reward, as R1-style recipes train with (TRL's reward_funcs + reward_weights):
+    reward = Σ w_i r_i, correct and pass_rate from the first verifier, each part's verdict kept."""
+    src = _rollouts(tmp_path / "r.parquet", ["\\boxed{4}", "the answer is \\boxed{4}", "\\boxed{5}", "5"],
+                    ["4", "4", "4", "4"])
+    done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "math", "--verifier",
+                "python:user_reward:length_reward", "--reward-weights", "1,0.25")
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.column("correct").to_pylist() == [True, True, False, False]
+    # length_reward: 1 for a completion of at most 3 characters
+    assert table.column("reward").to_pylist() == [1.0, 1.0, 0.0, 0.25]
+    assert table.column("pass_rate").to_pylist() == [1.0, 1.0, 0.0, 0.0]
+    assert table.column("verdict").to_pylist()[3].startswith("1×[") and " | 0.25×[" in table.column(
+        "verdict").to_pylist()[3]
+    scored_by = provenance(tmp_path / "s.parquet")["scored_by"]
+    assert scored_by["verifier"] == "math+python" and scored_by["weights"] == [1.0, 0.25]
+    single = _cli("score", src, tmp_path / "one.parquet", "--verifier", "math")
+    assert single.returncode == 0 and provenance(tmp_path / "one.parquet")["scored_by"]["verifier"] == "math"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--verifier", "nope"], "unknown verifier 'nope'"),
         (["--verifier", "python:no_such_module:f"], "cannot import"),
         (["--verifier", "regex", "--pattern", "("], "not a valid regular expression"),
+        (["--verifier", "math", "--verifier", "exact", "--reward-weights", "1"],
+         "--reward-weights '1': 2 finite numbers, one per --verifier"),
+        (["--verifier", "math", "--reward-weights", "x"], "comma-separated numbers, one per --verifier"),
     ],
 )
 def test_bad_verifier_options(tmp_path, args, message):

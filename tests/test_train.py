@@ -334,6 +334,26 @@ def test_a_verifier_error_scores_zero_and_the_run_goes_on(task, tmp_path):
     assert read_jsonl(tmp_path / "log.jsonl")[-1]["verifier_failures"] == len(failed)
 
 
+def test_an_online_run_sums_several_verifiers_rewards(task, tmp_path):
+    """--verifier repeated with --reward-weights: each sample's reward is the weighted sum, its correct the first
+    verifier's; a resume with other weights is refused (they are the run's settings)."""
+    from fdivctl.demo.task import verify
+    from user_reward import length_reward
+
+    common = ["--prompts", task / "data" / "prompts.parquet", "--verifier", "python:fdivctl.demo.task:verify",
+              "--verifier", "python:user_reward:length_reward", *SAMPLING, "--device", "cpu"]
+    run_cli("train", task / "sft", tmp_path / "o", *common, "--reward-weights", "1,0.5", "--iterations", 1,
+            check=True)
+    rows = pq.read_table(tmp_path / "o" / "fdivctl_run" / "iter-0001.scored.parquet").to_pylist()
+    for row in rows:
+        assert row["reward"] == pytest.approx(verify(row["completion"], row) + 0.5 * length_reward(row["completion"],
+                                                                                                    row))
+        assert row["correct"] == (verify(row["completion"], row) > 0)
+    done = run_cli("train", task / "sft", tmp_path / "o", *common, "--reward-weights", "1,0.2", "--iterations", 2,
+                   "--resume")
+    assert done.returncode == 2 and "weights" in done.stderr, done.stderr
+
+
 def test_kdrl_with_the_policy_as_teacher_is_plain_grpo(task, scored_rollouts, tmp_path):
     """KL(π‖π) = 0 with zero gradient: one KDRL step equals one GRPO step, and the KD figure is 0."""
     common = ["--rollouts", scored_rollouts, "--lr", "1e-3", "--device", "cpu", "--micro-batch-size", 16]

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from fdivctl.cli.progress import progress_bar
-from fdivctl.rewards.verifiers import make_verifier
+from fdivctl.rewards.verifiers import make_reward
 from fdivctl.stages.score import score_table
 
 
@@ -16,10 +16,13 @@ def command(
     rollouts: Path = typer.Argument(..., help="Rollouts Parquet (from `fdivctl rollout`, or any table with "
                                     "prompt_id and completion)."),
     out: Path = typer.Argument(..., help="Scored Parquet to write: the input plus reward, correct, verdict, pass_rate."),
-    verifier: str = typer.Option(
-        "math", help="math | math-verify | exact | regex | sql | python:MODULE:FUNC (a function (completion, row) → "
-        "float; row holds the rollout's text and scalar columns)."
+    verifier: list[str] = typer.Option(
+        None, "--verifier", help="math | math-verify | exact | regex | sql | python:MODULE:FUNC (a function "
+        "(completion, row) → float; row holds the rollout's text and scalar columns). Default math. Repeat it to "
+        "sum several rewards (e.g. correctness and format): correct and pass_rate are the first one's."
     ),
+    reward_weights: str = typer.Option(None, help="Weights of the repeated --verifier rewards, comma-separated "
+                                       "(default 1 each): reward = Σ weight × reward."),
     pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
     db: Path = typer.Option(None, help="SQLite database for --verifier sql (default: the row's db_path column)."),
     sql_timeout: float = typer.Option(5.0, help="Seconds each SQL query may run."),
@@ -31,7 +34,7 @@ def command(
                                 "verifier settings)."),
 ) -> None:
     """Verify completions and write reward, correct, verdict and per-prompt pass_rate."""
-    spec = make_verifier(verifier, pattern=pattern, db=str(db) if db else None, sql_timeout=sql_timeout)
+    spec = make_reward(verifier, reward_weights, pattern=pattern, db=str(db) if db else None, sql_timeout=sql_timeout)
     with progress_bar("score", "rows") as progress:
         task = progress.add_task("score", total=None)
         summary = score_table(rollouts, out, spec, workers=workers, timeout=timeout,

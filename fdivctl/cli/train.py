@@ -21,7 +21,7 @@ from fdivctl.cli.progress import progress_bar
 from fdivctl.errors import UserError
 from fdivctl.generation.sampling import SamplingOptions
 from fdivctl.objectives.kd import SFT_PREFIX
-from fdivctl.rewards.verifiers import make_verifier
+from fdivctl.rewards.verifiers import make_reward
 from fdivctl.stages.distill import DistillOptions, run_distill
 from fdivctl.stages.dph_partition import run_partition
 from fdivctl.stages.preference import FDPOOptions, run_fdpo
@@ -57,8 +57,11 @@ def command(
                                "ref_chosen_logps / ref_rejected_logps)."),
     data: Path = typer.Option(None, help="--algo sft: sequences Parquet (prompt/completion text, token ids, "
                          "plain text: a loss on every token, or messages: a loss on each assistant reply)."),
-    verifier: str = typer.Option("math", help="Online and --partition: math | math-verify | exact | regex | sql | "
-                                 "python:MODULE:FUNC."),
+    verifier: list[str] = typer.Option(None, "--verifier", help="Online and --partition: math | math-verify | "
+                                       "exact | regex | sql | python:MODULE:FUNC (default math); repeat it to sum "
+                                       "several rewards, the first one's deciding correct and pass rates."),
+    reward_weights: str = typer.Option(None, help="Weights of the repeated --verifier rewards, comma-separated "
+                                       "(default 1 each)."),
     pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
     iterations: int = typer.Option(10, help="Online: sample → score → update iterations."),
     prompts_per_iteration: int = typer.Option(8, help="Online: prompts sampled per iteration."),
@@ -218,7 +221,7 @@ def command(
             raise UserError("--partition belongs to --algo dph and needs --prompts")
         with progress_bar("pre-sample", "samples") as progress:
             task = progress.add_task("pre-sample", total=None)
-            summary = run_partition(policy, prompts, out, make_verifier(verifier, pattern=pattern), k, pef_threshold,
+            summary = run_partition(policy, prompts, out, make_reward(verifier, reward_weights, pattern=pattern), k, pef_threshold,
                                     RolloutOptions(sampling=sampling, backend="hf", dtype=dtype, device=device,
                                                    chat=chat), workers=score_workers,
                                     on_batch=lambda s, t: progress.advance(task, s), dist_backend=dist_backend)
@@ -293,7 +296,7 @@ def command(
                                        prompt_sampling=prompt_sampling, gcs_mu=gcs_mu, gcs_sigma=gcs_sigma,
                                        group_size=group_size, sampling=sampling, chat=chat,
                                        score_workers=score_workers, save_every=save_every or 1, backend=backend)
-                summary = run_online(policy, prompts, out, make_verifier(verifier, pattern=pattern), opts, online,
+                summary = run_online(policy, prompts, out, make_reward(verifier, reward_weights, pattern=pattern), opts, online,
                                      on_iteration=on_step)
     if is_main():
         typer.echo(json.dumps({"checkpoint": str(out), **summary}))

@@ -1,4 +1,5 @@
-"""Verifier selection: ``math``, ``math-verify``, ``exact``, ``regex``, ``sql``, ``python:MODULE:FUNC``.
+"""Verifier selection: ``math``, ``math-verify``, ``exact``, ``regex``, ``sql``, ``python:MODULE:FUNC``, and a
+weighted sum of several (:class:`VerifierSum`, :func:`make_reward`).
 
 A verifier maps one row (a dict with at least ``completion``) to
 ``(reward, correct, verdict)``.  Verifiers are plain picklable objects so the
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from fdivctl.errors import UserError
 from fdivctl.rewards.math_answer import verify_math
@@ -42,6 +43,15 @@ class Verifier:
             needed.append("db_path")
         return needed
 
+    @property
+    def reads_row(self) -> bool:
+        """Whether it reads the row's other scalar columns (a user function)."""
+        return self.kind == "python"
+
+    def record(self) -> dict:
+        """What a scored file's provenance says scored it."""
+        return {"verifier": self.kind, "function": self.function, "pattern": self.pattern}
+
     def __call__(self, row: dict) -> Result:
         completion = row["completion"] or ""
         if self.kind == "math":
@@ -65,6 +75,59 @@ class Verifier:
         if not math.isfinite(reward):
             raise ValueError(f"{self.function} returned {reward}: a reward must be a finite number")
         return reward, reward > 0, f"{self.function} → {reward:g}"
+
+
+@dataclass
+class VerifierSum:
+    """``reward = Σ_i w_i · reward_i`` over several verifiers: a correctness reward plus shaping rewards (format,
+    length), as R1-style recipes combine them (TRL's ``reward_funcs`` with ``reward_weights``).  ``correct``, and
+    so pass rates and pass@k, is the first verifier's; the verdict joins every part's.  A part that fails fails
+    the row (scored 0, the reason in its verdict), as one verifier's failure does."""
+
+    parts: tuple[Verifier, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def kind(self) -> str:
+        return "+".join(part.kind for part in self.parts)
+
+    @property
+    def reads_row(self) -> bool:
+        return any(part.reads_row for part in self.parts)
+
+    def required_columns(self) -> list[str]:
+        return list(dict.fromkeys(column for part in self.parts for column in part.required_columns()))
+
+    def record(self) -> dict:
+        return {"verifier": self.kind, "parts": [asdict(part) for part in self.parts], "weights": list(self.weights)}
+
+    def __call__(self, row: dict) -> Result:
+        results = [part(row) for part in self.parts]
+        reward = sum(w * float(r) for w, (r, _, _) in zip(self.weights, results))
+        return reward, bool(results[0][1]), " | ".join(f"{w:g}×[{v}]" for w, (_, _, v) in zip(self.weights, results))
+
+
+#: what scores a row: one verifier or a weighted sum of several
+Reward = Verifier | VerifierSum
+
+
+def make_reward(specs: list[str], weights: str | None = None, pattern: str | None = None, db: str | None = None,
+                sql_timeout: float = 5.0) -> Reward:
+    """The reward of ``--verifier`` (repeatable) and ``--reward-weights``: one verifier, or the weighted sum of
+    several (weights default to 1 each).  ``pattern``, ``db`` and ``sql_timeout`` go to the parts that take them."""
+    parts = [make_verifier(spec, pattern, db, sql_timeout) for spec in specs or ["math"]]
+    if weights is None:
+        values = [1.0] * len(parts)
+    else:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise UserError(f"--reward-weights {weights!r}: comma-separated numbers, one per --verifier") from None
+        if len(values) != len(parts) or not all(math.isfinite(w) for w in values):
+            raise UserError(f"--reward-weights {weights!r}: {len(parts)} finite numbers, one per --verifier")
+    if len(parts) == 1 and values == [1.0]:
+        return parts[0]
+    return VerifierSum(tuple(parts), tuple(values))
 
 
 def make_verifier(spec: str, pattern: str | None = None, db: str | None = None, sql_timeout: float = 5.0) -> Verifier:

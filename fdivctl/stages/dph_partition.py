@@ -34,14 +34,14 @@ from fdivctl.io.atomic import write_json
 from fdivctl.io.hashing import model_hash
 from fdivctl.io.tables import provenance, read_table, write_table
 from fdivctl.objectives.dph import split_prompts
-from fdivctl.rewards.verifiers import Verifier
+from fdivctl.rewards.verifiers import Reward
 from fdivctl.stages.rollout import RolloutOptions, merge_rollouts, run_rollout, shard_path
 from fdivctl.stages.score import check_prompt_columns, score_table
 from fdivctl.stages.train_rl import PARTITION_FILE
 from fdivctl.training import distributed
 
 
-def run_partition(policy: Path, prompts: Path, out: Path, verifier: Verifier, k: int, threshold: float,
+def run_partition(policy: Path, prompts: Path, out: Path, verifier: Reward, k: int, threshold: float,
                   rollout: RolloutOptions, workers: int = 2, timeout: float = 10.0, on_batch=None,
                   dist_backend: str = "auto") -> dict:
     """Pre-sample, score and split; returns the partition record (on every rank under torchrun)."""

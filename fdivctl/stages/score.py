@@ -26,7 +26,7 @@ from fdivctl.io.hashing import file_fingerprint
 from fdivctl.io.parts import open_parts, part_path
 from fdivctl.io.tables import open_parquet, provenance, read_table, require_columns, write_table
 from fdivctl.rewards.pool import failures, run_pool
-from fdivctl.rewards.verifiers import Verifier
+from fdivctl.rewards.verifiers import Reward
 
 ADDED = ("reward", "correct", "verdict", "pass_rate")
 
@@ -34,7 +34,7 @@ ADDED = ("reward", "correct", "verdict", "pass_rate")
 def score_table(
     rollouts: str | Path,
     out: str | Path,
-    verifier: Verifier,
+    verifier: Reward,
     workers: int = 4,
     timeout: float = 10.0,
     on_done: Callable[[int], None] | None = None,
@@ -58,11 +58,10 @@ def score_table(
         if column == "completion" and not (pa.types.is_string(field) or pa.types.is_large_string(field)):
             raise UserError(f"{rollouts}: column 'completion' must be text, got {field}")
     columns = verifier.required_columns() + ["prompt_id"]
-    if verifier.kind == "python":  # a user function sees the row's scalar columns (token lists stay here)
+    if verifier.reads_row:  # a user function sees the row's scalar columns (token lists stay here)
         columns += [f.name for f in table.schema if not pa.types.is_list(f.type)]
     rows = table.select(list(dict.fromkeys(columns))).to_pylist()
-    record = {"scored_by": {"verifier": verifier.kind, "function": verifier.function, "pattern": verifier.pattern,
-                            "timeout": timeout}}
+    record = {"scored_by": {**verifier.record(), "timeout": timeout}}
     in_parts = open_parts(Path(out), {**record, "source": str(Path(rollouts).resolve()), "part_rows": part_rows,
                                       "source_fingerprint": file_fingerprint(rollouts)}, resume) \
         if part_rows else contextlib.nullcontext()
@@ -92,7 +91,7 @@ def score_table(
     }
 
 
-def check_prompt_columns(prompts: str | Path, verifier: Verifier) -> None:
+def check_prompt_columns(prompts: str | Path, verifier: Reward) -> None:
     """Refuse, before anything is sampled, a prompts file without the columns ``verifier`` reads from each
     prompt's row (``answer``, ``db_path``), which rollout carries into the rollouts it then scores."""
     needed = [c for c in verifier.required_columns() if c != "completion"]

@@ -61,7 +61,7 @@ from fdivctl.io.tables import (
 )
 from fdivctl.objectives import trace
 from fdivctl.rewards.pool import failures
-from fdivctl.rewards.verifiers import Verifier
+from fdivctl.rewards.verifiers import Reward
 from fdivctl.schedules import curriculum
 from fdivctl.schedules.replay_weights import RecapWeights
 from fdivctl.stages.live_sampler import live_generator
@@ -368,7 +368,7 @@ def _pass_histogram(table: pa.Table) -> dict[str, int]:
     return {str(j): n for j, n in sorted(Counter(correct.values()).items())}
 
 
-def run_online(policy: Path, prompts: Path, out: Path, verifier: Verifier, opts: RLOptions, online: OnlineOptions,
+def run_online(policy: Path, prompts: Path, out: Path, verifier: Reward, opts: RLOptions, online: OnlineOptions,
                on_iteration: Callable[[int, int, dict], None] | None = None) -> dict:
     """Sample, score and update for ``online.iterations`` iterations; checkpoint into ``out``."""
     online.check()
@@ -455,7 +455,7 @@ def _generator(model, tokenizer, policy: Path, out: Path, opts: RLOptions, onlin
 
 
 def _sample_and_score(generate, tokenizer, batch: pa.Table, rows: list[dict],
-                      sampling: SamplingOptions, seed: int, scored: Path, verifier: Verifier,
+                      sampling: SamplingOptions, seed: int, scored: Path, verifier: Reward,
                       online: OnlineOptions, record: dict, main: bool = True) -> None:
     """Sample the iteration's prompts and write their scored rollouts (under torchrun every rank takes part in
     ``generate``'s weight sync; rank 0, ``main``, samples, scores and writes)."""
