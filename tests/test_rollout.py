@@ -157,7 +157,9 @@ def test_greedy_and_stop_strings(tmp_path, tiny_teacher, prompts):
         # met while sampling (the model is loaded by then): no interrupted run is left behind either
         (pa.table({"prompt_id": ["a", "b"], "prompt": ["x", None]}), "prompt_id 'b': the prompt is null"),
         (pa.table({"prompt_id": ["a"], "prompt": [5]}), "prompt_id 'a': the prompt is not text but int"),
-        (pa.table({"prompt_id": ["a"], "messages": ["hello"]}), "messages must be a non-empty list of {role, content}"),
+        (pa.table({"prompt_id": ["a"], "messages": ["hello"]}), "its messages are text but not JSON (Expecting value: "
+                                                                 "line 1 column 1 (char 0)): messages must be a list"),
+        (pa.table({"prompt_id": ["a"], "messages": ["[]"]}), "messages must be a non-empty list of {role, content}"),
         (pa.table({"prompt_id": ["a"], "messages": [[{"role": "user"}]]}), "got [{'role': 'user'}]"),
     ],
 )

@@ -99,7 +99,8 @@ def parse_messages(value, where: str) -> list[dict]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise UserError(f"{where}: its messages are text but not JSON ({err})") from None
+            raise UserError(f"{where}: its messages are text but not JSON ({err}): messages must be a list of "
+                            "{role, content} messages, or JSON text of one") from None
     check_messages(value, where)
     return value
 
