@@ -205,6 +205,13 @@ def test_model_shortcut_runs_rollout_score_and_eval(tmp_path, tiny_teacher):
     name = tiny_teacher.name
     assert report["runs"][name]["all"]["samples"] == 8
     assert (tmp_path / "out" / f"{name}.scored.parquet").exists()
+    # several verifiers, as score takes them: correct is the first one's, the reward their weighted sum
+    done = run_cli("eval", tmp_path / "two", "--model", tiny_teacher, "--prompts", prompts, "--n", 4, "--k", "1,4",
+                   "--max-new-tokens", 6, "--device", "cpu", "--verifier", "math", "--verifier",
+                   "python:user_reward:length_reward", "--reward-weights", "1,0.5")
+    assert done.returncode == 0, done.stderr
+    scored = pq.read_table(tmp_path / "two" / f"{name}.scored.parquet").to_pylist()
+    assert all(r["reward"] == float(r["correct"]) + 0.5 * (len(r["completion"].strip()) <= 3) for r in scored)
 
 
 def test_default_k_is_powers_of_two_up_to_the_fewest_samples(tmp_path):

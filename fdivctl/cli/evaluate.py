@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fdivctl.errors import UserError
 from fdivctl.generation.sampling import SamplingOptions
-from fdivctl.rewards.verifiers import make_verifier
+from fdivctl.rewards.verifiers import make_reward
 from fdivctl.stages.evaluate import EvalOptions, run_eval
 from fdivctl.stages.rollout import RolloutOptions, run_rollout
 from fdivctl.stages.score import check_prompt_columns, score_table
@@ -74,7 +74,9 @@ def command(
     model: Path = typer.Option(None, help="Shortcut: sample this model on --prompts, score, then evaluate it (an "
                                "interrupted run continues its sampling when run again)."),
     prompts: Path = typer.Option(None, help="Prompts Parquet for --model."),
-    verifier: str = typer.Option("math", help="Verifier for --model (as in `fdivctl score`)."),
+    verifier: list[str] = typer.Option(None, "--verifier", help="Verifier for --model, as in `fdivctl score` "
+                                       "(default math; repeatable, the first deciding correct)."),
+    reward_weights: str = typer.Option(None, help="--model: weights of the repeated --verifier rewards."),
     n: int = typer.Option(8, "--n", help="Samples per prompt for --model."),
     temperature: float = typer.Option(1.0, help="Sampling temperature for --model."),
     max_new_tokens: int = typer.Option(256, help="Longest completion for --model."),
@@ -93,7 +95,7 @@ def command(
         if prompts is None:
             raise UserError("--model needs --prompts")
         name = model.name or "model"
-        spec = make_verifier(verifier)
+        spec = make_reward(verifier, reward_weights)
         check_prompt_columns(prompts, spec)
         out.mkdir(parents=True, exist_ok=True)
         rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"
