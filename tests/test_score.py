@@ -170,6 +170,18 @@ def test_exact_regex_and_user_function(tmp_path):
     assert pq.read_table(tmp_path / "u.parquet").column("reward").to_pylist() == [1.0, 1.0, 0.0]
 
 
+def test_a_user_verifier_reads_list_columns_but_not_the_token_ids(tmp_path):
+    """Code RL keeps each prompt's test cases in a list column: the user function gets it (was: only scalar
+    columns were sent, so such a verifier could not run), and not the per-token columns."""
+    src = _rollouts(tmp_path / "r.parquet", ["assert f(1) == 2", "nothing"], ["", ""], prompt_ids=["a", "b"],
+                    extra={"tests": [["f(1)", "== 2"], ["f(1)", "f(2)"]],
+                           "completion_token_ids": pa.array([[1, 2], [3]], pa.list_(pa.int32())),
+                           "completion_logprobs": pa.array([[-0.1, -0.2], [-0.3]], pa.list_(pa.float32()))})
+    done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "python:user_reward:passes_tests")
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(tmp_path / "s.parquet").column("reward").to_pylist() == [1.0, 0.0]
+
+
 def test_pathological_rows_cannot_hang_the_run(tmp_path):
     src = _rollouts(tmp_path / "r.parquet", ["x", "y"], ["1", "1"], prompt_ids=["a", "b"])
     done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "python:user_reward:slow_reward", "--timeout", 1)

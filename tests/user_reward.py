@@ -34,3 +34,11 @@ def interrupt_once(completion: str, row: dict) -> float:
         os.kill(os.getppid(), signal.SIGINT)
         time.sleep(30)
     return float(len(completion) % 2)
+
+
+def passes_tests(completion: str, row: dict) -> float:
+    """The share of the row's ``tests`` (a list column, as code-RL data stores test cases) the completion contains;
+    fails if the verifier was sent the rollout's token ids."""
+    if "completion_token_ids" in row or "completion_logprobs" in row:
+        raise ValueError("a user verifier was sent the per-token columns")
+    return sum(test in completion for test in row["tests"]) / len(row["tests"])

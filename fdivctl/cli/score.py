@@ -18,7 +18,8 @@ def command(
     out: Path = typer.Argument(..., help="Scored Parquet to write: the input plus reward, correct, verdict, pass_rate."),
     verifier: list[str] = typer.Option(
         None, "--verifier", help="math | math-verify | exact | regex | sql | python:MODULE:FUNC (a function "
-        "(completion, row) → float; row holds the rollout's text and scalar columns). Default math. Repeat it to "
+        "(completion, row) → float; row holds the rollout's columns, e.g. a list of test cases, but its token ids "
+        "and log-probs). Default math. Repeat it to "
         "sum several rewards (e.g. correctness and format): correct and pass_rate are the first one's."
     ),
     reward_weights: str = typer.Option(None, help="Weights of the repeated --verifier rewards, comma-separated "

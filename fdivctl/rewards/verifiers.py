@@ -45,7 +45,7 @@ class Verifier:
 
     @property
     def reads_row(self) -> bool:
-        """Whether it reads the row's other scalar columns (a user function)."""
+        """Whether it reads the row's other columns (a user function)."""
         return self.kind == "python"
 
     def record(self) -> dict:

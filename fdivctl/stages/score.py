@@ -58,8 +58,8 @@ def score_table(
         if column == "completion" and not (pa.types.is_string(field) or pa.types.is_large_string(field)):
             raise UserError(f"{rollouts}: column 'completion' must be text, got {field}")
     columns = verifier.required_columns() + ["prompt_id"]
-    if verifier.reads_row:  # a user function sees the row's scalar columns (token lists stay here)
-        columns += [f.name for f in table.schema if not pa.types.is_list(f.type)]
+    if verifier.reads_row:  # a user function sees the row's columns (test cases, tools, messages), token ids aside
+        columns += [name for name in table.column_names if name not in PER_TOKEN]
     rows = table.select(list(dict.fromkeys(columns))).to_pylist()
     record = {"scored_by": {**verifier.record(), "timeout": timeout}}
     in_parts = open_parts(Path(out), {**record, "source": str(Path(rollouts).resolve()), "part_rows": part_rows,
@@ -89,6 +89,10 @@ def score_table(
         "verifier_failures": len(failed),
         **({"first_failure": f"row {failed[0]}: {results[failed[0]][2]}"} if failed else {}),
     }
+
+
+#: a rollout's per-token columns, which a user verifier is not sent (a list per token, and per row many thousands)
+PER_TOKEN = ("prompt_token_ids", "completion_token_ids", "completion_logprobs", "turn_ids")
 
 
 def check_prompt_columns(prompts: str | Path, verifier: Reward) -> None:
