@@ -18,6 +18,8 @@ FIELDS = {
     "distill_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio", "peak_memory_ratio"],
     "loss_engine.py": ["naive_s", "engine_s", "time_ratio", "memory_ratio"],
     "teacher_logits.py": ["store_tokens_per_s", "bare_tokens_per_s", "throughput_ratio", "bytes_per_token"],
+    "length_grouping.py": ["random_tokens_per_s", "grouped_tokens_per_s", "tokens_per_s_ratio",
+                           "grouped_padding_ratio"],
 }
 
 

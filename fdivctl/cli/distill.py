@@ -11,6 +11,7 @@ from fdivctl.cli.options import (
     CHUNK_SIZE,
     DIST_BACKEND,
     GRAD_CHECKPOINTING,
+    GROUP_BY_LENGTH,
     LORA_ALPHA,
     LORA_DROPOUT,
     LORA_R,
@@ -101,6 +102,7 @@ def command(
                                        "of it is within ε of the base's (the initial student, a frozen copy); "
                                        "the share kept is logged as trust_region_kept."),
     grad_checkpointing: bool = GRAD_CHECKPOINTING,
+    group_by_length: bool = GROUP_BY_LENGTH,
     dist_backend: str = DIST_BACKEND,
     lora_r: int = LORA_R,
     lora_alpha: float = LORA_ALPHA,
@@ -129,7 +131,8 @@ def command(
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
                        save_every=save_every, log_jsonl=log_jsonl, resume=resume,
-                       grad_checkpointing=grad_checkpointing, dist_backend=dist_backend, eval_every=eval_every,
+                       grad_checkpointing=grad_checkpointing, group_by_length=group_by_length,
+                       dist_backend=dist_backend, eval_every=eval_every,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
     loop.check()  # before any file is read
     online = OnPolicyOptions(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, baseline=baseline,

@@ -31,6 +31,9 @@ MAX_GRAD_NORM = typer.Option(1.0, help="Clip the gradient's global L2 norm to th
                              "(0: no clipping; the norm is logged either way).")
 GRAD_CHECKPOINTING = typer.Option(False, help="Recompute decoder activations in backward: less memory, about one "
                                   "more forward of compute.")
+GROUP_BY_LENGTH = typer.Option(False, help="Fixed sequences: fill each step with examples of similar length "
+                               "(sorted 50 steps at a time, the steps shuffled again; HF's group_by_length), so a "
+                               "batch pads little: faster on data of mixed lengths, another order of examples.")
 
 
 def _finite(value: float | None) -> float | None:

@@ -11,6 +11,7 @@ from fdivctl.cli.options import (
     CHUNK_SIZE,
     DIST_BACKEND,
     GRAD_CHECKPOINTING,
+    GROUP_BY_LENGTH,
     LORA_ALPHA,
     LORA_DROPOUT,
     LORA_R,
@@ -194,6 +195,7 @@ def command(
                                    "accuracy, pass histogram, entropy, divergence, clip fraction, length, tokens/s."),
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
     grad_checkpointing: bool = GRAD_CHECKPOINTING,
+    group_by_length: bool = GROUP_BY_LENGTH,
     dist_backend: str = DIST_BACKEND,
     lora_r: int = LORA_R,
     lora_alpha: float = LORA_ALPHA,
@@ -211,7 +213,8 @@ def command(
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
                        save_every=save_every or 0, log_jsonl=log_jsonl, resume=resume,
-                       grad_checkpointing=grad_checkpointing, dist_backend=dist_backend,
+                       grad_checkpointing=grad_checkpointing, group_by_length=group_by_length,
+                       dist_backend=dist_backend,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))
     loop.check()  # before any file is read
     sampling = SamplingOptions(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
@@ -237,6 +240,8 @@ def command(
     if not wanted and len([i for i in inputs if i in ("--rollouts", "--prompts")]) != 1 or \
             (not wanted and any(i in ("--pairs", "--data") for i in inputs)):
         raise UserError(f"--algo {algo}: give --rollouts (staged) or --prompts (online), one of them")
+    if group_by_length and algo not in ("sft", "fdpo"):
+        raise UserError("--group-by-length groups fixed sequences: --algo sft's --data and fdpo's --pairs")
     if max_length is not None and algo not in ("sft", "fdpo"):
         raise UserError("--max-length cuts fixed sequences: --algo sft's --data and fdpo's --pairs")
     if chat and rollouts is not None:

@@ -153,6 +153,9 @@ class DistillOptions:
                 raise UserError("--depth-curriculum reads turn_ids of fixed multi-turn data: it is offline only")
             if self.max_length is not None:
                 raise UserError("--max-length cuts fixed sequences: on-policy, --max-new-tokens bounds the samples")
+            if self.loop.group_by_length:
+                raise UserError("--group-by-length groups fixed sequences: on-policy samples have no length before "
+                                "they are drawn")
         elif self.loss_name == "opd":
             raise UserError("--loss opd scores the student's own samples: add --on-policy --prompts FILE")
         if self.trust_region is not None and not self.trust_region > 0:
@@ -436,6 +439,8 @@ def prepare_distill(
 
     loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, limits, model, batch_loss, store is not None)
     loss_fn.cut_rows = {} if seqs is None else {"truncated_rows": seqs.truncated, "dropped_rows": seqs.dropped}
+    loss_fn.lengths = None if seqs is None else [len(p) + len(c) for p, c in zip(seqs.prompt_tokens,
+                                                                                 seqs.completion_tokens)]
     return model, tokenizer, len(table), loss_fn
 
 
@@ -479,5 +484,5 @@ def run_distill(
                                            teacher=[Path(t) for t in teachers]))
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
-    summary = run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate)
+    summary = run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate, loss_fn.lengths)
     return summary if opts.max_length is None else {**summary, **loss_fn.cut_rows}

@@ -203,5 +203,7 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
                                       for r in rows))
         return loss, figures
 
-    summary = run_loop(model, tokenizer, len(chosen), loss_fn, out, opts.loop, on_step)
+    lengths = [len(chosen.prompt_tokens[r]) + max(len(chosen.completion_tokens[r]), len(rejected.completion_tokens[r]))
+               for r in range(len(chosen))]  # a row's cost: its prompt and its longer response
+    summary = run_loop(model, tokenizer, len(chosen), loss_fn, out, opts.loop, on_step, lengths=lengths)
     return summary if opts.max_length is None else {**summary, "truncated_rows": truncated, "dropped_rows": dropped}

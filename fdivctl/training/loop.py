@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,7 @@ class LoopOptions:
     eval_every: int = 0  # steps between held-out evaluations (0: none); run_loop's ``evaluate``
     dist_backend: str = "auto"  # under torchrun: nccl, gloo, or auto (nccl on CUDA)
     lora: LoraOptions = field(default_factory=LoraOptions)  # r > 0: train LoRA adapters only
+    group_by_length: bool = False  # each step's examples of similar length (batches_for_step)
     # what the stage computes (run_settings.begin_run); every checkpoint saves it, --resume compares it
     run_settings: dict | None = None
 
@@ -334,14 +335,38 @@ def _records_through(path: Path, step: int) -> list[str]:
     return kept
 
 
-def batches_for_step(n_examples: int, step: int, opts: LoopOptions) -> list[list[int]]:
-    """The ``grad_accum`` micro-batches (example indices) of optimizer step ``step``."""
+#: optimizer steps whose examples are sorted by length together (HF's LengthGroupedSampler sorts 50 batches)
+LENGTH_GROUP_STEPS = 50
+
+
+def batches_for_step(n_examples: int, step: int, opts: LoopOptions,
+                     lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """The ``grad_accum`` micro-batches (example indices) of optimizer step ``step``; with ``opts.group_by_length``
+    the epoch's shuffled examples are grouped by their ``lengths`` (:func:`_grouped_by_length`)."""
     per_step = opts.batch_size * opts.grad_accum
     per_epoch = max(1, n_examples // per_step)
     epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(opts.seed + epoch)).tolist()
+    generator = torch.Generator().manual_seed(opts.seed + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    if opts.group_by_length:
+        order = _grouped_by_length(order, lengths, per_step, generator)
     chunk = order[offset * per_step : (offset + 1) * per_step]
     return [chunk[i : i + opts.batch_size] for i in range(0, len(chunk), opts.batch_size)]
+
+
+def _grouped_by_length(order: list[int], lengths: Sequence[int], per_step: int,
+                       generator: torch.Generator) -> list[int]:
+    """``order`` cut into groups of :data:`LENGTH_GROUP_STEPS` steps' examples, each group sorted by length and its
+    steps shuffled again: a step, and so each micro-batch, holds sequences of similar length, padded to little
+    more than their own (HF's ``group_by_length``), while which steps come first stays random, with no trend from
+    long to short."""
+    group = per_step * LENGTH_GROUP_STEPS
+    grouped = []
+    for start in range(0, len(order), group):
+        ranked = sorted(order[start : start + group], key=lambda i: lengths[i])
+        steps = [ranked[i : i + per_step] for i in range(0, len(ranked), per_step)]
+        grouped += [i for s in torch.randperm(len(steps), generator=generator).tolist() for i in steps[s]]
+    return grouped
 
 
 def total_steps(n_examples: int, opts: LoopOptions) -> int:
@@ -368,14 +393,19 @@ def run_loop(
     opts: LoopOptions,
     on_step: Callable[[int, int, dict], None] | None = None,
     evaluate: Callable[[int, int], dict] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> dict:
     """Optimize ``loss_fn(example indices, step, total steps) → (loss, figures)``; checkpoint into ``out``.
+
+    ``lengths`` (tokens per example) group each step's examples by length with ``opts.group_by_length``.
 
     Under torchrun each rank gets its share of every micro-batch (:mod:`fdivctl.training.distributed`).
 
     With ``evaluate`` and ``opts.eval_every``, ``evaluate(step, total)`` runs every
     ``eval_every`` steps and after the last; its figures join that step's record.
     """
+    if opts.group_by_length and lengths is None:
+        raise UserError("--group-by-length groups fixed sequences by their lengths, and this run has none")
     total = total_steps(n_examples, opts)
     trainer = Trainer(model, tokenizer, out, opts, total)
     world = trainer.world
@@ -385,7 +415,8 @@ def run_loop(
     last: dict = {}
     with JsonlLog(opts.log_jsonl if world.main else None, trainer.step) as log, Interruption(trainer) as interruption:
         while trainer.step < total:
-            micro = [rows[world.rank :: world.size] for rows in batches_for_step(n_examples, trainer.step, opts)]
+            micro = [rows[world.rank :: world.size] for rows in batches_for_step(n_examples, trainer.step, opts,
+                                                                                  lengths)]
             figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
             trainer.advance_schedule()
             last = {"step": trainer.step, **figures}
