@@ -2,8 +2,10 @@
 
 For each k in ``--ks`` and storage dtype in ``--dtypes`` the real
 ``teacher-logits`` stage writes a store for the same sequences; beside it, in
-the same run, a bare teacher forward (``model(input_ids).logits``, the same
-batches, the same model load) goes over the same tokens.  Prints one JSON
+the same run, a bare teacher forward (``model(input_ids).logits``, batches of
+the same size in the file's order, each padded to its longest, the same model
+load) goes over the same tokens.  ``--length-spread`` gives the completions
+mixed lengths, where the store's batching by length pays.  Prints one JSON
 object per (k, dtype) with ``tokens`` (prompt + completion tokens through the
 teacher), ``scored_tokens``, ``store_tokens_per_s``, ``bare_tokens_per_s``,
 ``throughput_ratio`` (store/bare = bare_s/store_s; target ≥ 0.8),
@@ -16,6 +18,7 @@ the shard's device→host copy, checksum, files and manifest).
 
     python bench/teacher_logits.py --quick                 # CPU, small model
     python bench/teacher_logits.py                         # CPU, V=32768
+    python bench/teacher_logits.py --length-spread 0.9     # CPU, completions of 23..224 tokens
     python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 --vocab 151936
 """
 
@@ -36,31 +39,39 @@ from fdivctl.io.tables import write_table
 from fdivctl.stages.teacher_logits import TeacherLogitsOptions, run_teacher_logits
 
 
-def make_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_len: int) -> None:
+def make_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_len: int,
+                   spread: float = 0.0) -> list[list[int]]:
+    """Write ``n`` random sequences; with ``spread`` s > 0 each completion's length is drawn uniformly from
+    ((1 − s)·completion_len, completion_len].  Returns each row's prompt + completion ids."""
     g = torch.Generator().manual_seed(0)
+    low = max(1, round(completion_len * (1 - spread)))
+    lengths = torch.randint(low, completion_len + 1, (n,), generator=g).tolist() if spread else [completion_len] * n
+    prompts = torch.randint(3, vocab, (n, prompt_len), generator=g).tolist()
+    completions = [torch.randint(3, vocab, (m,), generator=g).tolist() for m in lengths]
     table = pa.table(
         {
             "prompt_id": [f"p{i}" for i in range(n)],
             "sample_idx": pa.array([0] * n, pa.int64()),
-            "prompt_token_ids": pa.array(torch.randint(3, vocab, (n, prompt_len), generator=g).tolist(), pa.list_(pa.int32())),
-            "completion_token_ids": pa.array(
-                torch.randint(3, vocab, (n, completion_len), generator=g).tolist(), pa.list_(pa.int32())
-            ),
+            "prompt_token_ids": pa.array(prompts, pa.list_(pa.int32())),
+            "completion_token_ids": pa.array(completions, pa.list_(pa.int32())),
         }
     )
     write_table(path, table, {})
+    return [p + c for p, c in zip(prompts, completions)]
 
 
 @torch.no_grad()
-def bare_forward(model_dir: Path, n: int, seq_len: int, vocab: int, batch_size: int, device: str, model_dtype: str) -> float:
-    """Seconds to load the teacher and run ``model(input_ids).logits`` over the same batches."""
+def bare_forward(model_dir: Path, sequences: list[list[int]], batch_size: int, device: str, model_dtype: str) -> float:
+    """Seconds to load the teacher and run ``model(input_ids).logits`` over ``sequences`` in the file's order,
+    each batch right-padded to its longest (what a plain scoring loop does)."""
     start = time.perf_counter()
     model = load_causal_lm(model_dir, model_dtype, device, "teacher")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (n, seq_len), generator=g)
-    for b in range(0, n, batch_size):
-        batch = ids[b : b + batch_size].to(model.device)
-        logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+    for b in range(0, len(sequences), batch_size):
+        rows = sequences[b : b + batch_size]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
         logits.float().sum().item()  # the logits are used, and the device is synchronized
     return time.perf_counter() - start
 
@@ -113,6 +124,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--completion-len", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--length-spread", type=float, default=0.0,
+                        help="s in [0, 1): completion lengths uniform in ((1 − s)·L, L] (0: all L)")
     parser.add_argument("--model-dtype", default="auto")
     parser.add_argument("--max-tokens-per-shard", type=int, default=TeacherLogitsOptions.max_tokens_per_shard,
                         help="several shards: the background write of one overlaps scoring the next")
@@ -125,9 +138,9 @@ def main(argv=None) -> None:
         model_dir = tmp / "teacher"
         tiny.make_model(model_dir, tokenizer, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab)
         seqs = tmp / "seqs.parquet"
-        make_sequences(seqs, args.vocab, args.sequences, args.prompt_len, args.completion_len)
-        seq_len = args.prompt_len + args.completion_len
-        bare_forward(model_dir, args.batch_size, seq_len, args.vocab, args.batch_size, args.device, args.model_dtype)  # warm-up
+        sequences = make_sequences(seqs, args.vocab, args.sequences, args.prompt_len, args.completion_len,
+                                   args.length_spread)
+        bare_forward(model_dir, sequences[: args.batch_size], args.batch_size, args.device, args.model_dtype)  # warm-up
         for k in (int(x) for x in args.ks.split(",")):
             for dtype in args.dtypes.split(","):
                 out = tmp / f"store-{k}-{dtype}"
@@ -139,17 +152,16 @@ def main(argv=None) -> None:
                 summary = run_teacher_logits(model_dir, seqs, out, opts, on_tokens=phases.batch, on_plan=phases.plan)
                 store_s = time.perf_counter() - phases.start
                 store_phases_s = phases.seconds()
-                bare_s = bare_forward(
-                    model_dir, args.sequences, seq_len, args.vocab, args.batch_size, args.device, args.model_dtype
-                )
+                bare_s = bare_forward(model_dir, sequences, args.batch_size, args.device, args.model_dtype)
                 scored = summary["tokens"]
-                tokens = args.sequences * seq_len
+                tokens = sum(map(len, sequences))
                 shard_bytes = sum(p.stat().st_size for p in out.glob("shard-*.safetensors"))
                 print(json.dumps({
                     "k": k,
                     "dtype": dtype,
                     "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                     "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
+                    "length_spread": args.length_spread,
                     "tokens": tokens,
                     "scored_tokens": scored,
                     "store_s": store_s,

@@ -299,3 +299,19 @@ def test_a_plain_text_table_is_scored_on_every_token(tmp_path, tiny_teacher):
     chat = run_cli("teacher-logits", tiny_teacher, data, tmp_path / "chat", "--chat", "--device", "cpu")
     assert chat.returncode == 2 and "a text column has none: drop --chat" in chat.stderr, chat.stderr
     assert not (tmp_path / "chat").exists()
+
+
+def test_a_shard_is_batched_longest_first_and_indexed_in_the_files_order(tmp_path, tiny_teacher, seqs, monkeypatch):
+    """Each batch holds sequences of similar length (was: the file's order, and a batch of mixed lengths is padded
+    to its longest), and the index keeps the file's order."""
+    from fdivctl.io.sequences import Sequences
+    from fdivctl.stages.teacher_logits import TeacherLogitsOptions, run_teacher_logits
+
+    batches, batch = [], Sequences.batch
+    monkeypatch.setattr(Sequences, "batch", lambda self, rows, *a, **k: batches.append(
+        [len(self.prompt_tokens[r]) + len(self.completion_tokens[r]) for r in rows]) or batch(self, rows, *a, **k))
+    run_teacher_logits(tiny_teacher, seqs, tmp_path / "store", TeacherLogitsOptions(k=4, batch_size=3, device="cpu"))
+    lengths = [n for b in batches for n in b]
+    assert lengths == sorted(lengths, reverse=True) and len(batches) == 4  # one shard: 12 rows, 3 per batch
+    index = pq.read_table(tmp_path / "store" / "index.parquet")
+    assert index.column("source_row").to_pylist() == list(range(12))

@@ -76,7 +76,7 @@ def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score_rows(model_parts, seqs: Sequences, rows: range, opts: TeacherLogitsOptions, pad_id: int):
+def _score_rows(model_parts, seqs: Sequences, rows: list[int], opts: TeacherLogitsOptions, pad_id: int):
     """Top-k summaries for the scored tokens of ``rows``, concatenated in row order."""
     decoder, weight, bias = model_parts
     batch = {k: _upload(v, weight.device) for k, v in seqs.batch(rows, pad_id, opts.include_prompt).items()}
@@ -167,14 +167,19 @@ def run_teacher_logits(
 def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens):
     """Score one shard's rows batch by batch: its tensors on the host and one span per row.
 
-    Results stay on the device until the shard is done: one device→host copy per shard, no per-batch
-    synchronisation, so preparing the next batch on the CPU overlaps the device's work on this one.
+    The rows are batched longest first, so a batch pads its sequences to little more than their own length (in
+    the file's order a batch of mixed lengths is padded to its longest); the index keeps the file's order, each
+    span pointing where its row lies in the shard.  Results stay on the device until the shard is done: one device→host copy per
+    shard, no per-batch synchronisation, so preparing the next batch on the CPU overlaps the device's work on
+    this one.
     """
     start_row, end_row = shard_rows
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "logprobs", "log_tail", "token_logprob", "token_ids")}
     spans, offset = [], 0
-    for batch_start in range(start_row, end_row, opts.batch_size):
-        rows = range(batch_start, min(batch_start + opts.batch_size, end_row))
+    by_length = sorted(range(start_row, end_row),
+                       key=lambda r: -(len(seqs.prompt_tokens[r]) + len(seqs.completion_tokens[r])))
+    for batch_start in range(0, len(by_length), opts.batch_size):
+        rows = by_length[batch_start : batch_start + opts.batch_size]
         summary, token_ids = _score_rows(parts, seqs, rows, opts, pad_id)
         pieces["ids"].append(summary.ids)
         pieces["logprobs"].append(summary.logprobs.to(store_dtype))
@@ -196,4 +201,5 @@ def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_
             offset += counts[r]
         if on_tokens:
             on_tokens(sum(counts[r] for r in rows))
+    spans.sort(key=lambda span: span["source_row"])  # the index lists the rows in the file's order
     return {name: torch.cat(parts_list).cpu() for name, parts_list in pieces.items()}, spans
