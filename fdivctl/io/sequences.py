@@ -25,6 +25,7 @@ unique.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,12 @@ class Sequences:
         return Sequences([self.prompt_ids[r] for r in rows], [self.sample_idx[r] for r in rows],
                          [self.prompt_tokens[r] for r in rows], [self.completion_tokens[r] for r in rows],
                          self.tokenizer_hash)
+
+    def by_length(self, rows: Iterable[int], batch_size: int) -> list[list[int]]:
+        """``rows`` in batches of at most ``batch_size``, longest sequences first: a batch of similar lengths pads
+        little, where one in the file's order pads to its longest."""
+        ordered = sorted(rows, key=lambda r: -(len(self.prompt_tokens[r]) + len(self.completion_tokens[r])))
+        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
     def scored_count(self, row: int, include_prompt: bool) -> int:
         """How many tokens of ``row`` are scored."""

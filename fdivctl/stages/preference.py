@@ -132,12 +132,12 @@ def _reference_logprobs(table: pa.Table, load_reference: Callable[[], object], c
     else:
         model = load_reference()
         decoder, head = model.get_decoder(), model.get_output_embeddings()
-        values = {"ref_chosen_logp": [], "ref_rejected_logp": []}
+        values = {}
         with torch.no_grad():
-            for start in range(0, len(chosen), batch_size):
-                rows = list(range(start, min(start + batch_size, len(chosen))))
-                values["ref_chosen_logp"] += sequence_logprobs(decoder, head, chosen, rows, pad_id).tolist()
-                values["ref_rejected_logp"] += sequence_logprobs(decoder, head, rejected, rows, pad_id).tolist()
+            for name, seqs in (("ref_chosen_logp", chosen), ("ref_rejected_logp", rejected)):
+                values[name] = np.zeros(len(seqs))
+                for rows in seqs.by_length(range(len(seqs)), batch_size):
+                    values[name][rows] = sequence_logprobs(decoder, head, seqs, rows, pad_id).cpu().double().numpy()
         source = pa.table({k: pa.array(v, pa.float64()) for k, v in values.items()})
         if distributed.is_main():
             write_table(cache, source, {"stage": "fdpo reference log-probs", "pairs": len(chosen)})

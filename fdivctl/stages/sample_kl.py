@@ -70,8 +70,7 @@ def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, lim
     sampled = sampled_logprobs(table, path, seqs, np.float64)
     device = model.weight.device
     gaps: dict[str, list[float]] = {}
-    for start in range(0, len(seqs), BATCH_ROWS):
-        rows = list(range(start, min(start + BATCH_ROWS, len(seqs))))
+    for rows in seqs.by_length(range(len(seqs)), BATCH_ROWS):
         batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
         logp = model.token_logprobs(model.hidden(batch), batch["token"], temperature).double()
         per_row = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, batch["batch_index"], logp)

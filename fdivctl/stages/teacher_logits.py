@@ -176,10 +176,7 @@ def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_
     start_row, end_row = shard_rows
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "logprobs", "log_tail", "token_logprob", "token_ids")}
     spans, offset = [], 0
-    by_length = sorted(range(start_row, end_row),
-                       key=lambda r: -(len(seqs.prompt_tokens[r]) + len(seqs.completion_tokens[r])))
-    for batch_start in range(0, len(by_length), opts.batch_size):
-        rows = by_length[batch_start : batch_start + opts.batch_size]
+    for rows in seqs.by_length(range(start_row, end_row), opts.batch_size):
         summary, token_ids = _score_rows(parts, seqs, rows, opts, pad_id)
         pieces["ids"].append(summary.ids)
         pieces["logprobs"].append(summary.logprobs.to(store_dtype))
