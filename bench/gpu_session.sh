@@ -33,10 +33,13 @@ for wheel in .whl/*.whl; do  # one by one: a wheel for another Python fails alon
 done
 step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py
-step loss_engine_cuda.jsonl 170 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+step loss_engine_cuda.jsonl 140 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
 step train_step_cuda.jsonl 120 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --chunk-sizes 1024,2048,4096 --profile "$OUT/train_step_profile.txt"
 step teacher_logits_cuda.jsonl 120 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16
+step teacher_logits_mixed_cuda.jsonl 30 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
+    --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
+    --dtypes bf16 --ks 64 --length-spread 0.9
 tail -n 3 "$OUT"/gpu_tests.txt
