@@ -112,6 +112,24 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, student, data, tiny_teache
         torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
 
 
+def test_an_option_newer_than_the_checkpoint_resumes_at_its_default_only():
+    """A checkpoint written before an option existed lacks its key: the run resumes with the option at its default
+    (which keeps the earlier behaviour), and is refused with it set (was: refused either way, so upgrading fdivctl
+    stopped every run in progress)."""
+    from pathlib import Path
+
+    from fdivctl.errors import UserError
+    from fdivctl.training.run_settings import check_same_run
+
+    saved = {"loss": "jsd", "loop.lr": 1e-4}
+    check_same_run(Path("run"), saved, {**saved, "loop.group_by_length": False, "max_length": None})
+    with pytest.raises(UserError, match=r"loop.group_by_length: None → True"):
+        check_same_run(Path("run"), saved, {**saved, "loop.group_by_length": True})
+    check_same_run(Path("run"), {**saved, "retired_option": None}, saved)  # an option since removed, at its default
+    with pytest.raises(UserError, match="loss: 'jsd' → 'fkl'"):
+        check_same_run(Path("run"), saved, {**saved, "loss": "fkl", "loop.group_by_length": False})
+
+
 def test_resume_refuses_other_settings_and_accepts_moved_inputs(tmp_path, student, data, full_store):
     """A checkpoint records its run's settings (inputs by content): --resume with another loss, batch size or data
     is refused, naming what differs; the same data at another path, a longer run and another log are not."""

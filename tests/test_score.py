@@ -182,6 +182,19 @@ def test_a_user_verifier_reads_list_columns_but_not_the_token_ids(tmp_path):
     assert pq.read_table(tmp_path / "s.parquet").column("reward").to_pylist() == [1.0, 0.0]
 
 
+def test_the_gold_answer_may_live_in_another_column(tmp_path):
+    """--answer-column solution: datasets that keep the gold answer elsewhere (was: only an answer column)."""
+    src = tmp_path / "r.parquet"
+    write_table(src, pa.table({"prompt_id": ["a", "b"], "completion": ["\\boxed{4}", "\\boxed{5}"],
+                               "solution": ["4", "4"]}), {})
+    done = _cli("score", src, tmp_path / "s.parquet", "--answer-column", "solution")
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(tmp_path / "s.parquet").column("correct").to_pylist() == [True, False]
+    assert provenance(tmp_path / "s.parquet")["scored_by"]["answer_column"] == "solution"
+    done = _cli("score", src, tmp_path / "t.parquet")
+    assert done.returncode == 2 and "missing column" in done.stderr and "'answer'" in done.stderr, done.stderr
+
+
 def test_pathological_rows_cannot_hang_the_run(tmp_path):
     src = _rollouts(tmp_path / "r.parquet", ["x", "y"], ["1", "1"], prompt_ids=["a", "b"])
     done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "python:user_reward:slow_reward", "--timeout", 1)

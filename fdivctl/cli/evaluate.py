@@ -77,6 +77,8 @@ def command(
     verifier: list[str] = typer.Option(None, "--verifier", help="Verifier for --model, as in `fdivctl score` "
                                        "(default math; repeatable, the first deciding correct)."),
     reward_weights: str = typer.Option(None, help="--model: weights of the repeated --verifier rewards."),
+    answer_column: str = typer.Option(None, help="--model: column of the gold answer that math, math-verify, exact, "
+                                      "sql and a regex without --pattern read (default: answer; e.g. solution)."),
     n: int = typer.Option(8, "--n", help="Samples per prompt for --model."),
     temperature: float = typer.Option(1.0, help="Sampling temperature for --model."),
     max_new_tokens: int = typer.Option(256, help="Longest completion for --model."),
@@ -95,7 +97,7 @@ def command(
         if prompts is None:
             raise UserError("--model needs --prompts")
         name = model.name or "model"
-        spec = make_reward(verifier, reward_weights)
+        spec = make_reward(verifier, reward_weights, answer_column=answer_column)
         check_prompt_columns(prompts, spec)
         out.mkdir(parents=True, exist_ok=True)
         rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"

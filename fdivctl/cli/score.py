@@ -25,6 +25,8 @@ def command(
     reward_weights: str = typer.Option(None, help="Weights of the repeated --verifier rewards, comma-separated "
                                        "(default 1 each): reward = Σ weight × reward."),
     pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
+    answer_column: str = typer.Option(None, help="Column of the gold answer that math, math-verify, exact, sql "
+                                      "and a regex without --pattern read (default: answer; e.g. solution)."),
     db: Path = typer.Option(None, help="SQLite database for --verifier sql (default: the row's db_path column)."),
     sql_timeout: float = typer.Option(5.0, help="Seconds each SQL query may run."),
     workers: int = typer.Option(4, help="Verifier processes."),
@@ -35,7 +37,8 @@ def command(
                                 "verifier settings)."),
 ) -> None:
     """Verify completions and write reward, correct, verdict and per-prompt pass_rate."""
-    spec = make_reward(verifier, reward_weights, pattern=pattern, db=str(db) if db else None, sql_timeout=sql_timeout)
+    spec = make_reward(verifier, reward_weights, pattern=pattern, db=str(db) if db else None, sql_timeout=sql_timeout,
+                       answer_column=answer_column)
     with progress_bar("score", "rows") as progress:
         task = progress.add_task("score", total=None)
         summary = score_table(rollouts, out, spec, workers=workers, timeout=timeout,

@@ -64,6 +64,8 @@ def command(
     reward_weights: str = typer.Option(None, help="Weights of the repeated --verifier rewards, comma-separated "
                                        "(default 1 each)."),
     pattern: str = typer.Option(None, help="Regex for --verifier regex (default: the row's answer column)."),
+    answer_column: str = typer.Option(None, help="Column of the gold answer that math, math-verify, exact, sql "
+                                      "and a regex without --pattern read (default: answer; e.g. solution)."),
     iterations: int = typer.Option(10, help="Online: sample → score → update iterations."),
     prompts_per_iteration: int = typer.Option(8, help="Online: prompts sampled per iteration."),
     prompt_sampling: str = typer.Option("uniform", help="Online: how each iteration's prompts are chosen — uniform "
@@ -224,7 +226,8 @@ def command(
             raise UserError("--partition belongs to --algo dph and needs --prompts")
         with progress_bar("pre-sample", "samples") as progress:
             task = progress.add_task("pre-sample", total=None)
-            summary = run_partition(policy, prompts, out, make_reward(verifier, reward_weights, pattern=pattern), k, pef_threshold,
+            reward = make_reward(verifier, reward_weights, pattern=pattern, answer_column=answer_column)
+            summary = run_partition(policy, prompts, out, reward, k, pef_threshold,
                                     RolloutOptions(sampling=sampling, backend="hf", dtype=dtype, device=device,
                                                    chat=chat), workers=score_workers,
                                     on_batch=lambda s, t: progress.advance(task, s), dist_backend=dist_backend)
@@ -301,7 +304,8 @@ def command(
                                        prompt_sampling=prompt_sampling, gcs_mu=gcs_mu, gcs_sigma=gcs_sigma,
                                        group_size=group_size, sampling=sampling, chat=chat,
                                        score_workers=score_workers, save_every=save_every or 1, backend=backend)
-                summary = run_online(policy, prompts, out, make_reward(verifier, reward_weights, pattern=pattern), opts, online,
+                summary = run_online(policy, prompts, out, make_reward(verifier, reward_weights, pattern=pattern,
+                                                                       answer_column=answer_column), opts, online,
                                      on_iteration=on_step)
     if is_main():
         typer.echo(json.dumps({"checkpoint": str(out), **summary}))

@@ -34,11 +34,17 @@ class Verifier:
     db: str | None = None
     sql_timeout: float = 5.0
     function: str | None = None
+    answer_column: str | None = None  # the gold answer's column (None: answer) for math, math-verify, exact, sql, regex
+
+    @property
+    def answer(self) -> str:
+        """The column the gold answer is read from."""
+        return self.answer_column or "answer"
 
     def required_columns(self) -> list[str]:
         needed = ["completion"]
         if self.kind in ("math", "math-verify", "exact", "sql") or (self.kind == "regex" and not self.pattern):
-            needed.append("answer")
+            needed.append(self.answer)
         if self.kind == "sql" and not self.db:
             needed.append("db_path")
         return needed
@@ -50,26 +56,28 @@ class Verifier:
 
     def record(self) -> dict:
         """What a scored file's provenance says scored it."""
-        return {"verifier": self.kind, "function": self.function, "pattern": self.pattern}
+        return {"verifier": self.kind, "function": self.function, "pattern": self.pattern,
+                **({"answer_column": self.answer_column} if self.answer_column else {})}
 
     def __call__(self, row: dict) -> Result:
         completion = row["completion"] or ""
         if self.kind == "math":
-            return _binary(*verify_math(completion, row["answer"]))
+            return _binary(*verify_math(completion, row[self.answer]))
         if self.kind == "math-verify":
             from math_verify import parse, verify
 
-            ok = bool(verify(parse(str(row["answer"])), parse(completion)))
+            ok = bool(verify(parse(str(row[self.answer])), parse(completion)))
             return _binary(ok, "math-verify: " + ("equivalent" if ok else "not equivalent"))
         if self.kind == "exact":
-            ok = completion.strip() == str(row["answer"]).strip()
+            ok = completion.strip() == str(row[self.answer]).strip()
             return _binary(ok, "exact match" if ok else "not an exact match")
         if self.kind == "regex":
-            pattern = self.pattern or str(row["answer"])
+            pattern = self.pattern or str(row[self.answer])
             ok = re.search(pattern, completion) is not None
             return _binary(ok, f"pattern {'found' if ok else 'not found'}")
         if self.kind == "sql":
-            return _binary(*verify_sql(completion, str(row["answer"]), self.db or row["db_path"], self.sql_timeout))
+            return _binary(*verify_sql(completion, str(row[self.answer]), self.db or row["db_path"],
+                                       self.sql_timeout))
         module, func = self.function.rsplit(":", 1)
         reward = float(getattr(importlib.import_module(module), func)(completion, row))
         if not math.isfinite(reward):
@@ -112,10 +120,11 @@ Reward = Verifier | VerifierSum
 
 
 def make_reward(specs: list[str], weights: str | None = None, pattern: str | None = None, db: str | None = None,
-                sql_timeout: float = 5.0) -> Reward:
+                sql_timeout: float = 5.0, answer_column: str | None = None) -> Reward:
     """The reward of ``--verifier`` (repeatable) and ``--reward-weights``: one verifier, or the weighted sum of
-    several (weights default to 1 each).  ``pattern``, ``db`` and ``sql_timeout`` go to the parts that take them."""
-    parts = [make_verifier(spec, pattern, db, sql_timeout) for spec in specs or ["math"]]
+    several (weights default to 1 each).  ``pattern``, ``db``, ``sql_timeout`` and ``answer_column`` go to the
+    parts that take them."""
+    parts = [make_verifier(spec, pattern, db, sql_timeout, answer_column) for spec in specs or ["math"]]
     if weights is None:
         values = [1.0] * len(parts)
     else:
@@ -130,7 +139,8 @@ def make_reward(specs: list[str], weights: str | None = None, pattern: str | Non
     return VerifierSum(tuple(parts), tuple(values))
 
 
-def make_verifier(spec: str, pattern: str | None = None, db: str | None = None, sql_timeout: float = 5.0) -> Verifier:
+def make_verifier(spec: str, pattern: str | None = None, db: str | None = None, sql_timeout: float = 5.0,
+                  answer_column: str | None = None) -> Verifier:
     """Parse ``--verifier``; check that what it needs exists."""
     if spec.startswith("python:"):
         target = spec[len("python:") :]
@@ -156,4 +166,4 @@ def make_verifier(spec: str, pattern: str | None = None, db: str | None = None, 
             re.compile(pattern)
         except re.error as err:
             raise UserError(f"--pattern {pattern!r} is not a valid regular expression ({err})") from None
-    return Verifier(spec, pattern=pattern, db=db, sql_timeout=sql_timeout)
+    return Verifier(spec, pattern=pattern, db=db, sql_timeout=sql_timeout, answer_column=answer_column)

@@ -61,12 +61,25 @@ def check_same_run(out: Path, saved: Mapping[str, object] | None, current: Mappi
     """
     if saved is None:
         return
-    differing = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+    differing = sorted(key for key in set(saved) | set(current) if _differs(key, saved, current))
     if differing:
         changes = "; ".join(f"{key}: {_shown(saved.get(key))} → {_shown(current.get(key))}" for key in differing[:6])
         more = f" (and {len(differing) - 6} more)" if len(differing) > 6 else ""
         raise UserError(f"--resume: {out} was started with other settings ({changes}{more}); resume with the "
                         "run's own settings, or start a new run in another directory from its weights")
+
+
+#: the values of an option left at its default that keeps the earlier behaviour (off, none, empty)
+_OFF = (None, False, "", [])
+
+
+def _differs(key: str, saved: Mapping[str, object], current: Mapping[str, object]) -> bool:
+    """Whether setting ``key`` differs.  An option that one side's fdivctl did not have (added, or removed, since
+    the checkpoint was written) differs only when the side that has it sets it on: a new option comes with a
+    default that keeps the earlier behaviour, so a run continues across an upgrade."""
+    if key not in saved or key not in current:
+        return (saved if key in saved else current)[key] not in _OFF
+    return saved[key] != current[key]
 
 
 def _flatten(prefix: str, value, flat: dict[str, object]) -> None:
