@@ -35,6 +35,10 @@ def command(
     on_policy: bool = typer.Option(False, help="On-policy (OPD): the student samples each micro-batch's --prompts "
                                    "with its current weights and the --teacher scores those samples."),
     prompts: Path = typer.Option(None, help="On-policy: prompts Parquet (prompt_id + prompt text or messages)."),
+    on_policy_fraction: float = typer.Option(None, help="GKD's λ (TRL's lmbda): with --on-policy and --data SEQS "
+                                             "instead of --prompts, each micro-batch is the student's samples after "
+                                             "its rows' prompt tokens with probability λ, else the rows' own "
+                                             "completions; logged as on_policy_share. Needs --teacher."),
     samples_per_prompt: int = typer.Option(4, help="On-policy: samples of each prompt per micro-batch."),
     max_new_tokens: int = typer.Option(128, help="On-policy: longest sample, in tokens."),
     baseline: str = typer.Option("none", help="--loss opd: none, or vopd (detached per-token −KL(q‖p) baseline: "
@@ -126,7 +130,11 @@ def command(
         extra = [f"eps={sinkhorn_eps}"] * (sinkhorn_eps is not None) + [f"iters={sinkhorn_iters}"] * (
             sinkhorn_iters is not None)
         loss = loss + ("," if ":" in loss else ":") + ",".join(extra)
-    if on_policy != (prompts is not None) or (data is None) == (prompts is None):
+    if on_policy_fraction is not None:
+        if not on_policy or data is None or prompts is not None:
+            raise UserError("--on-policy-fraction mixes samples with a sequences table's completions: give it with "
+                            "--on-policy and --data SEQS.parquet (not --prompts)")
+    elif on_policy != (prompts is not None) or (data is None) == (prompts is None):
         raise UserError("give --data SEQS.parquet (offline), or --on-policy with --prompts PROMPTS.parquet")
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
@@ -141,7 +149,8 @@ def command(
                           tail=tail, vocab=vocab, dtype=dtype, device=device,
                           allow_tokenizer_mismatch=allow_tokenizer_mismatch,
                           allow_prompt_mismatch=allow_prompt_mismatch, teacher_weights=teacher_weights,
-                          on_policy=online, chat=chat, max_length=max_length, prompt_weighting=prompt_weighting,
+                          on_policy=online, on_policy_fraction=on_policy_fraction, chat=chat, max_length=max_length,
+                          prompt_weighting=prompt_weighting,
                           paced_alpha=paced_alpha,
                           paced_beta=paced_beta, pass_rates=pass_rates, depth_curriculum=depth_curriculum,
                           depth_start=depth_start, depth_warmup=depth_warmup, eval_data=eval_data,

@@ -16,6 +16,10 @@ distillation temperature (no top-k/top-p: the samples follow q), seeded by
 (run seed, step, batch) so that a resumed run draws the same samples.
 Registry divergences and the other losses then compare the full distributions
 at the sampled states (GKD-style); ``opd`` uses the sampled tokens' rewards.
+With a sequences table and ``on_policy_fraction`` λ < 1 (GKD's mixture, Agarwal
+et al. 2024, Algorithm 1; TRL's ``lmbda``), a micro-batch is the student's
+samples for its rows' prompt tokens with probability λ (drawn from the run
+seed, step and micro-batch), else the rows' own completions.
 
 Per-token weights: PACED (``prompt_weighting="paced"``, from each row's pass
 rate) and TCOD (``depth_curriculum``, turns from a ``turn_ids`` column or the chat
@@ -105,6 +109,7 @@ class DistillOptions:
     allow_prompt_mismatch: bool = False  # a store whose teacher saw other prompts (context distillation)
     teacher_weights: str | None = None  # several teachers: "0.7,0.3" or "confidence" (default)
     on_policy: OnPolicyOptions | None = None  # None: offline, on the data's sequences
+    on_policy_fraction: float | None = None  # GKD's λ: on-policy over a sequences table, this share sampled
     chat: bool = False  # text prompt/completion tables (data, eval data): prompts through the chat template
     max_length: int | None = None  # data and eval data: sequences cut to this many tokens (Sequences.truncate)
     prompt_weighting: str = "none"  # none | paced
@@ -145,6 +150,13 @@ class DistillOptions:
         check_max_length(self.max_length)
         if self.prompt_weighting not in PROMPT_WEIGHTINGS:
             raise UserError(f"--prompt-weighting {self.prompt_weighting!r}; valid: {', '.join(PROMPT_WEIGHTINGS)}")
+        if self.on_policy_fraction is not None:
+            if self.on_policy is None or not 0 < self.on_policy_fraction <= 1:
+                raise UserError("--on-policy-fraction λ (0 < λ ≤ 1) is GKD's share of sampled micro-batches: give it "
+                                "with --on-policy and --data")
+            if self.loss_name in ("opd", "ce"):
+                raise UserError(f"--on-policy-fraction mixes the data's completions with samples under one "
+                                f"divergence: --loss jsd, fkl, … (not {self.loss_name})")
         if self.on_policy is not None:
             self.on_policy.check(self.loss_name)
             if self.loss_name == "ce":
@@ -313,7 +325,8 @@ def prepare_distill(
     for t in teachers:
         check_same_tokenizer(t, "teacher", student_hash, f"student {student}", opts.allow_tokenizer_mismatch)
     limits = model_limits((student, "student"), *((t, "teacher") for t in teachers))
-    if opts.on_policy is not None:
+    mixed = opts.on_policy_fraction is not None
+    if opts.on_policy is not None and not mixed:
         table = read_table(data)
         require_columns(table, data, ["prompt_id"], " (on-policy distillation reads a prompts table)")
         require_prompt_ids(data, table.column("prompt_id"))
@@ -330,6 +343,7 @@ def prepare_distill(
         if store is not None:
             store.check_rows(seqs, data, opts.allow_prompt_mismatch)
         prompt_ids = seqs.prompt_ids
+        encoded = [p.tolist() for p in seqs.prompt_tokens]  # GKD's mixture samples after the rows' own prompts
     row_weights = _row_weights(table, data, prompt_ids, opts)
     turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None
     max_turns = max((int(t.max()) + 1 for t in turns if len(t)), default=1) if turns is not None else 1
@@ -345,7 +359,7 @@ def prepare_distill(
     bias = getattr(head, "bias", None)
     device = head.weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    current = {"step": 0}
+    current = {"step": 0, "micro_step": None, "micro": 0}  # the optimizer step, and the micro-batch within it
     generate = None
     if opts.on_policy is not None:
         generate = live_generator(model, tokenizer, resume_from or student, opts.on_policy.backend, opts.dtype,
@@ -426,22 +440,32 @@ def prepare_distill(
     def loss_fn(rows: list[int], step: int = 0, total: int = 1):
         """The mean loss over the tokens of ``rows`` (under torchrun: this rank's share of the mean over the
         micro-batch's tokens on every rank)."""
-        current["step"] = step
+        current["micro"] = current["micro"] + 1 if current["micro_step"] == step else 0
+        current["step"] = current["micro_step"] = step
         world = distributed.current()
-        if generate is None:
-            return distributed.global_token_mean(*batch_loss(seqs, rows, rows, step, total), world)
+        if generate is None or (mixed and not _draws_samples(opts, step, current["micro"])):
+            loss, figures = distributed.global_token_mean(*batch_loss(seqs, rows, rows, step, total), world)
+            return loss, {**figures, "on_policy_share": 0.0} if mixed else figures
         batch_seqs = sampled(rows, step)
         example_of = [r for r in rows for _ in range(opts.on_policy.samples_per_prompt)]
         loss, figures = distributed.global_token_mean(
             *batch_loss(batch_seqs, list(range(len(batch_seqs))), example_of, step, total), world)
         figures["response_length"] = figures["tokens"] / len(batch_seqs)  # every rank samples as many
-        return loss, figures
+        return loss, {**figures, "on_policy_share": 1.0} if mixed else figures
 
     loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, limits, model, batch_loss, store is not None)
     loss_fn.cut_rows = {} if seqs is None else {"truncated_rows": seqs.truncated, "dropped_rows": seqs.dropped}
     loss_fn.lengths = None if seqs is None else [len(p) + len(c) for p, c in zip(seqs.prompt_tokens,
                                                                                  seqs.completion_tokens)]
     return model, tokenizer, len(table), loss_fn
+
+
+def _draws_samples(opts: DistillOptions, step: int, micro: int) -> bool:
+    """GKD's draw for micro-batch ``micro`` of step ``step``: sampled with probability ``on_policy_fraction``.
+    From the run seed, step and micro-batch alone, so every rank draws alike and a resumed run draws as an
+    uninterrupted one."""
+    generator = torch.Generator().manual_seed((opts.loop.seed * 1_000_003 + step * 10_007 + micro) % (2**31))
+    return float(torch.rand((), generator=generator)) < opts.on_policy_fraction
 
 
 def _opd(teacher: FrozenModel, batch: dict, hidden: torch.Tensor, weight, bias, opts: DistillOptions):
