@@ -48,6 +48,8 @@ def test_the_mixture_draws_per_micro_batch_reproducibly_and_its_ends_are_the_two
     low = _log(tmp_path / "low.jsonl")
     assert [r["loss"] for r in low] == [r["loss"] for r in _log(tmp_path / "off.jsonl")]
     assert all(r["on_policy_share"] == 0.0 for r in low)
+    # a data micro-batch reports its rows' completion length: 2 micro-batches of 2 rows, 4 rows a step
+    assert all(r["response_length"] == pytest.approx(r["tokens"] / 4) for r in low)
     assert _run(student, tiny_teacher, tmp_path / "all", data, "--on-policy", "--on-policy-fraction", 1,
                 "--max-steps", 2).returncode == 0
     assert all(r["on_policy_share"] == 1.0 and "response_length" in r for r in _log(tmp_path / "all.jsonl"))

@@ -445,7 +445,10 @@ def prepare_distill(
         world = distributed.current()
         if generate is None or (mixed and not _draws_samples(opts, step, current["micro"])):
             loss, figures = distributed.global_token_mean(*batch_loss(seqs, rows, rows, step, total), world)
-            return loss, {**figures, "on_policy_share": 0.0} if mixed else figures
+            if not mixed:
+                return loss, figures
+            # a mixed step's response_length averages its micro-batches' completions, the data's and the samples'
+            return loss, {**figures, "response_length": figures["tokens"] / len(rows), "on_policy_share": 0.0}
         batch_seqs = sampled(rows, step)
         example_of = [r for r in rows for _ in range(opts.on_policy.samples_per_prompt)]
         loss, figures = distributed.global_token_mean(
