@@ -120,11 +120,20 @@ class Sequences:
                          [self.prompt_tokens[r] for r in rows], [self.completion_tokens[r] for r in rows],
                          self.tokenizer_hash)
 
+    def lengths(self) -> list[int]:
+        """Each row's prompt + completion tokens."""
+        return [len(p) + len(c) for p, c in zip(self.prompt_tokens, self.completion_tokens)]
+
     def by_length(self, rows: Iterable[int], batch_size: int) -> list[list[int]]:
         """``rows`` in batches of at most ``batch_size``, longest sequences first: a batch of similar lengths pads
         little, where one in the file's order pads to its longest."""
-        ordered = sorted(rows, key=lambda r: -(len(self.prompt_tokens[r]) + len(self.completion_tokens[r])))
+        lengths = self.lengths()
+        ordered = sorted(rows, key=lambda r: -lengths[r])
         return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+    def cut_counts(self) -> dict[str, int]:
+        """What ``--max-length`` did to the rows read (:func:`read_sequences`), as a summary reports it."""
+        return cut_counts(self.truncated, self.dropped)
 
     def scored_count(self, row: int, include_prompt: bool) -> int:
         """How many tokens of ``row`` are scored."""
@@ -163,6 +172,20 @@ class Sequences:
         as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
         return {"input_ids": input_ids, "attention_mask": attention, "batch_index": as_tensor(batch_index),
                 "position": as_tensor(position), "token": as_tensor(token)}
+
+
+def cut_counts(truncated: int, dropped: int) -> dict[str, int]:
+    """A summary's count of the rows ``--max-length`` cut and of those it dropped."""
+    return {"truncated_rows": truncated, "dropped_rows": dropped}
+
+
+def kept_rows(count: int, dropped: list[int], path: Path, max_length: int, what: str) -> list[int]:
+    """The rows of ``count`` left once ``--max-length`` drops ``dropped`` (:meth:`Sequences.truncate`); one
+    UserError when none is left (``what``: what the rows are, in the message)."""
+    keep = sorted(set(range(count)) - set(dropped))
+    if not keep:
+        raise UserError(f"{path}: every prompt alone fills --max-length {max_length}: no {what} is left")
+    return keep
 
 
 def check_max_length(max_length: int | None) -> None:
@@ -255,9 +278,7 @@ def read_sequences(path: str | Path, tokenizer=None, chat: bool = False,
                 [t[: len(c)] if len(t) == n else t for t, c, n in zip(turns, seqs.completion_tokens, lengths)],
                 pa.list_(pa.int32())))
         if full:
-            keep = sorted(set(range(len(seqs))) - set(full))
-            if not keep:
-                raise UserError(f"{path}: every prompt alone fills --max-length {max_length}: no sequence is left")
+            keep = kept_rows(len(seqs), full, path, max_length, "sequence")
             table, seqs = table.take(keep), seqs.take(keep)
         seqs.truncated, seqs.dropped = len(cut), len(full)
     return table, seqs

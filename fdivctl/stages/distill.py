@@ -343,7 +343,8 @@ def prepare_distill(
         if store is not None:
             store.check_rows(seqs, data, opts.allow_prompt_mismatch)
         prompt_ids = seqs.prompt_ids
-        encoded = [p.tolist() for p in seqs.prompt_tokens]  # GKD's mixture samples after the rows' own prompts
+        if mixed:  # GKD's mixture samples after the rows' own prompts
+            encoded = [p.tolist() for p in seqs.prompt_tokens]
     row_weights = _row_weights(table, data, prompt_ids, opts)
     turns = _turn_ids(table, data, seqs, tokenizer) if opts.depth_curriculum else None
     max_turns = max((int(t.max()) + 1 for t in turns if len(t)), default=1) if turns is not None else 1
@@ -457,9 +458,8 @@ def prepare_distill(
         return loss, {**figures, "on_policy_share": 1.0} if mixed else figures
 
     loss_fn.evaluate = _evaluator(opts, tokenizer, student_hash, limits, model, batch_loss, store is not None)
-    loss_fn.cut_rows = {} if seqs is None else {"truncated_rows": seqs.truncated, "dropped_rows": seqs.dropped}
-    loss_fn.lengths = None if seqs is None else [len(p) + len(c) for p, c in zip(seqs.prompt_tokens,
-                                                                                 seqs.completion_tokens)]
+    loss_fn.cut_rows = {} if seqs is None else seqs.cut_counts()
+    loss_fn.lengths = None if seqs is None else seqs.lengths()
     return model, tokenizer, len(table), loss_fn
 
 

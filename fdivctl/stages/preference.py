@@ -29,7 +29,7 @@ from fdivctl import divergences, engine
 from fdivctl.errors import UserError
 from fdivctl.io import conversations
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
-from fdivctl.io.sequences import Sequences, check_max_length, sequences_from_table, text_column
+from fdivctl.io.sequences import Sequences, check_max_length, cut_counts, kept_rows, sequences_from_table, text_column
 from fdivctl.io.tables import read_table, require_columns, require_finite, require_no_nulls, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.stages.signals import scored_hidden
@@ -175,10 +175,8 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
                             "and the table's reference log-probs are of the whole responses: drop those columns "
                             "(the initial policy's are computed then) or --max-length")
         if full:
-            keep = sorted(set(range(len(chosen))) - set(full))
+            keep = kept_rows(len(chosen), full, pairs, opts.max_length, "pair")
             chosen, rejected, table = chosen.take(keep), rejected.take(keep), table.take(keep)
-        if not len(chosen):
-            raise UserError(f"{pairs}: every prompt alone fills --max-length {opts.max_length}: no pair is left")
     limits = model_limits((policy, "policy"))
     chosen.check_fits(pairs, limits)
     rejected.check_fits(pairs, limits)
@@ -206,4 +204,4 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     lengths = [len(chosen.prompt_tokens[r]) + max(len(chosen.completion_tokens[r]), len(rejected.completion_tokens[r]))
                for r in range(len(chosen))]  # a row's cost: its prompt and its longer response
     summary = run_loop(model, tokenizer, len(chosen), loss_fn, out, opts.loop, on_step, lengths=lengths)
-    return summary if opts.max_length is None else {**summary, "truncated_rows": truncated, "dropped_rows": dropped}
+    return summary if opts.max_length is None else {**summary, **cut_counts(truncated, dropped)}

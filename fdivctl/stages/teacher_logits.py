@@ -160,7 +160,7 @@ def run_teacher_logits(
         "shards_total": len(plan),
         "tokens": int(sum(plan[i]["n_tokens"] for i in todo)),
         "complete": complete,
-        **({} if opts.max_length is None else {"truncated_rows": seqs.truncated, "dropped_rows": seqs.dropped}),
+        **({} if opts.max_length is None else seqs.cut_counts()),
     }
 
 
