@@ -31,14 +31,17 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 for wheel in .whl/*.whl; do  # one by one: a wheel for another Python fails alone
     [ -e "$wheel" ] && pip install -q --no-deps --no-index "$wheel" 2>&1 | tail -1
 done
-step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
+step gpu_tests.txt 110 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py
-step loss_engine_cuda.jsonl 140 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
-step train_step_cuda.jsonl 120 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
+# the head chunk and the weight-gradient GEMM's rows side by side (1: one GEMM per chunk, as before; 0: the default)
+step loss_engine_sweep_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
+    --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
+step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+step train_step_cuda.jsonl 110 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --chunk-sizes 1024,2048,4096 --profile "$OUT/train_step_profile.txt"
-step teacher_logits_cuda.jsonl 120 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
+step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
-    --dtypes bf16
+    --dtypes bf16 --profile "$OUT/teacher_logits_profile.txt"
 step teacher_logits_mixed_cuda.jsonl 30 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --ks 64 --length-spread 0.9

@@ -46,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -128,10 +129,12 @@ def engine_target(inputs):
     return engine.TopK(inputs["ids"], inputs["logprobs"], inputs["log_tail"])
 
 
-def engine_step(inputs, divergence, grad_mode="forward", chunk_size=None, kernel="torch", accum="fp32"):
+def engine_step(inputs, divergence, grad_mode="forward", chunk_size=None, kernel="torch", accum="fp32",
+                weight_grad_rows=None):
     loss = engine.divergence_loss(
         inputs["hidden"], inputs["weight"], engine_target(inputs), divergence,
         grad_mode=grad_mode, chunk_size=chunk_size, kernel=kernel, weight_grad_accum=accum,
+        weight_grad_rows=weight_grad_rows,
     )
     loss.backward()
     return loss.detach()
@@ -172,13 +175,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(variant, shape, dtype, device, target_kind, divergence, repeats, grad_mode, chunk_size):
+def measure(variant, shape, dtype, device, target_kind, divergence, repeats, grad_mode, chunk_size,
+            weight_grad_rows=None):
     """Peak bytes above the inputs, median seconds of one step, and the loss value."""
+    rows = weight_grad_rows
     step = {
         "naive": lambda inp: naive_step(inp, divergence),
-        "engine": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "torch"),
-        "triton": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton"),
-        "triton_bf16acc": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton", "param"),
+        "engine": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "torch", "fp32", rows),
+        "triton": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton", "fp32", rows),
+        "triton_bf16acc": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton", "param", rows),
         "liger": lambda inp: liger_step(inp, divergence),
         "liger_fp32acc": lambda inp: liger_step(inp, divergence, torch.float32),
     }[variant]
@@ -219,6 +224,8 @@ def _worker(variant, args, shape, div_specs, repeats, env=None):
     ]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.weight_grad_rows:
+        cmd += ["--weight-grad-rows", str(args.weight_grad_rows)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise SystemExit(f"benchmark worker {variant} failed:\n{done.stderr}")
@@ -253,7 +260,7 @@ def run_shape(args, shape, div_specs):
             try:
                 results[variant].append(measure(
                     variant, shape, DTYPES[args.dtype], args.device, args.target, divergences.parse(spec),
-                    args.repeats, args.grad_mode, args.chunk_size,
+                    args.repeats, args.grad_mode, args.chunk_size, args.weight_grad_rows,
                 ))
             except torch.cuda.OutOfMemoryError:
                 results[variant].append({"peak_bytes": None, "seconds": None, "loss": None, "oom": True})
@@ -278,6 +285,8 @@ def _record(args, shape, div_spec, results):
         return results.get(variant, {}).get(key)
 
     flops = matmul_flops(shape, args.target)
+    device = torch.device(args.device)
+    chunk = args.chunk_size or engine.default_chunk_size(shape[0], shape[2], device)
     record = {
         "shape": {"N": shape[0], "H": shape[1], "V": shape[2]},
         "divergence": div_spec,
@@ -285,6 +294,8 @@ def _record(args, shape, div_spec, results):
         "target": args.target,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "grad_mode": args.grad_mode,
+        "chunk_size": chunk,
+        "weight_grad_rows": args.weight_grad_rows or engine.default_weight_grad_rows(chunk, shape[1], device),
         "memory_method": "cuda max_memory_allocated" if args.device == "cuda" else (
             "subprocess RSS high-water (ru_maxrss) minus RSS after inputs, MALLOC_MMAP_THRESHOLD_=131072"
         ),
@@ -325,7 +336,11 @@ def parse_args(argv=None):
     parser.add_argument("--target", choices=["head", "full", "topk"], default="head",
                         help="teacher hidden+head (online KD), full teacher logits, or a top-k store")
     parser.add_argument("--grad-mode", choices=list(engine.GRAD_MODES), default="forward")
-    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--chunk-size", default=None,
+                        help="token rows per head chunk (the engine's default when not given); comma-separated: each")
+    parser.add_argument("--weight-grad-rows", default=None,
+                        help="logit-gradient rows per weight-gradient GEMM (engine's weight_grad_rows; 0 or not given: "
+                        "its default); comma-separated: each, for each --chunk-size")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
         "--variants", default=None,
@@ -346,19 +361,28 @@ def parse_args(argv=None):
     return args
 
 
+def _int_list(text):
+    """``"512,1024"`` → [512, 1024]; None → [None] (the engine's default); 0 stands for the default too."""
+    return [int(x) or None for x in text.split(",")] if text else [None]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
+        args.chunk_size = args.chunk_size and int(args.chunk_size)
+        args.weight_grad_rows = args.weight_grad_rows and int(args.weight_grad_rows)
         shape = tuple(int(x) for x in args.worker_shape.split(","))
         for spec in args.divergences.split(","):
             result = measure(
                 args.worker, shape, DTYPES[args.dtype], "cpu", args.target,
-                divergences.parse(spec), args.repeats, args.grad_mode, args.chunk_size,
+                divergences.parse(spec), args.repeats, args.grad_mode, args.chunk_size, args.weight_grad_rows,
             )
             print(json.dumps(result), flush=True)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    chunk_sizes = _int_list(args.chunk_size)
+    grad_rows = _int_list(args.weight_grad_rows)
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     elif args.device == "cuda":
@@ -366,8 +390,9 @@ def main(argv=None):
     else:
         shapes = CPU_QUICK if args.quick else CPU_FULL
     for shape in shapes:
-        for record in run_shape(args, shape, args.divergences.split(",")):
-            print(json.dumps(record), flush=True)
+        for args.chunk_size, args.weight_grad_rows in itertools.product(chunk_sizes, grad_rows):
+            for record in run_shape(args, shape, args.divergences.split(",")):
+                print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ the shard's device→host copy, checksum, files and manifest).
     python bench/teacher_logits.py                         # CPU, V=32768
     python bench/teacher_logits.py --length-spread 0.9     # CPU, completions of 23..224 tokens
     python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 --vocab 151936
+    python bench/teacher_logits.py --device cuda ... --profile profile.txt   # + where the store's time goes
+
+``--profile FILE`` writes, after the timed runs, the torch.profiler tables (top
+operators and kernels by self device time) of one more store run (the first k
+and dtype) and one more bare forward.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from fdivctl import tiny
 from fdivctl.io.checkpoints import load_causal_lm
 from fdivctl.io.tables import write_table
 from fdivctl.stages.teacher_logits import TeacherLogitsOptions, run_teacher_logits
+from profiling import profile_table  # bench/profiling.py, beside this script
 
 
 def make_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_len: int,
@@ -129,6 +135,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model-dtype", default="auto")
     parser.add_argument("--max-tokens-per-shard", type=int, default=TeacherLogitsOptions.max_tokens_per_shard,
                         help="several shards: the background write of one overlaps scoring the next")
+    parser.add_argument("--profile", default=None, help="write the torch.profiler tables of one more store run "
+                        "(first k and dtype) and one more bare forward to this file, after the timed runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.vocab, args.sequences, args.completion_len = 8192, 32, 96
@@ -174,6 +182,16 @@ def main(argv=None) -> None:
                     "bytes_per_token": shard_bytes / scored,
                     "bytes_per_token_target": 6 * k + 16,
                 }), flush=True)
+        if args.profile:
+            opts = TeacherLogitsOptions(k=int(args.ks.split(",")[0]), dtype=args.dtypes.split(",")[0],
+                                        batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype,
+                                        max_tokens_per_shard=args.max_tokens_per_shard)
+            device = torch.device("cuda" if args.device.startswith("cuda") else args.device)
+            store = profile_table(lambda: run_teacher_logits(model_dir, seqs, tmp / "store-profiled", opts), device)
+            bare = profile_table(
+                lambda: bare_forward(model_dir, sequences, args.batch_size, args.device, args.model_dtype), device
+            )
+            Path(args.profile).write_text(f"== store, k {opts.k}, {opts.dtype} ==\n{store}\n\n== bare forward ==\n{bare}\n")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import FrozenModel
 from fdivctl.training.loop import LoopOptions
 
+from profiling import profile_table  # bench/profiling.py, beside this script
+
 try:
     from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
 except ImportError:  # the TRL column is left out
@@ -179,19 +181,11 @@ def _measure(step, policy, repeats, device):
 
 
 def _profile(step, policy, device) -> str:
-    """One more run of ``step`` under torch.profiler: its operators and kernels by self device time (CPU time on
-    the CPU), the top 25 — where a variant's time goes."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    """One more run of ``step`` under torch.profiler (:func:`profiling.profile_table`), gradients cleared around it."""
     policy.zero_grad(set_to_none=True)
-    with torch.profiler.profile(activities=activities) as profiler:
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    table = profile_table(step, device)
     policy.zero_grad(set_to_none=True)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=key, row_limit=25)
+    return table
 
 
 def main() -> None:

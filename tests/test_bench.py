@@ -26,7 +26,8 @@ FIELDS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(FIELDS))
 def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
-    profile = ["--profile", str(tmp_path / "profile.txt")] if script == "train_step.py" else []
+    profiled = ("train_step.py", "teacher_logits.py")
+    profile = ["--profile", str(tmp_path / "profile.txt")] if script in profiled else []
     done = subprocess.run([sys.executable, str(BENCH / script), "--quick", *profile], capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -35,9 +36,12 @@ def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
     for record in records:
         for field in FIELDS[script]:
             assert field in record and math.isfinite(record[field]), (script, field, record)
-        if profile:  # one operator table per variant, where its time goes
+        if script == "train_step.py":  # one operator table per variant, where its time goes
             tables = (tmp_path / "profile.txt").read_text()
             assert all(f"== {name}, shape" in tables for name in ("fdivctl", "naive")) and "aten::mm" in tables
         if script == "teacher_logits.py":  # the phases split the store's time, with none negative
             phases = record["store_phases_s"]
             assert min(phases.values()) >= 0 and sum(phases.values()) == pytest.approx(record["store_s"], rel=0.05)
+            tables = (tmp_path / "profile.txt").read_text()  # the store's and the bare forward's operator tables
+            assert tables.index("== store, k 16, bf16 ==") < tables.index("== bare forward ==")
+            assert tables.count("aten::mm") >= 2

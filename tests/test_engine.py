@@ -231,7 +231,31 @@ def test_token_ids_are_checked():
 def test_default_chunk_size_bounds_the_chunk_buffer():
     assert engine.default_chunk_size(100_000, 32768, torch.device("cpu")) == 128
     assert engine.default_chunk_size(5, 32768, torch.device("cpu")) == 5
-    assert engine.default_chunk_size(100_000, 151936, torch.device("cuda")) == 441
+    assert engine.default_chunk_size(100_000, 151936, torch.device("cuda")) == 384  # 441, down to whole 128-row tiles
+
+
+def test_default_weight_grad_rows_gathers_about_the_hidden_size_on_cuda():
+    assert engine.default_weight_grad_rows(384, 4096, torch.device("cuda")) == 3840
+    assert engine.default_weight_grad_rows(384, 256, torch.device("cuda")) == 384
+    assert engine.default_weight_grad_rows(128, 4096, torch.device("cpu")) == 128
+
+
+@pytest.mark.parametrize("rows", [1, 8, 11, N, 1000])
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+def test_weight_grad_rows_change_no_gradient(rows, grad_mode):
+    """Logit gradients of several chunks gathered for one weight-gradient GEMM (``weight_grad_rows``: fewer,
+    larger GEMMs into the [V, H] accumulator) give the reference gradients, whatever the rows (1: each chunk's
+    own; 8 and 11 over chunks of 4: flushed whole or part full; more rows than tokens)."""
+    hidden, weight, bias, th, tw = _tensors(seed=21, bias=True)
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    ours = engine.divergence_loss(h, w, engine.TeacherHead(th, tw), "jsd", bias=b, chunk_size=4, grad_mode=grad_mode,
+                                  weight_grad_rows=rows)
+    h2, w2, b2 = _leaf(hidden), _leaf(weight), _leaf(bias)
+    ref = reference_full("jsd", {}, h2 @ w2.T + b2, th @ tw.T).mean()
+    for g_ours, g_ref in zip(_grads(ours, h, w, b), _grads(ref, h2, w2, b2)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="weight_grad_rows must be ≥ 1"):
+        engine.divergence_loss(h, w, engine.TeacherHead(th, tw), "jsd", weight_grad_rows=0)
 
 
 @pytest.mark.parametrize("weights", [[0.7, 0.3], [2.0, 0.0, 1.0], "confidence"])

@@ -119,6 +119,21 @@ def test_triton_token_loss_matches_the_torch_path(div):
 
 
 @case
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+def test_triton_kernels_write_into_the_gathered_weight_gradient_rows(grad_mode):
+    """With ``weight_grad_rows`` over several chunks the gradient kernel writes each chunk's rows into the
+    shared buffer (flushed full at 10 rows and part full at the end): the torch path's gradients."""
+    hidden, weight, bias, th, tw, _ = _inputs()
+    results = {}
+    for kernel in ("torch", "triton"):
+        loss = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "fkl", bias=bias, chunk_size=5,
+                                      grad_mode=grad_mode, kernel=kernel, weight_grad_rows=10)
+        results[kernel] = (loss, *torch.autograd.grad(loss, (hidden, weight, bias)))
+    for ours, ref in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@case
 def test_objective_without_gradient_gives_zero_gradients():
     hidden, weight, _, _, _, tokens = _inputs()
     total, _ = engine.token_loss(

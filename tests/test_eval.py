@@ -268,8 +268,9 @@ def test_an_interrupted_model_shortcut_continues_when_run_again(tmp_path, tiny_t
     """Ctrl-C while eval --model samples leaves the finished parts; the same command again continues them (before:
     refused with 'pass --resume', an option eval does not have)."""
     prompts = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt_id": [f"q{i}" for i in range(96)], "prompt": ["Compute 1 + 2."] * 96,
-                             "answer": ["3"] * 96}), prompts)
+    # enough prompts that sampling runs on well after its first part (with 96 a fast machine finished first)
+    pq.write_table(pa.table({"prompt_id": [f"q{i}" for i in range(256)], "prompt": ["Compute 1 + 2."] * 256,
+                             "answer": ["3"] * 256}), prompts)
     args = ["eval", tmp_path / "out", "--model", tiny_teacher, "--prompts", prompts, "--n", 2, "--k", "1,2",
             "--max-new-tokens", 24, "--device", "cpu"]
     parts = tmp_path / "out" / f"{tiny_teacher.name}.rollouts.parquet.parts"
@@ -284,4 +285,4 @@ def test_an_interrupted_model_shortcut_continues_when_run_again(tmp_path, tiny_t
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][tiny_teacher.name]["all"]["samples"] \
-        == 192 and not parts.exists()
+        == 512 and not parts.exists()

@@ -26,6 +26,13 @@ path; ``"triton"`` — two fused row kernels (:mod:`fdivctl.engine.triton_chunk`
 for full-logit and teacher-head targets; ``"auto"`` (default) takes Triton on
 CUDA wherever it applies.
 
+``weight_grad_rows`` (``G``): rows of logit gradients gathered for one
+weight-gradient GEMM ``grad W += gᵀ h`` (:class:`~fdivctl.engine.sweep.PendingWeightGrad`).
+Default: one chunk on the CPU; on CUDA the chunks that fit in the hidden size
+(``G ≈ H``), so that GEMM does ≥ H/4 FLOP per byte of the ``[V, H]`` fp32
+accumulator it reads and writes, for a ``[G, V]`` buffer of at most half the
+accumulator's bytes in bf16.
+
 ``weight_grad_accum`` (:data:`~fdivctl.engine.sweep.WEIGHT_GRAD_ACCUM`): the
 head's gradient accumulates across chunks in fp32 (default, DESIGN.md), or with
 ``"param"`` in the dtype the matmuls read the weight in — bf16 for a bf16 head
@@ -58,6 +65,8 @@ GRAD_MODES = ("forward", "recompute")
 # Elements of one [chunk, V] fp32 buffer when chunk_size is not given; a chunk
 # holds a handful of such buffers at once (logits, log q, target, grad).
 _CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
+# GEMM tile rows a CUDA chunk is a multiple of
+_GEMM_ROWS = 128
 
 
 class TokenOutputs(NamedTuple):
@@ -69,9 +78,24 @@ class TokenOutputs(NamedTuple):
 
 
 def default_chunk_size(n_tokens: int, vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk so that one ``[chunk, V]`` fp32 buffer stays near a fixed budget."""
+    """Rows per chunk so that one ``[chunk, V]`` fp32 buffer stays near a fixed budget.
+
+    On CUDA a multiple of :data:`_GEMM_ROWS` (when the budget allows one), so that the chunk's
+    matmuls fill whole tiles (441 rows at V = 151936 ran 4 tiles of 128 for 3.45 tiles' work).
+    """
     budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cuda"])
-    return max(1, min(n_tokens, max(8, budget // vocab_size)))
+    rows = max(8, budget // vocab_size)
+    if device.type == "cuda" and rows >= _GEMM_ROWS:
+        rows -= rows % _GEMM_ROWS
+    return max(1, min(n_tokens, rows))
+
+
+def default_weight_grad_rows(chunk_size: int, hidden_size: int, device: torch.device) -> int:
+    """Logit-gradient rows per weight-gradient GEMM: one chunk on the CPU, the whole chunks that fit in the
+    hidden size on CUDA (at least one)."""
+    if device.type != "cuda":
+        return chunk_size
+    return chunk_size * max(1, hidden_size // chunk_size)
 
 
 class _TokenOutputsFn(torch.autograd.Function):
@@ -133,10 +157,13 @@ class _ObjectiveFn(torch.autograd.Function):
 
 
 def _plan(
-    hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+    hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
+    weight_grad_rows,
 ):
     check_head(hidden, weight, bias)
     check_scalars(temperature, chunk_size)
+    if weight_grad_rows is not None and weight_grad_rows < 1:
+        raise ValueError(f"weight_grad_rows must be ≥ 1, got {weight_grad_rows}")
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     check_token_ids(token_ids, n_tokens, vocab_size)
     if (target is None) != (divergence is None):
@@ -148,17 +175,19 @@ def _plan(
         divergence.validate(n_tokens, target)
     if weight_grad_accum not in WEIGHT_GRAD_ACCUM:
         raise ValueError(f"weight_grad_accum={weight_grad_accum!r}; valid: {', '.join(WEIGHT_GRAD_ACCUM)}")
+    chunk_size = (
+        chunk_size or getattr(divergence, "chunk_rows", None) or default_chunk_size(n_tokens, vocab_size, hidden.device)
+    )
     return SweepPlan(
         token_ids=token_ids,
         entropy=entropy,
         target=target,
         divergence=divergence,
         temperature=float(temperature),
-        chunk_size=chunk_size
-        or getattr(divergence, "chunk_rows", None)
-        or default_chunk_size(n_tokens, vocab_size, hidden.device),
+        chunk_size=chunk_size,
         kernel=resolve_kernel(kernel, hidden, target, divergence),
         weight_grad_accum=weight_grad_accum,
+        weight_grad_rows=weight_grad_rows or default_weight_grad_rows(chunk_size, hidden.shape[1], hidden.device),
     )
 
 
@@ -175,6 +204,7 @@ def token_outputs(
     chunk_size: int | None = None,
     kernel: str = "auto",
     weight_grad_accum: str = "fp32",
+    weight_grad_rows: int | None = None,
 ) -> TokenOutputs:
     """Per-token ``log q(y_t)``, ``H(q_t)`` and ``D(q_t‖p_t)`` at ``temperature``, differentiable.
 
@@ -183,7 +213,8 @@ def token_outputs(
     Results are fp32 (fp64 for fp64 inputs).
     """
     plan = _plan(
-        hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+        hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
+        weight_grad_rows,
     )
     if not plan.outputs:
         raise ValueError("token_outputs: request token_ids, entropy=True, or a target with a divergence")
@@ -205,6 +236,7 @@ def divergence_loss(
     grad_mode: str = "forward",
     kernel: str = "auto",
     weight_grad_accum: str = "fp32",
+    weight_grad_rows: int | None = None,
 ) -> torch.Tensor:
     """Masked weighted mean divergence ``Σ_t m_t w_t D(q_t‖p_t) / Σ_t m_t w_t``.
 
@@ -216,7 +248,8 @@ def divergence_loss(
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode={grad_mode!r}; valid: {', '.join(GRAD_MODES)}")
     plan = _plan(
-        hidden, weight, bias, None, False, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+        hidden, weight, bias, None, False, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
+        weight_grad_rows,
     )
     n_tokens = hidden.shape[0]
     check_per_token("mask", mask, n_tokens)
@@ -261,6 +294,7 @@ def token_loss(
     chunk_size: int | None = None,
     kernel: str = "auto",
     weight_grad_accum: str = "fp32",
+    weight_grad_rows: int | None = None,
 ) -> tuple[torch.Tensor, TokenOutputs]:
     """``Σ_t ℓ_t`` for a per-token loss of the per-token outputs, gradient taken in the forward pass.
 
@@ -274,7 +308,8 @@ def token_loss(
     per-token outputs, for logging.
     """
     plan = _plan(
-        hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum
+        hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
+        weight_grad_rows,
     )
     if not plan.outputs:
         raise ValueError("token_loss: request token_ids, entropy=True, or a target with a divergence")

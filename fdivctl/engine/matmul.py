@@ -50,27 +50,26 @@ def linear_fp32(
     return out
 
 
-def backprop_linear(
-    grad_logits: torch.Tensor,
-    x: torch.Tensor,
-    weight_mm: torch.Tensor,
-    grad_weight_acc: torch.Tensor | None,
-    input_grad: bool,
-) -> torch.Tensor | None:
-    """Gradient of ``linear_fp32`` for one chunk.
+def input_grad(grad_logits: torch.Tensor, weight_mm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_logits @ W`` — the gradient of ``linear_fp32``'s input — in ``dtype``.
 
-    Adds ``grad_logitsᵀ x`` into the accumulator ``grad_weight_acc`` (fp32, or the weight's
-    own low precision when the caller chose it; when
-    given) and returns ``grad_logits @ W`` in ``x``'s dtype (when ``input_grad``).
     Low-precision weights read the gradient rounded to their dtype, with fp32
     accumulation inside the GEMM, as every fused-loss kernel does.
     """
-    g = grad_logits.to(weight_mm.dtype)
-    x_mm = x.to(weight_mm.dtype)
-    if grad_weight_acc is not None:
-        if weight_mm.dtype in LOW_PRECISION and grad_weight_acc.dtype == torch.float32:
-            # in place, fp32 result: no [V, H] temporary per chunk
-            torch.addmm(grad_weight_acc, g.T, x_mm, out_dtype=torch.float32, out=grad_weight_acc)
-        else:
-            grad_weight_acc.addmm_(g.T, x_mm)
-    return (g @ weight_mm).to(x.dtype) if input_grad else None
+    return (grad_logits.to(weight_mm.dtype) @ weight_mm).to(dtype)
+
+
+def accumulate_weight_grad(grad_weight_acc: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor) -> None:
+    """Add ``grad_logitsᵀ x`` (``[V, H]``) into ``grad_weight_acc`` in place.
+
+    The accumulator is fp32, or the weight's own low precision when the caller
+    chose it; the operands are read in the accumulator's matmul dtype
+    (``grad_logits``' own: bf16 for a bf16 head).
+    """
+    g = grad_logits
+    x_mm = x.to(g.dtype)
+    if g.dtype in LOW_PRECISION and grad_weight_acc.dtype == torch.float32:
+        # in place, fp32 result: no [V, H] temporary
+        torch.addmm(grad_weight_acc, g.T, x_mm, out_dtype=torch.float32, out=grad_weight_acc)
+    else:
+        grad_weight_acc.addmm_(g.T, x_mm)

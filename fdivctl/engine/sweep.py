@@ -14,7 +14,9 @@ function of their outputs, e.g. ``Σ_t Σ_k c_k[t] · out_k[t]`` for fixed
 cotangents (:func:`linear_objective`) — its gradient ``∂/∂z`` is taken by
 autograd on that chunk alone and pushed through the head into ``grad h``,
 ``grad W`` (fp32 accumulator) and ``grad b``; the objective's value is summed.  The chunk's ``[c, V]`` buffers are freed before the next
-chunk, so peak memory is O(c·V + V·H) instead of O(N·V).
+chunk, so peak memory is O(c·V + G·V + V·H) instead of O(N·V), with ``G`` the
+rows of logit gradients held for one weight-gradient GEMM
+(:class:`PendingWeightGrad`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from fdivctl.divergences import Divergence
 from fdivctl.divergences.logspace import compute_dtype
 from fdivctl.engine.chunk_loss import ChunkLoss
-from fdivctl.engine.matmul import backprop_linear, linear_fp32
+from fdivctl.engine.matmul import accumulate_weight_grad, input_grad, linear_fp32
 from fdivctl.engine.targets import Target
 
 OUTPUT_NAMES = ("logprob", "entropy", "divergence")
@@ -62,6 +64,7 @@ class SweepPlan:
     chunk_size: int
     kernel: str = "torch"  # "torch" (reference, any device) or "triton" (resolve_kernel)
     weight_grad_accum: str = "fp32"  # one of WEIGHT_GRAD_ACCUM
+    weight_grad_rows: int = 0  # logit-gradient rows per weight-gradient GEMM (PendingWeightGrad); ≤ chunk_size: each chunk's own
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -161,10 +164,12 @@ def _triton_chunk(
     objective: Objective | None,
     with_grad: bool,
     grad_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """The fused path (:mod:`fdivctl.engine.triton_chunk`): outputs from one row kernel; the
     objective's cotangents by autograd on those ``[c]`` outputs alone; ``∂/∂z`` from a second
-    row kernel, written in ``grad_dtype`` (in place over the logits when that is fp32)."""
+    row kernel, written in ``grad_dtype`` into ``out`` when given (else in place over the logits when
+    that is fp32)."""
     from fdivctl.engine import triton_chunk
 
     ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
@@ -183,8 +188,53 @@ def _triton_chunk(
         for name, grad in zip(leaves, grads):
             if grad is not None:
                 cotangents[OUTPUT_NAMES.index(name)] = grad
-    out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
+    if out is None:
+        out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
     return chunk, value.detach(), triton_chunk.chunk_grad(*args, stats, cotangents, out)
+
+
+class PendingWeightGrad:
+    """Logit gradients of consecutive chunks, held until ``G`` rows are there, then added into the head's
+    gradient accumulator by one GEMM ``grad W += gᵀ h`` with inner dimension ``G``.
+
+    Each such GEMM reads and writes the whole ``[V, H]`` accumulator (fp32: 8·V·H bytes) for 2·G·V·H FLOPs,
+    i.e. G/4 FLOP per byte: with G = one chunk of a few hundred rows it is bound by memory on a GPU (an H100
+    does ~300 bf16 FLOP per byte of HBM), and at H = 4096 that traffic was ~20 % of the engine's step.  The
+    rows wait in one ``[G, V]`` buffer in the matmul dtype (the chunk kernels write their gradient straight
+    into it).  ``G`` ≤ one chunk holds nothing: each chunk's gradient goes in at once, as before.
+    """
+
+    def __init__(self, acc: torch.Tensor, hidden: torch.Tensor, dtype: torch.dtype, plan: SweepPlan):
+        self.acc, self.hidden = acc, hidden
+        rows = min(plan.weight_grad_rows, hidden.shape[0])
+        self.buffer = (
+            torch.empty(rows, acc.shape[0], dtype=dtype, device=hidden.device) if rows > plan.chunk_size else None
+        )
+        self.start = self.filled = 0
+
+    def slot(self, rows: slice) -> torch.Tensor | None:
+        """Where the chunk ``rows``' gradient goes (``[c, V]``), or None when it is added at once."""
+        if self.buffer is None:
+            return None
+        count = rows.stop - rows.start
+        if self.filled + count > self.buffer.shape[0]:
+            self.flush()
+        if self.filled == 0:
+            self.start = rows.start
+        return self.buffer[self.filled : self.filled + count]
+
+    def add(self, grad_logits: torch.Tensor, rows: slice) -> None:
+        """Count the chunk's gradient in (it lies in its :meth:`slot`, or is added now when there is none)."""
+        if self.buffer is None:
+            accumulate_weight_grad(self.acc, grad_logits, self.hidden[rows])
+        else:
+            self.filled += rows.stop - rows.start
+
+    def flush(self) -> None:
+        if self.filled:
+            rows = slice(self.start, self.start + self.filled)
+            accumulate_weight_grad(self.acc, self.buffer[: self.filled], self.hidden[rows])
+        self.filled = 0
 
 
 def sweep(
@@ -213,27 +263,36 @@ def sweep(
         else None,
     )
     total = None if objective is None else torch.zeros((), dtype=acc, device=hidden.device)
+    pending = None if grads.weight is None else PendingWeightGrad(grads.weight, hidden, weight_mm.dtype, plan)
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
         h_chunk = hidden[rows]
         logits = linear_fp32(h_chunk, weight_mm, bias)
+        slot = None if pending is None else pending.slot(rows)
         if plan.kernel == "triton":
-            chunk, value, grad_logits = _triton_chunk(plan, logits, rows, objective, with_grad, weight_mm.dtype)
+            chunk, value, grad_logits = _triton_chunk(plan, logits, rows, objective, with_grad, weight_mm.dtype, slot)
         else:
             chunk, value, grad_logits = _torch_chunk(plan, logits, rows, objective, with_grad)
         del logits
         if value is not None:
             total += value
         if grad_logits is not None:
-            grad_h = backprop_linear(
-                grad_logits, h_chunk, weight_mm, grads.weight, grads.hidden is not None
-            )
-            if grad_h is not None:
-                grads.hidden[rows] = grad_h
+            # the backward matmuls read the gradient in the weight's dtype (bf16 for a bf16 head)
+            if slot is None:
+                g = grad_logits.to(weight_mm.dtype)
+            else:
+                g = slot if grad_logits is slot else slot.copy_(grad_logits)
+            if grads.hidden is not None:
+                grads.hidden[rows] = input_grad(g, weight_mm, hidden.dtype)
             if grads.bias is not None:
                 grads.bias += grad_logits.sum(0)
-        # free this chunk's [c, V] gradient before the next chunk's logits exist
+            if pending is not None:
+                pending.add(g, rows)
+            # free this chunk's [c, V] gradient before the next chunk's logits exist
+            del g
         del grad_logits
         for name, value in chunk.items():
             outputs[name][rows] = value
+    if pending is not None:
+        pending.flush()
     return outputs, grads, total

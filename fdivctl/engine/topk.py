@@ -64,6 +64,7 @@ def head_topk(
         torch.empty(n, dtype=torch.float32, device=device),
         torch.empty(n, dtype=torch.float32, device=device),
     )
+    inexact = torch.zeros(n, dtype=torch.bool, device=device) if use_triton else None
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         logits = linear_fp32(hidden[rows], weight_mm, bias).float()
@@ -71,7 +72,9 @@ def head_topk(
         if use_triton:
             from fdivctl.engine import triton_topk
 
-            raw_top, ids = triton_topk.chunk_topk(logits, k)  # the order does not depend on T > 0
+            raw_top, ids, overflow = triton_topk.chunk_topk(logits, k)  # the order does not depend on T > 0
+            if overflow is not None:
+                inexact[rows] = overflow
             lse, log_tail = triton_topk.chunk_log_partition(logits, raw_top, temperature)
             top = raw_top / temperature
         else:
@@ -84,6 +87,14 @@ def head_topk(
         out.logprobs[rows] = top - lse.unsqueeze(-1)
         out.token_logprob[rows] = token_logit - lse
         out.log_tail[rows] = log_tail
+    if use_triton:
+        # very flat rows the Triton top-k could not hold: redone exactly, one host synchronisation per call
+        redo = inexact.nonzero().squeeze(-1)
+        if redo.numel():
+            again = head_topk(hidden[redo], weight, k, token_ids[redo], bias=bias, temperature=temperature,
+                              chunk_size=chunk, kernel="torch")
+            for mine, exact in zip(out, again):
+                mine[redo] = exact
     return out
 
 

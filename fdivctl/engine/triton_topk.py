@@ -9,8 +9,9 @@ Two kernels replace them:
   sample entries are in the row) splits off the candidates ``z_j ≥ τ``; the
   kernel compacts their values and ids into a ``[c, K_max]`` buffer in one
   pass.  ``torch.topk`` then runs on that narrow buffer.  A row with more than
-  ``K_max`` candidates (a very flat row) is redone with ``torch.topk`` on the
-  full row, so the result is always exact.
+  ``K_max`` candidates (a very flat row) is flagged, and the caller redoes it
+  on the PyTorch path, so the result is always exact; flagging instead of
+  redoing at once keeps the chunk free of host synchronisation.
 * :func:`_tail_kernel` — one pass of online max/sum giving, at temperature T,
   ``log Z = log Σ_j exp(z_j/T)`` and the log tail mass over the ids not
   selected, ``log(Σ_{z_j < θ} e^{z_j/T} + (n_{=θ} − s_{=θ}) e^{θ/T}) − log Z``
@@ -83,13 +84,15 @@ def _candidate_width(k: int) -> int:
     return triton.next_power_of_2(max(1024, 32 * k))
 
 
-def chunk_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(logits, k)`` (values, int64 ids) for fp32 ``[c, V]`` logits with unit column stride."""
+def chunk_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``torch.topk(logits, k)`` (values, int64 ids) for fp32 ``[c, V]`` logits with unit column stride, and the
+    rows (bool ``[c]``, or None when none can be) whose values are not exact: more candidates than the buffer
+    holds.  No host synchronisation."""
     rows, vocab = logits.shape
     stride = max(1, min(SAMPLE_STRIDE, vocab // (4 * k)))
     k_max = _candidate_width(k)
     if stride == 1 or k_max >= vocab or rows == 0:
-        return logits.topk(k, dim=-1)
+        return *logits.topk(k, dim=-1), None
     threshold = logits[:, ::stride].topk(k, dim=-1).values[:, -1].contiguous()
     values = torch.full((rows, k_max), float("-inf"), dtype=logits.dtype, device=logits.device)
     ids = torch.zeros(rows, k_max, dtype=torch.int32, device=logits.device)
@@ -98,11 +101,7 @@ def chunk_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         logits, logits.stride(0), threshold, values, ids, counts, vocab, K_MAX=k_max, BLOCK=BLOCK, num_warps=8
     )
     top, pos = values.topk(k, dim=-1)
-    top_ids = ids.gather(-1, pos).long()
-    overflow = (counts > k_max).nonzero().squeeze(-1)
-    if overflow.numel():
-        top[overflow], top_ids[overflow] = logits[overflow].topk(k, dim=-1)
-    return top, top_ids
+    return top, ids.gather(-1, pos).long(), counts > k_max
 
 
 def chunk_log_partition(
