@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of the open issues in one command, sized for one device call (10 minutes, 15 of device time per
 # session): the CUDA/Triton tests, then the benchmarks of #11 (loss engine vs Liger-Kernel), #6 (GRPO step vs TRL)
-# and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output under
-# $OUT (default bench-out/), so a step that runs long costs only itself.
+# and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
+# and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
+# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, teacher) runs only those.
+# All five took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s).
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
 # pure-Python wheels carried in .whl/ (liger-kernel, trl and its datasets, dill, multiprocess):
@@ -15,11 +17,11 @@ OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-step() {  # step NAME SECONDS COMMAND…: run COMMAND with a time limit, its stdout to $OUT/NAME, say how it ended
+step() {  # step NAME SECONDS COMMAND…: run COMMAND with a time limit, its stdout and stderr appended to $OUT/NAME
     local name=$1 seconds=$2
     shift 2
     local start=$SECONDS
-    timeout "$seconds" "$@" >"$OUT/$name" 2>"$OUT/$name.err"
+    timeout "$seconds" "$@" >>"$OUT/$name" 2>&1
     echo "$name: exit $? after $((SECONDS - start)) s"
 }
 
@@ -28,21 +30,25 @@ if ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohead
     exit 1
 fi
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-for wheel in .whl/*.whl; do  # one by one: a wheel for another Python fails alone
-    [ -e "$wheel" ] && pip install -q --no-deps --no-index "$wheel" 2>&1 | tail -1
-done
-step gpu_tests.txt 110 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
+# the carried wheels into /tmp/site (the device's own pip may serve another Python than `python`)
+python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v "Running pip as the 'root' user"
+export PYTHONPATH="$PYTHONPATH:/tmp/site"
+python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
+STEPS=${STEPS:-tests,sweep,loss,train,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
+want tests && step gpu_tests.txt 110 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py
 # the head chunk and the weight-gradient GEMM's rows side by side (1: one GEMM per chunk, as before; 0: the default)
-step loss_engine_sweep_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
+want sweep && step loss_engine_sweep_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
-step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
-step train_step_cuda.jsonl 110 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
+want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+want train && step train_step_cuda.jsonl 110 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --chunk-sizes 1024,2048,4096 --profile "$OUT/train_step_profile.txt"
-step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
+want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --profile "$OUT/teacher_logits_profile.txt"
-step teacher_logits_mixed_cuda.jsonl 30 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
+want teacher && step teacher_logits_cuda.jsonl 30 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --ks 64 --length-spread 0.9
-tail -n 3 "$OUT"/gpu_tests.txt
+want tests && tail -n 3 "$OUT"/gpu_tests.txt

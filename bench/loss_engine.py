@@ -296,6 +296,8 @@ def _record(args, shape, div_spec, results):
         "grad_mode": args.grad_mode,
         "chunk_size": chunk,
         "weight_grad_rows": args.weight_grad_rows or engine.default_weight_grad_rows(chunk, shape[1], device),
+        "weight_grad_rows_bf16acc": args.weight_grad_rows or engine.default_weight_grad_rows(chunk, shape[1], device,
+                                                                                             "param"),
         "memory_method": "cuda max_memory_allocated" if args.device == "cuda" else (
             "subprocess RSS high-water (ru_maxrss) minus RSS after inputs, MALLOC_MMAP_THRESHOLD_=131072"
         ),

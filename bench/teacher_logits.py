@@ -144,11 +144,19 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         tokenizer = tiny.train_tokenizer(tmp / "tok")
         model_dir = tmp / "teacher"
-        tiny.make_model(model_dir, tokenizer, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab)
+        tiny.make_model(model_dir, tokenizer, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab,
+                        max_positions=max(512, args.prompt_len + args.completion_len))  # the teacher's context fits
         seqs = tmp / "seqs.parquet"
         sequences = make_sequences(seqs, args.vocab, args.sequences, args.prompt_len, args.completion_len,
                                    args.length_spread)
         bare_forward(model_dir, sequences[: args.batch_size], args.batch_size, args.device, args.model_dtype)  # warm-up
+        # and a store over the first batch's rows: Triton compiles the summary's kernels once per machine (a run
+        # pays it once, then they come from its cache), not in the first k's figure
+        warm = tmp / "warm.parquet"
+        make_sequences(warm, args.vocab, args.batch_size, args.prompt_len, args.completion_len, args.length_spread)
+        for k in (int(x) for x in args.ks.split(",")):
+            run_teacher_logits(model_dir, warm, tmp / f"warm-{k}", TeacherLogitsOptions(
+                k=k, batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype))
         for k in (int(x) for x in args.ks.split(",")):
             for dtype in args.dtypes.split(","):
                 out = tmp / f"store-{k}-{dtype}"

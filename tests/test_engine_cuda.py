@@ -43,21 +43,21 @@ def test_bf16_engine_matches_float64_reference(entry, grad_mode, kernel):
 
 @pytest.mark.parametrize("accum", ["fp32", "param"])
 def test_gathered_weight_gradient_rows_match_per_chunk_ones(accum):
-    """The default on CUDA gathers the logit gradients of ``H // chunk`` chunks (here 4 of 64 rows, the
-    Triton kernel writing into the shared bf16 buffer) per weight-gradient GEMM: the same gradients as one
-    GEMM per chunk, up to fp32 summation order (and bf16 rounding per GEMM with ``param``)."""
+    """The logit gradients of 4 chunks of 64 rows gathered per weight-gradient GEMM (the fp32 default on CUDA
+    here, the Triton kernel writing into the shared bf16 buffer): the same gradients as one GEMM per chunk, up
+    to fp32 summation order (and bf16 rounding per GEMM with ``param``)."""
     g = torch.Generator(device="cuda").manual_seed(3)
     n, h, v = 1000, 256, 5003
     hidden = torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
     weight = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).to(torch.bfloat16).requires_grad_(True)
     target = engine.TeacherHead(torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16), weight.detach())
     assert engine.default_weight_grad_rows(64, h, hidden.device) == 256
-    grads = {}
-    for rows in (None, 1):
+    grads: dict = {}
+    for rows in (256, 1):
         loss = engine.divergence_loss(hidden, weight, target, "jsd", chunk_size=64, weight_grad_accum=accum,
                                       weight_grad_rows=rows)
         grads[rows] = torch.autograd.grad(loss, (hidden, weight))
-    for gathered, per_chunk in zip(grads[None], grads[1]):
+    for gathered, per_chunk in zip(grads[256], grads[1]):
         err = (gathered.double() - per_chunk.double()).norm() / per_chunk.double().norm()
         assert err < (1e-3 if accum == "fp32" else 2e-2), f"relative difference {float(err):.2e}"
 
