@@ -1,4 +1,4 @@
-"""score: verifiers (math, exact, regex, sql, python) and the parallel, time-limited pool."""
+"""score: verifiers (math, exact, regex, sql, python, trl) and the parallel, time-limited pool."""
 
 import hashlib
 import json
@@ -180,6 +180,47 @@ def test_a_user_verifier_reads_list_columns_but_not_the_token_ids(tmp_path):
     done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "python:user_reward:passes_tests")
     assert done.returncode == 0, done.stderr
     assert pq.read_table(tmp_path / "s.parquet").column("reward").to_pylist() == [1.0, 0.0]
+
+
+def test_a_trl_reward_function_runs_as_it_is(tmp_path):
+    """--verifier trl:MODULE:FUNC takes a reward function written for TRL's GRPOTrainer unchanged (was: only
+    f(completion, row)): keyword lists of one completion, the dataset's columns, the token ids; None where it
+    does not apply scores 0; an async function is awaited; a list of the wrong length fails the row."""
+    src = _rollouts(tmp_path / "r.parquet", ["yes", "no", "<think>a</think>b"], ["yes", "", "b"],
+                    prompt_ids=["a", "b", "c"],
+                    extra={"prompt": ["Say yes", "Say no", "Say b"],
+                           "completion_token_ids": pa.array([[5, 6], [7], []], pa.list_(pa.int32()))})
+    rewards = {}
+    for func in ("trl_reads_its_arguments", "trl_none_when_no_answer", "trl_async_reward", "trl_format_reward",
+                 "trl_wrong_count"):
+        done = _cli("score", src, tmp_path / f"{func}.parquet", "--verifier", f"trl:user_reward:{func}")
+        assert done.returncode == 0, done.stderr
+        table = pq.read_table(tmp_path / f"{func}.parquet")
+        rewards[func] = [round(r, 4) for r in table.column("reward").to_pylist()]
+        if func == "trl_none_when_no_answer":
+            assert table.column("verdict").to_pylist()[1].endswith("→ None (not applicable: 0)")
+        if func == "trl_wrong_count":
+            assert all("one reward (a number or None) per completion" in v for v in table.column("verdict").to_pylist())
+    assert rewards["trl_reads_its_arguments"] == [1.52, 0.01, 0.5]  # exact + 0.5·(prompt is "Say <answer>") + 0.01·ids
+    assert rewards["trl_none_when_no_answer"] == [1.0, 0.0, 0.0]
+    assert rewards["trl_async_reward"] == [3.0, 2.0, 17.0]
+    assert rewards["trl_format_reward"] == [0.0, 0.0, 1.0]
+    assert rewards["trl_wrong_count"] == [0.0, 0.0, 0.0]
+
+
+def test_a_trl_reward_function_gets_a_chat_row_in_trl_conversational_form(tmp_path):
+    """A row with messages (a chat prompt) reaches the function as TRL's conversational batch: the prompt's
+    messages, the reply as [{'role': 'assistant', 'content': …}]; summed with a built-in verifier."""
+    src = _rollouts(tmp_path / "r.parquet", ["<think>x</think>\\boxed{4}", "\\boxed{4}"], ["4", "4"],
+                    prompt_ids=["a", "b"], extra={"messages": [[{"role": "user", "content": "2+2?"}]] * 2})
+    done = _cli("score", src, tmp_path / "s.parquet", "--verifier", "math", "--verifier",
+                "trl:user_reward:trl_format_reward", "--reward-weights", "1,0.5")
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.column("reward").to_pylist() == [1.5, 1.0]
+    assert table.column("correct").to_pylist() == [True, True]
+    done = _cli("score", src, tmp_path / "t.parquet", "--verifier", "trl:user_reward")
+    assert done.returncode == 2 and "expected trl:MODULE:FUNC" in done.stderr, done.stderr
 
 
 def test_the_gold_answer_may_live_in_another_column(tmp_path):

@@ -42,3 +42,35 @@ def passes_tests(completion: str, row: dict) -> float:
     if "completion_token_ids" in row or "completion_logprobs" in row:
         raise ValueError("a user verifier was sent the per-token columns")
     return sum(test in completion for test in row["tests"]) / len(row["tests"])
+
+
+# TRL reward functions, written as for trl.GRPOTrainer(reward_funcs=[...]), loaded by `--verifier trl:user_reward:FUNC`
+
+
+def trl_format_reward(completions, **kwargs):
+    """TRL's documentation example: 1 when the completion is wrapped in <think>…</think>, conversational or not."""
+    import re
+
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if re.match(r"^<think>.*?</think>", t, re.DOTALL) else 0.0 for t in texts]
+
+
+def trl_reads_its_arguments(prompts, completions, completion_ids, answer, trainer_state, log_metric, **kwargs):
+    """Checks TRL's calling convention: one-element lists, the dataset's columns as keywords, the token ids."""
+    assert len(prompts) == len(completions) == len(completion_ids) == len(answer) == 1 and trainer_state is None
+    log_metric("seen", 1.0)
+    reward = float(completions[0].strip() == answer[0]) + 0.5 * (prompts[0] == "Say " + answer[0])
+    return [reward + 0.01 * len(completion_ids[0] or [])]
+
+
+def trl_none_when_no_answer(completions, answer, **kwargs):
+    """None where the function does not apply (TRL: left out of the sum)."""
+    return [None if a == "" else float(c == a) for c, a in zip(completions, answer)]
+
+
+async def trl_async_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def trl_wrong_count(completions, **kwargs):
+    return [1.0, 2.0]

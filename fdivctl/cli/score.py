@@ -19,7 +19,9 @@ def command(
     verifier: list[str] = typer.Option(
         None, "--verifier", help="math | math-verify | exact | regex | sql | python:MODULE:FUNC (a function "
         "(completion, row) → float; row holds the rollout's columns, e.g. a list of test cases, but its token ids "
-        "and log-probs). Default math. Repeat it to "
+        "and log-probs) | trl:MODULE:FUNC (a reward function written for TRL's GRPOTrainer, as it is: "
+        "(prompts, completions, completion_ids, **columns) → [reward or None]; conversational when the row has "
+        "messages). Default math. Repeat it to "
         "sum several rewards (e.g. correctness and format): correct and pass_rate are the first one's."
     ),
     reward_weights: str = typer.Option(None, help="Weights of the repeated --verifier rewards, comma-separated "

@@ -59,7 +59,8 @@ def command(
     data: Path = typer.Option(None, help="--algo sft: sequences Parquet (prompt/completion text, token ids, "
                          "plain text: a loss on every token, or messages: a loss on each assistant reply)."),
     verifier: list[str] = typer.Option(None, "--verifier", help="Online and --partition: math | math-verify | "
-                                       "exact | regex | sql | python:MODULE:FUNC (default math); repeat it to sum "
+                                       "exact | regex | sql | python:MODULE:FUNC | trl:MODULE:FUNC (as in `fdivctl "
+                                       "score`; default math); repeat it to sum "
                                        "several rewards, the first one's deciding correct and pass rates."),
     reward_weights: str = typer.Option(None, help="Weights of the repeated --verifier rewards, comma-separated "
                                        "(default 1 each)."),

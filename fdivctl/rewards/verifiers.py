@@ -1,5 +1,6 @@
-"""Verifier selection: ``math``, ``math-verify``, ``exact``, ``regex``, ``sql``, ``python:MODULE:FUNC``, and a
-weighted sum of several (:class:`VerifierSum`, :func:`make_reward`).
+"""Verifier selection: ``math``, ``math-verify``, ``exact``, ``regex``, ``sql``, ``python:MODULE:FUNC``,
+``trl:MODULE:FUNC`` (a TRL reward function as it is), and a weighted sum of several (:class:`VerifierSum`,
+:func:`make_reward`).
 
 A verifier maps one row (a dict with at least ``completion``) to
 ``(reward, correct, verdict)``.  Verifiers are plain picklable objects so the
@@ -8,7 +9,9 @@ scoring pool can run them in worker processes.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -18,7 +21,9 @@ from fdivctl.rewards.math_answer import verify_math
 from fdivctl.rewards.sql_exec import verify_sql
 
 Result = tuple[float, bool, str]
-NAMES = ("math", "math-verify", "exact", "regex", "sql", "python:MODULE:FUNC")
+NAMES = ("math", "math-verify", "exact", "regex", "sql", "python:MODULE:FUNC", "trl:MODULE:FUNC")
+#: the verifiers that are a user's function, by the prefix of their spec
+USER_FUNCTIONS = ("python", "trl")
 
 
 def _binary(correct: bool, verdict: str) -> Result:
@@ -52,7 +57,12 @@ class Verifier:
     @property
     def reads_row(self) -> bool:
         """Whether it reads the row's other columns (a user function)."""
-        return self.kind == "python"
+        return self.kind in USER_FUNCTIONS
+
+    @property
+    def token_columns(self) -> tuple[str, ...]:
+        """Per-token columns it reads when the table has them (TRL's ``completion_ids``)."""
+        return ("completion_token_ids",) if self.kind == "trl" else ()
 
     def record(self) -> dict:
         """What a scored file's provenance says scored it."""
@@ -79,10 +89,46 @@ class Verifier:
             return _binary(*verify_sql(completion, str(row[self.answer]), self.db or row["db_path"],
                                        self.sql_timeout))
         module, func = self.function.rsplit(":", 1)
-        reward = float(getattr(importlib.import_module(module), func)(completion, row))
+        fn = getattr(importlib.import_module(module), func)
+        if self.kind == "trl":
+            value = _call_trl(fn, self.function, completion, row)
+            if value is None:
+                return 0.0, False, f"{self.function} → None (not applicable: 0)"
+        else:
+            value = fn(completion, row)
+        reward = float(value)
         if not math.isfinite(reward):
             raise ValueError(f"{self.function} returned {reward}: a reward must be a finite number")
         return reward, reward > 0, f"{self.function} → {reward:g}"
+
+
+def _ignore(*_args, **_kwargs) -> None:
+    """TRL's ``log_extra`` / ``log_metric`` callbacks: fdivctl keeps each row's verdict instead."""
+
+
+def _call_trl(fn, name: str, completion: str, row: dict):
+    """One row through a TRL reward function, as TRL's GRPOTrainer calls it on a batch (here of one):
+    ``fn(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, **columns) -> [float | None]``.
+
+    Conversational when the row has ``messages`` (the prompt's chat, TRL's conversational prompt): ``prompts``
+    gets those messages and ``completions`` the reply as ``[{"role": "assistant", "content": …}]``; else both
+    are text.  Every other column comes as a one-element list keyword, as TRL passes the dataset's columns;
+    ``completion_ids`` is the row's ``completion_token_ids`` (None where absent), ``trainer_state`` None.  An
+    ``async`` function is run to completion.  Returns the one value (None: not applicable)."""
+    messages = row.get("messages")
+    chat = isinstance(messages, list)
+    prompt = messages if chat else row.get("prompt")
+    reply = [{"role": "assistant", "content": completion}] if chat else completion
+    columns = {k: [v] for k, v in row.items() if k not in ("prompt", "completion", "completion_token_ids")}
+    out = fn(prompts=[prompt], completions=[reply], completion_ids=[row.get("completion_token_ids")],
+             trainer_state=None, log_extra=_ignore, log_metric=_ignore, **columns)
+    if inspect.isawaitable(out):
+        out = asyncio.run(out)
+    values = list(out) if isinstance(out, list | tuple) else None
+    if values is None or len(values) != 1:
+        raise ValueError(f"{name} returned {out!r} for one completion: a TRL reward function returns a list with "
+                         "one reward (a number or None) per completion")
+    return values[0]
 
 
 @dataclass
@@ -102,6 +148,10 @@ class VerifierSum:
     @property
     def reads_row(self) -> bool:
         return any(part.reads_row for part in self.parts)
+
+    @property
+    def token_columns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c for part in self.parts for c in part.token_columns))
 
     def required_columns(self) -> list[str]:
         return list(dict.fromkeys(column for part in self.parts for column in part.required_columns()))
@@ -142,10 +192,10 @@ def make_reward(specs: list[str], weights: str | None = None, pattern: str | Non
 def make_verifier(spec: str, pattern: str | None = None, db: str | None = None, sql_timeout: float = 5.0,
                   answer_column: str | None = None) -> Verifier:
     """Parse ``--verifier``; check that what it needs exists."""
-    if spec.startswith("python:"):
-        target = spec[len("python:") :]
+    kind, colon, target = spec.partition(":")
+    if kind in USER_FUNCTIONS and colon:
         if ":" not in target:
-            raise UserError(f"--verifier {spec!r}: expected python:MODULE:FUNC")
+            raise UserError(f"--verifier {spec!r}: expected {kind}:MODULE:FUNC")
         module, func = target.rsplit(":", 1)
         try:
             fn = getattr(importlib.import_module(module), func)
@@ -153,7 +203,7 @@ def make_verifier(spec: str, pattern: str | None = None, db: str | None = None, 
             raise UserError(f"--verifier {spec!r}: cannot import {module}.{func} ({err})") from None
         if not callable(fn):
             raise UserError(f"--verifier {spec!r}: {module}.{func} is not callable")
-        return Verifier("python", function=target)
+        return Verifier(kind, function=target)
     if spec not in NAMES:
         raise UserError(f"unknown verifier {spec!r}; valid: {', '.join(NAMES)}")
     if spec == "math-verify":

@@ -59,7 +59,7 @@ def score_table(
             raise UserError(f"{rollouts}: column 'completion' must be text, got {field}")
     columns = verifier.required_columns() + ["prompt_id"]
     if verifier.reads_row:  # a user function sees the row's columns (test cases, tools, messages), token ids aside
-        columns += [name for name in table.column_names if name not in PER_TOKEN]
+        columns += [name for name in table.column_names if name not in PER_TOKEN or name in verifier.token_columns]
     rows = table.select(list(dict.fromkeys(columns))).to_pylist()
     record = {"scored_by": {**verifier.record(), "timeout": timeout}}
     in_parts = open_parts(Path(out), {**record, "source": str(Path(rollouts).resolve()), "part_rows": part_rows,
