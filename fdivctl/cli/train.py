@@ -112,7 +112,8 @@ def command(
                                   "tis_capped_frac."),
     ppo_epochs: int = typer.Option(1, help="Passes over each batch of rollouts."),
     minibatch_size: int = typer.Option(None, help="Responses per optimizer step (default: all of the batch)."),
-    micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update)."),
+    micro_batch_size: int = typer.Option(8, help="Responses per forward pass (memory; does not change the update); "
+                                         "a step's responses fill them longest first."),
     chunk_size: int = CHUNK_SIZE,
     divergence: str = typer.Option("none", help="Regularizer toward the reference: none or a registry divergence "
                                    "(rkl, fkl, jsd, alpha, hellinger, tv, …; params as jsd:beta=0.3). --algo dph: "

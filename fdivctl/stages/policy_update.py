@@ -225,7 +225,7 @@ class PolicyUpdate:
                           key_tokens=max(1, int((routes == trace.KEY).sum())),
                           error_tokens=max(1, int((routes == trace.ERROR).sum())), task_weight=replay_weights[0])
         micro = [self._micro(data, credit, chunk, scale, temperature, factor)
-                 for chunk, factor in self._rank_chunks(rows)]
+                 for chunk, factor in self._rank_chunks(self._longest_first(data, rows))]
         if self.samples is not None and len(self.samples.seqs) and opts.eta:
             micro.append(self._pef_micro(trainer.step))
         if self.replay is not None:
@@ -241,6 +241,15 @@ class PolicyUpdate:
         if self.replay is not None:
             self._record_replay(figures, replay_weights)
         return figures
+
+    @staticmethod
+    def _longest_first(data: ScoredRollouts, rows: list[int]) -> list[int]:
+        """A step's responses longest first, so each micro-batch pads to little more than its own rows' length
+        (in the step's shuffled order one long response pads its whole micro-batch).  The step's loss is a sum
+        over all its tokens with the step's own weights (:class:`StepScale`), so which micro-batch a response
+        falls in changes its update only by floating-point summation order."""
+        lengths = data.seqs.lengths()
+        return sorted(rows, key=lambda r: -lengths[r])
 
     def _rank_chunks(self, rows: list[int]) -> list[tuple[list[int], float]]:
         """This process's micro-batches of a step's responses, each with the factor of its loss.
