@@ -203,7 +203,7 @@ def test_a_trl_reward_function_runs_as_it_is(tmp_path):
             assert all("one reward (a number or None) per completion" in v for v in table.column("verdict").to_pylist())
     assert rewards["trl_reads_its_arguments"] == [1.52, 0.01, 0.5]  # exact + 0.5·(prompt is "Say <answer>") + 0.01·ids
     assert rewards["trl_none_when_no_answer"] == [1.0, 0.0, 0.0]
-    assert rewards["trl_async_reward"] == [3.0, 2.0, 17.0]
+    assert rewards["trl_async_reward"] == [3.0, 2.0, 17.0]  # a NumPy array of rewards, from an async function
     assert rewards["trl_format_reward"] == [0.0, 0.0, 1.0]
     assert rewards["trl_wrong_count"] == [0.0, 0.0, 0.0]
 

@@ -69,7 +69,9 @@ def trl_none_when_no_answer(completions, answer, **kwargs):
 
 
 async def trl_async_reward(completions, **kwargs):
-    return [float(len(c)) for c in completions]
+    import numpy as np
+
+    return np.array([float(len(c)) for c in completions])  # any sequence of rewards, as TRL takes
 
 
 def trl_wrong_count(completions, **kwargs):

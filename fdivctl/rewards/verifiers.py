@@ -124,7 +124,8 @@ def _call_trl(fn, name: str, completion: str, row: dict):
              trainer_state=None, log_extra=_ignore, log_metric=_ignore, **columns)
     if inspect.isawaitable(out):
         out = asyncio.run(out)
-    values = list(out) if isinstance(out, list | tuple) else None
+    # any sequence of rewards, as TRL takes (a list, a tuple, a NumPy array, a tensor)
+    values = list(out) if hasattr(out, "__len__") and not isinstance(out, str | bytes | dict) else None
     if values is None or len(values) != 1:
         raise ValueError(f"{name} returned {out!r} for one completion: a TRL reward function returns a list with "
                          "one reward (a number or None) per completion")
