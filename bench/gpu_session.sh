@@ -51,4 +51,4 @@ want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.p
 want teacher && step teacher_logits_cuda.jsonl 30 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --ks 64 --length-spread 0.9
-want tests && tail -n 3 "$OUT"/gpu_tests.txt
+if want tests; then tail -n 3 "$OUT"/gpu_tests.txt; fi
