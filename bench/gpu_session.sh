@@ -3,8 +3,9 @@
 # session): the CUDA/Triton tests, then the benchmarks of #11 (loss engine vs Liger-Kernel), #6 (GRPO step vs TRL)
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
-# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, teacher) runs only those.
-# All five took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s).
+# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, topk, teacher) runs only
+# those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up
+# apart, ~30 s); topk is new and limited to 30 s.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
 # pure-Python wheels carried in .whl/ (liger-kernel, trl and its datasets, dill, multiprocess):
@@ -35,7 +36,7 @@ python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgr
     2>&1 | grep -v "Running pip as the 'root' user"
 export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
-STEPS=${STEPS:-tests,sweep,loss,train,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
+STEPS=${STEPS:-tests,sweep,loss,train,topk,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 want tests && step gpu_tests.txt 110 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py
@@ -45,10 +46,16 @@ want sweep && step loss_engine_sweep_cuda.jsonl 40 python bench/loss_engine.py -
 want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
 want train && step train_step_cuda.jsonl 110 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --chunk-sizes 1024,2048,4096 --profile "$OUT/train_step_profile.txt"
+# #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile
+want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device cuda --profile "$OUT/topk_summary_profile.txt"
 want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --profile "$OUT/teacher_logits_profile.txt"
 want teacher && step teacher_logits_cuda.jsonl 30 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --ks 64 --length-spread 0.9
+# the profiles in one file: at most 8 files come back from the device
+for profile in "$OUT"/*_profile.txt; do
+    [ -e "$profile" ] && { echo "#### $(basename "$profile")"; cat "$profile"; rm "$profile"; }
+done >"$OUT/profiles.txt"
 if want tests; then tail -n 3 "$OUT"/gpu_tests.txt; fi

@@ -20,6 +20,7 @@ FIELDS = {
     "teacher_logits.py": ["store_tokens_per_s", "bare_tokens_per_s", "throughput_ratio", "bytes_per_token"],
     "length_grouping.py": ["random_tokens_per_s", "grouped_tokens_per_s", "tokens_per_s_ratio",
                            "grouped_padding_ratio"],
+    "topk_summary.py": ["matmul_ms", "summary_torch_ms", "summary_torch_vs_matmul"],
 }
 
 
