@@ -64,7 +64,8 @@ class SweepPlan:
     chunk_size: int
     kernel: str = "torch"  # "torch" (reference, any device) or "triton" (resolve_kernel)
     weight_grad_accum: str = "fp32"  # one of WEIGHT_GRAD_ACCUM
-    weight_grad_rows: int = 0  # logit-gradient rows per weight-gradient GEMM (PendingWeightGrad); ≤ chunk_size: each chunk's own
+    # logit-gradient rows per weight-gradient GEMM (PendingWeightGrad); ≤ chunk_size: each chunk's own
+    weight_grad_rows: int = 0
 
     @property
     def outputs(self) -> tuple[str, ...]:
