@@ -82,6 +82,12 @@ def bare_forward(model_dir: Path, sequences: list[list[int]], batch_size: int, d
     return time.perf_counter() - start
 
 
+def _store_options(args, k: int, dtype: str) -> TeacherLogitsOptions:
+    """The stage's options for a store at ``k`` and ``dtype``, the rest from the command line."""
+    return TeacherLogitsOptions(k=k, dtype=dtype, batch_size=args.batch_size, device=args.device,
+                                model_dtype=args.model_dtype, max_tokens_per_shard=args.max_tokens_per_shard)
+
+
 class Phases:
     """Where the store's time goes: ``setup`` (start → plan), ``score`` (plan → the last batch's work done),
     ``write`` (the rest). On CUDA the batches are timed with events, so marking them does not synchronize
@@ -149,21 +155,18 @@ def main(argv=None) -> None:
         seqs = tmp / "seqs.parquet"
         sequences = make_sequences(seqs, args.vocab, args.sequences, args.prompt_len, args.completion_len,
                                    args.length_spread)
+        ks, dtypes = [int(x) for x in args.ks.split(",")], args.dtypes.split(",")
         bare_forward(model_dir, sequences[: args.batch_size], args.batch_size, args.device, args.model_dtype)  # warm-up
         # and a store over the first batch's rows: Triton compiles the summary's kernels once per machine (a run
         # pays it once, then they come from its cache), not in the first k's figure
         warm = tmp / "warm.parquet"
         make_sequences(warm, args.vocab, args.batch_size, args.prompt_len, args.completion_len, args.length_spread)
-        for k in (int(x) for x in args.ks.split(",")):
-            run_teacher_logits(model_dir, warm, tmp / f"warm-{k}", TeacherLogitsOptions(
-                k=k, batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype))
-        for k in (int(x) for x in args.ks.split(",")):
-            for dtype in args.dtypes.split(","):
+        for k in ks:
+            run_teacher_logits(model_dir, warm, tmp / f"warm-{k}", _store_options(args, k, dtypes[0]))
+        for k in ks:
+            for dtype in dtypes:
                 out = tmp / f"store-{k}-{dtype}"
-                opts = TeacherLogitsOptions(
-                    k=k, dtype=dtype, batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype,
-                    max_tokens_per_shard=args.max_tokens_per_shard,
-                )
+                opts = _store_options(args, k, dtype)
                 phases = Phases(args.device)
                 summary = run_teacher_logits(model_dir, seqs, out, opts, on_tokens=phases.batch, on_plan=phases.plan)
                 store_s = time.perf_counter() - phases.start
@@ -191,9 +194,7 @@ def main(argv=None) -> None:
                     "bytes_per_token_target": 6 * k + 16,
                 }), flush=True)
         if args.profile:
-            opts = TeacherLogitsOptions(k=int(args.ks.split(",")[0]), dtype=args.dtypes.split(",")[0],
-                                        batch_size=args.batch_size, device=args.device, model_dtype=args.model_dtype,
-                                        max_tokens_per_shard=args.max_tokens_per_shard)
+            opts = _store_options(args, ks[0], dtypes[0])
             device = torch.device("cuda" if args.device.startswith("cuda") else args.device)
             store = profile_table(lambda: run_teacher_logits(model_dir, seqs, tmp / "store-profiled", opts), device)
             bare = profile_table(
