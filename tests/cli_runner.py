@@ -24,6 +24,13 @@ def run_cli(*args, check: bool = False) -> subprocess.CompletedProcess:
     return done
 
 
+def ctrl_c_reaches_it() -> None:
+    """``preexec_fn`` for a child that a test interrupts: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt.  A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+    inherited ignore: under ``pytest … &`` the signal was dropped and the command ran to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node nproc -m fdivctl ARGS`` (gloo on the CPU), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

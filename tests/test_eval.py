@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from cli_runner import run_cli
+from cli_runner import ctrl_c_reaches_it, run_cli
 from fdivctl.cli.evaluate import metrics_table
 from fdivctl.metrics.best_of_n import best_of_n_kl_bound, best_of_n_reward
 from fdivctl.metrics.calibration import expected_calibration_error
@@ -275,7 +275,8 @@ def test_an_interrupted_model_shortcut_continues_when_run_again(tmp_path, tiny_t
             "--max-new-tokens", 24, "--device", "cpu"]
     parts = tmp_path / "out" / f"{tiny_teacher.name}.rollouts.parquet.parts"
     process = subprocess.Popen([sys.executable, "-m", "fdivctl", *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=ctrl_c_reaches_it)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and not list(parts.glob("part-*.parquet")):
         time.sleep(0.05)

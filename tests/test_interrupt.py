@@ -12,6 +12,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cli_runner import ctrl_c_reaches_it
 from conftest import write_sequences
 
 from fdivctl.training.checkpoint import saved_state
@@ -21,7 +22,7 @@ def _interrupt_after(args: list, log, records: int) -> subprocess.CompletedProce
     """Run ``python -m fdivctl ARGS``; send SIGINT once ``log`` has ``records`` lines; wait for it to end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "fdivctl", *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ctrl_c_reaches_it)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= records:

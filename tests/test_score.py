@@ -11,7 +11,7 @@ import pytest
 from fdivctl.io.tables import provenance, write_table
 from fdivctl.rewards.math_answer import extract_answer, verify_math
 from fdivctl.rewards.sql_exec import verify_sql
-from cli_runner import run_cli
+from cli_runner import ctrl_c_reaches_it, run_cli
 
 MATH_CASES = [
     # (completion, gold, correct)
@@ -333,7 +333,7 @@ def test_an_interrupted_score_resumes_from_its_saved_parts(tmp_path):
     def score(out, *extra):
         return subprocess.run([sys.executable, "-m", "fdivctl", "score", str(rollouts), str(out), "--verifier",
                                "python:user_reward:interrupt_once", "--workers", "1", "--part-rows", "2", *extra],
-                              capture_output=True, text=True, env=env, timeout=120)
+                              capture_output=True, text=True, env=env, timeout=120, preexec_fn=ctrl_c_reaches_it)
 
     out, parts = tmp_path / "s.parquet", tmp_path / "s.parquet.parts"
     interrupted = score(out)
