@@ -315,3 +315,28 @@ def test_a_shard_is_batched_longest_first_and_indexed_in_the_files_order(tmp_pat
     assert lengths == sorted(lengths, reverse=True) and len(batches) == 4  # one shard: 12 rows, 3 per batch
     index = pq.read_table(tmp_path / "store" / "index.parquet")
     assert index.column("source_row").to_pylist() == list(range(12))
+
+
+def test_a_shard_file_is_byte_for_byte_what_safetensors_writes_and_its_checksum_is_the_files(tmp_path, monkeypatch):
+    """The store's one-pass writer (hashing on the way, no second read) writes the bytes of
+    ``safetensors.torch.save_file`` for every store dtype, an empty tensor and a strided one, in blocks that cut
+    tensors mid-element."""
+    from safetensors.torch import save_file
+
+    from fdivctl.io import tensor_file
+    from fdivctl.io.hashing import file_sha256
+    from fdivctl.io.tensor_file import save_safetensors
+
+    monkeypatch.setattr(tensor_file, "_BLOCK", 100)
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tensors = {"ids": torch.randint(0, 1000, (37, 5), dtype=torch.int32),
+                   "logprobs": torch.randn(37, 5).to(dtype), "log_tail": torch.randn(74)[::2],
+                   "token_ids": torch.arange(37, dtype=torch.int32), "empty": torch.zeros(0, 3),
+                   "steps": torch.arange(3)}
+        ours, theirs = tmp_path / f"ours-{dtype}.safetensors", tmp_path / f"theirs-{dtype}.safetensors"
+        digest = save_safetensors(tensors, ours)
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(theirs))
+        assert ours.read_bytes() == theirs.read_bytes() and digest == file_sha256(ours)
+    with pytest.raises(ValueError, match="no safetensors dtype name"):
+        save_safetensors({"mask": torch.ones(2, dtype=torch.bool)}, tmp_path / "bool.safetensors")

@@ -33,13 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fdivctl import __version__
 from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.hashing import file_sha256, token_digest
 from fdivctl.io.sequences import Sequences
+from fdivctl.io.tensor_file import save_safetensors
 
 FORMAT = "fdivctl-logit-store"
 FORMAT_VERSION = 1
@@ -119,8 +119,7 @@ class StoreWriter:
             raise ValueError(f"shard {index}: missing tensors {sorted(missing)}")
         base = self.directory / shard_name(index)
         with atomic_path(base.with_suffix(".safetensors")) as tmp:
-            save_file({k: tensors[k].contiguous().cpu() for k in TENSORS}, str(tmp))
-            digest = file_sha256(tmp)
+            digest = save_safetensors({k: tensors[k].cpu() for k in TENSORS}, tmp)
         planned = self.shards[index]
         sidecar = {
             "file": base.with_suffix(".safetensors").name,
