@@ -392,3 +392,60 @@ def test_head_topk_matches_a_float64_log_softmax_even_for_a_vanishing_tail(k, te
     else:
         torch.testing.assert_close(got.log_tail.double(), torch.logsumexp(rest, -1), rtol=1e-5, atol=2e-4)
         assert torch.isfinite(got.log_tail).all() and (k < 3 or got.log_tail[0] < -110)
+
+
+def _capped(logits, cap):
+    return cap * torch.tanh(logits / cap)
+
+
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+def test_soft_capped_heads_match_a_capped_float64_reference(grad_mode):
+    """softcap=c makes the student's logits c·tanh(u/c) (Gemma 2's final_logit_softcapping) and TeacherHead(softcap)
+    the teacher's: values and gradients equal autograd through the capped full logits, with logits of ±10 against
+    a cap of 3 so the cap changes them (before: a soft-capped model trained on its uncapped head)."""
+    hidden, weight, bias, th, tw = _tensors(bias=True, seed=11)
+    weight, tw = weight * 4, tw * 4
+    cap_s, cap_t = 3.0, 5.0
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[[2, 9]] = False
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    ours = engine.divergence_loss(h, w, engine.TeacherHead(th, tw, softcap=cap_t), "jsd", bias=b, mask=mask,
+                                  temperature=1.3, chunk_size=4, grad_mode=grad_mode, softcap=cap_s)
+    h2, w2, b2 = _leaf(hidden), _leaf(weight), _leaf(bias)
+    student = _capped(h2 @ w2.T + b2, cap_s)
+    ref = reference_full("jsd", {}, student, _capped(th @ tw.T, cap_t), temperature=1.3)[mask].mean()
+    uncapped = reference_full("jsd", {}, h2 @ w2.T + b2, th @ tw.T, temperature=1.3)[mask].mean()
+    assert abs(uncapped.item() - ref.item()) > 0.05
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for g_ours, g_ref in zip(_grads(ours, h, w, b), _grads(ref, h2, w2, b2)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-11)
+
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(12))
+    h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
+    out = engine.token_outputs(h, w, bias=b, token_ids=ids, entropy=True, temperature=0.8, chunk_size=6,
+                               softcap=cap_s)
+    log_q = torch.log_softmax(_capped(h2 @ w2.T + b2, cap_s) / 0.8, -1)
+    ref_lp, ref_ent = log_q.gather(-1, ids[:, None]).squeeze(-1), -(log_q.exp() * log_q).sum(-1)
+    torch.testing.assert_close(out.logprob, ref_lp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.entropy, ref_ent, rtol=1e-10, atol=1e-12)
+    for g_ours, g_ref in zip(_grads((out.logprob + out.entropy).sum(), h, w, b),
+                             _grads((ref_lp + ref_ent).sum(), h2, w2, b2)):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="softcap must be a positive number"):
+        engine.token_outputs(h, w, token_ids=ids, softcap=0.0)
+
+
+def test_head_topk_soft_caps_before_the_temperature():
+    from fdivctl.engine.topk import head_topk
+
+    hidden, weight, _, _, _ = _tensors(torch.float32, seed=13)
+    weight = weight * 4
+    tokens = torch.arange(N) % V
+    got = head_topk(hidden, weight, 5, tokens, temperature=0.7, chunk_size=8, softcap=3.0)
+    log_p = torch.log_softmax(_capped(hidden.double() @ weight.double().T, 3.0) / 0.7, -1)
+    top, ids = log_p.topk(5, -1)
+    torch.testing.assert_close(got.logprobs.double(), top, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.token_logprob.double(), log_p.gather(-1, tokens[:, None]).squeeze(-1), rtol=0,
+                               atol=2e-5)
+    torch.testing.assert_close(got.log_tail.double(), torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), -1),
+                               rtol=1e-5, atol=2e-5)

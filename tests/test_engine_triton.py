@@ -91,9 +91,11 @@ def test_triton_vocabulary_policies_match_the_torch_path(vocab):
 
 @case
 @pytest.mark.parametrize("div", [None, "rkl", "fkl"])
-def test_triton_token_loss_matches_the_torch_path(div):
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_triton_token_loss_matches_the_torch_path(div, softcap):
     """The RL policy loss: a nonlinear objective of log-prob, entropy and divergence (cotangents
-    by autograd on the [c] outputs, the logit gradient by the kernel) equals the reference path."""
+    by autograd on the [c] outputs, the logit gradient by the kernel) equals the reference path; also for a
+    soft-capped head (the kernel's gradient, written over the logits, times the cap's slope)."""
     from fdivctl.objectives import grpo
 
     hidden, weight, bias, th, tw, tokens = _inputs(n=17)
@@ -111,7 +113,7 @@ def test_triton_token_loss_matches_the_torch_path(div):
     for kernel in ("torch", "triton"):
         total, outputs = engine.token_loss(
             hidden, weight, objective, bias=bias, token_ids=tokens, entropy=True, target=target,
-            divergence=div, temperature=0.8, chunk_size=6, kernel=kernel,
+            divergence=div, temperature=0.8, chunk_size=6, kernel=kernel, softcap=softcap,
         )
         results[kernel] = (total, outputs.logprob, outputs.entropy, *torch.autograd.grad(total, (hidden, weight, bias)))
     for ours, ref in zip(results["triton"], results["torch"]):
@@ -120,14 +122,17 @@ def test_triton_token_loss_matches_the_torch_path(div):
 
 @case
 @pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
-def test_triton_kernels_write_into_the_gathered_weight_gradient_rows(grad_mode):
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_triton_kernels_write_into_the_gathered_weight_gradient_rows(grad_mode, softcap):
     """With ``weight_grad_rows`` over several chunks the gradient kernel writes each chunk's rows into the
-    shared buffer (flushed full at 10 rows and part full at the end): the torch path's gradients."""
+    shared buffer (flushed full at 10 rows and part full at the end): the torch path's gradients; with soft-capped
+    heads too (the student's slope multiplied into its rows of the buffer, the teacher capped before the kernel)."""
     hidden, weight, bias, th, tw, _ = _inputs()
     results = {}
     for kernel in ("torch", "triton"):
-        loss = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "fkl", bias=bias, chunk_size=5,
-                                      grad_mode=grad_mode, kernel=kernel, weight_grad_rows=10)
+        loss = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw, softcap=softcap), "fkl", bias=bias,
+                                      chunk_size=5, grad_mode=grad_mode, kernel=kernel, weight_grad_rows=10,
+                                      softcap=softcap)
         results[kernel] = (loss, *torch.autograd.grad(loss, (hidden, weight, bias)))
     for ours, ref in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

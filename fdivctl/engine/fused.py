@@ -33,6 +33,10 @@ size (``G ≈ H``), so that GEMM does ≥ H/4 FLOP per byte of the ``[V, H]``
 accumulator it reads and writes, for a ``[G, V]`` bf16 buffer of at most half
 the accumulator's bytes; one chunk otherwise (:func:`default_weight_grad_rows`).
 
+``softcap``: the student head's final-logit soft cap ``c`` (Gemma 2's ``final_logit_softcapping``): the
+logits are ``c·tanh((h Wᵀ + b)/c)``, and each chunk's gradient is multiplied by the cap's slope before the
+backward matmuls (:func:`~fdivctl.engine.matmul.soft_cap_`).  None (default): no cap.
+
 ``weight_grad_accum`` (:data:`~fdivctl.engine.sweep.WEIGHT_GRAD_ACCUM`): the
 head's gradient accumulates across chunks in fp32 (default, DESIGN.md), or with
 ``"param"`` in the dtype the matmuls read the weight in — bf16 for a bf16 head
@@ -42,6 +46,7 @@ rounding per chunk.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -166,10 +171,12 @@ class _ObjectiveFn(torch.autograd.Function):
 
 def _plan(
     hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-    weight_grad_rows,
+    weight_grad_rows, softcap,
 ):
     check_head(hidden, weight, bias)
     check_scalars(temperature, chunk_size)
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number, got {softcap}")
     if weight_grad_rows is not None and weight_grad_rows < 1:
         raise ValueError(f"weight_grad_rows must be ≥ 1, got {weight_grad_rows}")
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
@@ -197,6 +204,7 @@ def _plan(
         weight_grad_accum=weight_grad_accum,
         weight_grad_rows=weight_grad_rows
         or default_weight_grad_rows(chunk_size, hidden.shape[1], hidden.device, weight_grad_accum),
+        softcap=None if softcap is None else float(softcap),
     )
 
 
@@ -214,6 +222,7 @@ def token_outputs(
     kernel: str = "auto",
     weight_grad_accum: str = "fp32",
     weight_grad_rows: int | None = None,
+    softcap: float | None = None,
 ) -> TokenOutputs:
     """Per-token ``log q(y_t)``, ``H(q_t)`` and ``D(q_t‖p_t)`` at ``temperature``, differentiable.
 
@@ -223,7 +232,7 @@ def token_outputs(
     """
     plan = _plan(
         hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-        weight_grad_rows,
+        weight_grad_rows, softcap,
     )
     if not plan.outputs:
         raise ValueError("token_outputs: request token_ids, entropy=True, or a target with a divergence")
@@ -246,6 +255,7 @@ def divergence_loss(
     kernel: str = "auto",
     weight_grad_accum: str = "fp32",
     weight_grad_rows: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Masked weighted mean divergence ``Σ_t m_t w_t D(q_t‖p_t) / Σ_t m_t w_t``.
 
@@ -258,7 +268,7 @@ def divergence_loss(
         raise ValueError(f"grad_mode={grad_mode!r}; valid: {', '.join(GRAD_MODES)}")
     plan = _plan(
         hidden, weight, bias, None, False, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-        weight_grad_rows,
+        weight_grad_rows, softcap,
     )
     n_tokens = hidden.shape[0]
     check_per_token("mask", mask, n_tokens)
@@ -304,6 +314,7 @@ def token_loss(
     kernel: str = "auto",
     weight_grad_accum: str = "fp32",
     weight_grad_rows: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, TokenOutputs]:
     """``Σ_t ℓ_t`` for a per-token loss of the per-token outputs, gradient taken in the forward pass.
 
@@ -318,7 +329,7 @@ def token_loss(
     """
     plan = _plan(
         hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-        weight_grad_rows,
+        weight_grad_rows, softcap,
     )
     if not plan.outputs:
         raise ValueError("token_loss: request token_ids, entropy=True, or a target with a divergence")

@@ -50,6 +50,19 @@ def linear_fp32(
     return out
 
 
+def soft_cap_(logits: torch.Tensor, cap: float | None, slope: bool = False) -> torch.Tensor | None:
+    """``z = c·tanh(u/c)`` in place over the head's output ``u`` (a model's final-logit soft cap, ``c`` =
+    ``final_logit_softcapping``: Gemma Team, "Gemma 2", 2024, §2; nothing when ``cap`` is None).  With ``slope``
+    returns ``dz/du = 1 − tanh²(u/c)`` (``[c, V]``), which the caller multiplies into ``∂L/∂z`` to get ``∂L/∂u``
+    for the backward matmuls; else None."""
+    if cap is None:
+        return None
+    tanh = logits.div_(cap).tanh_()
+    derivative = 1 - tanh * tanh if slope else None
+    tanh.mul_(cap)
+    return derivative
+
+
 def input_grad(grad_logits: torch.Tensor, weight_mm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``grad_logits @ W`` — the gradient of ``linear_fp32``'s input — in ``dtype``.
 

@@ -1,7 +1,7 @@
 """One pass over the tokens in chunks: the only place student logits exist.
 
 For each chunk of rows the student logits ``z = h Wᵀ (+ b)`` ``[c, V]`` are
-made in fp32, the requested per-token quantities are computed from
+made in fp32 (soft-capped, ``c·tanh(z/c)``, for a model that caps its logits), the requested per-token quantities are computed from
 ``log q = log_softmax(z / T)``:
 
 * ``logprob``    — ``log q(y_t)`` of given token ids;
@@ -31,7 +31,7 @@ import torch
 from fdivctl.divergences import Divergence
 from fdivctl.divergences.logspace import compute_dtype
 from fdivctl.engine.chunk_loss import ChunkLoss
-from fdivctl.engine.matmul import accumulate_weight_grad, input_grad, linear_fp32
+from fdivctl.engine.matmul import accumulate_weight_grad, input_grad, linear_fp32, soft_cap_
 from fdivctl.engine.targets import Target
 
 OUTPUT_NAMES = ("logprob", "entropy", "divergence")
@@ -66,6 +66,7 @@ class SweepPlan:
     weight_grad_accum: str = "fp32"  # one of WEIGHT_GRAD_ACCUM
     # logit-gradient rows per weight-gradient GEMM (PendingWeightGrad); ≤ chunk_size: each chunk's own
     weight_grad_rows: int = 0
+    softcap: float | None = None  # the student's final-logit soft cap c (matmul.soft_cap_)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -270,12 +271,16 @@ def sweep(
         rows = slice(start, min(start + plan.chunk_size, n))
         h_chunk = hidden[rows]
         logits = linear_fp32(h_chunk, weight_mm, bias)
+        cap_slope = soft_cap_(logits, plan.softcap, slope=with_grad)
         slot = None if pending is None else pending.slot(rows)
         if plan.kernel == "triton":
             chunk, value, grad_logits = _triton_chunk(plan, logits, rows, objective, with_grad, weight_mm.dtype, slot)
         else:
             chunk, value, grad_logits = _torch_chunk(plan, logits, rows, objective, with_grad)
         del logits
+        if grad_logits is not None and cap_slope is not None:
+            grad_logits.mul_(cap_slope)  # ∂L/∂z → ∂L/∂u through the soft cap
+        del cap_slope
         if value is not None:
             total += value
         if grad_logits is not None:

@@ -35,7 +35,7 @@ import torch
 
 from fdivctl.divergences.logspace import LOG_FLOOR, floor_log
 from fdivctl.engine.finite import has_nan
-from fdivctl.engine.matmul import linear_fp32, matmul_weight
+from fdivctl.engine.matmul import linear_fp32, matmul_weight, soft_cap_
 
 VOCAB_POLICIES = ("strict", "truncate", "pad")
 TAIL_MODES = ("tail", "renormalize", "ignore")
@@ -141,7 +141,8 @@ class FullLogits(_DenseTarget):
 
 
 class TeacherHead(_DenseTarget):
-    """A teacher's final hidden states ``[N, Hₜ]`` and lm_head ``[Vₜ, Hₜ]`` (optional bias)."""
+    """A teacher's final hidden states ``[N, Hₜ]`` and lm_head ``[Vₜ, Hₜ]`` (optional bias), its logits
+    soft-capped at ``softcap`` for a model that caps them (:func:`~fdivctl.engine.matmul.soft_cap_`)."""
 
     def __init__(
         self,
@@ -149,12 +150,16 @@ class TeacherHead(_DenseTarget):
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         vocab: str = "strict",
+        softcap: float | None = None,
     ):
         self.hidden = hidden
         self.weight = weight
         self.bias = bias
         self.vocab = vocab
+        self.softcap = softcap
         self._check_vocab_policy()
+        if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"teacher softcap must be a positive number, got {softcap}")
         self._weight_mm: torch.Tensor | None = None
 
     @property
@@ -162,7 +167,7 @@ class TeacherHead(_DenseTarget):
         return self.hidden.shape[0]
 
     def take(self, index):
-        taken = TeacherHead(self.hidden[index], self.weight, self.bias, self.vocab)
+        taken = TeacherHead(self.hidden[index], self.weight, self.bias, self.vocab, self.softcap)
         taken._weight_mm = self._weight_mm
         return taken
 
@@ -188,7 +193,9 @@ class TeacherHead(_DenseTarget):
         if self._weight_mm is None:
             self._weight_mm = matmul_weight(self.weight.detach())
         bias = None if self.bias is None else self.bias.detach()
-        return linear_fp32(self.hidden[rows].detach(), self._weight_mm, bias)
+        logits = linear_fp32(self.hidden[rows].detach(), self._weight_mm, bias)
+        soft_cap_(logits, self.softcap)
+        return logits
 
     def support(self, rows, log_q, temperature):
         logits = self.dense_logits(rows).to(log_q.dtype)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from fdivctl.engine.fused import default_chunk_size
-from fdivctl.engine.matmul import linear_fp32, matmul_weight
+from fdivctl.engine.matmul import linear_fp32, matmul_weight, soft_cap_
 from fdivctl.engine.sweep import resolve_kernel
 
 
@@ -41,12 +41,14 @@ def head_topk(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     kernel: str = "auto",
+    softcap: float | None = None,
 ) -> TopKSummary:
     """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``.
 
     ``kernel``: ``"torch"`` (``torch.topk``, a scatter and ``logsumexp``), ``"triton"``
     (:mod:`fdivctl.engine.triton_topk`: candidate compaction and one tail pass), or
-    ``"auto"`` (Triton on CUDA), as in :func:`fdivctl.engine.divergence_loss`.
+    ``"auto"`` (Triton on CUDA), as in :func:`fdivctl.engine.divergence_loss`.  ``softcap``: the head's
+    final-logit soft cap (:func:`~fdivctl.engine.matmul.soft_cap_`), applied before the temperature.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     if not 1 <= k <= vocab:
@@ -68,6 +70,7 @@ def head_topk(
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         logits = linear_fp32(hidden[rows], weight_mm, bias).float()
+        soft_cap_(logits, softcap)
         token_logit = logits.gather(-1, token_ids[rows].long().unsqueeze(-1)).squeeze(-1) / temperature
         if use_triton:
             from fdivctl.engine import triton_topk
@@ -92,7 +95,7 @@ def head_topk(
         redo = inexact.nonzero().squeeze(-1)
         if redo.numel():
             again = head_topk(hidden[redo], weight, k, token_ids[redo], bias=bias, temperature=temperature,
-                              chunk_size=chunk, kernel="torch")
+                              chunk_size=chunk, kernel="torch", softcap=softcap)
             for mine, exact in zip(out, again):
                 mine[redo] = exact
     return out
