@@ -145,3 +145,27 @@ def test_triton_token_loss_matches_the_torch_path(dtype):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     for ours, ref in zip(results["triton"][3:], results["torch"][3:]):
         torch.testing.assert_close(ours.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_soft_capped_bf16_heads_match_float64_reference(kernel):
+    """softcap on the GPU: the student's capped bf16 logits (the cap's slope multiplied into the bf16 gradient rows
+    the Triton kernel wrote) and a capped teacher, against autograd through capped float64 logits."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    n, h, v, cap = 700, 256, 5003, 2.0
+    hidden = torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 4 * h**-0.5).to(torch.bfloat16)
+    th = torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    tw = (torch.randn(v, h, device="cuda", generator=g) * 4 * h**-0.5).to(torch.bfloat16)
+    hl, wl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = engine.divergence_loss(hl, wl, engine.TeacherHead(th, tw, softcap=cap), "jsd", chunk_size=64,
+                                  kernel=kernel, softcap=cap)
+    gh, gw = torch.autograd.grad(loss, (hl, wl))
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    capped = lambda u: cap * torch.tanh(u / cap)  # noqa: E731
+    ref = reference_full("jsd", {}, capped(h64 @ w64.T), capped(th.double() @ tw.double().T)).mean()
+    rh, rw = torch.autograd.grad(ref, (h64, w64))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
+    for ours, exact in ((gh, rh), (gw, rw)):
+        err = (ours.double() - exact).norm() / exact.norm()
+        assert err < 1e-2, f"relative gradient error {float(err):.2e}"

@@ -59,14 +59,15 @@ def _root(
     """fdivctl: rollout → score → teacher-logits → train / distill → eval."""
 
 
+# registered, and so listed by --help, in the order a pipeline runs them
 divergences_cmd.register(app)
 rollout_cmd.register(app)
-evaluate_cmd.register(app)
-distill_cmd.register(app)
 score_cmd.register(app)
-soup_cmd.register(app)
 teacher_logits_cmd.register(app)
+distill_cmd.register(app)
 train_cmd.register(app)
+soup_cmd.register(app)
+evaluate_cmd.register(app)
 demo_cmd.register(app)
 require_finite_floats(app)
 

@@ -77,9 +77,10 @@ def kd_loss(
     temperature: float = 1.0,
     mix_ce: float = 0.0,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The distillation loss of one batch and its parts (for logging); ``chunk_size``: the engine's token rows per
-    chunk (None: its default).
+    chunk (None: its default); ``softcap``: the student head's logit soft cap (the engine's ``softcap``).
 
     With per-token ``weights`` each term is ``Σ_t w_t ℓ_t / N``: a batch of
     low-weight tokens counts less than one of full-weight tokens.
@@ -93,12 +94,13 @@ def kd_loss(
         divergence = divergence.bind(batch.token_ids, batch.teacher_token_logprob)
     if divergence is not None:
         div = scale * engine.divergence_loss(batch.hidden, head_weight, batch.target, divergence, bias=head_bias,
-                                             weights=weights, temperature=temperature, chunk_size=chunk_size)
+                                             weights=weights, temperature=temperature, chunk_size=chunk_size,
+                                             softcap=softcap)
         figures[divergence.name] = float(div.detach())
         loss = loss + div
     if divergence is None or mix_ce:
         logprob = engine.token_outputs(batch.hidden, head_weight, bias=head_bias, token_ids=batch.token_ids,
-                                       chunk_size=chunk_size).logprob
+                                       chunk_size=chunk_size, softcap=softcap).logprob
         ce = -(logprob if weights is None else logprob * weights).sum() / max(1, n_tokens)  # 0 for an empty batch
         figures["ce"] = float(ce.detach())
         loss = loss + (1.0 if divergence is None else mix_ce) * ce

@@ -46,8 +46,10 @@ def opd_loss(
     baseline_target: engine.Target | None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """The OPD surrogate of one batch of sampled tokens and its parts (for logging).
+    """The OPD surrogate of one batch of sampled tokens and its parts (for logging); ``softcap``: the student
+    head's logit soft cap (the engine's ``softcap``).
 
     ``teacher_logprob`` ``[N]``: ``log p(y_t)`` at ``temperature``;
     ``baseline_target``: the teacher as an engine target for vOPD's KL, or
@@ -71,7 +73,7 @@ def opd_loss(
     loss, _ = engine.token_loss(
         hidden, head_weight, objective, bias=head_bias, token_ids=token_ids,
         target=baseline_target, divergence="rkl" if baseline else None, temperature=temperature,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, softcap=softcap,
     )
     figures = {"tokens": float(n_tokens), "loss": float(loss.detach()),
                "opd_reward": float(sum(sums["reward"])) / max(1, n_tokens)}

@@ -43,6 +43,7 @@ from fdivctl.errors import UserError
 from fdivctl.generation.sampling import SamplingOptions, encode_prompts
 from fdivctl.io.checkpoints import ModelLimits, load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
+from fdivctl.io.lm_head import LMHead
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences, check_max_length, int_list_column, load_sequences, read_sequences
 from fdivctl.io.tables import read_table, require_columns, require_no_nulls, require_prompt_ids
@@ -61,7 +62,6 @@ from fdivctl.stages.live_sampler import live_generator
 from fdivctl.stages.signals import (
     FrozenModel,
     check_same_tokenizer,
-    scored_hidden,
     store_target,
     store_token_logprobs,
 )
@@ -356,9 +356,8 @@ def prepare_distill(
     signal = _Teachers(frozen, weights, opts.vocab)
     model = load_causal_lm(weights_to_load(student, resume_from, opts.loop.lora), opts.dtype, opts.device,
                            "student").train()
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    device = head.weight.device
+    lm = LMHead.of(model, "student")
+    device = lm.weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     current = {"step": 0, "micro_step": None, "micro": 0}  # the optimizer step, and the micro-batch within it
     generate = None
@@ -404,7 +403,7 @@ def prepare_distill(
         if opts.loss_name == "opd" and evaluating:
             divergence = divergences.get("rkl")
         batch = {k: v.to(device) for k, v in batch_seqs.batch(batch_rows, pad_id).items()}
-        hidden = scored_hidden(decoder, batch)
+        hidden = lm.hidden(batch)
         if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
             return hidden.new_tensor(float("nan")), {}
         weights_t = None if example_of is None else \
@@ -423,7 +422,7 @@ def prepare_distill(
             weights_t = inside if weights_t is None else weights_t * inside
         try:
             if surrogate:
-                return _opd(frozen[0], batch, hidden, head.weight, bias, opts)
+                return _opd(frozen[0], batch, hidden, lm, opts)
             target, token_logprob = None, None
             if divergence is not None:
                 if batch_store is not None:
@@ -432,8 +431,8 @@ def prepare_distill(
                         token_logprob = store_token_logprobs(batch_store, batch_seqs, batch_rows, device)
                 else:
                     target = signal.target(batch)
-            loss, figures = kd_loss(KDBatch(hidden, batch["token"], target, token_logprob, weights_t), head.weight,
-                                    bias, divergence, opts.temperature, opts.mix_ce, opts.chunk_size)
+            loss, figures = kd_loss(KDBatch(hidden, batch["token"], target, token_logprob, weights_t), lm.weight,
+                                    lm.bias, divergence, opts.temperature, opts.mix_ce, opts.chunk_size, lm.softcap)
             return loss, {**figures, **region}
         except ValueError as err:
             raise UserError(str(err)) from None
@@ -471,7 +470,7 @@ def _draws_samples(opts: DistillOptions, step: int, micro: int) -> bool:
     return float(torch.rand((), generator=generator)) < opts.on_policy_fraction
 
 
-def _opd(teacher: FrozenModel, batch: dict, hidden: torch.Tensor, weight, bias, opts: DistillOptions):
+def _opd(teacher: FrozenModel, batch: dict, hidden: torch.Tensor, student: LMHead, opts: DistillOptions):
     """OPD's surrogate on a batch of the student's samples, with vOPD's baseline when asked."""
     teacher_hidden = teacher.hidden(batch)
     tokens = batch["token"]
@@ -480,13 +479,13 @@ def _opd(teacher: FrozenModel, batch: dict, hidden: torch.Tensor, weight, bias, 
         baseline_target = teacher.target(teacher_hidden, opts.vocab)
     if opts.on_policy.baseline_topk is not None:
         top = head_topk(teacher_hidden, teacher.weight, opts.on_policy.baseline_topk, tokens,
-                               bias=teacher.bias, temperature=opts.temperature)
+                        bias=teacher.bias, temperature=opts.temperature, softcap=teacher.softcap)
         baseline_target = engine.TopK(top.ids, top.logprobs, top.log_tail, temperature=opts.temperature)
         teacher_logprob = top.token_logprob
     else:
         teacher_logprob = teacher.token_logprobs(teacher_hidden, tokens, opts.temperature)
-    loss, figures = opd_loss(hidden, weight, bias, tokens, teacher_logprob, baseline_target, opts.temperature,
-                             opts.chunk_size)
+    loss, figures = opd_loss(hidden, student.weight, student.bias, tokens, teacher_logprob, baseline_target,
+                             opts.temperature, opts.chunk_size, student.softcap)
     figures["response_length"] = float(len(tokens)) / int(batch["input_ids"].shape[0])
     return loss, figures
 

@@ -31,12 +31,12 @@ import torch
 from fdivctl import divergences, engine
 from fdivctl.divergences import sample_divergence
 from fdivctl.errors import UserError
+from fdivctl.io.lm_head import LMHead
 from fdivctl.io.sequences import Sequences
 from fdivctl.objectives import apo, dgpo, dph, fdpg, grpo, kd, rlad, trace
 from fdivctl.schedules.anneal import linear_anneal
 from fdivctl.stages.rl_data import Credit, ReferencePolicy, ReferenceSamples, Replay, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
-from fdivctl.stages.signals import scored_hidden
 from fdivctl.training import distributed
 from fdivctl.training.loop import LoopOptions, Trainer, batches_for_step
 
@@ -62,10 +62,10 @@ class PolicyUpdate:
                  reference_samples: ReferenceSamples | None = None, teacher: ReferencePolicy | None = None,
                  replay: Replay | None = None):
         self.model, self.opts = model, opts
-        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
+        self.lm = LMHead.of(model, "policy")
         # what every pass through the head gives the engine besides its weight
-        self.head_options = {"bias": getattr(self.head, "bias", None), "chunk_size": opts.chunk_size}
-        self.device = self.head.weight.device
+        self.head_options = {"bias": self.lm.bias, "softcap": self.lm.softcap, "chunk_size": opts.chunk_size}
+        self.device = self.lm.weight.device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.regularizer = opts.regularizer()
         self.reference = reference
@@ -142,7 +142,7 @@ class PolicyUpdate:
         for start in range(0, len(data), self.opts.micro_batch_size):
             rows = list(range(start, min(start + self.opts.micro_batch_size, len(data))))
             batch = self._batch(data.seqs, rows)
-            values = per_token(rows, batch, scored_hidden(self.decoder, batch)).float().cpu()
+            values = per_token(rows, batch, self.lm.hidden(batch)).float().cpu()
             if reduce:
                 values = torch.zeros(len(rows)).index_add_(
                     0, torch.arange(len(rows)).repeat_interleave(data.lengths[rows]), values)
@@ -155,7 +155,7 @@ class PolicyUpdate:
         importance weight against the sampler's log-probs, :func:`grpo.truncated_importance_weights`): the PPO
         ratio is then taken against the trainer's own π_old."""
         old = self._per_response(data, lambda rows, batch, hidden: engine.token_outputs(
-            hidden, self.head.weight, **self.head_options, token_ids=batch["token"],
+            hidden, self.lm.weight, **self.head_options, token_ids=batch["token"],
             temperature=temperature).logprob, reduce=False)
         sampled = torch.from_numpy(np.concatenate(data.old_logprobs)) if len(data) else torch.zeros(0)
         weights, capped = grpo.truncated_importance_weights(old, sampled, self.opts.tis_cap)
@@ -192,7 +192,7 @@ class PolicyUpdate:
         outputs: list[torch.Tensor] = []
 
         def guidance(rows, batch, hidden):
-            out = engine.token_outputs(hidden, self.head.weight, **self.head_options,
+            out = engine.token_outputs(hidden, self.lm.weight, **self.head_options,
                                        entropy=True, target=self.reference.target(data, rows, batch),
                                        divergence=hellinger, temperature=temperature)
             outputs.append(out.entropy.float().cpu())
@@ -200,7 +200,7 @@ class PolicyUpdate:
 
         deviation = self._per_response(data, guidance, reduce=False)
         entropy = torch.cat(outputs) if outputs else torch.zeros(0)
-        return dgpo.token_scale(deviation, entropy, data.lengths, self.head.weight.shape[0], self.opts.dgpo_lambda)
+        return dgpo.token_scale(deviation, entropy, data.lengths, self.lm.weight.shape[0], self.opts.dgpo_lambda)
 
     # -- step 3-4: minibatch steps --------------------------------------------------------------------------------
     def steps(self, data: ScoredRollouts, kept: list[int], seed: int) -> list[list[int]]:
@@ -302,9 +302,9 @@ class PolicyUpdate:
             target = None
             if replay.divergence is not None:
                 target = self.reference.model.target(self.reference.model.hidden(batch))
-            value, _ = kd.kd_loss(kd.KDBatch(scored_hidden(self.decoder, batch), batch["token"], target),
-                                  self.head.weight, self.head_options["bias"], replay.divergence,
-                                  chunk_size=self.opts.chunk_size)
+            value, _ = kd.kd_loss(kd.KDBatch(self.lm.hidden(batch), batch["token"], target),
+                                  self.lm.weight, self.lm.bias, replay.divergence,
+                                  chunk_size=self.opts.chunk_size, softcap=self.lm.softcap)
             loss = weight * replay.coef * value
             return loss, {f"replay_loss_{k}": float(value.detach()), "loss": float(loss.detach())}
 
@@ -317,7 +317,7 @@ class PolicyUpdate:
         """Per-token regularizer estimate (no grad needed): closed form (``full``) or a sample estimator."""
         if self.opts.div_estimator == "full":
             target = self.reference.target(data, rows, batch)
-            return engine.token_outputs(hidden, self.head.weight, **self.head_options,
+            return engine.token_outputs(hidden, self.lm.weight, **self.head_options,
                                         target=target, divergence=self.regularizer,
                                         temperature=temperature).divergence
         ref = self.reference.token_logprobs(data, rows, batch, temperature)
@@ -351,7 +351,7 @@ class PolicyUpdate:
 
         def micro():
             batch = self._batch(data.seqs, rows)
-            hidden = scored_hidden(self.decoder, batch)
+            hidden = self.lm.hidden(batch)
             lengths = data.lengths[rows]
             sampled = self._old_logprobs(data, rows)
             recomputed = credit.old_logprobs(data, rows)
@@ -413,7 +413,7 @@ class PolicyUpdate:
 
             target_divergence = trace.RoutedKL(route) if routing else rkl if kd_full else \
                 self.regularizer if full else None
-            loss, out = engine.token_loss(hidden, self.head.weight, objective, **self.head_options,
+            loss, out = engine.token_loss(hidden, self.lm.weight, objective, **self.head_options,
                                           token_ids=batch["token"], entropy=True, target=target,
                                           divergence=target_divergence, temperature=temperature)
             loss = scale.task_weight * loss
@@ -450,9 +450,10 @@ class PolicyUpdate:
         if self.teacher is not None:
             return self.teacher.model.target(self.teacher.model.hidden(teacher_batch))
         with torch.no_grad():
-            hidden = scored_hidden(self.decoder, teacher_batch)
-        bias = getattr(self.head, "bias", None)
-        return engine.TeacherHead(hidden, self.head.weight.detach(), None if bias is None else bias.detach())
+            hidden = self.lm.hidden(teacher_batch)
+        bias = self.lm.bias
+        return engine.TeacherHead(hidden, self.lm.weight.detach(), None if bias is None else bias.detach(),
+                                  softcap=self.lm.softcap)
 
     def _pef_micro(self, step: int):
         """η · L_pef on the reference samples of this step (a seeded cycle through them)."""
@@ -465,7 +466,7 @@ class PolicyUpdate:
             reference = torch.from_numpy(np.concatenate([samples.logprobs[r] for r in rows])).to(self.device)
             n = len(reference)
             pef, _ = engine.token_loss(
-                scored_hidden(self.decoder, batch), self.head.weight,
+                self.lm.hidden(batch), self.lm.weight,
                 lambda out, r: dph.reference_loss(self.regularizer, out["logprob"], reference[r]).sum() / n,
                 **self.head_options, token_ids=batch["token"], temperature=samples.temperature)
             loss = opts.eta * pef

@@ -29,10 +29,10 @@ from fdivctl import divergences, engine
 from fdivctl.errors import UserError
 from fdivctl.io import conversations
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
+from fdivctl.io.lm_head import LMHead
 from fdivctl.io.sequences import Sequences, check_max_length, cut_counts, kept_rows, sequences_from_table, text_column
 from fdivctl.io.tables import read_table, require_columns, require_finite, require_no_nulls, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
-from fdivctl.stages.signals import scored_hidden
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
 from fdivctl.training.loop import LoopOptions, check_fresh_output, run_loop
@@ -112,12 +112,12 @@ def _shared_prompts(texts: dict[str, list[str]], path: Path) -> list[str]:
     return prompts
 
 
-def sequence_logprobs(decoder, head, seqs: Sequences, rows: list[int], pad_id: int) -> torch.Tensor:
+def sequence_logprobs(lm: LMHead, seqs: Sequences, rows: list[int], pad_id: int) -> torch.Tensor:
     """``[len(rows)]`` log π(y|x): the sum of the response tokens' log-probs, through the chunked engine."""
-    device = head.weight.device
+    device = lm.weight.device
     batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
-    per_token = engine.token_outputs(scored_hidden(decoder, batch), head.weight, bias=getattr(head, "bias", None),
-                                     token_ids=batch["token"]).logprob
+    per_token = engine.token_outputs(lm.hidden(batch), lm.weight, bias=lm.bias, token_ids=batch["token"],
+                                     softcap=lm.softcap).logprob
     return torch.zeros(len(rows), dtype=per_token.dtype, device=device).index_add(0, batch["batch_index"], per_token)
 
 
@@ -130,14 +130,13 @@ def _reference_logprobs(table: pa.Table, load_reference: Callable[[], object], c
     elif cache.exists():
         source = read_table(cache)
     else:
-        model = load_reference()
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        lm = LMHead.of(load_reference(), "reference")
         values = {}
         with torch.no_grad():
             for name, seqs in (("ref_chosen_logp", chosen), ("ref_rejected_logp", rejected)):
                 values[name] = np.zeros(len(seqs))
                 for rows in seqs.by_length(range(len(seqs)), batch_size):
-                    values[name][rows] = sequence_logprobs(decoder, head, seqs, rows, pad_id).cpu().double().numpy()
+                    values[name][rows] = sequence_logprobs(lm, seqs, rows, pad_id).cpu().double().numpy()
         source = pa.table({k: pa.array(v, pa.float64()) for k, v in values.items()})
         if distributed.is_main():
             write_table(cache, source, {"stage": "fdpo reference log-probs", "pairs": len(chosen)})
@@ -189,12 +188,12 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     ref_chosen, ref_rejected = _reference_logprobs(table, initial, chosen, rejected, pad_id,
                                                    run_dir(out) / REFERENCE_CACHE, opts.loop.batch_size)
     model.train()
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    lm = LMHead.of(model, "policy")
 
     def loss_fn(rows: list[int], step: int = 0, total: int = 1):
-        device = head.weight.device
-        logp_w = sequence_logprobs(decoder, head, chosen, rows, pad_id)
-        logp_l = sequence_logprobs(decoder, head, rejected, rows, pad_id)
+        device = lm.weight.device
+        logp_w = sequence_logprobs(lm, chosen, rows, pad_id)
+        logp_l = sequence_logprobs(lm, rejected, rows, pad_id)
         loss, figures = fdpo_loss(divergence, opts.beta, logp_w, logp_l, ref_chosen[rows].to(device, logp_w.dtype),
                                   ref_rejected[rows].to(device, logp_w.dtype))
         figures["tokens"] = float(sum(len(chosen.completion_tokens[r]) + len(rejected.completion_tokens[r])

@@ -17,6 +17,7 @@ from fdivctl import engine
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer
 from fdivctl.io.hashing import tokenizer_hash
+from fdivctl.io.lm_head import LMHead
 from fdivctl.io.logit_store import LogitStore
 from fdivctl.io.sequences import Sequences
 
@@ -29,20 +30,12 @@ def check_same_tokenizer(path: Path, role: str, expected_hash: str, expected_of:
                         f"{expected_hash[:16]}… (--allow-tokenizer-mismatch skips this check and is unsafe)")
 
 
-def scored_hidden(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[N, H]`` final hidden states at the positions that predict the batch's scored tokens."""
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.last_hidden_state[batch["batch_index"], batch["position"]]
-
-
 @dataclass
 class FrozenModel:
     """A causal LM whose parameters never change: its final hidden states and its head (its token log-probs
     computed ``chunk_size`` token rows at a time, the run's ``--chunk-size``; None: the engine's default)."""
 
-    decoder: torch.nn.Module
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    lm: LMHead
     chunk_size: int | None = None
 
     @classmethod
@@ -50,20 +43,31 @@ class FrozenModel:
         model = load_causal_lm(path, dtype, device, role)
         model.requires_grad_(False)
         model.eval()
-        head = model.get_output_embeddings()
-        return cls(model.get_decoder(), head.weight, getattr(head, "bias", None), chunk_size)
+        return cls(LMHead.of(model, f"{role} {path}"), chunk_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.lm.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.lm.bias
+
+    @property
+    def softcap(self) -> float | None:
+        return self.lm.softcap
 
     @torch.no_grad()
     def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return scored_hidden(self.decoder, batch)
+        return self.lm.hidden(batch)
 
     def target(self, hidden: torch.Tensor, vocab: str = "strict") -> engine.TeacherHead:
-        return engine.TeacherHead(hidden, self.weight, self.bias, vocab=vocab)
+        return engine.TeacherHead(hidden, self.weight, self.bias, vocab=vocab, softcap=self.softcap)
 
     @torch.no_grad()
     def token_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
         return engine.token_outputs(hidden, self.weight, bias=self.bias, token_ids=tokens, temperature=temperature,
-                                    chunk_size=self.chunk_size).logprob
+                                    chunk_size=self.chunk_size, softcap=self.softcap).logprob
 
 
 def _stored(store: LogitStore, seqs: Sequences, row: int):

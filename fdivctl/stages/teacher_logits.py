@@ -25,6 +25,7 @@ from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import file_sha256, model_hash, token_digest, tokenizer_hash
+from fdivctl.io.lm_head import LMHead
 from fdivctl.io.logit_store import STORE_DTYPES, StoreWriter, plan_shards
 from fdivctl.io.sequences import Sequences, check_max_length, load_sequences
 
@@ -59,15 +60,6 @@ class TeacherLogitsOptions:
             raise UserError(f"--shard {i}/{n}: need 0 ≤ i < n")
 
 
-def _decoder_and_head(model):
-    config = model.config
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attr, None) not in (None, 1.0):
-            raise UserError(f"teacher models with {attr} are not supported yet")
-    head = model.get_output_embeddings()
-    return model.get_decoder(), head.weight, getattr(head, "bias", None)
-
-
 def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host → device without waiting for the device (pinned memory) on CUDA."""
     if device.type == "cuda":
@@ -76,14 +68,12 @@ def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score_rows(model_parts, seqs: Sequences, rows: list[int], opts: TeacherLogitsOptions, pad_id: int):
+def _score_rows(lm: LMHead, seqs: Sequences, rows: list[int], opts: TeacherLogitsOptions, pad_id: int):
     """Top-k summaries for the scored tokens of ``rows``, concatenated in row order."""
-    decoder, weight, bias = model_parts
-    batch = {k: _upload(v, weight.device) for k, v in seqs.batch(rows, pad_id, opts.include_prompt).items()}
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    batch = {k: _upload(v, lm.weight.device) for k, v in seqs.batch(rows, pad_id, opts.include_prompt).items()}
     token_ids = batch["token"]
-    summary = head_topk(hidden[batch["batch_index"], batch["position"]], weight, opts.k, token_ids, bias=bias,
-                        temperature=opts.temperature)
+    summary = head_topk(lm.hidden(batch), lm.weight, opts.k, token_ids, bias=lm.bias, temperature=opts.temperature,
+                        softcap=lm.softcap)
     return summary, token_ids
 
 
@@ -139,7 +129,7 @@ def run_teacher_logits(
         on_plan(sum(plan[i]["n_tokens"] for i in todo))
     if todo:
         model = load_causal_lm(teacher, opts.model_dtype, opts.device, "teacher")
-        parts = _decoder_and_head(model)
+        lm = LMHead.of(model, f"teacher {teacher}")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         store_dtype = STORE_DTYPES[opts.dtype]
         # shard i's file is written and checksummed in the background while shard i+1 is scored; one in flight,
@@ -147,7 +137,7 @@ def run_teacher_logits(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
             writing = None
             for i in todo:
-                tensors, spans = _score_shard(writer.shards[i]["rows"], parts, seqs, opts, pad_id, store_dtype,
+                tensors, spans = _score_shard(writer.shards[i]["rows"], lm, seqs, opts, pad_id, store_dtype,
                                               counts, on_tokens)
                 if writing:
                     writing.result()
@@ -164,7 +154,7 @@ def run_teacher_logits(
     }
 
 
-def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_tokens):
+def _score_shard(shard_rows, lm, seqs, opts, pad_id, store_dtype, counts, on_tokens):
     """Score one shard's rows batch by batch: its tensors on the host and one span per row.
 
     The rows are batched longest first, so a batch pads its sequences to little more than their own length (in
@@ -177,7 +167,7 @@ def _score_shard(shard_rows, parts, seqs, opts, pad_id, store_dtype, counts, on_
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "logprobs", "log_tail", "token_logprob", "token_ids")}
     spans, offset = [], 0
     for rows in seqs.by_length(range(start_row, end_row), opts.batch_size):
-        summary, token_ids = _score_rows(parts, seqs, rows, opts, pad_id)
+        summary, token_ids = _score_rows(lm, seqs, rows, opts, pad_id)
         pieces["ids"].append(summary.ids)
         pieces["logprobs"].append(summary.logprobs.to(store_dtype))
         pieces["log_tail"].append(summary.log_tail)
