@@ -47,6 +47,7 @@ import pyarrow as pa
 import torch
 
 from fdivctl import tiny
+from fdivctl.io.lm_head import LMHead
 from fdivctl.objectives import grpo
 from fdivctl.stages.policy_update import PolicyUpdate, StepScale
 from fdivctl.stages.rl_data import ReferencePolicy, ScoredRollouts
@@ -206,7 +207,7 @@ def main() -> None:
     for shape in shapes:
         policy = _model(shape, DTYPES[args.dtype], device, 0).train()
         reference = _model(shape, DTYPES[args.dtype], device, 1)
-        frozen = FrozenModel(reference.get_decoder(), reference.lm_head.weight, None)
+        frozen = FrozenModel(LMHead.of(reference, "reference"))
         reference.requires_grad_(False)
         data = _batch(shape, 2)
         tokens = int(data.lengths.sum())

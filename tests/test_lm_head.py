@@ -6,10 +6,12 @@ Before: every stage computed ``h Wᵀ + b`` and ignored a model's logit transfor
 
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
+from artifacts import read_jsonl
 from cli_runner import run_cli
 from conftest import write_sequences
 
@@ -94,3 +96,47 @@ def test_teacher_logits_stores_a_soft_capped_teachers_own_distribution(tmp_path,
         torch.testing.assert_close(got.logprobs, log_p.topk(8, -1).values, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got.token_logprob, log_p.gather(-1, torch.tensor(completion)[:, None])[:, 0],
                                    rtol=1e-4, atol=1e-4)
+
+
+def _saved(model, like, out):
+    """``model`` saved with the tokenizer of the model directory ``like``."""
+    shutil.copytree(like, out)
+    (out / "model.safetensors").unlink()
+    model.save_pretrained(out)
+    return out
+
+
+def test_distill_trains_a_soft_capped_student_on_its_own_distribution(tmp_path, tiny_teacher):
+    """distill --loss ce on a Gemma 2 student: the first step's loss is the model's own token NLL."""
+    student = _saved(_model("gemma2", seed=4), tiny_teacher, tmp_path / "student")
+    data = write_sequences(tmp_path / "data.parquet", 300, 4, 5, 7, seed=6)
+    log = tmp_path / "log.jsonl"
+    done = run_cli("distill", student, tmp_path / "out", "--data", data, "--loss", "ce", "--max-steps", 1,
+                   "--batch-size", 4, "--device", "cpu", "--log-jsonl", log)
+    assert done.returncode == 0, done.stderr
+    model, nll, tokens = _model("gemma2", seed=4), 0.0, 0
+    for row in pq.read_table(data).to_pylist():
+        prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
+        nll -= torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).sum().item()
+        tokens += len(completion)
+    assert read_jsonl(log)[0]["ce"] == pytest.approx(nll / tokens, rel=1e-4)
+
+
+def test_rl_on_a_soft_capped_policy_recomputes_the_samplers_log_probs(tmp_path, tiny_teacher):
+    """rollout samples a Gemma 2 policy through its own (capped) logits; train recomputes the same log-probs, so the
+    first PPO pass starts at ratio 1 and clips nothing."""
+    policy = _saved(_model("gemma2", seed=7), tiny_teacher, tmp_path / "policy")
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["Compute 1 + 2.", "Compute 2 + 2."],
+                             "answer": ["3", "4"]}), prompts)
+    run_cli("rollout", policy, prompts, tmp_path / "r.parquet", "--n", 4, "--max-new-tokens", 6, "--device", "cpu",
+            check=True)
+    run_cli("score", tmp_path / "r.parquet", tmp_path / "s.parquet", "--verifier", "regex", "--pattern", "[0-4]",
+            "--workers", 1, check=True)
+    log = tmp_path / "log.jsonl"
+    run_cli("train", policy, tmp_path / "out", "--rollouts", tmp_path / "s.parquet", "--ppo-epochs", 1,
+            "--device", "cpu", "--log-jsonl", log, check=True)
+    first = read_jsonl(log)[0]
+    assert first["logprob_gap"] < 1e-4 and first["clip_frac"] == 0
