@@ -15,9 +15,8 @@ per cent: both are printed).  Prints one JSON object per shape with ``*_s`` (med
 ``tokens_per_s_ratio`` (TRL time ÷ fdivctl time) / ``peak_memory_ratio``
 (fdivctl ÷ TRL).  Peak memory: on CUDA ``max_memory_allocated`` above the
 models and inputs; on the CPU each variant runs once more in a fresh
-subprocess (``--only``): the RSS high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs`` once the models and inputs exist) above the RSS at that moment is the figure (``MALLOC_MMAP_THRESHOLD_`` pinned so
-freed buffers leave the RSS, as in ``bench/loss_engine.py``).
+subprocess (``--only``, :mod:`cpu_memory`): the RSS high-water mark above the RSS once the models and inputs
+exist.
 Needs ``pip install trl`` (the ``bench`` extra).
 
 Usage::
@@ -32,14 +31,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 from fdivctl import divergences, engine, tiny
 from fdivctl.objectives.kd import KDBatch, kd_loss
+
+from cpu_memory import print_step_peak, worker_peak  # bench/cpu_memory.py, beside this script
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
@@ -56,22 +55,8 @@ def _model(shape, dtype, device, seed):
     return tiny.random_lm(shape["hidden"], shape["layers"], shape["vocab"], seed).to(device=device, dtype=dtype)
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
 def _cpu_peak(name: str, args) -> int:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    command = [sys.executable, __file__, "--only", name, "--dtype", args.dtype] + (["--quick"] if args.quick else [])
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    return int(done.stdout.strip().splitlines()[-1])
+    return worker_peak(__file__, ["--only", name, "--dtype", args.dtype] + (["--quick"] if args.quick else []))
 
 
 def main() -> None:
@@ -120,11 +105,7 @@ def _run_shape(shape: dict, args, device: torch.device, jsd) -> None:
 
     variants = {"fdivctl": ours, "trl": trl}
     if args.only:  # one step in this fresh process: print the RSS high-water mark above the inputs' RSS
-        before = _rss_now()
-        with open("/proc/self/clear_refs", "w") as clear:  # reset the high-water mark to the current RSS
-            clear.write("5")
-        variants[args.only]().backward()
-        print(_peak_rss() - before)
+        print_step_peak(lambda: variants[args.only]().backward())
         return
     with torch.no_grad():  # the check is against TRL's formula on fp32 logits: in bf16 its own value drifts
         a, b, exact = float(ours()), float(trl()), float(trl(upcast=True))

@@ -18,8 +18,9 @@ policy loss, no optimizer step:
 
 Prints one JSON object per shape with ``tokens``, ``*_s`` (median of
 ``--repeats``), ``*_tokens_per_s``, ``*_peak_bytes`` (CUDA:
-``max_memory_allocated`` above the models and inputs; CPU: not measured, see
-``bench/loss_engine.py`` for CPU memory) and the ratios
+``max_memory_allocated`` above the models and inputs; CPU: one step of each
+variant in a fresh worker process, its RSS high-water mark above the RSS once
+the models and inputs exist, :mod:`cpu_memory`) and the ratios
 ``tokens_per_s_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other) and
 ``peak_memory_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other).  With
 ``--chunk-sizes 512,1024`` fdivctl is also measured at those head chunk sizes
@@ -55,7 +56,8 @@ from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import FrozenModel
 from fdivctl.training.loop import LoopOptions
 
-from profiling import profile_table  # bench/profiling.py, beside this script
+from cpu_memory import print_step_peak, worker_peak  # bench/cpu_memory.py and bench/profiling.py, beside this script
+from profiling import profile_table
 
 try:
     from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
@@ -199,12 +201,16 @@ def main() -> None:
                         "(train --chunk-size), e.g. 512,1024,2048: one chunk_sweep entry each, beside the default")
     parser.add_argument("--profile", default=None, help="write each variant's torch.profiler table (top 25 by self "
                         "device time) of one more step to this file, after the timed runs")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # CPU memory worker: this variant ...
+    parser.add_argument("--shape-index", type=int, default=0, help=argparse.SUPPRESS)  # ... of this shape
     args = parser.parse_args()
     profiles = []
     sweep = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
     device = torch.device(args.device)
     shapes = SHAPES["quick" if args.quick else device.type]
-    for shape in shapes:
+    for index, shape in enumerate(shapes):
+        if args.only and index != args.shape_index:
+            continue
         policy = _model(shape, DTYPES[args.dtype], device, 0).train()
         reference = _model(shape, DTYPES[args.dtype], device, 1)
         frozen = FrozenModel(LMHead.of(reference, "reference"))
@@ -216,8 +222,14 @@ def main() -> None:
         variants.update({f"chunk{c}": _fdivctl(policy, frozen, data, device, c) for c in sweep})
         if selective_log_softmax is not None:
             variants["trl"] = _trl(policy, reference, data, device)
+        if args.only:
+            print_step_peak(variants[args.only])
+            return
         for name, step in variants.items():
             seconds, peak = _measure(step, policy, args.repeats, device)
+            if device.type == "cpu":
+                peak = worker_peak(__file__, ["--only", name, "--shape-index", str(index), "--dtype", args.dtype,
+                                              "--chunk-sizes", args.chunk_sizes] + (["--quick"] if args.quick else []))
             result[f"{name}_s"] = seconds
             result[f"{name}_tokens_per_s"] = tokens / seconds
             result[f"{name}_peak_bytes"] = peak

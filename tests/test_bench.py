@@ -14,7 +14,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 FIELDS = {
-    "train_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio_vs_trl"],
+    "train_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio_vs_trl",
+                      "peak_memory_ratio_vs_trl"],
     "distill_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio", "peak_memory_ratio"],
     "loss_engine.py": ["naive_s", "engine_s", "time_ratio", "memory_ratio"],
     "teacher_logits.py": ["store_tokens_per_s", "bare_tokens_per_s", "throughput_ratio", "bytes_per_token"],
