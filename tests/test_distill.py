@@ -442,3 +442,30 @@ def test_text_completions_end_with_eos_so_sft_learns_to_stop(tmp_path, tokenizer
     rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
     assert [r["finish_reason"] for r in rows] == ["stop"] * 4, [r["completion"] for r in rows]
     assert [r["completion"] for r in rows] == answers
+
+
+def test_tensorboard_gets_the_logs_scalars_and_a_resume_redoes_no_step_twice(tmp_path, student, data, full_store):
+    """--tensorboard DIR: every numeric field of each --log-jsonl record, as a scalar at its step.  A run logged step
+    3 past its step-2 checkpoint; resumed from that checkpoint, it logs step 3 again: the directory reads as one run
+    of steps 1..4, as the JSONL does, not with two step-3 points."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, log, board = tmp_path / "out", tmp_path / "log.jsonl", tmp_path / "board"
+    args = ["--data", data, "--logits", full_store, "--batch-size", 2, "--device", "cpu", "--log-jsonl", log,
+            "--tensorboard", board]
+    run_cli("distill", student, out, *args, "--max-steps", 2, check=True)
+    shutil.copytree(out, tmp_path / "at-step-2")
+    run_cli("distill", student, out, *args, "--max-steps", 3, "--resume", check=True)
+    run_cli("distill", student, tmp_path / "at-step-2", *args, "--max-steps", 4, "--resume", check=True)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {k for k, v in records[0].items() if k != "step" and
+                                              isinstance(v, int | float)}
+    for tag in ("loss", "grad_norm", "lr"):
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [1, 2, 3, 4]
+        assert [p.value for p in points] == pytest.approx([r[tag] for r in records], rel=1e-6)

@@ -16,6 +16,7 @@ from fdivctl.cli.options import (
     LORA_DROPOUT,
     LORA_R,
     MAX_GRAD_NORM,
+    TENSORBOARD,
     TRAIN_DTYPE,
 )
 from fdivctl.cli.progress import progress_bar
@@ -113,6 +114,7 @@ def command(
     lora_dropout: float = LORA_DROPOUT,
     log_jsonl: Path = typer.Option(None, help="Append one JSON line per step: loss, divergence, ce, grad norm, lr, "
                                    "tokens/s."),
+    tensorboard: Path = TENSORBOARD,
     resume: bool = typer.Option(False, help="Continue from the checkpoint in OUT (exact: data order, optimizer, RNG)."),
     dtype: str = TRAIN_DTYPE,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
@@ -138,7 +140,7 @@ def command(
         raise UserError("give --data SEQS.parquet (offline), or --on-policy with --prompts PROMPTS.parquet")
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
-                       save_every=save_every, log_jsonl=log_jsonl, resume=resume,
+                       save_every=save_every, log_jsonl=log_jsonl, tensorboard=tensorboard, resume=resume,
                        grad_checkpointing=grad_checkpointing, group_by_length=group_by_length,
                        dist_backend=dist_backend, eval_every=eval_every,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))

@@ -34,6 +34,9 @@ GRAD_CHECKPOINTING = typer.Option(False, help="Recompute decoder activations in 
 GROUP_BY_LENGTH = typer.Option(False, help="Fixed sequences: fill each step with examples of similar length "
                                "(sorted 50 steps at a time, the steps shuffled again; HF's group_by_length), so a "
                                "batch pads little: faster on data of mixed lengths, another order of examples.")
+TENSORBOARD = typer.Option(None, help="Write each step's record (what --log-jsonl holds) to this TensorBoard log "
+                           "directory: its numeric fields as scalars by step (needs `pip install tensorboard`); a "
+                           "resumed run drops the steps after its checkpoint there, as in the JSONL.")
 
 
 def _finite(value: float | None) -> float | None:

@@ -16,6 +16,7 @@ from fdivctl.cli.options import (
     LORA_DROPOUT,
     LORA_R,
     MAX_GRAD_NORM,
+    TENSORBOARD,
     TRAIN_DTYPE,
 )
 from fdivctl.cli.progress import progress_bar
@@ -197,6 +198,7 @@ def command(
                                    "else only at the end)."),
     log_jsonl: Path = typer.Option(None, help="Append one JSON line per step (online: per iteration): reward, "
                                    "accuracy, pass histogram, entropy, divergence, clip fraction, length, tokens/s."),
+    tensorboard: Path = TENSORBOARD,
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
     grad_checkpointing: bool = GRAD_CHECKPOINTING,
     group_by_length: bool = GROUP_BY_LENGTH,
@@ -216,7 +218,7 @@ def command(
         raise UserError(f"--algo {algo!r}; valid: {', '.join(ALGOS)}")
     loop = LoopOptions(lr=lr, lr_schedule=lr_schedule, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
                        max_steps=max_steps, epochs=epochs, seed=seed, max_grad_norm=max_grad_norm,
-                       save_every=save_every or 0, log_jsonl=log_jsonl, resume=resume,
+                       save_every=save_every or 0, log_jsonl=log_jsonl, tensorboard=tensorboard, resume=resume,
                        grad_checkpointing=grad_checkpointing, group_by_length=group_by_length,
                        dist_backend=dist_backend,
                        lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout))

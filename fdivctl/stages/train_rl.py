@@ -73,7 +73,7 @@ from fdivctl.stages.score import check_prompt_columns, score_table
 from fdivctl.stages.signals import FrozenModel, check_same_tokenizer
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
-from fdivctl.training.loop import Interruption, JsonlLog, Trainer, check_fresh_output
+from fdivctl.training.loop import Interruption, MetricsLog, Trainer, check_fresh_output
 from fdivctl.training.lora import weights_to_load
 from fdivctl.training.run_settings import begin_run, run_settings
 
@@ -296,8 +296,7 @@ def run_staged(policy: Path, rollouts: Path, out: Path, opts: RLOptions,
     def state() -> dict:
         return {"credit": credit.state(), **update.state_dict()}
 
-    log_path = opts.loop.log_jsonl if trainer.world.main else None
-    with JsonlLog(log_path, trainer.step) as log, Interruption(trainer) as interruption:
+    with MetricsLog(opts.loop, trainer.world.main, trainer.step) as log, Interruption(trainer) as interruption:
         while trainer.step < len(plan):
             step_figures = update.step(trainer, data, credit, plan[trainer.step], temperature)
             trainer.advance_schedule()
@@ -398,7 +397,7 @@ def run_online(policy: Path, prompts: Path, out: Path, verifier: Reward, opts: R
     update.load_state_dict(trainer.state)
     accuracy = _tracked_accuracy(artifacts, first) if online.prompt_sampling == "gaussian" else {}
     world = trainer.world
-    with JsonlLog(opts.loop.log_jsonl if world.main else None, trainer.step) as log, \
+    with MetricsLog(opts.loop, world.main, trainer.step) as log, \
             Interruption(trainer, "iteration") as interruption:
         for iteration in range(first, online.iterations):
             start = time.perf_counter()

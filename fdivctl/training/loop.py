@@ -61,6 +61,7 @@ class LoopOptions:
     weight_decay: float = 0.0
     save_every: int = 0  # 0: only at the end
     log_jsonl: Path | None = None
+    tensorboard: Path | None = None  # a TensorBoard log directory for the same records (MetricsLog)
     resume: bool = False
     grad_checkpointing: bool = False  # recompute each decoder layer's activations in backward
     eval_every: int = 0  # steps between held-out evaluations (0: none); run_loop's ``evaluate``
@@ -319,6 +320,41 @@ class JsonlLog:
                 self.file.close()
 
 
+class MetricsLog:
+    """Where a run's per-step records go: the ``--log-jsonl`` file (:class:`JsonlLog`) and, with ``--tensorboard
+    DIR``, a TensorBoard event file in ``DIR``: each numeric field as a scalar at the record's ``step`` (lists, such
+    as ``pass_histogram``, stay in the JSONL only).  A resumed run purges the TensorBoard steps after its checkpoint
+    (``SummaryWriter(purge_step=)``), as the JSONL drops them.  Only the main process writes."""
+
+    def __init__(self, loop: LoopOptions, main: bool, step: int = 0):
+        self.jsonl = JsonlLog(loop.log_jsonl if main else None, step)
+        self.board = None
+        if main and loop.tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter  # checked importable by run_settings.begin_run
+
+            with storage_failures_named(loop.tensorboard):
+                # the run's next record is step + 1: what an earlier run logged from there on is dropped
+                self.board = SummaryWriter(str(loop.tensorboard), purge_step=step + 1 if step else None)
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(record)
+        if self.board is not None:
+            with storage_failures_named(self.board.log_dir):
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                        self.board.add_scalar(key, value, global_step=record["step"])
+                self.board.flush()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.jsonl.__exit__(*exc)
+        if self.board is not None:
+            with storage_failures_named(self.board.log_dir):
+                self.board.close()
+
+
 def _records_through(path: Path, step: int) -> list[str]:
     """The lines of the JSONL log ``path`` whose record's ``step`` is at most ``step`` (a line a crash cut off
     is dropped)."""
@@ -413,7 +449,7 @@ def run_loop(
         raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the {world.size} processes "
                         "(each micro-batch is split over them)")
     last: dict = {}
-    with JsonlLog(opts.log_jsonl if world.main else None, trainer.step) as log, Interruption(trainer) as interruption:
+    with MetricsLog(opts, world.main, trainer.step) as log, Interruption(trainer) as interruption:
         while trainer.step < total:
             micro = [rows[world.rank :: world.size] for rows in batches_for_step(n_examples, trainer.step, opts,
                                                                                   lengths)]

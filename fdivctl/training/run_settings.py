@@ -29,6 +29,7 @@ from fdivctl.training.checkpoint import has_state, saved_state
 # (device, process group, activation recomputation, micro-batching and the sampling engine: same math)
 MAY_CHANGE = frozenset({
     "max_steps", "epochs", "iterations", "save_every", "eval_every", "eval_data", "eval_logits", "log_jsonl",
+    "tensorboard",
     "resume", "device", "dist_backend", "grad_checkpointing", "micro_batch_size", "score_workers", "score_timeout",
     "backend", "chunk_size", "run_settings",
 })
@@ -45,10 +46,17 @@ def run_settings(options, **inputs) -> dict[str, object]:
 def begin_run(out: Path, loop, settings: dict[str, object]) -> None:
     """Give the run's ``settings`` to its loop options (every checkpoint saves them); with ``--resume`` and a
     checkpoint in ``out``, first refuse settings other than the ones it saved; refuse an ``out`` that cannot be a
-    directory, or a ``--log-jsonl`` that cannot be a file, before any work."""
+    directory, a ``--log-jsonl`` that cannot be a file, or a ``--tensorboard`` without its package, before any work."""
     check_output_dir(out)
     if loop.log_jsonl is not None:
         check_output_file(loop.log_jsonl, stream_ok=True)
+    if loop.tensorboard is not None:
+        check_output_dir(loop.tensorboard)
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or fdivctl[tensorboard])") from None
     if loop.resume and has_state(out):
         check_same_run(out, saved_state(out).get("run_settings"), settings)
     loop.run_settings = settings
