@@ -565,3 +565,18 @@ def test_micro_batches_take_similar_lengths_together_without_changing_the_update
     whole = staged_run(task, scored_rollouts, tmp_path / "whole", *common, "--micro-batch-size", 1024)
     assert [r["grad_norm"] for r in small] == pytest.approx([r["grad_norm"] for r in whole], rel=1e-5)
     assert [r["loss"] for r in small] == pytest.approx([r["loss"] for r in whole], rel=1e-4, abs=1e-6)
+
+
+def test_tensorboard_gets_each_rl_steps_figures(task, scored_rollouts, tmp_path):
+    """train --tensorboard: the RL loop's records (clip fraction, divergence, ...) as scalars at their steps, the
+    same values as --log-jsonl's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = staged_run(task, scored_rollouts, tmp_path / "run", "--divergence", "rkl", "--div-coef", 0.1,
+                         "--tensorboard", tmp_path / "board")
+    events = EventAccumulator(str(tmp_path / "board"))
+    events.Reload()
+    for tag in ("loss", "clip_frac", "divergence", "logprob_gap"):
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [r["step"] for r in records] and len(points) > 1
+        assert [p.value for p in points] == pytest.approx([r[tag] for r in records], rel=1e-6)
