@@ -573,7 +573,7 @@ def test_tensorboard_gets_each_rl_steps_figures(task, scored_rollouts, tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     records = staged_run(task, scored_rollouts, tmp_path / "run", "--divergence", "rkl", "--div-coef", 0.1,
-                         "--tensorboard", tmp_path / "board")
+                         "--ppo-epochs", 2, "--tensorboard", tmp_path / "board")
     events = EventAccumulator(str(tmp_path / "board"))
     events.Reload()
     for tag in ("loss", "clip_frac", "divergence", "logprob_gap"):
