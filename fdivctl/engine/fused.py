@@ -46,14 +46,13 @@ rounding per chunk.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from fdivctl.divergences import Divergence, get
 from fdivctl.engine.chunk_loss import ChunkLoss
-from fdivctl.engine.matmul import matmul_weight
+from fdivctl.engine.matmul import check_softcap, matmul_weight
 from fdivctl.engine.sweep import WEIGHT_GRAD_ACCUM, Objective, SweepPlan, linear_objective, resolve_kernel, sweep
 from fdivctl.engine.targets import Target
 from fdivctl.engine.validation import (
@@ -175,8 +174,7 @@ def _plan(
 ):
     check_head(hidden, weight, bias)
     check_scalars(temperature, chunk_size)
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a positive number, got {softcap}")
+    check_softcap(softcap)
     if weight_grad_rows is not None and weight_grad_rows < 1:
         raise ValueError(f"weight_grad_rows must be ≥ 1, got {weight_grad_rows}")
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]

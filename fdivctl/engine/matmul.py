@@ -11,6 +11,7 @@ gradients accumulate in fp32 across chunks and are cast once at the end.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -48,6 +49,12 @@ def linear_fp32(
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out
+
+
+def check_softcap(cap: float | None, name: str = "softcap") -> None:
+    """A soft cap is None or a positive finite number (ValueError naming ``name`` otherwise)."""
+    if cap is not None and not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"{name} must be a positive number, got {cap}")
 
 
 def soft_cap_(logits: torch.Tensor, cap: float | None, slope: bool = False) -> torch.Tensor | None:

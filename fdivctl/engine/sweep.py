@@ -1,8 +1,8 @@
 """One pass over the tokens in chunks: the only place student logits exist.
 
 For each chunk of rows the student logits ``z = h Wᵀ (+ b)`` ``[c, V]`` are
-made in fp32 (soft-capped, ``c·tanh(z/c)``, for a model that caps its logits), the requested per-token quantities are computed from
-``log q = log_softmax(z / T)``:
+made in fp32 (soft-capped, ``c·tanh(z/c)``, for a model that caps its logits),
+the requested per-token quantities are computed from ``log q = log_softmax(z / T)``:
 
 * ``logprob``    — ``log q(y_t)`` of given token ids;
 * ``entropy``    — ``H(q) = −Σ q log q``;

@@ -35,7 +35,7 @@ import torch
 
 from fdivctl.divergences.logspace import LOG_FLOOR, floor_log
 from fdivctl.engine.finite import has_nan
-from fdivctl.engine.matmul import linear_fp32, matmul_weight, soft_cap_
+from fdivctl.engine.matmul import check_softcap, linear_fp32, matmul_weight, soft_cap_
 
 VOCAB_POLICIES = ("strict", "truncate", "pad")
 TAIL_MODES = ("tail", "renormalize", "ignore")
@@ -158,8 +158,7 @@ class TeacherHead(_DenseTarget):
         self.vocab = vocab
         self.softcap = softcap
         self._check_vocab_policy()
-        if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"teacher softcap must be a positive number, got {softcap}")
+        check_softcap(softcap, "teacher softcap")
         self._weight_mm: torch.Tensor | None = None
 
     @property

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from fdivctl.engine.fused import default_chunk_size
-from fdivctl.engine.matmul import linear_fp32, matmul_weight, soft_cap_
+from fdivctl.engine.matmul import check_softcap, linear_fp32, matmul_weight, soft_cap_
 from fdivctl.engine.sweep import resolve_kernel
 
 
@@ -55,6 +55,7 @@ def head_topk(
         raise ValueError(f"k={k} must lie in [1, {vocab}] (the head's vocabulary size)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_softcap(softcap)
     use_triton = resolve_kernel(kernel, hidden, None) == "triton"
     weight_mm = matmul_weight(weight)
     # no gradients: a chunk holds only its logits, so it can be 4× the engine's default
