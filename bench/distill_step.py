@@ -60,11 +60,13 @@ def _cpu_peak(name: str, args) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the shapes differ: see SHAPES)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the models' and inputs' dtype")
+    parser.add_argument("--quick", action="store_true", help="the small CPU shape, about a minute")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up; the "
+                        "median is reported")
     parser.add_argument("--only", choices=["fdivctl", "trl"], help=argparse.SUPPRESS)  # CPU memory worker
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -124,21 +124,23 @@ class Phases:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--quick", action="store_true", help="a small model and few tokens, under a minute")
-    parser.add_argument("--ks", default="16,64,256")
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--completion-len", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--ks", default="16,64,256", help="the store's k values, one store (and JSON line) each")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="the stored log-probs' dtypes, crossed with --ks")
+    parser.add_argument("--hidden", type=int, default=256, help="the random teacher's hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="the random teacher's decoder layers")
+    parser.add_argument("--vocab", type=int, default=32768, help="the random teacher's vocabulary size")
+    parser.add_argument("--sequences", type=int, default=64, help="sequences scored")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (not scored)")
+    parser.add_argument("--completion-len", type=int, default=224, help="completion tokens per sequence (scored)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward, both sides")
     parser.add_argument("--length-spread", type=float, default=0.0,
                         help="s in [0, 1): completion lengths uniform in ((1 − s)·L, L] (0: all L)")
-    parser.add_argument("--model-dtype", default="auto")
+    parser.add_argument("--model-dtype", default="auto", help="the teacher's dtype: auto (fp32 on the CPU), bf16, "
+                        "fp16 or fp32")
     parser.add_argument("--max-tokens-per-shard", type=int, default=TeacherLogitsOptions.max_tokens_per_shard,
                         help="several shards: the background write of one overlaps scoring the next")
     parser.add_argument("--profile", default=None, help="write the torch.profiler tables of one more store run "
