@@ -38,7 +38,8 @@ import torch
 from fdivctl import divergences, engine, tiny
 from fdivctl.objectives.kd import KDBatch, kd_loss
 
-from cpu_memory import print_step_peak, worker_peak  # bench/cpu_memory.py, beside this script
+from cpu_memory import print_step_peak, worker_peak  # bench/cpu_memory.py and step_options.py, beside this script
+from step_options import step_parser
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
@@ -60,13 +61,7 @@ def _cpu_peak(name: str, args) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the shapes differ: see SHAPES)")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the models' and inputs' dtype")
-    parser.add_argument("--quick", action="store_true", help="the small CPU shape, about a minute")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up; the "
-                        "median is reported")
+    parser = step_parser(__doc__.split("\n")[0], list(DTYPES))
     parser.add_argument("--only", choices=["fdivctl", "trl"], help=argparse.SUPPRESS)  # CPU memory worker
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -56,8 +56,9 @@ from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import FrozenModel
 from fdivctl.training.loop import LoopOptions
 
-from cpu_memory import print_step_peak, worker_peak  # bench/cpu_memory.py and bench/profiling.py, beside this script
+from cpu_memory import print_step_peak, worker_peak  # bench/cpu_memory.py, profiling.py, step_options.py: here
 from profiling import profile_table
+from step_options import step_parser
 
 try:
     from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
@@ -192,13 +193,7 @@ def _profile(step, policy, device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the shapes differ: see SHAPES)")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="the models' and inputs' dtype")
-    parser.add_argument("--quick", action="store_true", help="the small CPU shape, about a minute")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up; the "
-                        "median is reported")
+    parser = step_parser(__doc__.split("\n")[0], list(DTYPES))
     parser.add_argument("--chunk-sizes", default="", help="also measure fdivctl at these token rows per head chunk "
                         "(train --chunk-size), e.g. 512,1024,2048: one chunk_sweep entry each, beside the default")
     parser.add_argument("--profile", default=None, help="write each variant's torch.profiler table (top 25 by self "
