@@ -18,11 +18,12 @@ from conftest import write_sequences
 from fdivctl.training.checkpoint import saved_state
 
 
-def _interrupt_after(args: list, log, records: int) -> subprocess.CompletedProcess:
-    """Run ``python -m fdivctl ARGS``; send SIGINT once ``log`` has ``records`` lines; wait for it to end."""
+def _interrupt_after(args: list, log, records: int, preexec=ctrl_c_reaches_it) -> subprocess.CompletedProcess:
+    """Run ``python -m fdivctl ARGS`` (``preexec`` in the child first); send SIGINT once ``log`` has ``records``
+    lines; wait for it to end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "fdivctl", *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ctrl_c_reaches_it)
+                               stderr=subprocess.PIPE, text=True, env=env, preexec_fn=preexec)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= records:
@@ -52,6 +53,18 @@ def test_ctrl_c_checkpoints_the_last_step_and_resume_goes_on(tmp_path, student, 
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in _records(log)] == list(range(1, steps + 3))
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, student, tiny_teacher):
+    """A background job of a shell without job control starts with SIGINT ignored; the run leaves it ignored and
+    finishes (before: its own Ctrl-C handler replaced the ignore, so a SIGINT meant for the shell stopped it)."""
+    data = write_sequences(tmp_path / "data.parquet", 200, 8, 4, 6, seed=0)
+    log = tmp_path / "log.jsonl"
+    done = _interrupt_after(["distill", student, tmp_path / "out", "--teacher", tiny_teacher, "--data", data,
+                             "--batch-size", 2, "--device", "cpu", "--log-jsonl", log, "--max-steps", 12], log, 2,
+                            preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr
+    assert len(_records(log)) == 12 and "interrupted" not in done.stderr
 
 
 def test_ctrl_c_in_online_rl_checkpoints_the_last_iteration(tmp_path, tiny_teacher):

@@ -250,7 +250,8 @@ class Interruption:
     :meth:`save_if_asked` checkpoints it and ends the command with exit status 130, and the same command
     with ``--resume`` continues from there.  A second SIGINT stops at once, without a checkpoint.  Only in
     a single process's main thread: under torchrun the ranks would see the signal at different steps and
-    could not save together, so Ctrl-C stops them at once as before.
+    could not save together, so Ctrl-C stops them at once as before.  A process started with SIGINT ignored (a
+    background job of a shell without job control) keeps ignoring it.
     """
 
     def __init__(self, trainer: Trainer, unit: str = "step"):
@@ -259,7 +260,9 @@ class Interruption:
         self._previous = None
 
     def __enter__(self) -> Interruption:
-        if not self.trainer.world.distributed and threading.current_thread() is threading.main_thread():
+        # an ignored SIGINT stays ignored (a background job of a shell without job control, as Python leaves it)
+        if not self.trainer.world.distributed and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
