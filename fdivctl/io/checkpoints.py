@@ -71,6 +71,11 @@ def load_causal_lm(path: str | Path, dtype: str = "auto", device: str = "auto", 
     return model.to(target).eval()
 
 
+def text_config(config):
+    """The language model's part of a config (a multimodal model's ``text_config``; the config itself otherwise)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def context_length(config) -> int | None:
     """The longest sequence (prompt + completion, in tokens) a model's config says it takes; None when it names none.
 
@@ -80,7 +85,7 @@ def context_length(config) -> int | None:
     ``max_position_embeddings`` at 32768, for a 131072-token context; Llama 3.1 states its extended length in
     ``max_position_embeddings`` itself (the larger of the two counts).
     """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     base = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions", "max_sequence_length")
                  if isinstance(getattr(config, name, None), int)), None)
     if base is None:
@@ -115,7 +120,7 @@ def model_limits(*models: tuple[str | Path, str]) -> ModelLimits:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise UserError(f"{role} {path}: cannot read its config.json ({err})") from None
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         size, length, name = int(text.vocab_size), context_length(config), f"{role} {path}"
         if vocab is None or size < vocab[0]:
             vocab = (size, name)

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fdivctl.engine.matmul import soft_cap_
 from fdivctl.errors import UserError
+from fdivctl.io.checkpoints import text_config
 
 #: config attributes that scale the logits, in one direction or the other
 SCALE_ATTRIBUTES = ("logit_scale", "logits_scaling", "output_multiplier")
@@ -42,16 +44,13 @@ class LogitMap:
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
         z = u * self.scale
-        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+        soft_cap_(z, self.softcap)
+        return z
 
 
 def candidate_maps(config) -> list[LogitMap]:
     """The transforms ``config`` could mean: its soft cap with each proposed scale (1, s, 1/s)."""
-    config = _text_config(config)
+    config = text_config(config)
     cap = getattr(config, SOFTCAP_ATTRIBUTE, None)
     cap = float(cap) if isinstance(cap, int | float) and cap > 0 else None
     scales = [1.0]
