@@ -145,6 +145,24 @@ def test_prompts_that_fill_the_context_are_refused_before_sampling(tmp_path, sho
     assert not (tmp_path / "rl" / "model.safetensors").exists() and not (tmp_path / "opd" / "model.safetensors").exists()
 
 
+def test_prompts_of_no_tokens_are_refused_before_sampling(tmp_path, short, student, prompts):
+    """An empty prompt (the test tokenizer adds no BOS) gives a model nothing to sample its first token from."""
+    table = pq.read_table(prompts)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(table.set_column(1, "prompt", pa.array(["1+2=", "", "2+2=", "3+3="])), empty)
+    assert AutoTokenizer.from_pretrained(short)("")["input_ids"] == []
+    message = "prompt_id 'q1': the prompt is no tokens"
+    done = run_cli("rollout", short, empty, tmp_path / "r.parquet", "--device", "cpu")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "r.parquet.parts").exists()
+    done = run_cli("train", short, tmp_path / "rl", "--prompts", empty, "--verifier", "math", "--iterations", 1,
+                   "--device", "cpu")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    done = run_cli("distill", student, tmp_path / "opd", "--on-policy", "--prompts", empty, "--teacher", short,
+                   "--device", "cpu")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 def test_eval_kl_model_refuses_sequences_past_its_context(tmp_path, short, tiny_teacher, prompts):
     rollouts, scored = tmp_path / "r.parquet", tmp_path / "r.scored.parquet"
     run_cli("rollout", tiny_teacher, prompts, rollouts, "--n", 2, "--max-new-tokens", 30, "--device", "cpu",

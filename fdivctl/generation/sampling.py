@@ -47,14 +47,17 @@ class Completion:
 def encode_prompts(tokenizer, rows: list[dict], chat: bool, context: int | None,
                    model: str) -> list[tuple[str, list[int]]]:
     """Each prompt row's (text, token ids) (:func:`fdivctl.io.prompts.encode_prompt`), refusing before sampling a
-    prompt that leaves no room in the ``context`` of ``model`` (its name, for the message) for one generated
-    token."""
+    prompt of no tokens (a causal model has nothing to condition its first token on: vLLM refuses one too, and
+    every later stage refuses the sequence) and one that leaves no room in the ``context`` of ``model`` (its name,
+    for the message) for one generated token."""
     encoded = [encode_prompt(tokenizer, row, chat) for row in rows]
-    if context is not None:
-        for row, (_, ids) in zip(rows, encoded):
-            if len(ids) >= context:
-                raise UserError(f"prompt_id {row['prompt_id']!r} has {len(ids)} tokens: it fills the {context}-token "
-                                f"context of the {model}, leaving no room to generate; drop or shorten such prompts")
+    for row, (_, ids) in zip(rows, encoded):
+        if not ids:
+            raise UserError(f"prompt_id {row['prompt_id']!r}: the prompt is no tokens (empty text, and the "
+                            "tokenizer adds no BOS): there is nothing to sample its first token from; drop the row")
+        if context is not None and len(ids) >= context:
+            raise UserError(f"prompt_id {row['prompt_id']!r} has {len(ids)} tokens: it fills the {context}-token "
+                            f"context of the {model}, leaving no room to generate; drop or shorten such prompts")
     return encoded
 
 

@@ -92,7 +92,7 @@ def _check_prompts(path: Path) -> pq.ParquetFile:
 
 
 def _check_prompt_lengths(file: pq.ParquetFile, tokenizer, model_dir, opts: RolloutOptions) -> None:
-    """Refuse, before anything is sampled, a prompt of this shard with no room in the model's context."""
+    """Refuse, before anything is sampled, a prompt of this shard with no tokens or no room in the model's context."""
     context = model_limits((model_dir, "model")).context
     for _, batch in _batches(file, opts.batch_size, opts.shard):
         encode_prompts(tokenizer, batch.to_pylist(), opts.chat, context, f"model {model_dir}")
