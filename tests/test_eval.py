@@ -234,6 +234,7 @@ def test_default_k_is_powers_of_two_up_to_the_fewest_samples(tmp_path):
         (["--k", "a,b"], "expected comma-separated integers"),
         (["--answers", "vibes"], "--answers 'vibes'; valid: math, text"),
         (["--domain-column", "lang"], "missing column 'lang'"),
+        (["--bootstrap", "-5"], "--bootstrap must be ≥ 0"),  # was a numpy traceback
     ],
 )
 def test_bad_eval_input(tmp_path, args, message):
@@ -241,6 +242,21 @@ def test_bad_eval_input(tmp_path, args, message):
     done = run_cli("eval", tmp_path / "out", "--run", f"s={scored}", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_bad_model_shortcut_options_are_refused_before_sampling(tmp_path, tiny_teacher):
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["Compute 1 + 2."], "answer": ["3"]}), prompts)
+    scored = _scored(tmp_path / "s.parquet", [1, 2])
+    for args, message in [
+        (["--bootstrap", "-1"], "--bootstrap must be ≥ 0"),
+        (["--base", "nope"], "--base 'nope' is not one of the runs"),
+        (["--run", f"{tiny_teacher.name}={scored}"], f"--model's run is named {tiny_teacher.name!r}"),
+    ]:
+        done = run_cli("eval", tmp_path / "out", "--model", tiny_teacher, "--prompts", prompts, "--device", "cpu",
+                       *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_bad_run_spec_and_unscored_file(tmp_path):

@@ -93,10 +93,15 @@ def command(
 ) -> None:
     """Evaluate scored runs: pass@k (unbiased), maj@k, diversity, calibration, forgetting, with plots."""
     runs = _parse_runs(run or [])
+    opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,
+                       answers=answers, seed=seed, kl_model=kl_model, device=device)
+    name = None if model is None else model.name or "model"
+    if name in runs:
+        raise UserError(f"--model's run is named {name!r} (its directory's name), as a --run is: rename one")
+    opts.check([*runs, name] if name else list(runs))  # before --model samples
     if model is not None:
         if prompts is None:
             raise UserError("--model needs --prompts")
-        name = model.name or "model"
         spec = make_reward(verifier, reward_weights, answer_column=answer_column)
         check_prompt_columns(prompts, spec)
         out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +111,6 @@ def command(
                                                                      resume=True))
         score_table(rollouts, scored, spec)
         runs[name] = scored
-    opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,
-                       answers=answers, seed=seed, kl_model=kl_model, device=device)
     report = run_eval(runs, out, opts)
     for name, figures in report["runs"].items():
         if figures["all"].get("shared_prompts") == 0:

@@ -46,6 +46,19 @@ class EvalOptions:
     kl_model: Path | None = None  # each run's KL to this model, from its samples (stages/sample_kl.py)
     device: str = "auto"
 
+    def check(self, run_names) -> None:
+        """Refuse options that no data could make valid, for the runs ``run_names``."""
+        if not run_names:
+            raise UserError("give at least one --run NAME=FILE (or --model with --prompts)")
+        if self.answers not in ANSWER_MODES:
+            raise UserError(f"--answers {self.answers!r}; valid: {', '.join(ANSWER_MODES)}")
+        if self.ks is not None and (not self.ks or min(self.ks) < 1):
+            raise UserError("--k needs positive integers, e.g. 1,2,4,8")
+        if self.bootstrap < 0:
+            raise UserError(f"--bootstrap must be ≥ 0 (0 = no intervals), got {self.bootstrap}")
+        if self.base is not None and self.base not in run_names:
+            raise UserError(f"--base {self.base!r} is not one of the runs ({', '.join(run_names)})")
+
 
 def _answer(completion: str | None, mode: str) -> str | None:
     if completion is None:
@@ -119,15 +132,8 @@ def _by_domain(prompts: list[PromptSamples]) -> dict[str, list[PromptSamples]]:
 
 def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
     """Compute every figure, write metrics.json, per_prompt.parquet and the plots; return the metrics."""
-    if not runs:
-        raise UserError("give at least one --run NAME=FILE (or --model with --prompts)")
+    opts.check(list(runs))
     check_output_dir(out_dir)
-    if opts.answers not in ANSWER_MODES:
-        raise UserError(f"--answers {opts.answers!r}; valid: {', '.join(ANSWER_MODES)}")
-    if opts.ks is not None and (not opts.ks or min(opts.ks) < 1):
-        raise UserError("--k needs positive integers, e.g. 1,2,4,8")
-    if opts.base is not None and opts.base not in runs:
-        raise UserError(f"--base {opts.base!r} is not one of the runs ({', '.join(runs)})")
     loaded = {name: load_run(path, opts) for name, path in runs.items()}
     if opts.ks is None:
         opts.ks = powers_of_two_up_to(min(p.n for prompts in loaded.values() for p in prompts))
