@@ -157,6 +157,10 @@ def test_score_cli_sql_with_db_column(tmp_path, database):
     assert _cli("score", src, tmp_path / "s.parquet", "--verifier", "sql").returncode == 0
     assert pq.read_table(tmp_path / "s.parquet").column("correct").to_pylist() == [True, False]
     assert _digest(database) == before
+    # a time limit that cuts off every query (was: accepted, and every completion scored 0)
+    done = _cli("score", src, tmp_path / "z.parquet", "--verifier", "sql", "--sql-timeout", "0")
+    assert done.returncode == 2 and "--sql-timeout must be > 0 seconds, got 0" in done.stderr, done.stderr
+    assert not (tmp_path / "z.parquet").exists()
 
 
 def test_exact_regex_and_user_function(tmp_path):

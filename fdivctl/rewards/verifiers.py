@@ -212,6 +212,9 @@ def make_verifier(spec: str, pattern: str | None = None, db: str | None = None, 
             importlib.import_module("math_verify")
         except ImportError:
             raise UserError("--verifier math-verify needs the math-verify package (pip install math-verify)") from None
+    if spec == "sql" and not sql_timeout > 0:
+        raise UserError(f"--sql-timeout must be > 0 seconds, got {sql_timeout:g} (every query would be cut off, "
+                        "and every completion score 0)")
     if spec == "regex" and pattern is not None:
         try:
             re.compile(pattern)
