@@ -57,7 +57,8 @@ def opd_loss(
     """
     n_tokens = token_ids.numel()
     baseline = baseline_target is not None
-    sums: dict[str, list[torch.Tensor]] = {"reward": [], "kl": []}  # per chunk, read once after the pass
+    # per chunk, read once after the pass
+    sums: dict[str, list[torch.Tensor]] = {"reward": [], "kl": [], "advantage_sq": []}
 
     def objective(chunk: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
         logprob = chunk["logprob"]
@@ -68,6 +69,7 @@ def opd_loss(
             kl = chunk["divergence"].detach()
             advantage = reward + kl
             sums["kl"].append(kl.sum().double())
+        sums["advantage_sq"].append(advantage.double().square().sum())
         return -(advantage * logprob).sum() / n_tokens
 
     loss, _ = engine.token_loss(
@@ -75,8 +77,12 @@ def opd_loss(
         target=baseline_target, divergence="rkl" if baseline else None, temperature=temperature,
         chunk_size=chunk_size, softcap=softcap,
     )
+    count = max(1, n_tokens)
     figures = {"tokens": float(n_tokens), "loss": float(loss.detach()),
-               "opd_reward": float(sum(sums["reward"])) / max(1, n_tokens)}
+               "opd_reward": float(sum(sums["reward"])) / count,
+               # √(mean A_t²) over the micro-batch's tokens (the step logs its mean over micro-batches): the
+               # REINFORCE gradient's noise grows with A's second moment, mean included, which a baseline shrinks
+               "advantage_rms": (float(sum(sums["advantage_sq"])) / count) ** 0.5}
     if baseline:
-        figures["rkl"] = float(sum(sums["kl"])) / max(1, n_tokens)
+        figures["rkl"] = float(sum(sums["kl"])) / count
     return loss, figures
