@@ -2,6 +2,9 @@
 not asserted (issue: the comparison itself needs the full budget)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,6 @@ def test_quickstart_script_is_the_pipeline():
 def test_the_script_passes_the_pipelines_arguments_with_out_expanded():
     """What bash hands fdivctl for each line of the script is exactly the pipeline's arguments with $OUT set (a
     quoted 'name=$OUT/…' reached fdivctl as a literal $OUT)."""
-    import subprocess
-
     commands = [line.removeprefix("fdivctl ") for line in pipeline.script(quick=True).splitlines()
                 if line.startswith("fdivctl ")]
     expected = [[a.replace("$OUT", "/runs/q") for a in args] for _, args in pipeline.steps("$OUT", quick=True)]
@@ -57,18 +58,34 @@ def test_quick_demo_runs_every_stage(tmp_path):
 @pytest.mark.slow
 def test_erpd_example_runs(tmp_path):
     """examples/erpd.sh at SCALE=quick: stage 1, the stage-1 store, stage 2 under the trust region, eval."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "SCALE": "quick", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(ROOT / "examples" / "erpd.sh"), str(tmp_path / "erpd")], env=env,
-                          capture_output=True, text=True)
+    done = _run_example("erpd.sh", tmp_path / "erpd")
     assert done.returncode == 0, done.stderr[-2000:]
     log = [json.loads(line) for line in (tmp_path / "erpd" / "erpd.jsonl").read_text().splitlines()]
     assert log and all("trust_region_kept" in line for line in log)
     metrics = json.loads((tmp_path / "erpd" / "report" / "metrics.json").read_text())
     assert sorted(metrics["runs"]) == ["base", "erpd", "stage1"] and metrics["base"] == "base"
+
+
+def _run_example(name: str, out: Path) -> subprocess.CompletedProcess:
+    """examples/NAME at SCALE=quick, with this interpreter's fdivctl first on the PATH."""
+    env = {**os.environ, "SCALE": "quick", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(ROOT / "examples" / name), str(out)], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_on_policy_distill_example_runs(tmp_path):
+    """examples/on_policy_distill.sh at SCALE=quick: a teacher, an SFT-warmed student, four on-policy students,
+    their gradient noise and eval."""
+    out = tmp_path / "opd"
+    done = _run_example("on_policy_distill.sh", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name, figure in (("opd", "advantage_rms"), ("vopd", "rkl"), ("rkl", "rkl"), ("jsd", "jsd")):
+        log = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert len(log) == 4 and all(figure in step for step in log), name
+    assert "vopd: mean advantage_rms" in done.stdout
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert sorted(metrics["runs"]) == ["jsd", "opd", "rkl", "student", "teacher", "vopd"]
+    assert abs(metrics["runs"]["teacher"]["all"]["kl"]) < 1e-3  # the teacher's own samples
 
 
 def test_demo_init_refuses_a_hidden_size_without_whole_heads(tmp_path):
