@@ -52,6 +52,34 @@ def test_one_step_lowers_each_loss(tmp_path, student, data, tiny_teacher, loss):
     assert (tmp_path / "ckpt" / "config.json").exists() and (tmp_path / "ckpt" / "fdivctl_state").exists()
 
 
+@pytest.mark.parametrize("loss", ["jsd", "ce"])
+def test_gradient_accumulation_is_one_micro_batch_of_the_same_rows(tmp_path, student, tiny_teacher, loss):
+    """A step's loss is the mean over all its tokens: 4 rows as 1 × 4, 2 × 2 or 4 × 1 (micro-batch × accumulation)
+    give the same loss and gradient on completions of 2 to 17 tokens.  Before, a step averaged its micro-batches'
+    means, so a token of a 2-token completion weighed 8.5× one of a 17-token completion at --batch-size 1."""
+    vocab = len(AutoTokenizer.from_pretrained(tiny_teacher))
+    g = torch.Generator().manual_seed(11)
+    lengths = [2, 5, 9, 17]
+    ids = pa.list_(pa.int32())
+    path = tmp_path / "varied.parquet"
+    pq.write_table(pa.table({
+        "prompt_id": [f"p{i}" for i in range(4)], "sample_idx": [0] * 4,
+        "prompt_token_ids": pa.array(torch.randint(3, vocab, (4, 3), generator=g).tolist(), ids),
+        "completion_token_ids": pa.array([torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths], ids),
+    }), path)
+    logs = []
+    for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
+        log = tmp_path / f"{batch_size}x{grad_accum}.jsonl"
+        opts = _opts(tmp_path, loss, steps=1, batch_size=batch_size, grad_accum=grad_accum, log_jsonl=log)
+        run_distill(student, tmp_path / f"{batch_size}x{grad_accum}", path, opts,
+                    teacher=None if loss == "ce" else tiny_teacher)
+        logs.append(_steps(log)[0])
+    for other in logs[1:]:
+        assert other["tokens"] == logs[0]["tokens"] == sum(lengths)
+        for key in ("loss", loss, "grad_norm"):
+            assert other[key] == pytest.approx(logs[0][key], rel=1e-5), key
+
+
 @pytest.mark.parametrize("name", ["jsd", "pld", "bdkd"])
 def test_offline_full_k_store_equals_the_online_teacher(tmp_path, student, data, tiny_teacher, full_store, name):
     results = []

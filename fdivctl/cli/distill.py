@@ -93,7 +93,8 @@ def command(
     lr_schedule: str = typer.Option("cosine", help="constant, linear or cosine decay after warm-up."),
     warmup: int = typer.Option(0, help="Linear warm-up steps."),
     batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step; the step's loss is the mean over all "
+                                   "their tokens, as one micro-batch of them would give."),
     max_steps: int = typer.Option(None, help="Optimizer steps (default: --epochs over the data)."),
     epochs: int = typer.Option(1, help="Passes over the data when --max-steps is not given."),
     seed: int = typer.Option(0, help="Seed of the data order."),

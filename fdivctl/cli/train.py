@@ -189,7 +189,8 @@ def command(
     lr_schedule: str = typer.Option("constant", help="constant, linear or cosine decay after warm-up."),
     warmup: int = typer.Option(0, help="Warm-up length (optimizer steps; online: iterations)."),
     batch_size: int = typer.Option(8, help="fdpo / sft: examples per micro-batch."),
-    grad_accum: int = typer.Option(1, help="fdpo / sft: micro-batches per optimizer step."),
+    grad_accum: int = typer.Option(1, help="fdpo / sft: micro-batches per optimizer step (sft: the step's loss is the "
+                                   "mean over all their tokens; fdpo: over all their pairs)."),
     max_steps: int = typer.Option(None, help="fdpo / sft: optimizer steps (default: --epochs over the data)."),
     epochs: int = typer.Option(1, help="fdpo / sft: passes over the data."),
     seed: int = typer.Option(0, help="Seed of sampling, prompt choice and minibatch order."),

@@ -67,11 +67,13 @@ from fdivctl.stages.signals import (
 )
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state
-from fdivctl.training.loop import LoopOptions, run_loop
+from fdivctl.training.loop import LoopOptions, TokenMean, run_loop
 from fdivctl.training.lora import weights_to_load
 from fdivctl.training.run_settings import begin_run, run_settings
 
 PROMPT_WEIGHTINGS = ("none", "paced")
+#: each step's loss is the mean over all its tokens; the response length and on-policy share are per micro-batch
+TOKEN_MEAN = TokenMean(per_micro_batch=("response_length", "on_policy_share"))
 
 
 @dataclass
@@ -438,21 +440,19 @@ def prepare_distill(
             raise UserError(str(err)) from None
 
     def loss_fn(rows: list[int], step: int = 0, total: int = 1):
-        """The mean loss over the tokens of ``rows`` (under torchrun: this rank's share of the mean over the
-        micro-batch's tokens on every rank)."""
+        """The mean loss over the tokens of ``rows`` (under torchrun: this rank's share of them); the loop weighs
+        the step's micro-batches and ranks by their tokens (:data:`TOKEN_MEAN`)."""
         current["micro"] = current["micro"] + 1 if current["micro_step"] == step else 0
         current["step"] = current["micro_step"] = step
-        world = distributed.current()
         if generate is None or (mixed and not _draws_samples(opts, step, current["micro"])):
-            loss, figures = distributed.global_token_mean(*batch_loss(seqs, rows, rows, step, total), world)
+            loss, figures = batch_loss(seqs, rows, rows, step, total)
             if not mixed:
                 return loss, figures
             # a mixed step's response_length averages its micro-batches' completions, the data's and the samples'
             return loss, {**figures, "response_length": figures["tokens"] / len(rows), "on_policy_share": 0.0}
         batch_seqs = sampled(rows, step)
         example_of = [r for r in rows for _ in range(opts.on_policy.samples_per_prompt)]
-        loss, figures = distributed.global_token_mean(
-            *batch_loss(batch_seqs, list(range(len(batch_seqs))), example_of, step, total), world)
+        loss, figures = batch_loss(batch_seqs, list(range(len(batch_seqs))), example_of, step, total)
         figures["response_length"] = figures["tokens"] / len(batch_seqs)  # every rank samples as many
         return loss, {**figures, "on_policy_share": 1.0} if mixed else figures
 
@@ -510,5 +510,6 @@ def run_distill(
                                            teacher=[Path(t) for t in teachers]))
     resume_from = out if opts.loop.resume and has_state(out) else None
     model, tokenizer, n, loss_fn = prepare_distill(student, data, opts, logits, teacher, resume_from)
-    summary = run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate, loss_fn.lengths)
+    summary = run_loop(model, tokenizer, n, loss_fn, out, opts.loop, on_step, loss_fn.evaluate, loss_fn.lengths,
+                       TOKEN_MEAN)
     return summary if opts.max_length is None else {**summary, **loss_fn.cut_rows}

@@ -17,10 +17,10 @@ one process group: NCCL on GPUs, gloo on CPUs (``--dist-backend``).
   process (``--batch-size`` × ``--grad-accum`` rows, DESIGN.md's data order);
   rank r takes rows r, r + N, … of each micro-batch, so ``--batch-size`` must
   be a multiple of N.  The gradients are averaged over ranks; a loss that is a
-  mean over tokens (distill) is rescaled to each rank's share of the mean over
-  all ranks' tokens (:func:`global_token_mean`), so the update is one
-  process's whatever the ranks' token counts; a mean over examples (fdpo)
-  needs nothing, the ranks holding equal example counts.
+  mean over tokens (distill) is weighed by each rank's tokens in the step's
+  mean over all ranks' tokens (:class:`fdivctl.training.loop.StepTokenMean`),
+  so the update is one process's whatever the ranks' token counts; a mean
+  over examples (fdpo) needs nothing, the ranks holding equal example counts.
 * Checkpoints: the model's full state dict is gathered to rank 0
   (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``,
   offloaded to the CPU), which writes the ordinary ``save_pretrained``
@@ -254,19 +254,13 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def global_token_mean(loss: torch.Tensor, figures: dict[str, float], world: World) -> tuple[torch.Tensor, dict]:
-    """A rank's mean over its own ``figures["tokens"]`` turned into its share of the mean over every rank's tokens.
-
-    Both are multiplied by ``N·n_r / Σ n`` (a collective): the trainer averages the ranks' gradients and figures,
-    which then equal one process's mean over all the tokens, whatever each rank holds.
-    """
+def sum_over_ranks(value: float, world: World) -> float:
+    """``value`` summed over every rank (a collective; the value itself in one process)."""
     if not world.distributed:
-        return loss, figures
-    tokens = float(figures.get("tokens", 0.0))
-    total = torch.tensor([tokens], dtype=torch.float64, device=loss.device)
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(total)
-    share = world.size * tokens / max(float(total.item()), 1.0)
-    return loss * share, {k: v if k == "tokens" else v * share for k, v in figures.items()}
+    return float(total.item())
 
 
 def gather_objects(value, world: World) -> list:

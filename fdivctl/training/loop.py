@@ -175,8 +175,13 @@ class Trainer:
         elif self.out.exists() and any(p.name != RUN_DIR for p in self.out.iterdir()):
             check_fresh_output(self.out, resume=False)
 
-    def update(self, micro_batches: Iterable[MicroBatch]) -> dict:
+    def update(self, micro_batches: Iterable[MicroBatch],
+               rescale: Callable[[dict[str, float]], float] | None = None) -> dict:
         """One optimizer step on the sum of the micro-batches' losses (the caller scales them).
+
+        ``rescale``, when given, runs after the last micro-batch's backward with the summed figures: it may change
+        them in place, and the factor it returns multiplies every gradient before clipping (a scale only known
+        once the micro-batches ran: :class:`StepTokenMean`).
 
         Returns the step's figures: the sums of the micro-batches' figures,
         ``grad_norm``, ``lr``, ``tokens_per_s``.
@@ -197,6 +202,11 @@ class Trainer:
         distributed.average_replicated_grads(self.params, self.world)
         if self.masters:
             self.masters.take_grads()
+        if rescale is not None:
+            factor = rescale(figures)
+            for param in self.updated:
+                if param.grad is not None:
+                    param.grad.mul_(factor)
         grad_norm = distributed.clip_grad_norm(self.updated, self.opts.max_grad_norm or math.inf, self.world)
         self.optimizer.step()
         if self.masters:
@@ -423,6 +433,56 @@ def _averaged(loss_fn, rows: list[int], step: int, total: int, count: int) -> Mi
     return micro
 
 
+@dataclass(frozen=True)
+class TokenMean:
+    """A loss function whose loss is a mean over its micro-batch's ``tokens`` figure: :func:`run_loop` then weighs
+    each step's micro-batches by their tokens (:class:`StepTokenMean`).  ``per_micro_batch`` names the figures that
+    are means over a micro-batch's rows or the micro-batch itself (a response length, a share of micro-batches):
+    those are averaged over the micro-batches with equal weights, as before."""
+
+    per_micro_batch: tuple[str, ...] = ()
+
+
+class StepTokenMean:
+    """One optimizer step whose loss is the mean over all its tokens, on every rank, as one micro-batch holding them
+    would give — not the mean of the micro-batches' means, which weighs a token of a short micro-batch (or of a
+    rank holding few tokens) more than one of a long one.  The same correction as the "gradient accumulation fix"
+    of Hugging Face transformers (v4.46, 2024), which normalizes by the tokens of the whole accumulated batch.
+
+    Micro-batch i's loss ``ℓ_i``, the mean over this rank's ``n_i`` tokens, is multiplied by ``R·n_i / M_1``
+    before its backward, with ``M_i`` its tokens over all R ranks (one all-reduce): ``M_1`` is uniform across the
+    ranks and keeps the gradient at the size of a mean (no fp16 overflow).  After the last micro-batch the
+    gradients and the token-mean figures are multiplied by ``M_1 / Σ_i M_i``; the ranks' averaging then leaves
+    ``Σ_{i,r} n_{i,r} ℓ_{i,r} / Σ_i M_i``.  ``tokens`` is summed; the ``per_micro_batch`` figures are divided by
+    the number of micro-batches.
+    """
+
+    def __init__(self, spec: TokenMean, micro_batches: int, world):
+        self.spec, self.count, self.world = spec, micro_batches, world
+        self.first = self.total = 0.0
+
+    def micro(self, loss_fn, rows: list[int], step: int, total: int) -> MicroBatch:
+        def run() -> tuple[torch.Tensor, dict]:
+            loss, figures = loss_fn(rows, step, total)
+            tokens = float(figures.get("tokens", 0.0))
+            everywhere = distributed.sum_over_ranks(tokens, self.world)
+            self.first = self.first or max(everywhere, 1.0)
+            self.total += everywhere
+            weight = self.world.size * tokens / self.first
+            return loss * weight, {k: v if k == "tokens" else v / self.count if k in self.spec.per_micro_batch
+                                   else v * weight for k, v in figures.items()}
+
+        return run
+
+    def rescale(self, figures: dict[str, float]) -> float:
+        """Trainer.update's ``rescale``: the token-mean figures to the step's mean; the gradients' factor."""
+        factor = self.first / max(self.total, 1.0)
+        for key in figures:
+            if key != "tokens" and key not in self.spec.per_micro_batch:
+                figures[key] *= factor
+        return factor
+
+
 def run_loop(
     model,
     tokenizer,
@@ -433,10 +493,14 @@ def run_loop(
     on_step: Callable[[int, int, dict], None] | None = None,
     evaluate: Callable[[int, int], dict] | None = None,
     lengths: Sequence[int] | None = None,
+    token_mean: TokenMean | None = None,
 ) -> dict:
     """Optimize ``loss_fn(example indices, step, total steps) → (loss, figures)``; checkpoint into ``out``.
 
     ``lengths`` (tokens per example) group each step's examples by length with ``opts.group_by_length``.
+
+    Each step's loss is the mean of its micro-batches' losses (a mean over examples: the micro-batches hold as
+    many), or with ``token_mean`` the mean over all the step's tokens (:class:`StepTokenMean`).
 
     Under torchrun each rank gets its share of every micro-batch (:mod:`fdivctl.training.distributed`).
 
@@ -456,7 +520,12 @@ def run_loop(
         while trainer.step < total:
             micro = [rows[world.rank :: world.size] for rows in batches_for_step(n_examples, trainer.step, opts,
                                                                                   lengths)]
-            figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
+            if token_mean is None:
+                figures = trainer.update(_averaged(loss_fn, rows, trainer.step, total, len(micro)) for rows in micro)
+            else:
+                weighing = StepTokenMean(token_mean, len(micro), world)
+                figures = trainer.update((weighing.micro(loss_fn, rows, trainer.step, total) for rows in micro),
+                                         weighing.rescale)
             trainer.advance_schedule()
             last = {"step": trainer.step, **figures}
             if evaluate and opts.eval_every and (trainer.step % opts.eval_every == 0 or trainer.step == total):
