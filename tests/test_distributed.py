@@ -93,6 +93,24 @@ def test_bf16_master_weights_shard_and_resume_across_world_sizes(tmp_path, stude
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL)")
+def test_an_nccl_group_also_reduces_the_loops_cpu_figures():
+    """Under --dist-backend nccl the loop's figures and token counts are CPU tensors, which NCCL alone cannot
+    reduce (it raised on the first step of every multi-GPU run); one rank, the same collectives as N."""
+    import torch.distributed as dist
+
+    from fdivctl.training import distributed
+
+    dist.init_process_group(distributed.group_backend("nccl"), store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        world = distributed.World(0, 2, 0)  # as if two ranks: the collectives run, the sums are this rank's alone
+        assert distributed.mean_figures({"loss": 3.0, "tokens": 5.0}, world) == {"loss": 1.5, "tokens": 5.0}
+        assert distributed.sum_over_ranks(7.0, world) == 7.0
+        assert distributed.all_finite(torch.ones((), device="cuda"), world)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, student, data, tiny_teacher):
     bad_batch = run_torchrun(*_args(student, tmp_path / "odd", data, tiny_teacher, 1, "--batch-size", 3))
     # torchrun exits 1 when a process fails; each process ends with fdivctl's one line and exit code 2

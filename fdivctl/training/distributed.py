@@ -94,8 +94,15 @@ def init_world(backend: str = "auto", device: str = "auto") -> World:
     if on_cuda:
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(group_backend(backend))
     return world
+
+
+def group_backend(backend: str) -> str:
+    """The process group's backend for ``--dist-backend`` nccl or gloo.  NCCL carries CUDA tensors only, and the
+    loop's small collectives (figures, token counts) are CPU tensors: with nccl those go through gloo in the same
+    group (PyTorch's per-device backend string)."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 def env_shard() -> tuple[int, int]:
