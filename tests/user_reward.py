@@ -76,3 +76,8 @@ async def trl_async_reward(completions, **kwargs):
 
 def trl_wrong_count(completions, **kwargs):
     return [1.0, 2.0]
+
+
+def char_count_reward(completion: str, row: dict) -> float:
+    """A real-valued reward: the completion's length in characters (ties are rare, unlike 0/1)."""
+    return float(len(completion))

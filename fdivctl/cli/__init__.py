@@ -18,6 +18,7 @@ from fdivctl.cli import demo as demo_cmd
 from fdivctl.cli import distill as distill_cmd
 from fdivctl.cli import divergences as divergences_cmd
 from fdivctl.cli import evaluate as evaluate_cmd
+from fdivctl.cli import pairs as pairs_cmd
 from fdivctl.cli import rollout as rollout_cmd
 from fdivctl.cli import score as score_cmd
 from fdivctl.cli import soup as soup_cmd
@@ -63,6 +64,7 @@ def _root(
 divergences_cmd.register(app)
 rollout_cmd.register(app)
 score_cmd.register(app)
+pairs_cmd.register(app)
 teacher_logits_cmd.register(app)
 distill_cmd.register(app)
 train_cmd.register(app)

@@ -52,7 +52,8 @@ def command(
                                   "policy's log-probs are its completion_logprobs."),
     prompts: Path = typer.Option(None, help="Online mode (and --partition): prompts Parquet with prompt_id, prompt "
                                  "(text or messages) or messages, and the verifier's columns (e.g. answer)."),
-    pairs: Path = typer.Option(None, help="--algo fdpo: Parquet with prompt, chosen, rejected (text; without "
+    pairs: Path = typer.Option(None, help="--algo fdpo: `fdivctl pairs` of scored rollouts (their token ids), or "
+                               "Parquet with prompt, chosen, rejected (text; without "
                                "prompt, the text chosen and rejected open with is the prompt), or conversational "
                                "pairs (messages: prompt + the replies, or whole chosen/rejected conversations sharing "
                                "their opening); optional ref_chosen_logp / ref_rejected_logp (or TRL's "
@@ -276,7 +277,8 @@ def command(
         elif algo == "fdpo":
             summary = run_fdpo(policy, pairs, out, FDPOOptions(divergence="rkl" if divergence == "none" else
                                                                divergence, beta=beta, dtype=dtype, device=device,
-                                                               chat=chat, max_length=max_length, loop=loop),
+                                                               chat=chat, max_length=max_length, loop=loop,
+                                                               allow_tokenizer_mismatch=allow_tokenizer_mismatch),
                              on_step=on_step)
         else:
             opts = RLOptions(algo=algo, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg, std_norm=std_norm,

@@ -30,8 +30,17 @@ from fdivctl.errors import UserError
 from fdivctl.io import conversations
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.lm_head import LMHead
-from fdivctl.io.sequences import Sequences, check_max_length, cut_counts, kept_rows, sequences_from_table, text_column
-from fdivctl.io.tables import read_table, require_columns, require_finite, require_no_nulls, write_table
+from fdivctl.io.hashing import tokenizer_hash
+from fdivctl.io.sequences import (
+    Sequences,
+    check_max_length,
+    cut_counts,
+    int_list_column,
+    kept_rows,
+    sequences_from_table,
+    text_column,
+)
+from fdivctl.io.tables import provenance, read_table, require_columns, require_finite, require_no_nulls, write_table
 from fdivctl.objectives.fdpo import FDPO_DIVERGENCES, fdpo_loss
 from fdivctl.training import distributed
 from fdivctl.training.checkpoint import has_state, run_dir
@@ -50,17 +59,36 @@ class FDPOOptions:
     device: str = "auto"
     chat: bool = False  # prompts through the chat template
     max_length: int | None = None  # each response cut so that prompt + response hold this many tokens
+    allow_tokenizer_mismatch: bool = False  # token-id pairs made with another tokenizer (unsafe)
     loop: LoopOptions = field(default_factory=LoopOptions)
 
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 #: the same columns as TRL's DPOTrainer names them (``precompute_ref_log_probs``), read when ours are absent
 TRL_REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+#: a pairs table's exact token ids (``fdivctl pairs`` of rollouts), read in place of its text
+TOKEN_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 
 
-def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.Table]:
-    table = read_table(path)
-    require_columns(table, path, ["chosen", "rejected"], " (preference pairs)")
+def _pairs(path: Path, tokenizer, chat: bool,
+           allow_tokenizer_mismatch: bool = False) -> tuple[Sequences, Sequences, pa.Table]:
+    """The (chosen, rejected) sequences of a pairs table, row for row, and the table (reference columns named as
+    :data:`REFERENCE_COLUMNS`): by token ids when it holds them (:data:`TOKEN_COLUMNS`), else by text or messages."""
+    table = _with_reference_columns(read_table(path), path)
+    if all(name in table.column_names for name in TOKEN_COLUMNS):
+        sides = _token_sides(table, path, tokenizer, chat, allow_tokenizer_mismatch)
+    else:
+        sides = _text_sides(table, path, tokenizer, chat)
+    for side, seqs in zip(("chosen", "rejected"), sides):
+        for row in range(len(seqs)):
+            if len(seqs.completion_tokens[row]) == 0:
+                raise UserError(f"{path}: row {row} has an empty {side} response")
+            seqs.first_scored(row, include_prompt=False)
+    return sides[0], sides[1], table
+
+
+def _with_reference_columns(table: pa.Table, path: Path) -> pa.Table:
+    """``table`` with its reference log-prob columns checked (both or neither, finite) and named ours."""
     names = REFERENCE_COLUMNS if any(n in table.column_names for n in REFERENCE_COLUMNS) else TRL_REFERENCE_COLUMNS
     given = [name for name in names if name in table.column_names]
     if len(given) == 1:
@@ -70,6 +98,27 @@ def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.
         require_finite(path, name, table.column(name))
     if given and names is TRL_REFERENCE_COLUMNS:
         table = table.rename_columns([dict(zip(names, REFERENCE_COLUMNS)).get(n, n) for n in table.column_names])
+    return table
+
+
+def _token_sides(table: pa.Table, path: Path, tokenizer, chat: bool,
+                 allow_tokenizer_mismatch: bool) -> list[Sequences]:
+    """The sides of a pairs table that holds token ids (``fdivctl pairs`` of rollouts): the ids that were sampled,
+    checked against the policy's tokenizer when the table's provenance names the one that made them."""
+    if chat:
+        raise UserError(f"{path}: --chat wraps text prompts in the chat template, and these pairs hold token ids "
+                        "(encoded when they were sampled: give --chat to that rollout instead)")
+    keys = [str(row) for row in range(table.num_rows)]
+    prompts = int_list_column(table, "prompt_token_ids", path)
+    sides = [Sequences(keys, [0] * len(keys), prompts, int_list_column(table, f"{side}_token_ids", path),
+                       provenance(path).get("tokenizer_hash")) for side in ("chosen", "rejected")]
+    sides[0].check_tokenizer(path, tokenizer_hash(tokenizer), "policy", allow_tokenizer_mismatch)
+    return sides
+
+
+def _text_sides(table: pa.Table, path: Path, tokenizer, chat: bool) -> list[Sequences]:
+    """The sides of a pairs table of text or messages (TRL's preference layouts)."""
+    require_columns(table, path, ["chosen", "rejected"], " (preference pairs)")
     if any(conversations.is_messages_column(table, c) for c in ("prompt", "chosen", "rejected")
            if c in table.column_names):
         for column in ("prompt", "chosen", "rejected"):
@@ -81,18 +130,12 @@ def _pairs(path: Path, tokenizer, chat: bool) -> tuple[Sequences, Sequences, pa.
         for side in ("chosen", "rejected"):
             prompts, responses = ([np.asarray(ids, dtype=np.int64) for ids in part] for part in pairs[side])
             sides.append(Sequences(keys, [0] * len(keys), prompts, responses, None))
-    else:
-        texts = {column: text_column(table, column, path) for column in ("chosen", "rejected")}
-        texts["prompt"] = text_column(table, "prompt", path) if "prompt" in table.column_names else \
-            _shared_prompts(texts, path)
-        sides = [sequences_from_table(pa.table({"prompt": texts["prompt"], "completion": texts[side]}),
-                                      path, tokenizer, chat) for side in ("chosen", "rejected")]
-    for side, seqs in zip(("chosen", "rejected"), sides):
-        for row in range(len(seqs)):
-            if len(seqs.completion_tokens[row]) == 0:
-                raise UserError(f"{path}: row {row} has an empty {side} response")
-            seqs.first_scored(row, include_prompt=False)
-    return sides[0], sides[1], table
+        return sides
+    texts = {column: text_column(table, column, path) for column in ("chosen", "rejected")}
+    texts["prompt"] = text_column(table, "prompt", path) if "prompt" in table.column_names else \
+        _shared_prompts(texts, path)
+    return [sequences_from_table(pa.table({"prompt": texts["prompt"], "completion": texts[side]}), path, tokenizer,
+                                 chat) for side in ("chosen", "rejected")]
 
 
 def _shared_prompts(texts: dict[str, list[str]], path: Path) -> list[str]:
@@ -164,7 +207,7 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), pairs=Path(pairs)))
     distributed.barrier(world)  # every rank has seen OUT before rank 0 writes into it
     tokenizer = load_tokenizer(policy, "policy")
-    chosen, rejected, table = _pairs(pairs, tokenizer, opts.chat)
+    chosen, rejected, table = _pairs(pairs, tokenizer, opts.chat, opts.allow_tokenizer_mismatch)
     truncated = dropped = 0
     if opts.max_length is not None:  # a pair's two sides share their prompt: a row is dropped from both or neither
         (cut_w, full), (cut_l, _) = chosen.truncate(opts.max_length), rejected.truncate(opts.max_length)
