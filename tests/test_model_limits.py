@@ -126,41 +126,39 @@ def test_rollout_stops_each_completion_at_the_context(tmp_path, short, prompts):
     assert any(r["finish_reason"] == "length" and len(r["completion_token_ids"]) < 100 for r in rows)
 
 
-def test_prompts_that_fill_the_context_are_refused_before_sampling(tmp_path, short, student, prompts):
+def _second_prompt_refused_before_sampling(tmp_path, short, student, prompts, text: str) -> list[str]:
+    """rollout, online train and on-policy distill on ``prompts`` with its second prompt replaced by ``text``: each
+    exits 2 before sampling, writing nothing; their stderr."""
     table = pq.read_table(prompts)
-    long = tmp_path / "long.parquet"
-    pq.write_table(table.set_column(1, "prompt", pa.array(["1+2=", SENTENCE * 5, "2+2=", "3+3="])), long)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(1, "prompt", pa.array(["1+2=", text, "2+2=", "3+3="])), bad)
+    runs = [("rollout", short, bad, tmp_path / "r.parquet"),
+            ("train", short, tmp_path / "rl", "--prompts", bad, "--verifier", "math", "--iterations", 1),
+            ("distill", student, tmp_path / "opd", "--on-policy", "--prompts", bad, "--teacher", short)]
+    errors = []
+    for args in runs:
+        done = run_cli(*args, "--device", "cpu")
+        assert done.returncode == 2, done.stderr
+        errors.append(done.stderr)
+    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "r.parquet.parts").exists()
+    assert not (tmp_path / "rl" / "model.safetensors").exists() and not (tmp_path / "opd" / "model.safetensors").exists()
+    return errors
+
+
+def test_prompts_that_fill_the_context_are_refused_before_sampling(tmp_path, short, student, prompts):
     tokens = len(AutoTokenizer.from_pretrained(short)(SENTENCE * 5)["input_ids"])
     assert tokens >= CONTEXT
     message = f"prompt_id 'q1' has {tokens} tokens: it fills the {CONTEXT}-token context"
-    done = run_cli("rollout", short, long, tmp_path / "r.parquet", "--device", "cpu")
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "r.parquet.parts").exists()
-    done = run_cli("train", short, tmp_path / "rl", "--prompts", long, "--verifier", "math", "--iterations", 1,
-                   "--device", "cpu")
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    done = run_cli("distill", student, tmp_path / "opd", "--on-policy", "--prompts", long, "--teacher", short,
-                   "--device", "cpu")
-    assert done.returncode == 2 and message in done.stderr and f"teacher {short}" in done.stderr, done.stderr
-    assert not (tmp_path / "rl" / "model.safetensors").exists() and not (tmp_path / "opd" / "model.safetensors").exists()
+    rollout, train, distill = _second_prompt_refused_before_sampling(tmp_path, short, student, prompts, SENTENCE * 5)
+    assert message in rollout and message in train, (rollout, train)
+    assert message in distill and f"teacher {short}" in distill, distill
 
 
 def test_prompts_of_no_tokens_are_refused_before_sampling(tmp_path, short, student, prompts):
     """An empty prompt (the test tokenizer adds no BOS) gives a model nothing to sample its first token from."""
-    table = pq.read_table(prompts)
-    empty = tmp_path / "empty.parquet"
-    pq.write_table(table.set_column(1, "prompt", pa.array(["1+2=", "", "2+2=", "3+3="])), empty)
     assert AutoTokenizer.from_pretrained(short)("")["input_ids"] == []
-    message = "prompt_id 'q1': the prompt is no tokens"
-    done = run_cli("rollout", short, empty, tmp_path / "r.parquet", "--device", "cpu")
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "r.parquet.parts").exists()
-    done = run_cli("train", short, tmp_path / "rl", "--prompts", empty, "--verifier", "math", "--iterations", 1,
-                   "--device", "cpu")
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    done = run_cli("distill", student, tmp_path / "opd", "--on-policy", "--prompts", empty, "--teacher", short,
-                   "--device", "cpu")
-    assert done.returncode == 2 and message in done.stderr, done.stderr
+    for stderr in _second_prompt_refused_before_sampling(tmp_path, short, student, prompts, ""):
+        assert "prompt_id 'q1': the prompt is no tokens" in stderr, stderr
 
 
 def test_eval_kl_model_refuses_sequences_past_its_context(tmp_path, short, tiny_teacher, prompts):
