@@ -251,7 +251,7 @@ def test_bad_model_shortcut_options_are_refused_before_sampling(tmp_path, tiny_t
     for args, message in [
         (["--bootstrap", "-1"], "--bootstrap must be ≥ 0"),
         (["--base", "nope"], "--base 'nope' is not one of the runs"),
-        (["--run", f"{tiny_teacher.name}={scored}"], f"--model's run is named {tiny_teacher.name!r}"),
+        (["--run", f"{tiny_teacher.name}={scored}"], f"--model's run would be named {tiny_teacher.name!r}"),
     ]:
         done = run_cli("eval", tmp_path / "out", "--model", tiny_teacher, "--prompts", prompts, "--device", "cpu",
                        *args)

@@ -97,7 +97,8 @@ def command(
                        answers=answers, seed=seed, kl_model=kl_model, device=device)
     name = None if model is None else model.name or "model"
     if name in runs:
-        raise UserError(f"--model's run is named {name!r} (its directory's name), as a --run is: rename one")
+        raise UserError(f"--model's run would be named {name!r} (its directory's name), which a --run already "
+                        "uses: rename one")
     opts.check([*runs, name] if name else list(runs))  # before --model samples
     if model is not None:
         if prompts is None:

@@ -7,7 +7,9 @@ whose shared opening text is the prompt (TRL's implicit prompt), or
 conversational pairs, messages
 through the chat template in TRL's explicit (``prompt`` messages) or implicit
 (whole ``chosen``/``rejected`` conversations) layout
-(:func:`fdivctl.io.conversations.preference_pairs`).  The reference log-probs
+(:func:`fdivctl.io.conversations.preference_pairs`), or the token ids
+``prompt_token_ids``, ``chosen_token_ids``, ``rejected_token_ids`` of pairs
+made from rollouts (``fdivctl pairs``), read as they are: the tokens sampled.  The reference log-probs
 log π_ref(y|x) of both responses come from the columns ``ref_chosen_logp``
 and ``ref_rejected_logp`` (or TRL's ``ref_chosen_logps`` and
 ``ref_rejected_logps``) when the table has them; otherwise they are

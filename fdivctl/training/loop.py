@@ -438,7 +438,7 @@ class TokenMean:
     """A loss function whose loss is a mean over its micro-batch's ``tokens`` figure: :func:`run_loop` then weighs
     each step's micro-batches by their tokens (:class:`StepTokenMean`).  ``per_micro_batch`` names the figures that
     are means over a micro-batch's rows or the micro-batch itself (a response length, a share of micro-batches):
-    those are averaged over the micro-batches with equal weights, as before."""
+    those are averaged over the micro-batches with equal weights."""
 
     per_micro_batch: tuple[str, ...] = ()
 
