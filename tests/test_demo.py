@@ -88,6 +88,19 @@ def test_on_policy_distill_example_runs(tmp_path):
     assert abs(metrics["runs"]["teacher"]["all"]["kl"]) < 1e-3  # the teacher's own samples
 
 
+@pytest.mark.slow
+def test_fdpo_example_runs(tmp_path):
+    """examples/fdpo.sh at SCALE=quick: a policy, its scored samples, pairs, f-DPO with rkl, fkl and jsd, eval."""
+    out = tmp_path / "fdpo"
+    done = _run_example("fdpo.sh", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for divergence in ("rkl", "fkl", "jsd"):
+        log = [json.loads(line) for line in (out / f"fdpo-{divergence}.jsonl").read_text().splitlines()]
+        assert len(log) == 4 and all("reward_accuracy" in step for step in log), divergence
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert sorted(metrics["runs"]) == ["fdpo-fkl", "fdpo-jsd", "fdpo-rkl", "policy"]
+
+
 def test_demo_init_refuses_a_hidden_size_without_whole_heads(tmp_path):
     run_cli("demo", "data", tmp_path / "data", "--sft-per-prompt", 2, check=True)
     done = run_cli("demo", "init", tmp_path / "data" / "tokenizer", tmp_path / "m", "--hidden", 32)
