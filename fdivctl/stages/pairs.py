@@ -64,7 +64,7 @@ def make_pairs(scored: Path, out: Path, per_prompt: int = 1, min_margin: float =
         for rows in rows_of.values():
             rows.sort(key=lambda r: sample_idx[r])
     rewards = table.column("reward").to_pylist()
-    take: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    take: dict[str, list[int]] = {side: [] for side in SIDES}  # rows of each pair's sides
     paired = 0
     for prompt_id, rows in rows_of.items():
         high, low = max(rewards[r] for r in rows), min(rewards[r] for r in rows)
@@ -74,10 +74,9 @@ def make_pairs(scored: Path, out: Path, per_prompt: int = 1, min_margin: float =
         worst = [r for r in rows if rewards[r] == low]
         paired += 1
         for good, bad in _draw(best, worst, per_prompt, random.Random(f"{seed}:{prompt_id}")):
-            take["prompt"].append(good)
             take["chosen"].append(good)
             take["rejected"].append(bad)
-    if not take["prompt"]:
+    if not take["chosen"]:
         raise UserError(f"{scored}: no pair: every prompt's samples score within --min-margin {min_margin:g} of "
                         "each other (sample more per prompt, or lower --min-margin)")
     pairs = _pair_table(table, take)
@@ -92,8 +91,9 @@ def make_pairs(scored: Path, out: Path, per_prompt: int = 1, min_margin: float =
 
 
 def _pair_table(table: pa.Table, take: dict[str, list[int]]) -> pa.Table:
-    """One row per pair: the prompt's columns, then each side's text, reward, sample index and token ids."""
-    prompt_side = table.take(take["prompt"])
+    """One row per pair: the prompt's columns (from its chosen row), then each side's text, reward, sample index
+    and token ids."""
+    prompt_side = table.take(take["chosen"])
     columns = {name: prompt_side.column(name) for name in table.column_names if name not in PER_SAMPLE}
     with_ids = has_token_ids(table.column_names)
     for side in SIDES:
