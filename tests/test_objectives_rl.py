@@ -135,6 +135,29 @@ def test_fdpo_reverse_kl_is_dpo():
     assert figures["rejected_reward"] == pytest.approx(float(beta * (pl - rl).mean()), rel=1e-12)
 
 
+def test_fdpo_nll_term_is_rpo_by_hand():
+    """Pang et al. 2024 Eq. 1: −log σ(β log u_w − β log u_l) − α log π_θ(y_w|x)/|y_w|, averaged over pairs."""
+    g = torch.Generator().manual_seed(3)
+    pw, pl, rw, rl = (torch.randn(4, generator=g, dtype=torch.float64) * 3 - 10 for _ in range(4))
+    lengths = torch.tensor([5.0, 1.0, 12.0, 3.0], dtype=torch.float64)
+    pw.requires_grad_(True)
+    beta, alpha = 0.2, 0.7
+    loss, figures = fdpo.fdpo_loss(divergences.get("rkl"), beta, pw, pl, rw, rl, lengths, alpha)
+    dpo = -F.logsigmoid(beta * ((pw - rw) - (pl - rl)))
+    direct = (dpo - alpha * pw / lengths).mean()
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-12)
+    assert figures["chosen_nll"] == pytest.approx(float((-pw / lengths).mean()), rel=1e-12)
+    assert figures["preference_loss"] == pytest.approx(float(dpo.mean()), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, pw)
+    margin = beta * ((pw - rw) - (pl - rl))
+    by_hand = (-beta * torch.sigmoid(-margin) - alpha / lengths) / 4  # d/dlogπ(y_w) of each pair's term, / P
+    torch.testing.assert_close(grad, by_hand.detach(), rtol=1e-12, atol=0)
+    _, plain = fdpo.fdpo_loss(divergences.get("rkl"), beta, pw, pl, rw, rl)
+    assert "chosen_nll" not in plain and "preference_loss" not in plain
+    with pytest.raises(ValueError, match="needs the chosen responses' lengths"):
+        fdpo.fdpo_loss(divergences.get("rkl"), beta, pw, pl, rw, rl, nll_coef=1.0)
+
+
 @pytest.mark.parametrize("spec", ["rkl", "fkl", "jsd", "alpha:alpha=0.3"])
 def test_fdpo_rewards_are_zero_at_the_reference(spec):
     same = torch.tensor([-3.0, -7.5], dtype=torch.float64)

@@ -173,6 +173,36 @@ def test_fdpo_trains_and_caches_reference_logprobs(task, tmp_path):
     assert done.returncode == 2 and "has ref_chosen_logps but not ref_rejected_logps" in done.stderr, done.stderr
 
 
+def test_fdpo_nll_term_keeps_the_chosen_likelihood(task, tmp_path):
+    """--nll-coef α (Iterative RPO's DPO+NLL): the loss is the f-DPO loss plus α × the chosen responses' NLL per
+    token, logged as chosen_nll; at π_θ = π_ref the f-DPO part is log 2; trained with it, the chosen responses end
+    more likely than trained without it, from the same start."""
+    prompts = pq.read_table(task / "data" / "prompts.parquet").column("prompt").to_pylist()[:8]
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": prompts, "chosen": [" 1+1=2"] * 8, "rejected": [" 9+9=18"] * 8}), pairs)
+    common = ["--algo", "fdpo", "--pairs", pairs, "--beta", 0.1, "--lr", "3e-3", "--batch-size", 4,
+              "--max-steps", 6, "--device", "cpu"]
+    logs = {}
+    for alpha in (0.0, 1.0):
+        log = tmp_path / f"{alpha}.jsonl"
+        run_cli("train", task / "sft", tmp_path / str(alpha), *common, "--nll-coef", alpha, "--log-jsonl", log,
+                check=True)
+        logs[alpha] = read_jsonl(log)
+    plain, rpo = logs[0.0], logs[1.0]
+    assert plain[0]["chosen_nll"] == pytest.approx(rpo[0]["chosen_nll"], rel=1e-6)  # the same first batch
+    assert rpo[0]["preference_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    for step in rpo:
+        assert step["loss"] == pytest.approx(step["preference_loss"] + step["chosen_nll"], rel=1e-5)
+    assert "preference_loss" not in plain[0] and plain[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rpo[-1]["chosen_nll"] < rpo[0]["chosen_nll"] - 0.5 and rpo[-1]["chosen_nll"] < plain[-1]["chosen_nll"] - 1
+    assert rpo[-1]["reward_margin"] > 0.3  # and the preference is still learnt
+    done = run_cli("train", task / "sft", tmp_path / "bad", *common, "--nll-coef", -1)
+    assert done.returncode == 2 and "--nll-coef must be ≥ 0 and finite; got -1.0" in done.stderr, done.stderr
+    done = run_cli("train", task / "sft", tmp_path / "bad", "--algo", "sft", "--data", pairs, "--nll-coef", 1)
+    assert done.returncode == 2 and "--nll-coef is RPO's NLL term of --algo fdpo" in done.stderr, done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_fdpo_reads_implicit_prompt_text_pairs_as_trl_does(task, tmp_path):
     """Text chosen/rejected with no prompt column (Anthropic HH's layout): the shared opening, less a trailing
     space, is the prompt, as TRL's extract_prompt splits them; the same sequences as the explicit layout (was:

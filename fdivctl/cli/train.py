@@ -186,6 +186,10 @@ def command(
     eta: float = typer.Option(0.1, help="--algo dph: weight η of the D_pef divergence."),
     pef_batch_size: int = typer.Option(8, help="--algo dph: reference samples per optimizer step."),
     beta: float = typer.Option(0.1, help="--algo fdpo: β; --algo fdpg: the temperature β of ref*exp(r/beta)."),
+    nll_coef: float = typer.Option(0.0, help="--algo fdpo: α of Iterative RPO's DPO+NLL (Pang et al. 2024): adds "
+                                   "α × the chosen responses' NLL per token, which keeps their likelihood from "
+                                   "falling with the rejected ones' (the paper: α = 1; TRL: rpo_alpha). 0: f-DPO "
+                                   "alone."),
     lr: float = typer.Option(1e-6, help="Peak learning rate (AdamW)."),
     lr_schedule: str = typer.Option("constant", help="constant, linear or cosine decay after warm-up."),
     warmup: int = typer.Option(0, help="Warm-up length (optimizer steps; online: iterations)."),
@@ -251,6 +255,8 @@ def command(
         raise UserError(f"--algo {algo}: give --rollouts (staged) or --prompts (online), one of them")
     if group_by_length and algo not in ("sft", "fdpo"):
         raise UserError("--group-by-length groups fixed sequences: --algo sft's --data and fdpo's --pairs")
+    if nll_coef and algo != "fdpo":
+        raise UserError("--nll-coef is RPO's NLL term of --algo fdpo")
     if max_length is not None and algo not in ("sft", "fdpo"):
         raise UserError("--max-length cuts fixed sequences: --algo sft's --data and fdpo's --pairs")
     if chat and rollouts is not None:
@@ -276,8 +282,9 @@ def command(
                                   teacher=(ref_model or policy) if f_sft else None, on_step=on_step)
         elif algo == "fdpo":
             summary = run_fdpo(policy, pairs, out, FDPOOptions(divergence="rkl" if divergence == "none" else
-                                                               divergence, beta=beta, dtype=dtype, device=device,
-                                                               chat=chat, max_length=max_length, loop=loop,
+                                                               divergence, beta=beta, nll_coef=nll_coef, dtype=dtype,
+                                                               device=device, chat=chat, max_length=max_length,
+                                                               loop=loop,
                                                                allow_tokenizer_mismatch=allow_tokenizer_mismatch),
                              on_step=on_step)
         else:

@@ -23,6 +23,15 @@ pairs whose chosen reward is the larger.  The rewards are reported as
 divergence (f′(1) is 1 for reverse KL, −1 for forward KL, 0 for the others),
 so that reverse KL reports TRL's DPO rewards ``β log u``; the constant
 cancels in the loss and the margin.
+
+With ``nll_coef`` α > 0 the loss is Iterative RPO's DPO+NLL (Pang et al. 2024, arXiv 2404.19733, Eq. 1), the
+f-DPO term plus the chosen response's negative log-likelihood per token,
+
+    L = −log σ(β f′(u_w) − β f′(u_l)) − α log π_θ(y_w|x) / |y_w|,
+
+averaged over pairs (the paper uses α = 1; without it, on correct-vs-incorrect pairs of the policy's own
+samples, DPO lowers the chosen responses' likelihood along with the rejected ones').  TRL's ``rpo_alpha``
+adds the same term but averages over all chosen tokens of the batch rather than per response.
 """
 
 from __future__ import annotations
@@ -60,12 +69,20 @@ def fdpo_loss(
     rejected_logp: torch.Tensor,
     ref_chosen_logp: torch.Tensor,
     ref_rejected_logp: torch.Tensor,
+    chosen_tokens: torch.Tensor | None = None,
+    nll_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """Mean loss over pairs ``[P]`` (sequence log-probs) and its figures: reward accuracy and margin."""
+    """Mean loss over pairs ``[P]`` (sequence log-probs) and its figures: reward accuracy and margin; with the
+    chosen responses' lengths ``chosen_tokens`` also their per-token NLL ``chosen_nll``, which ``nll_coef`` α
+    adds to the loss (RPO's DPO+NLL)."""
+    if nll_coef and chosen_tokens is None:
+        raise ValueError("the NLL term needs the chosen responses' lengths")
     chosen = beta * fprime(divergence, chosen_logp - ref_chosen_logp)
     rejected = beta * fprime(divergence, rejected_logp - ref_rejected_logp)
     margin = chosen - rejected
-    loss = -F.logsigmoid(margin).mean()
+    preference = -F.logsigmoid(margin).mean()
+    chosen_nll = None if chosen_tokens is None else (-chosen_logp / chosen_tokens).mean()
+    loss = preference + nll_coef * chosen_nll if nll_coef else preference
     at_reference = beta * float(fprime(divergence, torch.zeros(())))
     figures = {
         "loss": float(loss.detach()),
@@ -74,4 +91,8 @@ def fdpo_loss(
         "chosen_reward": float(chosen.detach().mean() - at_reference),
         "rejected_reward": float(rejected.detach().mean() - at_reference),
     }
+    if chosen_nll is not None:
+        figures["chosen_nll"] = float(chosen_nll.detach())
+    if nll_coef:
+        figures["preference_loss"] = float(preference.detach())
     return loss, figures

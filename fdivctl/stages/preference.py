@@ -15,10 +15,12 @@ and ``ref_rejected_logp`` (or TRL's ``ref_chosen_logps`` and
 ``ref_rejected_logps``) when the table has them; otherwise they are
 computed once with the initial policy (under no_grad) and cached in
 ``OUT/fdivctl_run/reference_logprobs.parquet``, which a resumed run reuses.
+``--nll-coef`` adds RPO's per-token NLL of the chosen responses (:func:`fdivctl.objectives.fdpo.fdpo_loss`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ REFERENCE_CACHE = "reference_logprobs.parquet"
 class FDPOOptions:
     divergence: str = "rkl"
     beta: float = 0.1
+    nll_coef: float = 0.0  # α of RPO's NLL term on the chosen responses (0: f-DPO alone)
     dtype: str = "auto"
     device: str = "auto"
     chat: bool = False  # prompts through the chat template
@@ -204,6 +207,8 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
         raise UserError(f"--algo fdpo takes --divergence {', '.join(FDPO_DIVERGENCES)}; got {divergence.name}")
     if not opts.beta > 0:
         raise UserError("--beta must be > 0")
+    if not 0 <= opts.nll_coef < math.inf:
+        raise UserError(f"--nll-coef must be ≥ 0 and finite; got {opts.nll_coef}")
     check_max_length(opts.max_length)
     check_fresh_output(out, opts.loop.resume)
     begin_run(out, opts.loop, run_settings(opts, policy=Path(policy), pairs=Path(pairs)))
@@ -239,10 +244,11 @@ def run_fdpo(policy: Path, pairs: Path, out: Path, opts: FDPOOptions,
         device = lm.weight.device
         logp_w = sequence_logprobs(lm, chosen, rows, pad_id)
         logp_l = sequence_logprobs(lm, rejected, rows, pad_id)
+        chosen_tokens = torch.tensor([len(chosen.completion_tokens[r]) for r in rows], dtype=logp_w.dtype,
+                                     device=device)
         loss, figures = fdpo_loss(divergence, opts.beta, logp_w, logp_l, ref_chosen[rows].to(device, logp_w.dtype),
-                                  ref_rejected[rows].to(device, logp_w.dtype))
-        figures["tokens"] = float(sum(len(chosen.completion_tokens[r]) + len(rejected.completion_tokens[r])
-                                      for r in rows))
+                                  ref_rejected[rows].to(device, logp_w.dtype), chosen_tokens, opts.nll_coef)
+        figures["tokens"] = float(chosen_tokens.sum()) + float(sum(len(rejected.completion_tokens[r]) for r in rows))
         return loss, figures
 
     lengths = [len(chosen.prompt_tokens[r]) + max(len(chosen.completion_tokens[r]), len(rejected.completion_tokens[r]))
