@@ -214,6 +214,29 @@ def test_model_shortcut_runs_rollout_score_and_eval(tmp_path, tiny_teacher):
     assert all(r["reward"] == float(r["correct"]) + 0.5 * (len(r["completion"].strip()) <= 3) for r in scored)
 
 
+def test_several_models_sample_the_same_prompts_with_the_same_seed(tmp_path, tiny_teacher):
+    """--model DIR --model NAME=DIR: each model sampled and scored on the same prompts with --sampling-seed, then
+    evaluated together; the same model under two names gives the very same samples, another seed others."""
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["Compute 1 + 2.", "Compute 3 * 4."],
+                             "answer": ["3", "12"]}), prompts)
+    common = ["--prompts", prompts, "--n", 4, "--k", "1,4", "--max-new-tokens", 6, "--device", "cpu"]
+    done = run_cli("eval", tmp_path / "out", "--model", tiny_teacher, "--model", f"again={tiny_teacher}", *common)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sorted(report["runs"]) == sorted([tiny_teacher.name, "again"])
+    assert report["runs"]["again"]["all"] == report["runs"][tiny_teacher.name]["all"]
+
+    def completions(path):
+        return pq.read_table(path).sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")]).column(
+            "completion").to_pylist()
+
+    first = completions(tmp_path / "out" / f"{tiny_teacher.name}.scored.parquet")
+    assert first == completions(tmp_path / "out" / "again.scored.parquet")
+    run_cli("eval", tmp_path / "seed1", "--model", f"other={tiny_teacher}", "--sampling-seed", 1, *common, check=True)
+    assert completions(tmp_path / "seed1" / "other.scored.parquet") != first
+
+
 def test_default_k_is_powers_of_two_up_to_the_fewest_samples(tmp_path):
     """--k auto (the default): 1, 2, 4 when one run has 5 samples per prompt and the other 8."""
     five, eight = _scored(tmp_path / "five.parquet", [1, 2], n=5), _scored(tmp_path / "eight.parquet", [1, 2])
@@ -251,7 +274,11 @@ def test_bad_model_shortcut_options_are_refused_before_sampling(tmp_path, tiny_t
     for args, message in [
         (["--bootstrap", "-1"], "--bootstrap must be ≥ 0"),
         (["--base", "nope"], "--base 'nope' is not one of the runs"),
-        (["--run", f"{tiny_teacher.name}={scored}"], f"--model's run would be named {tiny_teacher.name!r}"),
+        (["--run", f"{tiny_teacher.name}={scored}"], f"its run would be named {tiny_teacher.name!r} (its "
+         "directory's name), which a --run already uses"),
+        (["--model", f"{tiny_teacher.name}={tiny_teacher}"], f"its run would be named {tiny_teacher.name!r} "
+         "(given), which another --model already uses"),
+        (["--model", "=x"], "expected DIR or NAME=DIR"),
     ]:
         done = run_cli("eval", tmp_path / "out", "--model", tiny_teacher, "--prompts", prompts, "--device", "cpu",
                        *args)

@@ -30,6 +30,25 @@ def _parse_runs(specs: list[str]) -> dict[str, Path]:
     return runs
 
 
+def _parse_models(specs: list[str], runs: dict[str, Path]) -> dict[str, Path]:
+    """``--model DIR`` (a run named after the directory) or ``--model NAME=DIR``, each name new to the runs."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or Path(spec).exists():
+            directory = Path(spec)
+            name, given = directory.resolve().name or "model", "its directory's name"
+        elif name and path:
+            directory, given = Path(path), "given"
+        else:
+            raise UserError(f"--model {spec!r}: expected DIR or NAME=DIR")
+        if name in runs or name in models:
+            raise UserError(f"--model {spec}: its run would be named {name!r} ({given}), which "
+                            f"{'a --run' if name in runs else 'another --model'} already uses: name one NAME=DIR")
+        models[name] = directory
+    return models
+
+
 def _parse_ks(spec: str) -> list[int] | None:
     if spec.strip() == "auto":
         return None
@@ -71,8 +90,10 @@ def command(
     domain_column: str = typer.Option(None, help="Column that splits every figure by domain (e.g. in/out of domain)."),
     answers: str = typer.Option("math", help="How answers are normalized for maj@k and distinct answers: math or text."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
-    model: Path = typer.Option(None, help="Shortcut: sample this model on --prompts, score, then evaluate it (an "
-                               "interrupted run continues its sampling when run again)."),
+    model: list[str] = typer.Option(None, "--model", help="Shortcut: sample this model directory on --prompts, "
+                                    "score, then evaluate it, as a run named after the directory, or NAME=DIR "
+                                    "(repeatable: every model on the same prompts, seed and settings; an interrupted "
+                                    "run continues its sampling when run again)."),
     prompts: Path = typer.Option(None, help="Prompts Parquet for --model."),
     verifier: list[str] = typer.Option(None, "--verifier", help="Verifier for --model, as in `fdivctl score` "
                                        "(default math; repeatable, the first deciding correct)."),
@@ -82,6 +103,7 @@ def command(
     n: int = typer.Option(8, "--n", help="Samples per prompt for --model."),
     temperature: float = typer.Option(1.0, help="Sampling temperature for --model."),
     max_new_tokens: int = typer.Option(256, help="Longest completion for --model."),
+    sampling_seed: int = typer.Option(0, help="Seed of --model's sampling (the same for every model)."),
     kl_model: Path = typer.Option(None, help="Measure each run's KL(run ‖ this model) in nats per sequence from the "
                                   "run's own samples (their recorded log-probs against this model's, at the "
                                   "sampling temperature; rollouts from `fdivctl rollout` without top-p/top-k): "
@@ -95,23 +117,21 @@ def command(
     runs = _parse_runs(run or [])
     opts = EvalOptions(ks=_parse_ks(k), base=base, bootstrap=bootstrap, domain_column=domain_column,
                        answers=answers, seed=seed, kl_model=kl_model, device=device)
-    name = None if model is None else model.name or "model"
-    if name in runs:
-        raise UserError(f"--model's run would be named {name!r} (its directory's name), which a --run already "
-                        "uses: rename one")
-    opts.check([*runs, name] if name else list(runs))  # before --model samples
-    if model is not None:
+    models = _parse_models(model or [], runs)
+    opts.check([*runs, *models])  # before --model samples
+    if models:
         if prompts is None:
             raise UserError("--model needs --prompts")
         spec = make_reward(verifier, reward_weights, answer_column=answer_column)
         check_prompt_columns(prompts, spec)
         out.mkdir(parents=True, exist_ok=True)
-        rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"
-        sampling = SamplingOptions(n=n, temperature=temperature, max_new_tokens=max_new_tokens)
-        run_rollout(model, prompts, rollouts, RolloutOptions(sampling=sampling, device=device, chat=chat,
+        sampling = SamplingOptions(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=sampling_seed)
+        for name, directory in models.items():
+            rollouts, scored = out / f"{name}.rollouts.parquet", out / f"{name}.scored.parquet"
+            run_rollout(directory, prompts, rollouts, RolloutOptions(sampling=sampling, device=device, chat=chat,
                                                                      resume=True))
-        score_table(rollouts, scored, spec)
-        runs[name] = scored
+            score_table(rollouts, scored, spec)
+            runs[name] = scored
     report = run_eval(runs, out, opts)
     for name, figures in report["runs"].items():
         if figures["all"].get("shared_prompts") == 0:
