@@ -33,7 +33,10 @@ def test_the_installed_entry_point_reports_usage_errors_the_same_way():
     done = subprocess.run([sys.executable, "-m", "fdivctl", "eval", "-o", "x"], capture_output=True, text=True)
     assert done.returncode == 2 and "No such option: -o" in done.stderr and "Traceback" not in done.stderr
     version = subprocess.run([sys.executable, "-m", "fdivctl", "--version"], capture_output=True, text=True)
-    assert version.returncode == 0 and version.stdout.strip() == f"fdivctl {__version__}"
+    assert version.returncode == 0 and version.stdout.splitlines()[0] == f"fdivctl {__version__}"
+    import torch
+    import transformers
+    assert f"torch {torch.__version__}, transformers {transformers.__version__}" in version.stdout.splitlines()[1]
 
 
 def test_verify_of_a_directory_that_is_no_store_is_one_line_and_exit_2(tmp_path):

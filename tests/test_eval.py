@@ -91,6 +91,7 @@ def test_kl_to_a_model_from_the_runs_own_samples(tmp_path, tiny_teacher):
                    "--base", "self", "--kl-model", tiny_teacher, "--device", "cpu")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["versions"]["torch"] == torch.__version__  # what made the figures
     own, other = report["runs"]["self"]["all"], report["runs"]["other"]["all"]
     assert abs(own["kl"]) < 1e-4 and own["kl_samples"] == 12
     assert other["kl"] > 1.0 and other["kl"] > 3 * other["kl_stderr"]

@@ -1,5 +1,6 @@
 """rollout (hf backend) on a tiny random Qwen2: schema, log-probs, seeds, resume, shards, errors."""
 
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,6 +118,14 @@ def test_shards_merge_to_every_prompt_once(tmp_path, tiny_teacher, prompts):
     assert done.returncode == 0, done.stderr
     keys = sorted(zip(*[pq.read_table(merged).column(c).to_pylist() for c in ("prompt_id", "sample_idx")]))
     assert keys == sorted((f"q{i}", s) for i in range(5) for s in range(3))
+    # each file records the libraries of the process that wrote it; shards written under other ones still merge
+    assert provenance(outs[0])["versions"]["torch"] == torch.__version__
+    elsewhere = pq.read_table(outs[1])
+    record = {**provenance(outs[1]), "versions": {"torch": "0.0.1"}}
+    pq.write_table(elsewhere.replace_schema_metadata({b"fdivctl": json.dumps(record).encode()}), outs[1])
+    done = _cli("merge", merged, *outs)
+    assert done.returncode == 0, done.stderr
+    assert provenance(merged)["versions"]["torch"] == torch.__version__
     overlap = _cli("merge", tmp_path / "bad.parquet", outs[0], outs[0])
     assert overlap.returncode == 2 and "overlap" in overlap.stderr
     # one shard of two is not the run (before: merged silently, half the prompts missing); --partial says so

@@ -90,6 +90,7 @@ def test_manifest_records_provenance(store, seqs):
                 "source_rows", "shards"):
         assert key in manifest
     assert manifest["vocab_size"] == 320 and manifest["source_rows"] == 12
+    assert manifest["versions"]["torch"] == torch.__version__ and "transformers" in manifest["versions"]
     assert len(manifest["shards"]) > 2 and all(len(s["sha256"]) == 64 for s in manifest["shards"])
     assert verify_store(store) == []
     assert _cli("teacher-logits", "--verify", store).stdout.strip().endswith("ok")

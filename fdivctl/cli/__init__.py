@@ -26,6 +26,7 @@ from fdivctl.cli import teacher_logits as teacher_logits_cmd
 from fdivctl.cli import train as train_cmd
 from fdivctl.cli.options import require_finite_floats
 from fdivctl.errors import UserError, storage_failure
+from fdivctl.io.versions import library_versions
 from fdivctl.training import distributed
 
 app = typer.Typer(
@@ -48,13 +49,16 @@ USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Click
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"fdivctl {__version__}")
+        typer.echo(", ".join(f"{name} {version}" for name, version in library_versions().items()
+                             if name != "fdivctl"))
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False, "--version", callback=_version, is_eager=True,
+        help="Print the version, and Python's and the libraries' that decide a run's numbers, and exit."
     ),
 ) -> None:
     """fdivctl: rollout → score → teacher-logits → train / distill → eval."""

@@ -40,6 +40,7 @@ from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.hashing import file_sha256, token_digest
 from fdivctl.io.sequences import Sequences
 from fdivctl.io.tensor_file import save_safetensors
+from fdivctl.io.versions import library_versions
 
 FORMAT = "fdivctl-logit-store"
 FORMAT_VERSION = 1
@@ -144,7 +145,8 @@ class StoreWriter:
             shard_entries.append(sidecar)
         with atomic_path(self.directory / "index.parquet") as tmp:
             pq.write_table(pa.table(columns, schema=INDEX_SCHEMA), tmp)
-        manifest = {**self.settings, "fdivctl_version": __version__, "shards": shard_entries}
+        manifest = {**self.settings, "fdivctl_version": __version__, "versions": library_versions(),
+                    "shards": shard_entries}
         write_json(self.directory / "manifest.json", manifest)
         return True
 

@@ -2,7 +2,8 @@
 
 Provenance lives in the file's key-value metadata under the key ``fdivctl``
 (a JSON object: schema version, model and tokenizer hashes, parameters,
-fdivctl version).  Writes are atomic.
+fdivctl version, and under ``versions`` the libraries of the process that wrote
+the file, :func:`fdivctl.io.versions.library_versions`).  Writes are atomic.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from fdivctl import __version__
 from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path
+from fdivctl.io.versions import library_versions
 
 METADATA_KEY = b"fdivctl"
 
@@ -70,12 +72,12 @@ def provenance(path: str | Path) -> dict:
 
 
 def _with_record(schema: pa.Schema, record: dict) -> pa.Schema:
-    record = {"fdivctl_version": __version__, **record}
+    record = {"fdivctl_version": __version__, **record, "versions": library_versions()}
     return schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(record, sort_keys=True).encode()})
 
 
 def write_table(path: str | Path, table: pa.Table, record: dict) -> None:
-    """Write ``table`` atomically with ``record`` (plus the fdivctl version) as its provenance."""
+    """Write ``table`` atomically with ``record`` (plus the fdivctl and library versions) as its provenance."""
     with atomic_path(path) as tmp:
         pq.write_table(table.replace_schema_metadata(_with_record(table.schema, record).metadata), tmp)
 

@@ -24,6 +24,7 @@ from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.checkpoints import load_tokenizer, model_limits
 from fdivctl.io.hashing import tokenizer_hash
 from fdivctl.io.tables import read_table, require_columns, require_finite, require_no_nulls, write_table
+from fdivctl.io.versions import library_versions
 from fdivctl.metrics import plots
 from fdivctl.metrics.best_of_n import best_of_n_kl_bound
 from fdivctl.metrics.diversity import distinct_correct
@@ -164,7 +165,7 @@ def run_eval(runs: dict[str, Path], out_dir: Path, opts: EvalOptions) -> dict:
     report = {"k": opts.ks, "base": opts.base, "runs": metrics,
               "best_of_n_kl_bound": {str(k): best_of_n_kl_bound(k) for k in opts.ks},
               "kl_model": None if opts.kl_model is None else str(opts.kl_model),
-              "inputs": {name: str(path) for name, path in runs.items()}}
+              "inputs": {name: str(path) for name, path in runs.items()}, "versions": library_versions()}
     write_json(out_dir / "metrics.json", report)
     return report
 

@@ -217,6 +217,7 @@ def merge_rollouts(inputs: list[Path], out: Path, partial: bool = False) -> tupl
     for path in inputs:
         key_table = read_table(path, columns=["prompt_id", "sample_idx"])
         record = provenance(path)
+        record.pop("versions", None)  # the libraries of the process that wrote the shard: the merge records its own
         if "shard" in record:
             shards[path] = tuple(record.pop("shard"))
         if first is None:

@@ -1,0 +1,28 @@
+"""The versions of fdivctl, Python and the libraries whose numerics decide a run's figures.
+
+The same seeded script gives different models and samples under another torch or transformers (random
+initialisation, kernels, sampling code), so every file fdivctl writes records them beside its provenance.
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import cache
+from importlib import metadata
+
+from fdivctl import __version__
+
+#: the distributions recorded when installed (vllm and triton only where present)
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pyarrow", "vllm", "triton")
+
+
+@cache
+def library_versions() -> dict[str, str]:
+    """``{"fdivctl": …, "python": …, "torch": …, …}`` of this process, without importing any library."""
+    versions = {"fdivctl": __version__, "python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
