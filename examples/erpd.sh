@@ -35,12 +35,8 @@ fdivctl teacher-logits "$OUT"/stage1 "$OUT"/rollouts.scored.parquet "$OUT"/stage
 fdivctl distill "$OUT"/base "$OUT"/erpd --data "$OUT"/rollouts.scored.parquet --logits "$OUT"/stage1-logits \
   --loss fkl --trust-region 1.0 --lr 1e-3 --batch-size 16 --epochs "$EPOCHS" --log-jsonl "$OUT"/erpd.jsonl
 
-# base, stage 1 and ERPD side by side on the eval prompts: pass@k, with the base as the reference
-for model in base stage1 erpd; do
-  fdivctl rollout "$OUT"/$model "$OUT"/data/eval_prompts.parquet "$OUT"/samples/$model.parquet --n 8 --seed 1234 \
-    --max-new-tokens 12
-  fdivctl score "$OUT"/samples/$model.parquet "$OUT"/samples/$model.scored.parquet --verifier "$VERIFY"
-done
-fdivctl eval "$OUT"/report --run base="$OUT"/samples/base.scored.parquet \
-  --run stage1="$OUT"/samples/stage1.scored.parquet --run erpd="$OUT"/samples/erpd.scored.parquet --base base \
-  --k 1,2,4,8
+# base, stage 1 and ERPD sampled on the eval prompts (same seed), scored and side by side: pass@k, with the base as
+# the reference
+fdivctl eval "$OUT"/report --model "$OUT"/base --model "$OUT"/stage1 --model "$OUT"/erpd \
+  --prompts "$OUT"/data/eval_prompts.parquet --verifier "$VERIFY" --n 8 --sampling-seed 1234 --max-new-tokens 12 \
+  --base base --k 1,2,4,8

@@ -2,9 +2,10 @@
 # On-policy preference optimization with a verifier, one divergence per run, on the built-in demo task, on a CPU in
 # a few minutes. The policy samples each training prompt, the verifier scores the samples, and `fdivctl pairs`
 # pairs a correct sample (chosen) with an incorrect one (rejected) of the same prompt, keeping the sampled token
-# ids. Then three f-DPO runs on the same pairs, same steps: reverse KL (standard DPO), forward KL and
-# Jensen–Shannon (Wang et al., "Beyond Reverse KL", 2023: the divergence sets the trade-off between alignment and
-# the diversity of what the policy generates), and pass@k and distinct correct answers of each.
+# ids. Then f-DPO on the same pairs, same steps, with reverse KL (standard DPO), forward KL and Jensen–Shannon
+# (Wang et al., "Beyond Reverse KL", 2023: the divergence sets the trade-off between alignment and the diversity
+# of what the policy generates), each alone and with Iterative RPO's NLL term on the chosen samples (Pang et al.
+# 2024, --nll-coef 1), and pass@k and distinct correct answers of each.
 # Usage: examples/fdpo.sh [OUT] ; SCALE=quick keeps every stage tiny (the test suite runs that).
 set -euo pipefail
 OUT="${1:-fdpo-out}"
@@ -12,7 +13,7 @@ VERIFY="python:fdivctl.demo.task:verify"
 if [[ "${SCALE:-full}" == quick ]]; then
   HIDDEN=64; SFT_EPOCHS=4; STEPS=4; SAMPLES=4
 else
-  HIDDEN=256; SFT_EPOCHS=12; STEPS=40; SAMPLES=16
+  HIDDEN=256; SFT_EPOCHS=12; STEPS=60; SAMPLES=16
 fi
 
 # the task and the policy: a random-init Qwen2 fine-tuned on the demonstrations
@@ -27,19 +28,20 @@ fdivctl rollout "$OUT"/policy "$OUT"/data/prompts.parquet "$OUT"/rollouts.parque
 fdivctl score "$OUT"/rollouts.parquet "$OUT"/rollouts.scored.parquet --verifier "$VERIFY"
 fdivctl pairs "$OUT"/rollouts.scored.parquet "$OUT"/pairs.parquet --per-prompt 8
 
-# f-DPO with three divergences: the same pairs, β, steps and seed
+# f-DPO with three divergences, each without and with the NLL term: the same pairs, β, steps and seed
+models=(--model "$OUT"/policy)
 for divergence in rkl fkl jsd; do
-  fdivctl train "$OUT"/policy "$OUT"/fdpo-$divergence --algo fdpo --pairs "$OUT"/pairs.parquet \
-    --divergence $divergence --beta 0.1 --lr 2e-5 --lr-schedule constant --batch-size 8 --max-steps "$STEPS" \
-    --log-jsonl "$OUT"/fdpo-$divergence.jsonl
+  for nll in 0 1; do
+    name=fdpo-$divergence$([[ $nll == 1 ]] && echo -nll || true)
+    fdivctl train "$OUT"/policy "$OUT"/$name --algo fdpo --pairs "$OUT"/pairs.parquet --divergence $divergence \
+      --nll-coef $nll --beta 0.1 --lr 1e-4 --lr-schedule constant --batch-size 8 --max-steps "$STEPS" \
+      --log-jsonl "$OUT"/$name.jsonl
+    models+=(--model "$OUT"/$name)
+  done
 done
 
-# every model on the held-out and training targets: pass@k, distinct correct answers, KL to the policy
-runs=()
-for model in policy fdpo-rkl fdpo-fkl fdpo-jsd; do
-  fdivctl rollout "$OUT"/$model "$OUT"/data/eval_prompts.parquet "$OUT"/samples/$model.parquet --n "$SAMPLES" \
-    --seed 1234 --max-new-tokens 12
-  fdivctl score "$OUT"/samples/$model.parquet "$OUT"/samples/$model.scored.parquet --verifier "$VERIFY"
-  runs+=(--run "$model=$OUT/samples/$model.scored.parquet")
-done
-fdivctl eval "$OUT"/report "${runs[@]}" --base policy --kl-model "$OUT"/policy --domain-column domain
+# every model sampled on the held-out and training targets (same seed), scored, and evaluated together: pass@k,
+# distinct correct answers, forgetting, KL to the policy
+fdivctl eval "$OUT"/report "${models[@]}" --prompts "$OUT"/data/eval_prompts.parquet --verifier "$VERIFY" \
+  --n "$SAMPLES" --sampling-seed 1234 --max-new-tokens 12 --base policy --kl-model "$OUT"/policy \
+  --domain-column domain

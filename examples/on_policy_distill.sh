@@ -46,12 +46,10 @@ for name in ("opd", "vopd"):
     print(f"{name}: mean advantage_rms {sum(rms) / len(rms):.3f} over {len(rms)} steps")
 PY
 
-# every model on the held-out and training targets: pass@k, and KL to the teacher from each model's samples
-runs=()
-for model in teacher student opd vopd rkl jsd; do
-  fdivctl rollout "$OUT"/$model "$OUT"/data/eval_prompts.parquet "$OUT"/samples/$model.parquet --n "$SAMPLES" \
-    --seed 1234 --max-new-tokens 12
-  fdivctl score "$OUT"/samples/$model.parquet "$OUT"/samples/$model.scored.parquet --verifier "$VERIFY"
-  runs+=(--run "$model=$OUT/samples/$model.scored.parquet")
-done
-fdivctl eval "$OUT"/report "${runs[@]}" --base student --kl-model "$OUT"/teacher --domain-column domain
+# every model sampled on the held-out and training targets (same seed), scored and evaluated together: pass@k, and
+# KL to the teacher from each model's samples
+models=()
+for model in teacher student opd vopd rkl jsd; do models+=(--model "$OUT"/$model); done
+fdivctl eval "$OUT"/report "${models[@]}" --prompts "$OUT"/data/eval_prompts.parquet --verifier "$VERIFY" \
+  --n "$SAMPLES" --sampling-seed 1234 --max-new-tokens 12 --base student --kl-model "$OUT"/teacher \
+  --domain-column domain

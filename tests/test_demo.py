@@ -90,15 +90,19 @@ def test_on_policy_distill_example_runs(tmp_path):
 
 @pytest.mark.slow
 def test_fdpo_example_runs(tmp_path):
-    """examples/fdpo.sh at SCALE=quick: a policy, its scored samples, pairs, f-DPO with rkl, fkl and jsd, eval."""
+    """examples/fdpo.sh at SCALE=quick: a policy, its scored samples, pairs, f-DPO with rkl, fkl and jsd each without
+    and with RPO's NLL term, every model evaluated by one eval --model call."""
     out = tmp_path / "fdpo"
     done = _run_example("fdpo.sh", out)
     assert done.returncode == 0, done.stderr[-2000:]
-    for divergence in ("rkl", "fkl", "jsd"):
-        log = [json.loads(line) for line in (out / f"fdpo-{divergence}.jsonl").read_text().splitlines()]
-        assert len(log) == 4 and all("reward_accuracy" in step for step in log), divergence
+    runs = [f"fdpo-{d}{nll}" for d in ("rkl", "fkl", "jsd") for nll in ("", "-nll")]
+    for run in runs:
+        log = [json.loads(line) for line in (out / f"{run}.jsonl").read_text().splitlines()]
+        assert len(log) == 4 and all("reward_accuracy" in step for step in log), run
+        assert ("preference_loss" in log[0]) == run.endswith("-nll"), run
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert sorted(metrics["runs"]) == ["fdpo-fkl", "fdpo-jsd", "fdpo-rkl", "policy"]
+    assert sorted(metrics["runs"]) == sorted([*runs, "policy"])
+    assert metrics["base"] == "policy" and "forgetting@4" in metrics["runs"]["fdpo-rkl"]["all"]
 
 
 def test_demo_init_refuses_a_hidden_size_without_whole_heads(tmp_path):
