@@ -105,6 +105,21 @@ def test_fdpo_example_runs(tmp_path):
     assert metrics["base"] == "policy" and "forgetting@4" in metrics["runs"]["fdpo-rkl"]["all"]
 
 
+@pytest.mark.slow
+def test_iterative_rpo_example_runs(tmp_path):
+    """examples/iterative_rpo.sh at SCALE=quick: two rounds of sample → score → pairs → f-DPO + NLL, each from the
+    last round's model (its reference), every model evaluated together."""
+    out = tmp_path / "rpo"
+    done = _run_example("iterative_rpo.sh", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for t in range(2):
+        log = [json.loads(line) for line in (out / f"iter{t}.fdpo.jsonl").read_text().splitlines()]
+        assert len(log) == 4 and "chosen_nll" in log[0] and "preference_loss" in log[0]
+        assert log[0]["preference_loss"] == pytest.approx(0.6931, abs=1e-3)  # each round starts at its reference
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert sorted(metrics["runs"]) == ["m0", "m1", "m2"] and metrics["base"] == "m0"
+
+
 def test_demo_init_refuses_a_hidden_size_without_whole_heads(tmp_path):
     run_cli("demo", "data", tmp_path / "data", "--sft-per-prompt", 2, check=True)
     done = run_cli("demo", "init", tmp_path / "data" / "tokenizer", tmp_path / "m", "--hidden", 32)
