@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from transformers.utils import chat_template_utils
 
 from fdivctl.errors import UserError
 
@@ -14,8 +19,32 @@ from fdivctl.errors import UserError
 TEMPLATE_DATE = datetime.date(2024, 7, 26)
 
 
-def _template_strftime(format: str) -> str:
-    return TEMPLATE_DATE.strftime(format)
+class _TemplateClock(datetime.datetime):
+    """A ``datetime`` whose ``now()`` is :data:`TEMPLATE_DATE` at midnight."""
+
+    @classmethod
+    def now(cls, tz=None) -> datetime.datetime:
+        return cls(TEMPLATE_DATE.year, TEMPLATE_DATE.month, TEMPLATE_DATE.day, tzinfo=tz)
+
+
+_CLOCK_LOCK = threading.Lock()
+
+
+@contextmanager
+def _template_clock() -> Iterator[None]:
+    """While rendering, the ``strftime_now`` transformers gives templates (``datetime.now().strftime``) reads
+    :data:`TEMPLATE_DATE`.  transformers 5.24 turns every template argument into plain data, so a function of our own
+    passed as ``strftime_now=`` (what earlier versions honoured) reached the template as a string ("'str' object is
+    not callable" from every Llama 3 template); the clock the renderer's ``strftime_now`` reads
+    (``chat_template_utils.datetime``) is replaced instead.  ``tests/test_chat_prompts.py`` checks the date with the
+    installed transformers."""
+    with _CLOCK_LOCK:
+        saved = chat_template_utils.datetime
+        chat_template_utils.datetime = _TemplateClock
+        try:
+            yield
+        finally:
+            chat_template_utils.datetime = saved
 
 
 def encode_prompt(tokenizer, row: dict, chat: bool) -> tuple[str, list[int]]:
@@ -60,8 +89,9 @@ def render_chat(tokenizer, messages: list[dict], where: str, generation_prompt: 
     null fields are dropped first (:func:`without_nulls`; ``content`` stays, null beside ``tool_calls``)."""
     messages = [{**without_nulls(m), "content": m.get("content")} for m in messages]
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
-                                             tokenize=False, strftime_now=_template_strftime)
+        with _template_clock():
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                                 tokenize=False)
     except Exception as err:  # noqa: BLE001 — jinja2's TemplateError and what a template's own code raises
         raise UserError(f"{where}: the tokenizer's chat template refused these messages: "
                         f"{type(err).__name__}: {err}") from None
