@@ -189,3 +189,22 @@ def test_triton_head_topk_matches_the_torch_path(k, temperature):
     assert torch.equal(got.ids[clean], ref.ids[clean])
     logits = hidden @ weight.T
     assert torch.equal(logits.gather(-1, got.ids.long()), logits.gather(-1, ref.ids.long()))
+
+
+@case
+def test_triton_head_topk_with_a_masked_block_of_the_vocabulary():
+    """A bias of −inf over the first 2500 ids (more than one kernel block): the tail pass's running sums skip
+    the blocks of −inf only instead of making −inf − (−inf) = NaN (they did), and equal the torch path."""
+    from fdivctl.engine.topk import head_topk
+
+    g = torch.Generator().manual_seed(11)
+    n, h, v = 6, 16, 5000
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    bias = torch.zeros(v)
+    bias[:2500] = float("-inf")
+    tokens = torch.randint(2500, v, (n,), generator=g)
+    got = head_topk(hidden, weight, 7, tokens, bias=bias, temperature=0.9, kernel="triton", chunk_size=4)
+    ref = head_topk(hidden, weight, 7, tokens, bias=bias, temperature=0.9, kernel="torch", chunk_size=4)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)

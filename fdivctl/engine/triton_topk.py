@@ -68,8 +68,9 @@ def _tail_kernel(z_ptr, z_stride, kth_ptr, out_ptr, n_rows, n_cols, inv_t, BLOCK
         z = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf"))
         x = z * inv_t
         m_new = tl.maximum(m, tl.max(x, 0))
-        scale = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # blocks of −inf only so far: no −inf − (−inf)
+        scale = tl.exp(m - safe)
+        e = tl.exp(x - safe)
         s_all = s_all * scale + tl.sum(e, 0)
         s_less = s_less * scale + tl.sum(tl.where(z < kth, e, 0.0), 0)
         n_eq += tl.sum(tl.where(z == kth, 1.0, 0.0), 0)
