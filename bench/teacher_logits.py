@@ -141,8 +141,9 @@ def main(argv=None) -> None:
                         help="s in [0, 1): completion lengths uniform in ((1 − s)·L, L] (0: all L)")
     parser.add_argument("--model-dtype", default="auto", help="the teacher's dtype: auto (fp32 on the CPU), bf16, "
                         "fp16 or fp32")
-    parser.add_argument("--max-tokens-per-shard", type=int, default=TeacherLogitsOptions.max_tokens_per_shard,
-                        help="several shards: the background write of one overlaps scoring the next")
+    parser.add_argument("--max-tokens-per-shard", type=int, default=None,
+                        help="the stage's default (about 64 MiB per shard) when not given; the background write "
+                        "of one shard overlaps scoring the next")
     parser.add_argument("--profile", default=None, help="write the torch.profiler tables of one more store run "
                         "(first k and dtype) and one more bare forward to this file, after the timed runs")
     args = parser.parse_args(argv)

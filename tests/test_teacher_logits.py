@@ -341,3 +341,21 @@ def test_a_shard_file_is_byte_for_byte_what_safetensors_writes_and_its_checksum_
         assert ours.read_bytes() == theirs.read_bytes() and digest == file_sha256(ours)
     with pytest.raises(ValueError, match="no safetensors dtype name"):
         save_safetensors({"mask": torch.ones(2, dtype=torch.bool)}, tmp_path / "bool.safetensors")
+
+
+def test_default_shards_hold_about_64_mib_and_a_resumed_store_keeps_its_own(tmp_path, tiny_teacher, seqs):
+    """Without --max-tokens-per-shard a new store's shards hold ⌊64 MiB / bytes per token⌋ tokens (the files
+    are about that size); a store made with another limit is resumed with it, not refused."""
+    from fdivctl.io.logit_store import SHARD_BYTES, default_shard_tokens
+
+    assert default_shard_tokens(tmp_path / "new", 64, "bf16") == SHARD_BYTES // (64 * 6 + 12) == 169_466
+    assert default_shard_tokens(tmp_path / "new", 256, "fp32") == SHARD_BYTES // (256 * 8 + 12)
+    out = tmp_path / "store"
+    _cli("teacher-logits", tiny_teacher, seqs, out, "--k", 4, "--max-tokens-per-shard", 20, "--device", "cpu")
+    first = _store_files(out)
+    assert json.loads((out / "store.json").read_text())["max_tokens_per_shard"] == 20
+    assert default_shard_tokens(out, 4, "bf16") == 20
+    (out / "shard-00001.json").unlink()  # as if interrupted: the rerun, without the option, finishes it
+    (out / "manifest.json").unlink()
+    _cli("teacher-logits", tiny_teacher, seqs, out, "--k", 4, "--device", "cpu")
+    assert _store_files(out) == first

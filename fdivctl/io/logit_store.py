@@ -64,6 +64,26 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
+SHARD_BYTES = 64 << 20
+
+
+def default_shard_tokens(directory: str | Path, k: int, dtype: str) -> int:
+    """``--max-tokens-per-shard``'s default: the limit a store being resumed was made with, else as many tokens
+    as fill about ``SHARD_BYTES`` (64 MiB) at this k and dtype.
+
+    Shards are written in the background while the next one is scored, so only the last shard's write is not
+    hidden behind the teacher's work: small shards keep that tail short (and a resume redoes little), while
+    1e9 tokens at k = 64 still make only ~6000 files.
+    """
+    store_json = Path(directory) / "store.json"
+    if store_json.is_file():
+        recorded = json.loads(store_json.read_text()).get("max_tokens_per_shard")
+        if isinstance(recorded, int):
+            return recorded
+    bytes_per_token = k * (4 + STORE_DTYPES[dtype].itemsize) + 3 * 4  # ids, logprobs; log_tail, token_logprob, token_ids
+    return max(1, SHARD_BYTES // bytes_per_token)
+
+
 def plan_shards(token_counts: list[int], max_tokens_per_shard: int) -> list[dict]:
     """Cut rows, in order, into shards of at most ``max_tokens_per_shard`` tokens.
 

@@ -26,7 +26,7 @@ from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import file_sha256, model_hash, token_digest, tokenizer_hash
 from fdivctl.io.lm_head import LMHead
-from fdivctl.io.logit_store import STORE_DTYPES, StoreWriter, plan_shards
+from fdivctl.io.logit_store import STORE_DTYPES, TENSORS, StoreWriter, default_shard_tokens, plan_shards
 from fdivctl.io.sequences import Sequences, check_max_length, load_sequences
 
 
@@ -36,7 +36,7 @@ class TeacherLogitsOptions:
     temperature: float = 1.0
     dtype: str = "bf16"
     batch_size: int = 8
-    max_tokens_per_shard: int = 1_000_000
+    max_tokens_per_shard: int | None = None  # None: default_shard_tokens (about 64 MiB per shard file)
     shard: tuple[int, int] = (0, 1)
     include_prompt: bool = False
     chat: bool = False  # text tables: prompts through the chat template (recorded; distill --chat must agree)
@@ -53,7 +53,7 @@ class TeacherLogitsOptions:
         if self.dtype not in STORE_DTYPES:
             raise UserError(f"--dtype {self.dtype!r}; valid: {', '.join(STORE_DTYPES)}")
         check_max_length(self.max_length)
-        if self.batch_size < 1 or self.max_tokens_per_shard < 1:
+        if self.batch_size < 1 or (self.max_tokens_per_shard is not None and self.max_tokens_per_shard < 1):
             raise UserError("--batch-size and --max-tokens-per-shard must be ≥ 1")
         i, n = self.shard
         if not 0 <= i < n:
@@ -99,7 +99,8 @@ def run_teacher_logits(
     counts = seqs.check_scorable(sequences, opts.include_prompt)
     limits = model_limits((teacher, "teacher"))
     seqs.check_fits(sequences, limits)
-    plan = plan_shards(counts, opts.max_tokens_per_shard)
+    shard_tokens = opts.max_tokens_per_shard or default_shard_tokens(out_dir, opts.k, opts.dtype)
+    plan = plan_shards(counts, shard_tokens)
     config_vocab = limits.vocab_size
     settings = {
         "teacher": str(Path(teacher).resolve()),
@@ -113,7 +114,7 @@ def run_teacher_logits(
         "chat": opts.chat,
         "max_length": opts.max_length,
         "batch_size": opts.batch_size,
-        "max_tokens_per_shard": opts.max_tokens_per_shard,
+        "max_tokens_per_shard": shard_tokens,
         "source": str(Path(sequences).resolve()),
         "source_sha256": file_sha256(sequences),
         "source_rows": len(seqs),
@@ -137,11 +138,11 @@ def run_teacher_logits(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
             writing = None
             for i in todo:
-                tensors, spans = _score_shard(writer.shards[i]["rows"], lm, seqs, opts, pad_id, store_dtype,
-                                              counts, on_tokens)
+                tensors, spans, scored = _score_shard(writer.shards[i]["rows"], lm, seqs, opts, pad_id, store_dtype,
+                                                      counts, on_tokens)
                 if writing:
                     writing.result()
-                writing = background.submit(writer.write_shard, i, tensors, spans)
+                writing = background.submit(_write_shard, writer, i, tensors, spans, scored)
             writing.result()
     complete = writer.finalize()
     return {
@@ -154,17 +155,33 @@ def run_teacher_logits(
     }
 
 
+def _write_shard(writer: StoreWriter, index: int, tensors: dict[str, torch.Tensor], spans: list[dict],
+                 scored: torch.cuda.Event | None) -> None:
+    """Bring shard ``index``'s tensors to the host and write them; runs on the writer thread.
+
+    On CUDA the device→host copy runs on a stream of its own once ``scored`` (recorded after the shard's last
+    batch) has passed, so it overlaps the next shard's batches instead of stalling them, and the main thread
+    never waits for it (a copy on the main thread would drain the device's queue once per shard).
+    """
+    if scored is not None:
+        with torch.cuda.stream(torch.cuda.Stream(tensors["ids"].device)):
+            torch.cuda.current_stream().wait_event(scored)
+            tensors = {name: t.cpu() for name, t in tensors.items()}  # synchronous: done before the tensors are freed
+    writer.write_shard(index, tensors, spans)
+
+
 def _score_shard(shard_rows, lm, seqs, opts, pad_id, store_dtype, counts, on_tokens):
-    """Score one shard's rows batch by batch: its tensors on the host and one span per row.
+    """Score one shard's rows batch by batch: its tensors (on the model's device), one span per row, and on
+    CUDA an event recorded after its last batch (else None).
 
     The rows are batched longest first, so a batch pads its sequences to little more than their own length (in
     the file's order a batch of mixed lengths is padded to its longest); the index keeps the file's order, each
-    span pointing where its row lies in the shard.  Results stay on the device until the shard is done: one device→host copy per
-    shard, no per-batch synchronisation, so preparing the next batch on the CPU overlaps the device's work on
-    this one.
+    span pointing where its row lies in the shard.  Results stay on the device until the shard is done (the
+    writer thread copies them out), with no per-batch synchronisation, so preparing the next batch on the CPU
+    overlaps the device's work on this one.
     """
     start_row, end_row = shard_rows
-    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "logprobs", "log_tail", "token_logprob", "token_ids")}
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
     spans, offset = [], 0
     for rows in seqs.by_length(range(start_row, end_row), opts.batch_size):
         summary, token_ids = _score_rows(lm, seqs, rows, opts, pad_id)
@@ -189,4 +206,9 @@ def _score_shard(shard_rows, lm, seqs, opts, pad_id, store_dtype, counts, on_tok
         if on_tokens:
             on_tokens(sum(counts[r] for r in rows))
     spans.sort(key=lambda span: span["source_row"])  # the index lists the rows in the file's order
-    return {name: torch.cat(parts_list).cpu() for name, parts_list in pieces.items()}, spans
+    tensors = {name: torch.cat(parts) for name, parts in pieces.items()}
+    scored = None
+    if lm.weight.device.type == "cuda":
+        scored = torch.cuda.Event()
+        scored.record()
+    return tensors, spans, scored
