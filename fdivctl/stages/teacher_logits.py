@@ -164,8 +164,9 @@ def _write_shard(writer: StoreWriter, index: int, tensors: dict[str, torch.Tenso
     never waits for it (a copy on the main thread would drain the device's queue once per shard).
     """
     if scored is not None:
-        with torch.cuda.stream(torch.cuda.Stream(tensors["ids"].device)):
-            torch.cuda.current_stream().wait_event(scored)
+        copying = torch.cuda.Stream(tensors["ids"].device)  # on the tensors' device (--device cuda:N too)
+        copying.wait_event(scored)
+        with torch.cuda.stream(copying):
             tensors = {name: t.cpu() for name, t in tensors.items()}  # synchronous: done before the tensors are freed
     writer.write_shard(index, tensors, spans)
 
