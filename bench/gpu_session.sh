@@ -5,7 +5,8 @@
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, topk, teacher) runs only
 # those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up
-# apart, ~30 s); topk is new and limited to 30 s.
+# apart, ~30 s); on an H100, tests 46–66 s, topk 13 s, teacher 35 s (its three k, no profile; 55–65 s with one).
+# A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
 # pure-Python wheels carried in .whl/ (liger-kernel, trl and its datasets, dill, multiprocess):
