@@ -1,7 +1,9 @@
 """The versions of fdivctl, Python and the libraries whose numerics decide a run's figures.
 
-The same seeded script gives different models and samples under another torch or transformers (random
-initialisation, kernels, sampling code), so every file fdivctl writes records them beside its provenance.
+The same seeded script can give different models and samples under another torch or transformers (random
+initialisation, kernels, sampling code), so every file fdivctl writes records them beside its provenance.  (Not
+every difference is theirs: the tiny demo model and tokenizer are bit-identical under transformers 5.19.0 and
+5.24.0, checked by sha1 of the state dict and vocabulary.)
 """
 
 from __future__ import annotations
