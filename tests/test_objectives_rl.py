@@ -45,6 +45,45 @@ def test_clipped_surrogate_by_hand():
     assert torch.allclose(symmetric, torch.tensor([-1.2, -0.5, 1.5, 0.8]), atol=1e-6)  # only clip-higher moved
 
 
+def _autograd_surrogate(logprob, old, adv, clip_low, clip_high):
+    """The surrogate as plain PyTorch ops, for autograd's gradient."""
+    ratio = torch.exp((logprob - old).clamp(-20.0, 20.0))
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+
+
+@pytest.mark.parametrize("clip", [(0.2, 0.28), (0.2, 0.2)])
+def test_clipped_surrogate_gradient_is_autograds(clip):
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    logprob = torch.randn(n, generator=g, dtype=torch.float64) * 0.3
+    # on the clip bounds, ratio 1, log-ratios beyond ±20 and at 20, a zero advantage
+    logprob[:6] = torch.tensor([0.0, math.log(1 - clip[0]), math.log(1 + clip[1]), 25.0, -25.0, 20.0])
+    old = torch.zeros(n, dtype=torch.float64)
+    old[10:20] = logprob[10:20]
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    adv[20:40] = 0.0
+    # (beyond ±20 and at 20 with the unclipped branch the minimum, so that only the clamp decides)
+    adv[:6] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    cotangent = torch.randn(n, generator=g, dtype=torch.float64)
+    ours = [logprob.clone().requires_grad_(), old.clone().requires_grad_()]
+    theirs = [logprob.clone().requires_grad_(), old.clone().requires_grad_()]
+    loss, _ = grpo.clipped_surrogate(*ours, adv, *clip)
+    (loss * cotangent).sum().backward()
+    expected = _autograd_surrogate(*theirs, adv, *clip)
+    (expected * cotangent).sum().backward()
+    assert torch.equal(loss.detach(), expected.detach())
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-12, atol=1e-12)
+    assert (ours[0].grad[3:5] == 0).all()  # the ratio held at e^±20 passes no gradient
+    assert ours[0].grad[5] != 0  # a log-ratio of exactly 20 still does (clamp's bounds are inclusive)
+
+
+def test_clipped_surrogate_refuses_advantages_with_gradients():
+    adv = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="advantages are constants"):
+        grpo.clipped_surrogate(torch.zeros(3), torch.zeros(3), adv, 0.2, 0.2)
+
+
 @pytest.mark.parametrize("agg", grpo.LOSS_AGGS)
 def test_token_weights_by_hand(agg):
     per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])  # response a: 1,2 ; response b: 3,4,5
@@ -147,7 +186,7 @@ def test_fdpo_nll_term_is_rpo_by_hand():
     direct = (dpo - alpha * pw / lengths).mean()
     assert loss.item() == pytest.approx(direct.item(), rel=1e-12)
     assert figures["chosen_nll"] == pytest.approx(float((-pw.detach() / lengths).mean()), rel=1e-12)
-    assert figures["preference_loss"] == pytest.approx(float(dpo.mean()), rel=1e-12)
+    assert figures["preference_loss"] == pytest.approx(float(dpo.detach().mean()), rel=1e-12)
     (grad,) = torch.autograd.grad(loss, pw)
     margin = beta * ((pw - rw) - (pl - rl))
     by_hand = (-beta * torch.sigmoid(-margin) - alpha / lengths) / 4  # d/dlogπ(y_w) of each pair's term, / P

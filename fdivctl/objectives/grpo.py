@@ -70,9 +70,13 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> tor
     return ((start - lengths.float()) / buffer).clamp(min=-1.0, max=0.0)
 
 
+#: |log π − log π_old| beyond which the ratio is held at e^±20, so that one token cannot overflow
+LOG_RATIO_BOUND = 20.0
+
+
 def importance_ratio(logprob: torch.Tensor, old_logprob: torch.Tensor) -> torch.Tensor:
-    """``π/π_old = exp(log π − log π_old)``, the log-ratio clamped to ±20 so that one token cannot overflow."""
-    return torch.exp((logprob - old_logprob).clamp(-20.0, 20.0))
+    """``π/π_old = exp(log π − log π_old)``, the log-ratio clamped to ±:data:`LOG_RATIO_BOUND`."""
+    return torch.exp((logprob - old_logprob).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
 
 
 def truncated_importance_weights(trainer_logprob: torch.Tensor, sampler_logprob: torch.Tensor,
@@ -91,12 +95,52 @@ def clipped_surrogate(
     clip_low: float,
     clip_high: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``L_it`` and a bool mask of the tokens where the clipped branch is the one taken."""
-    ratio = importance_ratio(logprob, old_logprob)
-    unclipped = ratio * advantage
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantage
-    loss = -torch.minimum(unclipped, clipped)
-    return loss, (clipped < unclipped).detach()
+    """Per-token ``L_it`` and a bool mask of the tokens where the clipped branch is the one taken.
+
+    Differentiable in ``logprob`` (and ``old_logprob``); the advantages are constants.  The gradient is the
+    closed form of :class:`_ClippedSurrogate`, one multiplication in the backward pass where autograd through
+    ``exp``, two ``clamp`` and ``minimum`` takes ~30 operations: the RL loss runs it once per head chunk, and on
+    a GPU each of those operations is a kernel launch.
+    """
+    if advantage.requires_grad:
+        raise ValueError("clipped_surrogate: the advantages are constants; detach them")
+    loss, taken = _ClippedSurrogate.apply(logprob, old_logprob, advantage, float(clip_low), float(clip_high))
+    return loss, taken
+
+
+class _ClippedSurrogate(torch.autograd.Function):
+    """``L = −min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high) A)`` with ``ρ = exp(clamp(x, ±B))``, ``x = log π − log π_old``.
+
+    ``∂L/∂log π = −ρA`` where the unclipped branch is the minimum (``ρA ≤ clip(ρ)A``) and ``|x| ≤ B``, else 0
+    (the PPO-clip gradient: Schulman et al. 2017, arXiv 1707.06347, Eq. 7); ``∂L/∂log π_old`` is its negative.
+    This equals autograd's gradient of the same expression: where the two branches tie, ρ lies inside the clip
+    range (both branches' gradients are ρA, which ``minimum`` splits in halves) or A = 0 (both are 0); at the
+    bounds of the clamps autograd passes the gradient, as here.
+    """
+
+    @staticmethod
+    def forward(ctx, logprob, old_logprob, advantage, clip_low, clip_high):
+        log_ratio = logprob - old_logprob
+        held = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        ratio = torch.exp(held)
+        unclipped = ratio * advantage
+        clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantage
+        taken = clipped < unclipped
+        # held != log_ratio: beyond the bounds (or NaN), where the clamp passes no gradient
+        slope = (-unclipped).masked_fill_(taken | (held != log_ratio), 0.0)
+        ctx.save_for_backward(slope)
+        ctx.mark_non_differentiable(taken)
+        ctx.set_materialize_grads(False)
+        return -torch.minimum(unclipped, clipped), taken
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_taken):
+        if grad_loss is None:
+            return None, None, None, None, None
+        (slope,) = ctx.saved_tensors
+        grad = grad_loss * slope
+        return (grad if ctx.needs_input_grad[0] else None, -grad if ctx.needs_input_grad[1] else None,
+                None, None, None)
 
 
 def token_weights(lengths: torch.Tensor, n_tokens: int, n_sequences: int, agg: str) -> torch.Tensor:
