@@ -37,6 +37,7 @@ import torch
 from fdivctl.errors import UserError
 from fdivctl.io import conversations
 from fdivctl.io.checkpoints import ModelLimits
+from fdivctl.io.device_copy import upload
 from fdivctl.io.prompts import encode_prompt
 from fdivctl.io.tables import provenance, read_table, require_no_nulls
 
@@ -151,8 +152,10 @@ class Sequences:
                             f"{expected_of} has {expected_hash[:16]}… (--allow-tokenizer-mismatch skips this check "
                             "and is unsafe)")
 
-    def batch(self, rows, pad_id: int, include_prompt: bool = False) -> dict[str, torch.Tensor]:
-        """Teacher-forcing tensors for ``rows`` (CPU, int64).
+    def batch(self, rows, pad_id: int, include_prompt: bool = False,
+              device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Teacher-forcing tensors for ``rows`` (int64, on ``device``: the host by default; to CUDA without the host
+        waiting, :func:`~fdivctl.io.device_copy.upload`).
 
         ``input_ids``/``attention_mask`` ``[B, L]`` (prompt + completion, right-padded), and for
         every scored token in row order: ``batch_index``, ``position`` (the position whose
@@ -170,8 +173,9 @@ class Sequences:
             position.append(scored - 1)
             token.append(tokens[scored])
         as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
-        return {"input_ids": input_ids, "attention_mask": attention, "batch_index": as_tensor(batch_index),
-                "position": as_tensor(position), "token": as_tensor(token)}
+        batch = {"input_ids": input_ids, "attention_mask": attention, "batch_index": as_tensor(batch_index),
+                 "position": as_tensor(position), "token": as_tensor(token)}
+        return batch if device is None else {name: upload(t, device) for name, t in batch.items()}
 
 
 def cut_counts(truncated: int, dropped: int) -> dict[str, int]:

@@ -404,7 +404,7 @@ def prepare_distill(
         divergence = None if schedule is None else schedule.at(step, total)
         if opts.loss_name == "opd" and evaluating:
             divergence = divergences.get("rkl")
-        batch = {k: v.to(device) for k, v in batch_seqs.batch(batch_rows, pad_id).items()}
+        batch = batch_seqs.batch(batch_rows, pad_id, device=device)
         hidden = lm.hidden(batch)
         if not torch.isfinite(hidden).all():  # diverged weights: the loop stops on the non-finite loss
             return hidden.new_tensor(float("nan")), {}

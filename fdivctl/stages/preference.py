@@ -163,7 +163,7 @@ def _shared_prompts(texts: dict[str, list[str]], path: Path) -> list[str]:
 def sequence_logprobs(lm: LMHead, seqs: Sequences, rows: list[int], pad_id: int) -> torch.Tensor:
     """``[len(rows)]`` log π(y|x): the sum of the response tokens' log-probs, through the chunked engine."""
     device = lm.weight.device
-    batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
+    batch = seqs.batch(rows, pad_id, device=device)
     per_token = engine.token_outputs(lm.hidden(batch), lm.weight, bias=lm.bias, token_ids=batch["token"],
                                      softcap=lm.softcap).logprob
     return torch.zeros(len(rows), dtype=per_token.dtype, device=device).index_add(0, batch["batch_index"], per_token)

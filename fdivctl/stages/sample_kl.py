@@ -71,7 +71,7 @@ def sequence_log_ratios(path: Path, model: FrozenModel, tokenizer_hash: str, lim
     device = model.weight.device
     gaps: dict[str, list[float]] = {}
     for rows in seqs.by_length(range(len(seqs)), BATCH_ROWS):
-        batch = {k: v.to(device) for k, v in seqs.batch(rows, pad_id).items()}
+        batch = seqs.batch(rows, pad_id, device=device)
         logp = model.token_logprobs(model.hidden(batch), batch["token"], temperature).double()
         per_row = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, batch["batch_index"], logp)
         for i, r in enumerate(rows):

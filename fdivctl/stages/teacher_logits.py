@@ -60,17 +60,10 @@ class TeacherLogitsOptions:
             raise UserError(f"--shard {i}/{n}: need 0 ≤ i < n")
 
 
-def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host → device without waiting for the device (pinned memory) on CUDA."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 @torch.no_grad()
 def _score_rows(lm: LMHead, seqs: Sequences, rows: list[int], opts: TeacherLogitsOptions, pad_id: int):
     """Top-k summaries for the scored tokens of ``rows``, concatenated in row order."""
-    batch = {k: _upload(v, lm.weight.device) for k, v in seqs.batch(rows, pad_id, opts.include_prompt).items()}
+    batch = seqs.batch(rows, pad_id, opts.include_prompt, device=lm.weight.device)
     token_ids = batch["token"]
     summary = head_topk(lm.hidden(batch), lm.weight, opts.k, token_ids, bias=lm.bias, temperature=opts.temperature,
                         softcap=lm.softcap)
