@@ -39,8 +39,9 @@ export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
 STEPS=${STEPS:-tests,sweep,loss,train,topk,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
-want tests && step gpu_tests.txt 110 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
-    tests/test_distill_cuda.py tests/test_teacher_logits_cuda.py "tests/test_distributed.py::test_an_nccl_group_also_reduces_the_loops_cpu_figures"
+want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
+    tests/test_distill_cuda.py tests/test_teacher_logits_cuda.py tests/test_train_cuda.py \
+    "tests/test_distributed.py::test_an_nccl_group_also_reduces_the_loops_cpu_figures"
 # the head chunk and the weight-gradient GEMM's rows side by side (1: one GEMM per chunk, as before; 0: the default)
 want sweep && step loss_engine_sweep_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192

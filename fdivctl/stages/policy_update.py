@@ -31,6 +31,7 @@ import torch
 from fdivctl import divergences, engine
 from fdivctl.divergences import sample_divergence
 from fdivctl.errors import UserError
+from fdivctl.io.device_copy import upload, upload_vectors
 from fdivctl.io.lm_head import LMHead
 from fdivctl.io.sequences import Sequences
 from fdivctl.objectives import apo, dgpo, dph, fdpg, grpo, kd, rlad, trace
@@ -165,7 +166,7 @@ class PolicyUpdate:
 
     def _old_logprobs(self, data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
         """The sampling policy's log-probs of the tokens of ``rows``, concatenated, on the model's device."""
-        return torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows])).to(self.device)
+        return _host_old_logprobs(data, rows).to(self.device)
 
     def _fdpg_advantages(self, data, rewards, correct, temperature, figures) -> torch.Tensor:
         """f-DPG: ``−(f′(u) − b)`` per response toward the target distribution (objectives/fdpg.py)."""
@@ -311,7 +312,7 @@ class PolicyUpdate:
         return micro
 
     def _batch(self, seqs: Sequences, rows: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in seqs.batch(rows, self.pad_id).items()}
+        return seqs.batch(rows, self.pad_id, device=self.device)
 
     def _divergence(self, data, rows, batch, hidden, temperature, logprob) -> torch.Tensor:
         """Per-token regularizer estimate (no grad needed): closed form (``full``) or a sample estimator."""
@@ -350,17 +351,33 @@ class PolicyUpdate:
         rkl = divergences.get("rkl")
 
         def micro():
+            lengths = data.lengths[rows]
+            route = credit.routes(data, rows)
+            # TRACE reads its teacher while the KL channel is open and this micro-batch has routed tokens (under
+            # torchrun always: the self-teacher's forward through the sharded policy is a collective)
+            routing = opts.algo == "trace" and scale.anneal > 0 and \
+                (bool((route != trace.GRPO).any()) or self.world.distributed)
+            # the per-token constants, made on the host and copied to the device at once, before the forwards
+            host = {"sampled": _host_old_logprobs(data, rows), "adv": credit.token_advantages(data, rows),
+                    "div_scale": credit.div_scale[rows].repeat_interleave(lengths),
+                    "weights": grpo.token_weights(lengths, n_tokens, scale.n_seqs, opts.loss_agg),
+                    # TRACE: routed tokens hand (1 − a) of their weight to the KL channel; λ_t per route
+                    "pg_share": 1.0 - scale.anneal * (route != trace.GRPO).float(),
+                    "kl_coef": scale.anneal * (opts.key_kl_coef * (route == trace.KEY).float()
+                                               + opts.error_kl_coef * (route == trace.ERROR).float())}
+            for name, vector in (("old", credit.old_logprobs(data, rows)), ("tis", credit.tis_weights(data, rows))):
+                if vector is not None:
+                    host[name] = vector
+            if distill:
+                host["kd_mask"] = self._kd_mask(data, rows).repeat_interleave(lengths)
+            on_device = upload_vectors(host, self.device)
+            sampled, adv, div_scale, weights = (on_device[k] for k in ("sampled", "adv", "div_scale", "weights"))
+            pg_share, kl_coef, kd_mask = on_device["pg_share"], on_device["kl_coef"], on_device.get("kd_mask")
+            old = on_device.get("old", sampled)
+            tis = on_device.get("tis", torch.ones_like(old))
+            route = upload(route, self.device) if routing else None
             batch = self._batch(data.seqs, rows)
             hidden = self.lm.hidden(batch)
-            lengths = data.lengths[rows]
-            sampled = self._old_logprobs(data, rows)
-            recomputed = credit.old_logprobs(data, rows)
-            old = sampled if recomputed is None else recomputed.to(self.device)
-            tis = credit.tis_weights(data, rows)
-            tis = torch.ones_like(old) if tis is None else tis.to(self.device)
-            adv = credit.token_advantages(data, rows).to(self.device)
-            div_scale = credit.div_scale[rows].repeat_interleave(lengths).to(self.device)
-            weights = grpo.token_weights(lengths, n_tokens, scale.n_seqs, opts.loss_agg).to(self.device)
             target = self.reference.target(data, rows, batch) if full else None
             ref = self.reference.token_logprobs(data, rows, batch, temperature) if regularize and not full else None
             if kd_full:
@@ -369,47 +386,42 @@ class PolicyUpdate:
                 if (distill and not kd_full) or mixture else None
             # the ratio's denominator: π_old, or RLAD's teacher–old mixture
             denominator = rlad.mixture_logprob(teacher, old, opts.mix_lambda) if mixture else old
-            kd_mask = self._kd_mask(data, rows).repeat_interleave(lengths).to(self.device) if distill else None
-            route = credit.routes(data, rows).to(self.device)
-            # TRACE reads its teacher while the KL channel is open and this micro-batch has routed tokens (under
-            # torchrun always: the self-teacher's forward through the sharded policy is a collective)
-            routing = opts.algo == "trace" and scale.anneal > 0 and \
-                (bool((route != trace.GRPO).any()) or self.world.distributed)
             if routing:
                 target = self._trace_target(data, rows, batch)
-            # TRACE: routed tokens hand (1 − a) of their weight to the KL channel; λ_t per route
-            pg_share = 1.0 - scale.anneal * (route != trace.GRPO).float()
-            kl_coef = scale.anneal * (opts.key_kl_coef * (route == trace.KEY).float()
-                                      + opts.error_kl_coef * (route == trace.ERROR).float())
             positive = adv > 0
-            parts = {"pg_loss": [], "divergence": [], "clipped": [], "kd": [], "key_kl": [], "error_kl": [],
-                     "positive_nll": []}
+            # each term's per-token coefficient, made once per micro-batch: a chunk's objective only slices it
+            coefs = {"pg_loss": weights * pg_share * tis}
+            if regularize:
+                coefs["divergence"] = div_coef * weights * div_scale
+            if distill:
+                coefs["kd"] = kd_coef * weights * kd_mask
+            if routing:
+                coefs["routed_kl"] = weights * kl_coef
+            if opts.entropy_coef:
+                coefs["entropy"] = -opts.entropy_coef * weights
 
-            def objective(out, r):
+            def terms(out, r):
+                """The loss's per-token terms on the tokens ``r`` (the objective weighs them by ``coefs``; the
+                figures sum them over the micro-batch once its sweep is done) and the tokens clipped."""
                 surrogate, clipped = grpo.clipped_surrogate(out["logprob"], denominator[r], adv[r], opts.clip_low,
                                                             opts.clip_high)
-                loss = (weights[r] * pg_share[r] * tis[r] * surrogate).sum()
-                parts["positive_nll"].append(-(out["logprob"].detach() * positive[r]).sum())
-                parts["pg_loss"].append(loss.detach())
-                parts["clipped"].append(clipped.sum())
+                values = {"pg_loss": surrogate}
                 if regularize:
-                    divergence = out["divergence"] if full else \
+                    values["divergence"] = out["divergence"] if full else \
                         sample_divergence(self.regularizer, out["logprob"], ref[r], opts.div_estimator)
-                    parts["divergence"].append(divergence.detach().sum())
-                    loss = loss + div_coef * (weights[r] * div_scale[r] * divergence).sum()
                 if distill:
-                    kd = out["divergence"] if kd_full else \
+                    values["kd"] = out["divergence"] if kd_full else \
                         sample_divergence(rkl, out["logprob"], teacher[r], opts.kd_estimator)
-                    parts["kd"].append((kd_mask[r] * kd).detach().sum())
-                    loss = loss + kd_coef * (weights[r] * kd_mask[r] * kd).sum()
                 if routing:
-                    routed_kl = out["divergence"]
-                    parts["key_kl"].append((routed_kl.detach() * (route[r] == trace.KEY)).sum())
-                    parts["error_kl"].append((routed_kl.detach() * (route[r] == trace.ERROR)).sum())
-                    loss = loss + (weights[r] * kl_coef[r] * routed_kl).sum()
+                    values["routed_kl"] = out["divergence"]
                 if opts.entropy_coef:
-                    loss = loss - opts.entropy_coef * (weights[r] * out["entropy"]).sum()
-                return loss
+                    values["entropy"] = out["entropy"]
+                return values, clipped
+
+            def objective(out, r):
+                values, _ = terms(out, r)
+                first, *rest = ((coefs[name][r] * value).sum() for name, value in values.items())
+                return sum(rest, first)
 
             target_divergence = trace.RoutedKL(route) if routing else rkl if kd_full else \
                 self.regularizer if full else None
@@ -417,24 +429,41 @@ class PolicyUpdate:
                                           token_ids=batch["token"], entropy=True, target=target,
                                           divergence=target_divergence, temperature=temperature)
             loss = scale.task_weight * loss
-            figures = {"tokens": float(len(adv)), "pg_loss": float(sum(parts["pg_loss"])),
-                       "clip_frac": float(sum(parts["clipped"])) / n_tokens,
-                       "entropy": float(out.entropy.sum()) / n_tokens,
-                       # |log π_θ − log π_old| per token: ~0 on a step's first on-policy pass unless the sampler's
-                       # weights or numerics differ from the trainer's
-                       "logprob_gap": float((out.logprob - sampled).abs().sum()) / n_tokens,
-                       "loss": float(loss.detach())}
+            with torch.no_grad():
+                values, clipped = terms({"logprob": out.logprob, "entropy": out.entropy, "divergence": out.divergence},
+                                        slice(None))
+                sums = {"pg_loss": (coefs["pg_loss"] * values["pg_loss"]).sum(), "clipped": clipped.sum(),
+                        "entropy": out.entropy.sum(),
+                        # |log π_θ − log π_old| per token: ~0 on a step's first on-policy pass unless the sampler's
+                        # weights or numerics differ from the trainer's
+                        "logprob_gap": (out.logprob - sampled).abs().sum(), "loss": loss.detach()}
+                if regularize:
+                    sums["divergence"] = values["divergence"].sum()
+                if distill:
+                    sums["kd"] = (kd_mask * values["kd"]).sum()
+                    sums["kd_tokens"] = kd_mask.sum()
+                if routing:
+                    sums["key_kl"] = (values["routed_kl"] * (route == trace.KEY)).sum()
+                    sums["error_kl"] = (values["routed_kl"] * (route == trace.ERROR)).sum()
+                if self.replay is not None:
+                    sums["positive_nll"] = -(out.logprob * positive).sum()
+                    sums["positive_tokens"] = positive.sum()
+                # one device → host copy for all of them (each float() of a device tensor waits for the device)
+                host = dict(zip(sums, torch.stack([v.float() for v in sums.values()]).tolist()))
+            figures = {"tokens": float(len(adv)), "pg_loss": host["pg_loss"], "clip_frac": host["clipped"] / n_tokens,
+                       "entropy": host["entropy"] / n_tokens, "logprob_gap": host["logprob_gap"] / n_tokens,
+                       "loss": host["loss"]}
             if regularize:
-                figures["divergence"] = float(sum(parts["divergence"])) / n_tokens
+                figures["divergence"] = host["divergence"] / n_tokens
             if distill:
-                figures["kd"] = float(sum(parts["kd"])) / n_tokens
-                figures["kd_tokens"] = float(kd_mask.sum())
+                figures["kd"] = host["kd"] / n_tokens
+                figures["kd_tokens"] = host["kd_tokens"]
             if opts.algo == "trace":
-                figures["key_kl"] = float(sum(parts["key_kl"])) / scale.key_tokens
-                figures["error_kl"] = float(sum(parts["error_kl"])) / scale.error_tokens
+                figures["key_kl"] = host.get("key_kl", 0.0) / scale.key_tokens
+                figures["error_kl"] = host.get("error_kl", 0.0) / scale.error_tokens
             if self.replay is not None:
-                figures["positive_nll"] = float(sum(parts["positive_nll"]))
-                figures["positive_tokens"] = float(positive.sum())
+                figures["positive_nll"] = host["positive_nll"]
+                figures["positive_tokens"] = host["positive_tokens"]
             if factor != 1.0:
                 figures = {k: v if k == "tokens" and factor else v * factor for k, v in figures.items()}
             return factor * loss, figures
@@ -473,3 +502,8 @@ class PolicyUpdate:
             return loss, {"pef_loss": float(pef.detach()), "loss": float(loss.detach())}
 
         return micro
+
+
+def _host_old_logprobs(data: ScoredRollouts, rows: list[int]) -> torch.Tensor:
+    """The sampling policy's log-probs of the tokens of ``rows``, concatenated, on the host."""
+    return torch.from_numpy(np.concatenate([data.old_logprobs[r] for r in rows]))
