@@ -53,9 +53,10 @@ want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device
 want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --profile "$OUT/teacher_logits_profile.txt"
-want teacher && step teacher_logits_cuda.jsonl 30 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
+# mixed lengths twice in one process: store_batch_ms / bare_batch_ms show whether first-seen shapes are the cost
+want teacher && step teacher_logits_cuda.jsonl 60 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
-    --dtypes bf16 --ks 64 --length-spread 0.9
+    --dtypes bf16 --ks 64 --length-spread 0.9 --repeats 2
 # the profiles in one file: at most 8 files come back from the device
 for profile in "$OUT"/*_profile.txt; do
     [ -e "$profile" ] && { echo "#### $(basename "$profile")"; cat "$profile"; rm "$profile"; }

@@ -15,12 +15,17 @@ includes hashing the source and teacher and writing the files, which
 ``store_phases_s`` splits: ``setup`` (tokenizer, sequences, hashes, plan),
 ``score`` (model load and every batch), ``write`` (after the last batch:
 the shard's device→host copy, checksum, files and manifest).
+``store_batch_ms`` / ``bare_batch_ms`` give the time between consecutive
+batch ends (device time on CUDA): a batch far slower than its neighbours pays a
+one-time cost for its shape; ``--repeats 2`` runs each store and bare forward
+again in the same process (``"repeat": 1``), where every shape has been met.
 
     python bench/teacher_logits.py --quick                 # CPU, small model
     python bench/teacher_logits.py                         # CPU, V=32768
     python bench/teacher_logits.py --length-spread 0.9     # CPU, completions of 23..224 tokens
     python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 --vocab 151936
     python bench/teacher_logits.py --device cuda ... --profile profile.txt   # + where the store's time goes
+    python bench/teacher_logits.py --device cuda ... --length-spread 0.9 --ks 64 --repeats 2
 
 ``--profile FILE`` writes, after the timed runs, the torch.profiler tables (top
 operators and kernels by self device time) of one more store run (the first k
@@ -30,6 +35,7 @@ and dtype) and one more bare forward.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -67,11 +73,14 @@ def make_sequences(path: Path, vocab: int, n: int, prompt_len: int, completion_l
 
 
 @torch.no_grad()
-def bare_forward(model_dir: Path, sequences: list[list[int]], batch_size: int, device: str, model_dtype: str) -> float:
+def bare_forward(model_dir: Path, sequences: list[list[int]], batch_size: int, device: str,
+                 model_dtype: str) -> tuple[float, list[float]]:
     """Seconds to load the teacher and run ``model(input_ids).logits`` over ``sequences`` in the file's order,
-    each batch right-padded to its longest (what a plain scoring loop does)."""
+    each batch right-padded to its longest (what a plain scoring loop does), and the milliseconds of each batch
+    after the first (:func:`batch_ms`)."""
     start = time.perf_counter()
     model = load_causal_lm(model_dir, model_dtype, device, "teacher")
+    ends = []
     for b in range(0, len(sequences), batch_size):
         rows = sequences[b : b + batch_size]
         width = max(map(len, rows))
@@ -79,7 +88,18 @@ def bare_forward(model_dir: Path, sequences: list[list[int]], batch_size: int, d
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         logits.float().sum().item()  # the logits are used, and the device is synchronized
-    return time.perf_counter() - start
+        ends.append(time.perf_counter())
+    return time.perf_counter() - start, batch_ms(ends)
+
+
+def batch_ms(ends: list) -> list[float]:
+    """Milliseconds between consecutive batch ends (``time.perf_counter()`` values, or CUDA events recorded with
+    timing): each batch after the first, including any time the device waited for the host before it.  A batch
+    much slower than its neighbours of the same shape is paying a one-time cost (a compile, a kernel plan)."""
+    if ends and isinstance(ends[0], torch.cuda.Event):
+        ends[-1].synchronize()
+        return [round(a.elapsed_time(b), 2) for a, b in zip(ends, ends[1:])]
+    return [round(1000 * (b - a), 2) for a, b in zip(ends, ends[1:])]
 
 
 def _store_options(args, k: int, dtype: str) -> TeacherLogitsOptions:
@@ -99,6 +119,7 @@ class Phases:
         self.cuda = device.startswith("cuda")
         self.plan_event = self.last_event = None
         self.last_batch = self.start
+        self.ends: list = []  # each batch's end: CUDA events, or host times
 
     def plan(self, _tokens: int) -> None:
         self.planned = time.perf_counter()
@@ -111,6 +132,7 @@ class Phases:
         if self.cuda:
             self.last_event = torch.cuda.Event(enable_timing=True)
             self.last_event.record()
+        self.ends.append(self.last_event if self.cuda else self.last_batch)
 
     def seconds(self) -> dict[str, float]:
         total = time.perf_counter() - self.start
@@ -144,6 +166,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens-per-shard", type=int, default=None,
                         help="the stage's default (about 64 MiB per shard) when not given; the background write "
                         "of one shard overlaps scoring the next")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="stores (and bare forwards) per k and dtype, one JSON line each (\"repeat\": 0, 1, …) "
+                        "in one process: a later repeat meets every batch shape a second time")
     parser.add_argument("--profile", default=None, help="write the torch.profiler tables of one more store run "
                         "(first k and dtype) and one more bare forward to this file, after the timed runs")
     args = parser.parse_args(argv)
@@ -166,36 +191,39 @@ def main(argv=None) -> None:
         make_sequences(warm, args.vocab, args.batch_size, args.prompt_len, args.completion_len, args.length_spread)
         for k in ks:
             run_teacher_logits(model_dir, warm, tmp / f"warm-{k}", _store_options(args, k, dtypes[0]))
-        for k in ks:
-            for dtype in dtypes:
-                out = tmp / f"store-{k}-{dtype}"
-                opts = _store_options(args, k, dtype)
-                phases = Phases(args.device)
-                summary = run_teacher_logits(model_dir, seqs, out, opts, on_tokens=phases.batch, on_plan=phases.plan)
-                store_s = time.perf_counter() - phases.start
-                store_phases_s = phases.seconds()
-                bare_s = bare_forward(model_dir, sequences, args.batch_size, args.device, args.model_dtype)
-                scored = summary["tokens"]
-                tokens = sum(map(len, sequences))
-                shard_bytes = sum(p.stat().st_size for p in out.glob("shard-*.safetensors"))
-                print(json.dumps({
-                    "k": k,
-                    "dtype": dtype,
-                    "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-                    "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
-                    "length_spread": args.length_spread,
-                    "tokens": tokens,
-                    "scored_tokens": scored,
-                    "store_s": store_s,
-                    "store_phases_s": store_phases_s,
-                    "shards": summary["shards_written"],
-                    "bare_s": bare_s,
-                    "store_tokens_per_s": tokens / store_s,
-                    "bare_tokens_per_s": tokens / bare_s,
-                    "throughput_ratio": bare_s / store_s,
-                    "bytes_per_token": shard_bytes / scored,
-                    "bytes_per_token_target": 6 * k + 16,
-                }), flush=True)
+        for k, dtype, repeat in itertools.product(ks, dtypes, range(args.repeats)):
+            out = tmp / f"store-{k}-{dtype}-{repeat}"
+            opts = _store_options(args, k, dtype)
+            phases = Phases(args.device)
+            summary = run_teacher_logits(model_dir, seqs, out, opts, on_tokens=phases.batch, on_plan=phases.plan)
+            store_s = time.perf_counter() - phases.start
+            store_phases_s = phases.seconds()
+            bare_s, bare_batch_ms = bare_forward(model_dir, sequences, args.batch_size, args.device,
+                                                 args.model_dtype)
+            scored = summary["tokens"]
+            tokens = sum(map(len, sequences))
+            shard_bytes = sum(p.stat().st_size for p in out.glob("shard-*.safetensors"))
+            print(json.dumps({
+                "k": k,
+                "dtype": dtype,
+                "repeat": repeat,
+                "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+                "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
+                "length_spread": args.length_spread,
+                "tokens": tokens,
+                "scored_tokens": scored,
+                "store_s": store_s,
+                "store_phases_s": store_phases_s,
+                "shards": summary["shards_written"],
+                "bare_s": bare_s,
+                "store_tokens_per_s": tokens / store_s,
+                "bare_tokens_per_s": tokens / bare_s,
+                "throughput_ratio": bare_s / store_s,
+                "bytes_per_token": shard_bytes / scored,
+                "bytes_per_token_target": 6 * k + 16,
+                "store_batch_ms": batch_ms(phases.ends),
+                "bare_batch_ms": bare_batch_ms,
+            }), flush=True)
         if args.profile:
             opts = _store_options(args, ks[0], dtypes[0])
             device = torch.device("cuda" if args.device.startswith("cuda") else args.device)

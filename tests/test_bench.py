@@ -44,6 +44,9 @@ def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
         if script == "teacher_logits.py":  # the phases split the store's time, with none negative
             phases = record["store_phases_s"]
             assert min(phases.values()) >= 0 and sum(phases.values()) == pytest.approx(record["store_s"], rel=0.05)
+            # each batch after the first, for the store and the bare forward (several batches at the quick shape)
+            assert record["store_batch_ms"] and record["bare_batch_ms"]
+            assert min(record["store_batch_ms"] + record["bare_batch_ms"]) >= 0
             tables = (tmp_path / "profile.txt").read_text()  # the store's and the bare forward's operator tables
             assert tables.index("== store, k 16, bf16 ==") < tables.index("== bare forward ==")
             assert tables.count("aten::mm") >= 2
