@@ -70,13 +70,18 @@ def soft_cap_(logits: torch.Tensor, cap: float | None, slope: bool = False) -> t
     return derivative
 
 
-def input_grad(grad_logits: torch.Tensor, weight_mm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad_logits @ W`` — the gradient of ``linear_fp32``'s input — in ``dtype``.
+def input_grad(grad_logits: torch.Tensor, weight_mm: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = grad_logits @ W`` — the gradient of ``linear_fp32``'s input — in ``out``'s dtype.
 
     Low-precision weights read the gradient rounded to their dtype, with fp32
-    accumulation inside the GEMM, as every fused-loss kernel does.
+    accumulation inside the GEMM, as every fused-loss kernel does.  The GEMM
+    writes into ``out`` when it is already in the weight's dtype (no copy).
     """
-    return (grad_logits.to(weight_mm.dtype) @ weight_mm).to(dtype)
+    g = grad_logits.to(weight_mm.dtype)
+    if out.dtype == weight_mm.dtype and out.is_contiguous():
+        torch.mm(g, weight_mm, out=out)
+    else:
+        out.copy_(g @ weight_mm)
 
 
 def accumulate_weight_grad(grad_weight_acc: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor) -> None:

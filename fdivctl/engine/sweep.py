@@ -166,9 +166,11 @@ def _triton_chunk(
     objective: Objective | None,
     with_grad: bool,
     grad_dtype: torch.dtype,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None,
+    stats: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-    """The fused path (:mod:`fdivctl.engine.triton_chunk`): outputs from one row kernel; the
+    """The fused path (:mod:`fdivctl.engine.triton_chunk`): outputs from one row kernel, written into
+    ``stats`` (the chunk's columns of the sweep's ``[6, N]`` buffer, whose rows are the per-token outputs); the
     objective's cotangents by autograd on those ``[c]`` outputs alone; ``∂/∂z`` from a second
     row kernel, written in ``grad_dtype`` into ``out`` when given (else in place over the logits when
     that is fp32)."""
@@ -177,7 +179,7 @@ def _triton_chunk(
     ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
     target = None if plan.target is None else plan.target.dense_logits(rows)
     args = (logits, target, logits.shape[1], ids, plan.entropy, plan.divergence, plan.temperature)
-    stats = triton_chunk.chunk_stats(*args)
+    triton_chunk.chunk_stats(*args, out=stats)
     chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
     if not with_grad:
         return chunk, None if objective is None else objective(chunk, rows), None
@@ -252,7 +254,15 @@ def sweep(
     ``needs`` asks for them: hidden, weight, bias) and its summed value (None without one)."""
     n = hidden.shape[0]
     acc = compute_dtype(hidden, weight_mm)
-    outputs = {name: torch.empty(n, dtype=acc, device=hidden.device) for name in plan.outputs}
+    if plan.kernel == "triton":
+        from fdivctl.engine.triton_chunk import STAT_ROWS
+
+        # the row kernel writes every chunk's statistics here; the per-token outputs are rows of it (no copies)
+        stats = torch.empty(len(STAT_ROWS), n, dtype=torch.float32, device=hidden.device)
+        outputs = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
+    else:
+        stats = None
+        outputs = {name: torch.empty(n, dtype=acc, device=hidden.device) for name in plan.outputs}
     with_grad = objective is not None and any(needs)
     grads = SweepGrads(
         hidden=torch.empty_like(hidden) if with_grad and needs[0] else None,
@@ -265,7 +275,7 @@ def sweep(
         if with_grad and needs[2]
         else None,
     )
-    total = None if objective is None else torch.zeros((), dtype=acc, device=hidden.device)
+    values: list[torch.Tensor] = []  # the objective's value per chunk, summed once at the end
     pending = None if grads.weight is None else PendingWeightGrad(grads.weight, hidden, weight_mm.dtype, plan)
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
@@ -274,7 +284,8 @@ def sweep(
         cap_slope = soft_cap_(logits, plan.softcap, slope=with_grad)
         slot = None if pending is None else pending.slot(rows)
         if plan.kernel == "triton":
-            chunk, value, grad_logits = _triton_chunk(plan, logits, rows, objective, with_grad, weight_mm.dtype, slot)
+            chunk, value, grad_logits = _triton_chunk(plan, logits, rows, objective, with_grad, weight_mm.dtype, slot,
+                                                      stats[:, rows])
         else:
             chunk, value, grad_logits = _torch_chunk(plan, logits, rows, objective, with_grad)
         del logits
@@ -282,7 +293,7 @@ def sweep(
             grad_logits.mul_(cap_slope)  # ∂L/∂z → ∂L/∂u through the soft cap
         del cap_slope
         if value is not None:
-            total += value
+            values.append(value)
         if grad_logits is not None:
             # the backward matmuls read the gradient in the weight's dtype (bf16 for a bf16 head)
             if slot is None:
@@ -290,7 +301,7 @@ def sweep(
             else:
                 g = slot if grad_logits is slot else slot.copy_(grad_logits)
             if grads.hidden is not None:
-                grads.hidden[rows] = input_grad(g, weight_mm, hidden.dtype)
+                input_grad(g, weight_mm, out=grads.hidden[rows])
             if grads.bias is not None:
                 grads.bias += grad_logits.sum(0)
             if pending is not None:
@@ -298,8 +309,12 @@ def sweep(
             # free this chunk's [c, V] gradient before the next chunk's logits exist
             del g
         del grad_logits
-        for name, value in chunk.items():
-            outputs[name][rows] = value
+        if stats is None:
+            for name, value in chunk.items():
+                outputs[name][rows] = value
     if pending is not None:
         pending.flush()
+    total = None
+    if objective is not None:
+        total = torch.stack(values).sum() if values else torch.zeros((), dtype=acc, device=hidden.device)
     return outputs, grads, total

@@ -169,7 +169,7 @@ def _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p):
 
 @triton.jit
 def _stats_kernel(
-    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, n_rows, n_cols, inv_t,
+    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, n_cols, inv_t,
     w, log_w, log_1mw,
     DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -200,16 +200,16 @@ def _stats_kernel(
         y = tl.load(y_ptr + row)
         logprob = tl.load(z_row + y) * inv_t - lse_q
     tl.store(stats_ptr + row, lse_q)
-    tl.store(stats_ptr + n_rows + row, lse_p)
-    tl.store(stats_ptr + 2 * n_rows + row, logprob)
-    tl.store(stats_ptr + 3 * n_rows + row, -ent)
-    tl.store(stats_ptr + 4 * n_rows + row, div)
-    tl.store(stats_ptr + 5 * n_rows + row, slope)
+    tl.store(stats_ptr + stats_stride + row, lse_p)
+    tl.store(stats_ptr + 2 * stats_stride + row, logprob)
+    tl.store(stats_ptr + 3 * stats_stride + row, -ent)
+    tl.store(stats_ptr + 4 * stats_stride + row, div)
+    tl.store(stats_ptr + 5 * stats_stride + row, slope)
 
 
 @triton.jit
 def _grad_kernel(
-    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, cot_ptr, g_ptr, g_stride,
+    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, cot_ptr, g_ptr, g_stride,
     n_rows, n_cols, inv_t, w, log_w, log_1mw,
     DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -218,9 +218,9 @@ def _grad_kernel(
     t_row = t_ptr + row * t_stride
     g_row = g_ptr + row * g_stride
     lse_q = tl.load(stats_ptr + row)
-    lse_p = tl.load(stats_ptr + n_rows + row)
-    entropy = tl.load(stats_ptr + 3 * n_rows + row)
-    slope = tl.load(stats_ptr + 5 * n_rows + row)
+    lse_p = tl.load(stats_ptr + stats_stride + row)
+    entropy = tl.load(stats_ptr + 3 * stats_stride + row)
+    slope = tl.load(stats_ptr + 5 * stats_stride + row)
     c_lp = tl.load(cot_ptr + row) * inv_t
     c_ent = tl.load(cot_ptr + n_rows + row) * inv_t
     c_div = tl.load(cot_ptr + 2 * n_rows + row) * inv_t
@@ -261,19 +261,22 @@ def chunk_stats(
     entropy: bool,
     divergence: Divergence | None,
     temperature: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row ``[6, c]`` fp32: the log-partitions, log-prob, entropy, divergence and ``S`` (:data:`STAT_ROWS`).
+    """Per-row ``[6, c]`` fp32: the log-partitions, log-prob, entropy, divergence and ``S`` (:data:`STAT_ROWS`),
+    written into ``out`` when given (any ``[6, c]`` fp32 view with unit column stride, e.g. the chunk's columns
+    of a ``[6, N]`` buffer, so the per-token outputs need no copy).
 
     ``logits`` ``[c, V]`` fp32 with unit column stride; ``target_logits``
     ``[c, Vₜ]`` (any float dtype, unit column stride) is read over its first
     ``min(Vₜ, V)`` columns, columns past ``Vₜ`` count as ``−inf`` (padding).
     """
     rows = logits.shape[0]
-    stats = torch.empty(len(STAT_ROWS), rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(len(STAT_ROWS), rows, dtype=torch.float32, device=logits.device) if out is None else out
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        _stats_kernel[(rows,)](*head, stats, rows, vocab_size, 1.0 / temperature, **params, WANT_ENT=entropy,
-                               BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _stats_kernel[(rows,)](*head, stats, stats.stride(0), vocab_size, 1.0 / temperature, **params,
+                               WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return stats
 
 
@@ -297,6 +300,6 @@ def chunk_grad(
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        _grad_kernel[(rows,)](*head, stats, cotangents, out, out.stride(0), rows, vocab_size, 1.0 / temperature,
-                              **params, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _grad_kernel[(rows,)](*head, stats, stats.stride(0), cotangents, out, out.stride(0), rows, vocab_size,
+                              1.0 / temperature, **params, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
