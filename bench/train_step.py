@@ -98,10 +98,11 @@ def _batch(shape, seed):
     return ScoredRollouts.from_table(table, "bench")
 
 
-def _fdivctl(policy, reference, data, device, chunk_size=None):
+def _fdivctl(policy, reference, data, device, chunk_size=None, kernel="auto"):
     opts = RLOptions(algo="grpo", divergence="rkl", div_estimator="full", micro_batch_size=GROUP,
                      chunk_size=chunk_size, loop=LoopOptions()).resolve()
     update = PolicyUpdate(policy, _Tokenizer(), opts, ReferencePolicy(reference, None, "tail"))
+    update.head_options["kernel"] = kernel  # the engine's path (chunk_launches.py: "triton" under the interpreter)
     credit, rows, _ = update.advantages(data, 1.0, None)
     micro = update._micro(data, credit, rows, StepScale(int(data.lengths[rows].sum()), len(rows),
                                                         div_coef=opts.div_coef), 1.0)

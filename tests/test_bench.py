@@ -22,6 +22,7 @@ FIELDS = {
     "length_grouping.py": ["random_tokens_per_s", "grouped_tokens_per_s", "tokens_per_s_ratio",
                            "grouped_padding_ratio"],
     "topk_summary.py": ["matmul_ms", "summary_torch_ms", "summary_torch_vs_matmul"],
+    "chunk_launches.py": ["launches_per_chunk", "ops_per_chunk", "host_syncs_per_step"],
 }
 
 
