@@ -261,23 +261,22 @@ def chunk_stats(
     entropy: bool,
     divergence: Divergence | None,
     temperature: float,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """Per-row ``[6, c]`` fp32: the log-partitions, log-prob, entropy, divergence and ``S`` (:data:`STAT_ROWS`),
-    written into ``out`` when given (any ``[6, c]`` fp32 view with unit column stride, e.g. the chunk's columns
-    of a ``[6, N]`` buffer, so the per-token outputs need no copy).
+    written into ``out`` (any ``[6, c]`` fp32 view with unit column stride: the sweep passes the chunk's columns
+    of its ``[6, N]`` buffer, so the per-token outputs need no copy) and returned.
 
     ``logits`` ``[c, V]`` fp32 with unit column stride; ``target_logits``
     ``[c, Vₜ]`` (any float dtype, unit column stride) is read over its first
     ``min(Vₜ, V)`` columns, columns past ``Vₜ`` count as ``−inf`` (padding).
     """
     rows = logits.shape[0]
-    stats = torch.empty(len(STAT_ROWS), rows, dtype=torch.float32, device=logits.device) if out is None else out
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        _stats_kernel[(rows,)](*head, stats, stats.stride(0), vocab_size, 1.0 / temperature, **params,
+        _stats_kernel[(rows,)](*head, out, out.stride(0), vocab_size, 1.0 / temperature, **params,
                                WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return stats
+    return out
 
 
 def chunk_grad(
