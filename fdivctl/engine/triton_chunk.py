@@ -3,10 +3,17 @@
 For a chunk of fp32 student logits ``z [c, V]`` (and, for a dense target, the
 target's logits ``t [c, Vₜ]``), one program per row:
 
-* :func:`_stats_kernel` — pass 1: online max/sum of ``z/T`` and ``t/T``
-  (log-partition functions); pass 2: ``log q(y)``, ``H(q) = −Σ q log q``,
+* :func:`_stats_kernel` — ``log q(y)``, ``H(q) = −Σ q log q``,
   ``D = Σ_i g(log q_i, log p_i)`` (the registry entry's summand) and
-  ``S = Σ_i ∂g/∂log q_i``.
+  ``S = Σ_i ∂g/∂log q_i``.  Without a divergence and for fkl / rkl (the RL
+  regularizer's and distillation's usual choices) in one read of the row, all
+  sums kept against running maxima (:func:`_one_pass_stats`); for the others in
+  two: the log-partition functions of ``z/T`` and ``t/T`` first, then the
+  summands of the normalized log-probs (:func:`_two_pass_stats`).  With the
+  gradient pass that makes 2 reads of ``z`` and ``t`` per row instead of 3 (18
+  instead of 26 bytes per vocabulary entry with fp32 logits and a bf16
+  gradient); the row kernels are bound by memory, so that is their time too
+  (an estimate, not yet timed on a GPU).
 * :func:`_grad_kernel` — given per-token cotangents ``c_lp, c_ent, c_div``
   (the objective's derivative with respect to each output) writes
 
@@ -62,6 +69,8 @@ FKL, RKL, JSD, TV, HELLINGER, ALPHA, SKL, SRKL = range(8)
 STAT_ROWS = ("lse_q", "lse_p", "logprob", "entropy", "divergence", "slope")
 BLOCK = 4096
 _LOG_FLOOR = tl.constexpr(LOG_FLOOR)
+_FKL = tl.constexpr(FKL)
+_RKL = tl.constexpr(RKL)
 NUM_WARPS = 16
 
 
@@ -176,6 +185,30 @@ def _stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     t_row = t_ptr + row * t_stride
+    if DIV <= _RKL:  # none, fkl, rkl: every statistic in one read of the row
+        lse_q, lse_p, ent, div, slope = _one_pass_stats(z_row, t_row, n_cols, t_width, inv_t, DIV, WANT_ENT, BLOCK)
+    else:
+        lse_q, lse_p, ent, div, slope = _two_pass_stats(z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
+                                                        DIV, WANT_ENT, BLOCK)
+    logprob = 0.0
+    if HAS_Y:
+        y = tl.load(y_ptr + row)
+        logprob = tl.load(z_row + y) * inv_t - lse_q
+    tl.store(stats_ptr + row, lse_q)
+    tl.store(stats_ptr + stats_stride + row, lse_p)
+    tl.store(stats_ptr + 2 * stats_stride + row, logprob)
+    tl.store(stats_ptr + 3 * stats_stride + row, -ent)
+    tl.store(stats_ptr + 4 * stats_stride + row, div)
+    tl.store(stats_ptr + 5 * stats_stride + row, slope)
+
+
+@triton.jit
+def _two_pass_stats(
+    z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
+    DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``(lse_q, lse_p, Σ q log q, D, S)`` of one row for any divergence: the log-partitions first
+    (:func:`_online_lse`), then the summands ``g`` and ``a`` from the normalized log-probs."""
     lse_q = _online_lse(z_row, n_cols, inv_t, BLOCK)
     lse_p = 0.0
     if DIV >= 0:
@@ -195,16 +228,89 @@ def _stats_kernel(
                 g, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
                 div += tl.sum(tl.where(mask, g, 0.0), 0)
                 slope += tl.sum(tl.where(mask, a, 0.0), 0)
-    logprob = 0.0
-    if HAS_Y:
-        y = tl.load(y_ptr + row)
-        logprob = tl.load(z_row + y) * inv_t - lse_q
-    tl.store(stats_ptr + row, lse_q)
-    tl.store(stats_ptr + stats_stride + row, lse_p)
-    tl.store(stats_ptr + 2 * stats_stride + row, logprob)
-    tl.store(stats_ptr + 3 * stats_stride + row, -ent)
-    tl.store(stats_ptr + 4 * stats_stride + row, div)
-    tl.store(stats_ptr + 5 * stats_stride + row, slope)
+    return lse_q, lse_p, ent, div, slope
+
+
+@triton.jit
+def _one_pass_stats(
+    z_row, t_row, n_cols, t_width, inv_t, DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """``(lse_q, lse_p, Σ q log q, D, S)`` of one row in a single read of ``z`` (and ``t``), for no
+    divergence, fkl or rkl: every sum is kept relative to a running maximum and rescaled when it grows
+    (the online softmax of Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018, Alg. 3,
+    carried to the sums below), so nothing needs ``log Z`` before the end.
+
+    With ``x = z/T``, ``y = t/T``, ``m`` / ``mₚ`` the running maxima, ``s = Σ e^{x−m}``, ``sₚ = Σ e^{y−mₚ}``
+    (``log Z = m + log s``) and F the columns where ``y`` is finite:
+
+    * ``Σ q log q = u/s − log s``, ``u = Σ e^{x−m}(x − m)``;
+    * fkl ``Σ_F p(log p − log q) = Σ_F e^{y−mₚ}(y − x)/sₚ + log Z_q − log Z_p``; ``S = −Σ p = −1``;
+    * rkl ``Σ_F q(log q − log p) = [Σ_F e^{x−m}(x − y) − (log Z_q − log Z_p) Σ_F e^{x−m}]/s``, plus, where
+      ``y = −∞`` (``log p`` floored at LOG_FLOOR, as in the two-pass path),
+      ``Σ q(log q − LOG_FLOOR) = [Σ e^{x−m}(x − m) − (log s + LOG_FLOOR) Σ e^{x−m}]/s``; ``S = D + 1``.
+
+    Each sum of differences (``x − y``) stays as precise as the two-pass path's per-element ``log q − log p``:
+    for π_θ = π_ref both give D = 0 exactly.  Rescaling ``Σ e^{x−m}(x − m)`` to a new maximum ``m'`` is
+    ``e^{m−m'} (u + (m − m') s)``.
+    """
+    m = float("-inf")
+    s = 0.0
+    u = 0.0
+    m_p = float("-inf")
+    s_p = 0.0
+    acc = 0.0  # fkl: Σ_F e^{y−mₚ}(y − x); rkl: Σ_F e^{x−m}(x − y)
+    mass_f = 0.0  # rkl: Σ_F e^{x−m}
+    u_inf = 0.0  # rkl: Σ_{y=−∞} e^{x−m}(x − m)
+    mass_inf = 0.0  # rkl: Σ_{y=−∞} e^{x−m}
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(x, 0))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - safe)
+        drop = tl.where(m == float("-inf"), 0.0, m - safe)  # m − m', 0 before the first maximum
+        e = tl.exp(x - safe)
+        centred = tl.where(mask, x - safe, 0.0)
+        if WANT_ENT:
+            u = scale * (u + drop * s) + tl.sum(e * centred, 0)
+        if DIV >= 0:
+            y = tl.load(t_row + cols, mask=mask & (cols < t_width), other=float("-inf")).to(tl.float32) * inv_t
+            finite = y > float("-inf")
+            m_p_new = tl.maximum(m_p, tl.max(y, 0))
+            safe_p = tl.where(m_p_new == float("-inf"), 0.0, m_p_new)
+            scale_p = tl.exp(m_p - safe_p)
+            e_p = tl.exp(y - safe_p)
+            if DIV == _FKL:
+                acc = scale_p * acc + tl.sum(tl.where(finite, e_p * (y - x), 0.0), 0)
+            else:
+                acc = scale * acc + tl.sum(tl.where(finite, e * (x - y), 0.0), 0)
+                mass_f = scale * mass_f + tl.sum(tl.where(finite, e, 0.0), 0)
+                u_inf = scale * (u_inf + drop * mass_inf) + tl.sum(tl.where(finite, 0.0, e * centred), 0)
+                mass_inf = scale * mass_inf + tl.sum(tl.where(finite, 0.0, e), 0)
+            s_p = scale_p * s_p + tl.sum(e_p, 0)
+            m_p = m_p_new
+        s = scale * s + tl.sum(e, 0)
+        m = m_new
+    log_s = tl.log(s)
+    lse_q = m + log_s
+    lse_p = 0.0
+    div = 0.0
+    slope = 0.0
+    if DIV >= 0:
+        log_s_p = tl.log(s_p)
+        lse_p = m_p + log_s_p
+        gap = (m - m_p) + (log_s - log_s_p)  # log Z_q − log Z_p, without adding two large numbers first
+        if DIV == _FKL:
+            div = acc / s_p + gap
+            slope = -1.0
+        else:
+            div = (acc - gap * mass_f + u_inf - (log_s + _LOG_FLOOR) * mass_inf) / s
+            slope = div + 1.0
+    ent = 0.0
+    if WANT_ENT:
+        ent = u / s - log_s
+    return lse_q, lse_p, ent, div, slope
 
 
 @triton.jit
