@@ -8,15 +8,23 @@ policy loss, no optimizer step:
   states through the chunked engine: per-token log-prob, entropy and the
   closed-form reverse KL to the reference over the whole vocabulary
   (``--div-estimator full``), never holding ``[tokens, V]`` logits;
-* ``trl``: what ``trl.GRPOTrainer._compute_loss`` does: the models' full
-  logits, ``trl.trainer.utils.selective_log_softmax_and_entropy`` for the
-  policy, ``selective_log_softmax`` for the reference, the k3 KL on the
-  sampled tokens (TRL has no full-vocabulary estimator; k3 is cheaper),
-  clipped surrogate, token-mean (only when ``trl`` is importable);
+* ``trl``: what ``trl.GRPOTrainer`` (1.16) runs: both models patched with
+  its fused LM head (``trl.trainer.utils.add_fused_lm_head``, as
+  ``GRPOTrainer.__init__`` does: the policy with entropy), called with
+  ``labels`` and ``fused_lm_head=True`` as ``_get_per_token_logps_and_entropies``
+  does (``ChunkedLogProbFunction``: [4096 tokens × 32768 ids] tiles in the
+  model's dtype, a Triton fold on CUDA, the tiles recomputed in the
+  backward), then ``_compute_loss``'s lines for the default ``dapo`` loss:
+  token-level ratio, clip 0.2 / 0.2, the k3 KL on the sampled tokens with
+  β = 0.04 (TRL has no full-vocabulary estimator; k3 is cheaper), the mean
+  over the completion tokens (only when ``trl`` is importable).  Until this
+  session the column ran the models' full logits through
+  ``selective_log_softmax_and_entropy``, which GRPOTrainer no longer does:
+  figures recorded before it are against that recipe;
 * ``naive``: full logits of both models, ``log_softmax``, the exact reverse
   KL summed over the vocabulary, clipped surrogate.
 
-Prints one JSON object per shape with ``tokens``, ``*_s`` (median of
+Prints one JSON object per shape with ``tokens``, ``trl_path`` (what the TRL column ran), ``*_s`` (median of
 ``--repeats``), ``*_tokens_per_s``, ``*_peak_bytes`` (CUDA:
 ``max_memory_allocated`` above the models and inputs; CPU: one step of each
 variant in a fresh worker process, its RSS high-water mark above the RSS once
@@ -61,11 +69,13 @@ from profiling import profile_table
 from step_options import step_parser
 
 try:
-    from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+    from trl.trainer.utils import add_fused_lm_head
 except ImportError:  # the TRL column is left out
-    selective_log_softmax = selective_log_softmax_and_entropy = None
+    add_fused_lm_head = None
 
 GROUP = 8
+#: what the ``trl`` column runs (results recorded before this field ran TRL's full-logit utilities instead)
+TRL_PATH = "GRPOTrainer 1.16: add_fused_lm_head (ChunkedLogProbFunction) + _compute_loss, dapo, k3 beta 0.04"
 SHAPES = {
     "quick": [dict(hidden=256, layers=2, vocab=32768, length=128)],
     "cpu": [dict(hidden=512, layers=2, vocab=32768, length=256)],
@@ -123,18 +133,30 @@ def _full_logits_inputs(data, device):
 
 
 def _trl(policy, reference, data, device):
+    # GRPOTrainer.__init__: the policy's fused head also returns the entropy, the reference's only log-probs; both
+    # forwards keep their original behaviour without fused_lm_head=True (the naive variant's calls)
+    add_fused_lm_head(policy, outputs=("log_probs", "entropy"))
+    add_fused_lm_head(reference)
     batch, old, adv = _full_logits_inputs(data, device)
-    index = (batch["batch_index"], batch["position"])
+    rows, length = len(data.lengths), int(data.lengths[0])
+    assert (data.lengths == length).all(), "the TRL column takes completions of one length, as _batch makes"
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # _get_per_token_logps_and_entropies
+    labels[:, :-length] = -100
+    old, adv = old.view(rows, length), adv.view(rows, length)[:, :1]  # one advantage per completion
 
     def step():
-        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[index]
-        logps, _entropy = selective_log_softmax_and_entropy(logits, batch["token"])
+        out = policy(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        logps, _entropy = out.log_probs[:, -length:], out.entropy[:, -length:]
         with torch.no_grad():
-            ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[index]
-            ref_logps = selective_log_softmax(ref_logits, batch["token"])
+            ref_logps = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                  fused_lm_head=True).log_probs[:, -length:]
+        # _compute_loss, loss_type "dapo" (the default), beta 0.04, epsilon 0.2
+        coef_1 = torch.exp(logps - old)
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-        surrogate, _ = grpo.clipped_surrogate(logps, old, adv, 0.2, 0.2)
-        (surrogate + 0.04 * kl).mean().backward()
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) + 0.04 * kl
+        per_token_loss.mean().backward()
 
     return step
 
@@ -218,8 +240,9 @@ def main() -> None:
         result = {"shape": {**shape, "group": GROUP}, "tokens": tokens, "device": str(device), "dtype": args.dtype}
         variants = {"fdivctl": _fdivctl(policy, frozen, data, device), "naive": _naive(policy, reference, data, device)}
         variants.update({f"chunk{c}": _fdivctl(policy, frozen, data, device, c) for c in sweep})
-        if selective_log_softmax is not None:
+        if add_fused_lm_head is not None:
             variants["trl"] = _trl(policy, reference, data, device)
+            result["trl_path"] = TRL_PATH
         if args.only:
             print_step_peak(variants[args.only])
             return
