@@ -238,8 +238,10 @@ def test_default_weight_grad_rows_gathers_about_the_hidden_size_on_cuda():
     assert engine.default_weight_grad_rows(384, 4096, torch.device("cuda")) == 3840
     assert engine.default_weight_grad_rows(384, 256, torch.device("cuda")) == 384
     assert engine.default_weight_grad_rows(128, 4096, torch.device("cpu")) == 128
-    # the bf16 accumulator keeps one chunk: a G ≈ H buffer would cost as much as the accumulator
-    assert engine.default_weight_grad_rows(384, 4096, torch.device("cuda"), "param") == 384
+    # the bf16 accumulator's buffer is held to a quarter of it: G ≈ H/4 in whole chunks
+    assert engine.default_weight_grad_rows(384, 4096, torch.device("cuda"), "param") == 768
+    assert engine.default_weight_grad_rows(384, 2048, torch.device("cuda"), "param") == 384
+    assert engine.default_weight_grad_rows(384, 4096, torch.device("cpu"), "param") == 384
 
 
 @pytest.mark.parametrize("rows", [1, 8, 11, N, 1000])

@@ -28,10 +28,10 @@ CUDA wherever it applies.
 
 ``weight_grad_rows`` (``G``): rows of logit gradients gathered for one
 weight-gradient GEMM ``grad W += gᵀ h`` (:class:`~fdivctl.engine.sweep.PendingWeightGrad`).
-Default: on CUDA with the fp32 accumulator the chunks that fit in the hidden
-size (``G ≈ H``), so that GEMM does ≥ H/4 FLOP per byte of the ``[V, H]``
-accumulator it reads and writes, for a ``[G, V]`` bf16 buffer of at most half
-the accumulator's bytes; one chunk otherwise (:func:`default_weight_grad_rows`).
+Default: on CUDA the whole chunks that fit in the hidden size (``G ≈ H``)
+with the fp32 accumulator, in a quarter of it (``G ≈ H/4``) with the bf16 one,
+a ``[G, V]`` bf16 buffer of at most half / a quarter of the accumulator's
+bytes; one chunk on the CPU (:func:`default_weight_grad_rows`).
 
 ``softcap``: the student head's final-logit soft cap ``c`` (Gemma 2's ``final_logit_softcapping``): the
 logits are ``c·tanh((h Wᵀ + b)/c)``, and each chunk's gradient is multiplied by the cap's slope before the
@@ -97,17 +97,21 @@ def default_chunk_size(n_tokens: int, vocab_size: int, device: torch.device) -> 
 def default_weight_grad_rows(
     chunk_size: int, hidden_size: int, device: torch.device, weight_grad_accum: str = "fp32"
 ) -> int:
-    """Logit-gradient rows per weight-gradient GEMM: on CUDA with the fp32 accumulator, the whole chunks that
-    fit in the hidden size (at least one); else one chunk.
+    """Logit-gradient rows ``G`` per weight-gradient GEMM on CUDA: the whole chunks that fit in ``H`` rows with the
+    fp32 accumulator, in ``H/4`` rows with the bf16 one (``"param"``), at least one; one chunk elsewhere.
 
-    Measured on an H200 (bf16, jsd, N = 8192, V = 151936, ``bench/loss_engine.py``): G ≈ H took the step from
-    89–119 ms to 77 ms at H = 4096 and from 53–67 ms to 47 ms at H = 2048 (chunks of 256–512 rows).  The
-    bf16 accumulator (``"param"``) keeps one chunk: its GEMMs move half the bytes, and a G ≈ H buffer would
-    cost as much memory as the accumulator itself, the memory that mode is chosen to save.
+    Such a GEMM reads and writes the ``[V, H]`` accumulator for 2·G·V·H FLOPs: G/4 FLOP per byte in fp32, G/2 in
+    bf16, against the ~300 bf16 FLOP per byte of HBM an H100 does, so a chunk of a few hundred rows leaves it bound
+    by memory.  Measured on an H200 (fp32, jsd, N = 8192, V = 151936, ``bench/loss_engine.py``): G ≈ H took the
+    step from 89–119 ms to 77 ms at H = 4096 and from 53–67 ms to 47 ms at H = 2048 (chunks of 256–512 rows).
+    The bf16 accumulator is chosen to save memory, so its ``[G, V]`` buffer is held to a quarter of the
+    accumulator: at H = 4096 two chunks of 384 rows (G/2 = 384 FLOP per byte, one chunk's 192 was below the
+    ridge), at H = 2048 still one chunk.
     """
-    if device.type != "cuda" or weight_grad_accum != "fp32":
+    if device.type != "cuda":
         return chunk_size
-    return chunk_size * max(1, hidden_size // chunk_size)
+    rows = hidden_size if weight_grad_accum == "fp32" else hidden_size // 4
+    return chunk_size * max(1, rows // chunk_size)
 
 
 class _TokenOutputsFn(torch.autograd.Function):
