@@ -5,7 +5,11 @@
   teacher's hidden + head go through the chunked engine; no ``[tokens, V]``
   logits of either model are held;
 * ``trl``: ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` on the two
-  models' full logits (completion positions labelled, prompt masked with −100).
+  models' full logits (completion positions labelled, prompt masked with −100);
+* ``trl_chunked``: the loss of TRL's non-experimental ``DistillationTrainer``
+  (1.16: ``trl.trainer.distillation_trainer._chunked_divergence_loss``, its
+  ``ChunkedDivergenceFunction`` over the two models' hidden states and heads in
+  tiles, no ``[tokens, V]`` logits), when the installed TRL has it.
 
 Both compute the generalized JSD with β = 0.5 (TRL's convention, which the
 registry's ``jsd`` follows); before timing the script checks fdivctl's value
@@ -13,7 +17,8 @@ against TRL's formula on fp32 logits (in bf16 TRL's own value drifts by a few
 per cent: both are printed).  Prints one JSON object per shape with ``*_s`` (median of
 ``--repeats`` forward + backward), ``*_tokens_per_s``, ``*_peak_bytes`` and
 ``tokens_per_s_ratio`` (TRL time ÷ fdivctl time) / ``peak_memory_ratio``
-(fdivctl ÷ TRL).  Peak memory: on CUDA ``max_memory_allocated`` above the
+(fdivctl ÷ TRL), and the same against the chunked trainer as
+``tokens_per_s_ratio_vs_trl_chunked`` / ``peak_memory_ratio_vs_trl_chunked``.  Peak memory: on CUDA ``max_memory_allocated`` above the
 models and inputs; on the CPU each variant runs once more in a fresh
 subprocess (``--only``, :mod:`cpu_memory`): the RSS high-water mark above the RSS once the models and inputs
 exist.
@@ -44,6 +49,11 @@ from step_options import step_parser
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
 
+try:
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+except ImportError:  # a TRL before its chunked DistillationTrainer: that column is left out
+    _chunked_divergence_loss = None
+
 SHAPES = {
     "quick": [dict(hidden=256, layers=2, vocab=32768, batch=8, prompt=32, completion=128)],
     "cpu": [dict(hidden=512, layers=2, vocab=32768, batch=8, prompt=64, completion=256)],
@@ -62,7 +72,7 @@ def _cpu_peak(name: str, args) -> int:
 
 def main() -> None:
     parser = step_parser(__doc__.split("\n")[0], list(DTYPES))
-    parser.add_argument("--only", choices=["fdivctl", "trl"], help=argparse.SUPPRESS)  # CPU memory worker
+    parser.add_argument("--only", choices=["fdivctl", "trl", "trl_chunked"], help=argparse.SUPPRESS)  # CPU memory
     args = parser.parse_args()
     device = torch.device(args.device)
     jsd = divergences.get("jsd", beta=0.5)
@@ -100,16 +110,29 @@ def _run_shape(shape: dict, args, device: torch.device, jsd) -> None:
             logits, t_logits = logits.float(), t_logits.float()
         return GKDTrainer.generalized_jsd_loss(logits, t_logits, labels=labels[:, 1:], beta=0.5)
 
+    def trl_chunked():
+        hidden = student.model(input_ids=input_ids).last_hidden_state[:, :-1]
+        with torch.no_grad():
+            t_hidden = teacher.model(input_ids=input_ids).last_hidden_state[:, :-1]
+        loss, _, _ = _chunked_divergence_loss(hidden, t_hidden, student.lm_head.weight, teacher.lm_head.weight,
+                                              labels[:, 1:] != -100, beta=0.5)
+        return loss
+
     variants = {"fdivctl": ours, "trl": trl}
+    if _chunked_divergence_loss is not None:
+        variants["trl_chunked"] = trl_chunked
     if args.only:  # one step in this fresh process: print the RSS high-water mark above the inputs' RSS
         print_step_peak(lambda: variants[args.only]().backward())
         return
     with torch.no_grad():  # the check is against TRL's formula on fp32 logits: in bf16 its own value drifts
         a, b, exact = float(ours()), float(trl()), float(trl(upcast=True))
+        chunked = float(trl_chunked()) if "trl_chunked" in variants else None
     if abs(a - exact) > 1e-3 * max(1.0, abs(exact)):
         raise SystemExit(f"the two losses differ: fdivctl {a} vs TRL on fp32 logits {exact}")
+    if chunked is not None and abs(chunked - exact) > 1e-2 * max(1.0, abs(exact)):
+        raise SystemExit(f"TRL's chunked DistillationTrainer loss {chunked} differs from its GKD formula's {exact}")
     result = {"shape": shape, "tokens": tokens, "device": str(device), "dtype": args.dtype, "fdivctl_loss": a,
-              "trl_loss": b, "trl_loss_fp32_logits": exact}
+              "trl_loss": b, "trl_loss_fp32_logits": exact, "trl_chunked_loss": chunked}
     for name, fn in variants.items():
         times, peak = [], None
         for i in range(args.repeats + 1):
@@ -130,6 +153,9 @@ def _run_shape(shape: dict, args, device: torch.device, jsd) -> None:
         result[f"{name}_peak_bytes"] = peak if device.type == "cuda" else _cpu_peak(name, args)
     result["tokens_per_s_ratio"] = result["trl_s"] / result["fdivctl_s"]
     result["peak_memory_ratio"] = result["fdivctl_peak_bytes"] / result["trl_peak_bytes"]
+    if "trl_chunked" in variants:
+        result["tokens_per_s_ratio_vs_trl_chunked"] = result["trl_chunked_s"] / result["fdivctl_s"]
+        result["peak_memory_ratio_vs_trl_chunked"] = result["fdivctl_peak_bytes"] / result["trl_chunked_peak_bytes"]
     print(json.dumps(result), flush=True)
 
 
