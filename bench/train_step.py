@@ -33,7 +33,9 @@ the models and inputs exist, :mod:`cpu_memory`) and the ratios
 ``peak_memory_ratio_vs_trl`` / ``_vs_naive`` (fdivctl ÷ other).  With
 ``--chunk-sizes 512,1024`` fdivctl is also measured at those head chunk sizes
 (``train --chunk-size``): one ``chunk_sweep`` entry each, with its own time,
-memory and ratios.
+memory and ratios.  ``fdivctl_k3_*`` and ``k3_*_ratio_vs_*``: fdivctl with
+``--div-estimator k3``, TRL's estimator (the reference's log-prob of each
+sampled token only), for a like-for-like reading beside the ``full`` one.
 
 Usage::
 
@@ -108,8 +110,8 @@ def _batch(shape, seed):
     return ScoredRollouts.from_table(table, "bench")
 
 
-def _fdivctl(policy, reference, data, device, chunk_size=None, kernel="auto"):
-    opts = RLOptions(algo="grpo", divergence="rkl", div_estimator="full", micro_batch_size=GROUP,
+def _fdivctl(policy, reference, data, device, chunk_size=None, kernel="auto", estimator="full"):
+    opts = RLOptions(algo="grpo", divergence="rkl", div_estimator=estimator, micro_batch_size=GROUP,
                      chunk_size=chunk_size, loop=LoopOptions()).resolve()
     update = PolicyUpdate(policy, _Tokenizer(), opts, ReferencePolicy(reference, None, "tail"))
     update.head_options["kernel"] = kernel  # the engine's path (chunk_launches.py: "triton" under the interpreter)
@@ -179,12 +181,12 @@ def _naive(policy, reference, data, device):
     return step
 
 
-def _ratios(result: dict, ours: str, other: str) -> dict:
+def _ratios(result: dict, ours: str, other: str, prefix: str = "") -> dict:
     """``ours`` ÷ ``other`` from ``result``'s ``*_s`` and ``*_peak_bytes``: tokens/s (higher is better) and peak
-    memory (lower is better)."""
-    ratios = {f"tokens_per_s_ratio_vs_{other}": result[f"{other}_s"] / result[f"{ours}_s"]}
+    memory (lower is better), named ``{prefix}tokens_per_s_ratio_vs_{other}`` and ``…peak_memory_ratio…``."""
+    ratios = {f"{prefix}tokens_per_s_ratio_vs_{other}": result[f"{other}_s"] / result[f"{ours}_s"]}
     if result[f"{ours}_peak_bytes"] is not None:
-        ratios[f"peak_memory_ratio_vs_{other}"] = result[f"{ours}_peak_bytes"] / result[f"{other}_peak_bytes"]
+        ratios[f"{prefix}peak_memory_ratio_vs_{other}"] = result[f"{ours}_peak_bytes"] / result[f"{other}_peak_bytes"]
     return ratios
 
 
@@ -238,7 +240,8 @@ def main() -> None:
         data = _batch(shape, 2)
         tokens = int(data.lengths.sum())
         result = {"shape": {**shape, "group": GROUP}, "tokens": tokens, "device": str(device), "dtype": args.dtype}
-        variants = {"fdivctl": _fdivctl(policy, frozen, data, device), "naive": _naive(policy, reference, data, device)}
+        variants = {"fdivctl": _fdivctl(policy, frozen, data, device), "naive": _naive(policy, reference, data, device),
+                    "fdivctl_k3": _fdivctl(policy, frozen, data, device, estimator="k3")}
         variants.update({f"chunk{c}": _fdivctl(policy, frozen, data, device, c) for c in sweep})
         if add_fused_lm_head is not None:
             variants["trl"] = _trl(policy, reference, data, device)
@@ -260,6 +263,7 @@ def main() -> None:
         others = [other for other in ("trl", "naive") if f"{other}_s" in result]
         for other in others:
             result.update(_ratios(result, "fdivctl", other))
+            result.update(_ratios(result, "fdivctl_k3", other, prefix="k3_"))
         result["chunk_sweep"] = []
         for c in sweep:
             entry = {"chunk_size": c, **{k: result.pop(f"chunk{c}_{k}") for k in ("s", "tokens_per_s", "peak_bytes")}}
