@@ -14,7 +14,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 FIELDS = {
-    "train_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio_vs_trl", "trl_path",
+    "train_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio_vs_trl",
                       "peak_memory_ratio_vs_trl", "k3_tokens_per_s_ratio_vs_trl"],
     "distill_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio", "peak_memory_ratio",
                         "tokens_per_s_ratio_vs_trl_chunked"],
@@ -40,7 +40,8 @@ def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
     for record in records:
         for field in FIELDS[script]:
             assert field in record and math.isfinite(record[field]), (script, field, record)
-        if script == "train_step.py":  # one operator table per variant, where its time goes
+        if script == "train_step.py":  # TRL's trainer path, and one operator table per variant, where its time goes
+            assert record["trl_path"].startswith("GRPOTrainer")
             tables = (tmp_path / "profile.txt").read_text()
             assert all(f"== {name}, shape" in tables for name in ("fdivctl", "naive")) and "aten::mm" in tables
         if script == "teacher_logits.py":  # the phases split the store's time, with none negative
