@@ -46,7 +46,8 @@ want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tes
 want sweep && step loss_engine_sweep_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
 want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
-want train && step train_step_cuda.jsonl 110 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
+# TRL's column: GRPOTrainer 1.16's fused head (trl_path); fdivctl_k3 beside the full estimator
+want train && step train_step_cuda.jsonl 130 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --chunk-sizes 1024,2048,4096 --profile "$OUT/train_step_profile.txt"
 # #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile
 want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device cuda --profile "$OUT/topk_summary_profile.txt"
