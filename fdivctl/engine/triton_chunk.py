@@ -156,6 +156,16 @@ def _summand(lq, lp, DIV: tl.constexpr, w, log_w, log_1mw):
 
 
 @triton.jit
+def raise_max(m, x):
+    """One block ``x`` of an online softmax: the running maximum ``m'`` after it, the shift its terms take
+    (``m'``, or 0 while every entry so far is −inf: no −inf − (−inf)) and ``e^{m − shift}``, the factor that
+    rescales the sums kept against ``m``."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, shift, tl.exp(m - shift)
+
+
+@triton.jit
 def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr):
     """``log Σ_j exp(x_j / T)`` over one row, in one pass (running max and rescaled sum)."""
     m = float("-inf")
@@ -163,9 +173,8 @@ def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr):
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(x, 0))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+        m_new, safe, scale = raise_max(m, x)
+        s = s * scale + tl.sum(tl.exp(x - safe), 0)
         m = m_new
     return m + tl.log(s)
 
@@ -266,9 +275,7 @@ def _one_pass_stats(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(x, 0))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale = tl.exp(m - safe)
+        m_new, safe, scale = raise_max(m, x)
         drop = tl.where(m == float("-inf"), 0.0, m - safe)  # m − m', 0 before the first maximum
         e = tl.exp(x - safe)
         centred = tl.where(mask, x - safe, 0.0)
@@ -277,9 +284,7 @@ def _one_pass_stats(
         if DIV >= 0:
             y = tl.load(t_row + cols, mask=mask & (cols < t_width), other=float("-inf")).to(tl.float32) * inv_t
             finite = y > float("-inf")
-            m_p_new = tl.maximum(m_p, tl.max(y, 0))
-            safe_p = tl.where(m_p_new == float("-inf"), 0.0, m_p_new)
-            scale_p = tl.exp(m_p - safe_p)
+            m_p_new, safe_p, scale_p = raise_max(m_p, y)
             e_p = tl.exp(y - safe_p)
             if DIV == _FKL:
                 acc = scale_p * acc + tl.sum(tl.where(finite, e_p * (y - x), 0.0), 0)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fdivctl.engine.triton_chunk import raise_max
+
 BLOCK = 2048
 SAMPLE_STRIDE = 16
 
@@ -67,9 +69,7 @@ def _tail_kernel(z_ptr, z_stride, kth_ptr, out_ptr, n_rows, n_cols, inv_t, BLOCK
         cols = start + tl.arange(0, BLOCK)
         z = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf"))
         x = z * inv_t
-        m_new = tl.maximum(m, tl.max(x, 0))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # blocks of −inf only so far: no −inf − (−inf)
-        scale = tl.exp(m - safe)
+        m_new, safe, scale = raise_max(m, x)
         e = tl.exp(x - safe)
         s_all = s_all * scale + tl.sum(e, 0)
         s_less = s_less * scale + tl.sum(tl.where(z < kth, e, 0.0), 0)
