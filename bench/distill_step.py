@@ -18,7 +18,8 @@ per cent: both are printed).  Prints one JSON object per shape with ``*_s`` (med
 ``--repeats`` forward + backward), ``*_tokens_per_s``, ``*_peak_bytes`` and
 ``tokens_per_s_ratio`` (TRL time ÷ fdivctl time) / ``peak_memory_ratio``
 (fdivctl ÷ TRL), and the same against the chunked trainer as
-``tokens_per_s_ratio_vs_trl_chunked`` / ``peak_memory_ratio_vs_trl_chunked``.  Peak memory: on CUDA ``max_memory_allocated`` above the
+``tokens_per_s_ratio_vs_trl_chunked`` / ``peak_memory_ratio_vs_trl_chunked``.
+Peak memory: on CUDA ``max_memory_allocated`` above the
 models and inputs; on the CPU each variant runs once more in a fresh
 subprocess (``--only``, :mod:`cpu_memory`): the RSS high-water mark above the RSS once the models and inputs
 exist.

@@ -17,10 +17,10 @@ policy loss, no optimizer step:
   backward), then ``_compute_loss``'s lines for the default ``dapo`` loss:
   token-level ratio, clip 0.2 / 0.2, the k3 KL on the sampled tokens with
   β = 0.04 (TRL has no full-vocabulary estimator; k3 is cheaper), the mean
-  over the completion tokens (only when ``trl`` is importable).  Until this
-  session the column ran the models' full logits through
-  ``selective_log_softmax_and_entropy``, which GRPOTrainer no longer does:
-  figures recorded before it are against that recipe;
+  over the completion tokens (only when ``trl`` is importable).  Result lines
+  without ``trl_path`` ran the models' full logits through
+  ``selective_log_softmax_and_entropy`` instead, which GRPOTrainer no longer
+  does;
 * ``naive``: full logits of both models, ``log_softmax``, the exact reverse
   KL summed over the vocabulary, clipped surrogate.
 
