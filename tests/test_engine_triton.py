@@ -253,8 +253,8 @@ def test_kernel_choice():
 @pytest.mark.parametrize("k", [1, 7, 64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_triton_head_topk_matches_the_torch_path(k, temperature):
-    """The logit store's summary: candidate compaction + one tail pass equal topk + scatter + logsumexp;
-    a flat row (more candidates than the buffer holds) takes the exact fallback."""
+    """The logit store's summary: one pass of candidate compaction and tail sums equals topk + scatter +
+    logsumexp; a flat row (more candidates than the buffer holds) takes the exact fallback."""
     from fdivctl.engine.topk import head_topk
 
     g = torch.Generator().manual_seed(k)
@@ -272,6 +272,31 @@ def test_triton_head_topk_matches_the_torch_path(k, temperature):
     assert torch.equal(got.ids[clean], ref.ids[clean])
     logits = hidden @ weight.T
     assert torch.equal(logits.gather(-1, got.ids.long()), logits.gather(-1, ref.ids.long()))
+
+
+@case
+@pytest.mark.parametrize("vocab", [5000, 900])
+def test_triton_head_topk_tail_against_float64(monkeypatch, vocab):
+    """The one-pass summary with 64-wide blocks (most hold no candidate: the compaction skips them) and a
+    vocabulary narrower than the candidate buffer (every entry a candidate): top-k log-probs, log tail and the
+    tokens' log-probs equal float64 sums over the same fp32 logits."""
+    from fdivctl.engine import triton_topk
+    from fdivctl.engine.topk import head_topk
+
+    monkeypatch.setattr(triton_topk, "BLOCK", 64)
+    g = torch.Generator().manual_seed(vocab)
+    n, h, k, temperature = 7, 16, 5, 0.8
+    hidden, weight = torch.randn(n, h, generator=g) * 2, torch.randn(vocab, h, generator=g)
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    got = head_topk(hidden, weight, k, tokens, temperature=temperature, kernel="triton", chunk_size=4)
+    logp = torch.log_softmax((hidden @ weight.T).double() / temperature, dim=-1)  # the head's fp32 logits
+    top, ids = logp.topk(k, dim=-1)
+    rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    assert torch.equal(got.ids.long(), ids)
+    torch.testing.assert_close(got.logprobs.double(), top, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.log_tail.double(), rest, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.token_logprob.double(), logp.gather(-1, tokens[:, None]).squeeze(-1),
+                               rtol=0, atol=1e-5)
 
 
 @case

@@ -46,7 +46,7 @@ def head_topk(
     """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``.
 
     ``kernel``: ``"torch"`` (``torch.topk``, a scatter and ``logsumexp``), ``"triton"``
-    (:mod:`fdivctl.engine.triton_topk`: candidate compaction and one tail pass), or
+    (:mod:`fdivctl.engine.triton_topk`: one pass compacting the candidates and summing the tail), or
     ``"auto"`` (Triton on CUDA), as in :func:`fdivctl.engine.divergence_loss`.  ``softcap``: the head's
     final-logit soft cap (:func:`~fdivctl.engine.matmul.soft_cap_`), applied before the temperature.
     """
@@ -76,11 +76,8 @@ def head_topk(
         if use_triton:
             from fdivctl.engine import triton_topk
 
-            raw_top, ids, overflow = triton_topk.chunk_topk(logits, k)  # the order does not depend on T > 0
-            if overflow is not None:
-                inexact[rows] = overflow
-            lse, log_tail = triton_topk.chunk_log_partition(logits, raw_top, temperature)
-            top = raw_top / temperature
+            raw_top, ids, lse, log_tail, inexact[rows] = triton_topk.chunk_summary(logits, k, temperature)
+            top = raw_top / temperature  # the order does not depend on T > 0
         else:
             if temperature != 1.0:
                 logits /= temperature

@@ -286,10 +286,12 @@ def _one_pass_stats(
             finite = y > float("-inf")
             m_p_new, safe_p, scale_p = raise_max(m_p, y)
             e_p = tl.exp(y - safe_p)
+            # y − x where the teacher is finite (the student is, there), 0 elsewhere: no −inf − (−inf) to discard
+            y_minus_x = tl.where(finite, y, 0.0) - tl.where(finite, x, 0.0)
             if DIV == _FKL:
-                acc = scale_p * acc + tl.sum(tl.where(finite, e_p * (y - x), 0.0), 0)
+                acc = scale_p * acc + tl.sum(e_p * y_minus_x, 0)
             else:
-                acc = scale * acc + tl.sum(tl.where(finite, e * (x - y), 0.0), 0)
+                acc = scale * acc - tl.sum(e * y_minus_x, 0)
                 mass_f = scale * mass_f + tl.sum(tl.where(finite, e, 0.0), 0)
                 u_inf = scale * (u_inf + drop * mass_inf) + tl.sum(tl.where(finite, 0.0, e * centred), 0)
                 mass_inf = scale * mass_inf + tl.sum(tl.where(finite, 0.0, e), 0)
