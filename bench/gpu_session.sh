@@ -49,6 +49,9 @@ want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --devic
 # TRL's column: GRPOTrainer 1.16's fused head (trl_path); fdivctl_k3 beside the full estimator
 want train && step train_step_cuda.jsonl 130 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --chunk-sizes 1024,2048,4096 --profile "$OUT/train_step_profile.txt"
+# the same with the policy's layers recomputed in backward, GRPOConfig's default (grad_checkpointing: true)
+want train && step train_step_cuda.jsonl 80 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
+    --grad-checkpointing
 # #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile
 want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device cuda --profile "$OUT/topk_summary_profile.txt"
 want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \

@@ -37,12 +37,20 @@ memory and ratios.  ``fdivctl_k3_*`` and ``k3_*_ratio_vs_*``: fdivctl with
 ``--div-estimator k3``, TRL's estimator (the reference's log-prob of each
 sampled token only), for a like-for-like reading beside the ``full`` one.
 
+With ``--grad-checkpointing`` the policy recomputes each decoder layer in the
+backward pass, in every variant (the models are shared): what ``GRPOConfig``
+does by default (``gradient_checkpointing=True``) and ``train
+--grad-checkpointing`` does.  The layers' saved activations then no longer
+fill most of each variant's peak, and the loss heads' own memory shows.  The
+result line's ``grad_checkpointing`` says which was measured.
+
 Usage::
 
     python bench/train_step.py --quick                       # CPU, small model
     python bench/train_step.py --device cuda --dtype bf16    # H100: hidden 2048, vocab 151936, 8 × 1024 tokens
     python bench/train_step.py --device cuda --dtype bf16 --chunk-sizes 512,1024,2048,4096
     python bench/train_step.py --device cuda --dtype bf16 --profile profile.txt  # + where each variant's time goes
+    python bench/train_step.py --device cuda --dtype bf16 --grad-checkpointing   # TRL GRPOConfig's default
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ from fdivctl.stages.policy_update import PolicyUpdate, StepScale
 from fdivctl.stages.rl_data import ReferencePolicy, ScoredRollouts
 from fdivctl.stages.rl_options import RLOptions
 from fdivctl.stages.signals import FrozenModel
-from fdivctl.training.loop import LoopOptions
+from fdivctl.training.loop import LoopOptions, enable_activation_checkpointing
 
 from cpu_memory import print_step_peak, worker_peak  # bench/cpu_memory.py, profiling.py, step_options.py: here
 from profiling import profile_table
@@ -223,6 +231,8 @@ def main() -> None:
                         "(train --chunk-size), e.g. 512,1024,2048: one chunk_sweep entry each, beside the default")
     parser.add_argument("--profile", default=None, help="write each variant's torch.profiler table (top 25 by self "
                         "device time) of one more step to this file, after the timed runs")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute the policy's decoder layers in "
+                        "backward, in every variant (GRPOConfig's default; train --grad-checkpointing)")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # CPU memory worker: this variant ...
     parser.add_argument("--shape-index", type=int, default=0, help=argparse.SUPPRESS)  # ... of this shape
     args = parser.parse_args()
@@ -234,12 +244,15 @@ def main() -> None:
         if args.only and index != args.shape_index:
             continue
         policy = _model(shape, DTYPES[args.dtype], device, 0).train()
+        if args.grad_checkpointing:
+            enable_activation_checkpointing(policy)
         reference = _model(shape, DTYPES[args.dtype], device, 1)
         frozen = FrozenModel(LMHead.of(reference, "reference"))
         reference.requires_grad_(False)
         data = _batch(shape, 2)
         tokens = int(data.lengths.sum())
-        result = {"shape": {**shape, "group": GROUP}, "tokens": tokens, "device": str(device), "dtype": args.dtype}
+        result = {"shape": {**shape, "group": GROUP}, "tokens": tokens, "device": str(device), "dtype": args.dtype,
+                  "grad_checkpointing": args.grad_checkpointing}
         variants = {"fdivctl": _fdivctl(policy, frozen, data, device), "naive": _naive(policy, reference, data, device),
                     "fdivctl_k3": _fdivctl(policy, frozen, data, device, estimator="k3")}
         variants.update({f"chunk{c}": _fdivctl(policy, frozen, data, device, c) for c in sweep})
@@ -253,7 +266,8 @@ def main() -> None:
             seconds, peak = _measure(step, policy, args.repeats, device)
             if device.type == "cpu":
                 peak = worker_peak(__file__, ["--only", name, "--shape-index", str(index), "--dtype", args.dtype,
-                                              "--chunk-sizes", args.chunk_sizes] + (["--quick"] if args.quick else []))
+                                              "--chunk-sizes", args.chunk_sizes] + (["--quick"] if args.quick else [])
+                                   + (["--grad-checkpointing"] if args.grad_checkpointing else []))
             result[f"{name}_s"] = seconds
             result[f"{name}_tokens_per_s"] = tokens / seconds
             result[f"{name}_peak_bytes"] = peak

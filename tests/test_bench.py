@@ -53,3 +53,15 @@ def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
             tables = (tmp_path / "profile.txt").read_text()  # the store's and the bare forward's operator tables
             assert tables.index("== store, k 16, bf16 ==") < tables.index("== bare forward ==")
             assert tables.count("aten::mm") >= 2
+
+
+@pytest.mark.slow
+def test_train_step_with_the_policys_layers_recomputed():
+    """``--grad-checkpointing`` (GRPOConfig's default) runs every variant on the checkpointed policy and says so."""
+    done = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--quick", "--repeats", "1",
+                           "--grad-checkpointing"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert record["grad_checkpointing"] is True
+    for field in FIELDS["train_step.py"]:
+        assert math.isfinite(record[field]), (field, record)

@@ -107,8 +107,8 @@ def check_fresh_output(out: Path, resume: bool) -> None:
         raise UserError(f"{out} exists and is not empty: pass --resume to continue it, or choose a new directory")
 
 
-def _enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint).
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint); no KV cache.
 
     transformers 5.x names it ``activation_checkpointing_enable``; 4.x ``gradient_checkpointing_enable``.
     """
@@ -117,6 +117,7 @@ def _enable_activation_checkpointing(model) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 class Trainer:
@@ -146,8 +147,7 @@ class Trainer:
         elif resuming:
             check_resume(self.out, opts.lora)
         if opts.grad_checkpointing:
-            _enable_activation_checkpointing(model)
-            model.config.use_cache = False
+            enable_activation_checkpointing(model)
         if self.world.distributed:
             distributed.shard(model, self.world)
         self.params = [p for p in model.parameters() if p.requires_grad]
