@@ -13,13 +13,13 @@ One pass over each row replaces them, :func:`_summary_kernel`:
   very flat row) is flagged, and the caller redoes it on the PyTorch path, so
   the result is always exact; flagging instead of redoing at once keeps the
   chunk free of host synchronisation;
-* in the same pass, online max/sum at temperature T: ``m = max_j z_j/T``,
-  ``S = Σ_j e^{z_j/T − m}`` and the part of it below the threshold,
-  ``S_τ = Σ_{z_j < τ} e^{z_j/T − m}``.
+* in the same pass, online max/sum at temperature T over the rest:
+  ``m = max_j z_j/T`` and ``S_τ = Σ_{z_j < τ} e^{z_j/T − m}``.
 
-The k-th largest value ``θ`` is at least ``τ``, so every entry at or above
-``θ`` is in the buffer, and the log tail mass over the ids not selected follows
-from the buffer alone (:func:`chunk_summary`):
+The entries at or above ``τ`` are all in the buffer, and so is every entry at
+or above the k-th largest value ``θ`` (``θ ≥ τ``), so the partition function
+and the log tail mass over the ids not selected follow from ``S_τ`` and the
+buffer (:func:`chunk_summary`): ``S = S_τ + Σ_{buffer} e^{z/T − m}``, and
 ``log(S_τ + Σ_{buffer, z < θ} e^{z/T − m} + (n_{=θ} − s_{=θ}) e^{θ/T − m}) − log S``,
 ``n_{=θ}`` the row's entries equal to ``θ`` and ``s_{=θ}`` those of them in the
 top-k: exact, no ``1 − Σ p`` cancellation, no ``[c, V]`` scatter copy, and the
@@ -44,13 +44,12 @@ SAMPLE_STRIDE = 16
 @triton.jit
 def _summary_kernel(z_ptr, z_stride, thr_ptr, val_ptr, idx_ptr, count_ptr, stats_ptr, n_rows, n_cols, inv_t,
                     K_MAX: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row: the candidates ``z ≥ τ`` compacted (values, ids, how many), and m, S, S_τ of the module doc."""
+    """Per row: the candidates ``z ≥ τ`` compacted (values, ids, how many), and m, S_τ of the module doc."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     thr = tl.load(thr_ptr + row)
     base = 0
     m = float("-inf")
-    s_all = 0.0
     s_below = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -60,7 +59,6 @@ def _summary_kernel(z_ptr, z_stride, thr_ptr, val_ptr, idx_ptr, count_ptr, stats
         m_new, safe, scale = raise_max(m, x)
         e = tl.exp(x - safe)
         keep = (z >= thr) & inside
-        s_all = s_all * scale + tl.sum(e, 0)
         s_below = s_below * scale + tl.sum(tl.where(keep, 0.0, e), 0)
         m = m_new
         found = tl.sum(keep.to(tl.int32), 0)
@@ -72,8 +70,7 @@ def _summary_kernel(z_ptr, z_stride, thr_ptr, val_ptr, idx_ptr, count_ptr, stats
         base += found
     tl.store(count_ptr + row, base)
     tl.store(stats_ptr + row, m)
-    tl.store(stats_ptr + n_rows + row, s_all)
-    tl.store(stats_ptr + 2 * n_rows + row, s_below)
+    tl.store(stats_ptr + n_rows + row, s_below)
 
 
 def _candidate_width(k: int) -> int:
@@ -97,14 +94,15 @@ def chunk_summary(
     values = torch.full((rows, width), float("-inf"), dtype=logits.dtype, device=logits.device)
     ids = torch.zeros(rows, width, dtype=torch.int32, device=logits.device)
     counts = torch.zeros(rows, dtype=torch.int32, device=logits.device)
-    stats = torch.zeros(3, rows, dtype=torch.float32, device=logits.device)
+    stats = torch.zeros(2, rows, dtype=torch.float32, device=logits.device)
     if rows:
         _summary_kernel[(rows,)](logits, logits.stride(0), threshold, values, ids, counts, stats, rows, vocab,
                                  1.0 / temperature, K_MAX=width, BLOCK=BLOCK, num_warps=8)
     top, pos = values.topk(k, dim=-1)
-    m, s_all, s_below = stats
+    m, s_below = stats
     kth = top[:, -1:]
     shifted = torch.exp(values / temperature - m.unsqueeze(-1))  # the buffer's −inf padding gives 0
+    s_all = s_below + shifted.sum(-1)
     s_less = s_below + torch.where(values < kth, shifted, 0.0).sum(-1)
     tied_out = (values == kth).sum(-1) - (top == kth).sum(-1)  # entries equal to θ left out of the top-k
     rest = s_less + tied_out.to(torch.float32) * torch.exp(kth.squeeze(-1) / temperature - m)
