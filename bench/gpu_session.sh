@@ -6,6 +6,7 @@
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, topk, teacher) runs only
 # those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up
 # apart, ~30 s); on an H100, tests 46–66 s, topk 13 s, teacher 35 s (its three k, no profile; 55–65 s with one).
+# The train step's second run (--grad-checkpointing) is new and not yet timed on a device (its limit: 80 s).
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
