@@ -277,9 +277,9 @@ def test_triton_head_topk_matches_the_torch_path(k, temperature):
 @case
 @pytest.mark.parametrize("vocab", [5000, 900])
 def test_triton_head_topk_tail_against_float64(monkeypatch, vocab):
-    """The one-pass summary with 64-wide blocks (most hold no candidate: the compaction skips them) and a
-    vocabulary narrower than the candidate buffer (every entry a candidate): top-k log-probs, log tail and the
-    tokens' log-probs equal float64 sums over the same fp32 logits."""
+    """The one-pass summary with 64-wide blocks (11–91 candidates per row in 79 blocks: 18–69 of a row's
+    blocks hold none, which the compaction skips) and a vocabulary narrower than the candidate buffer (every entry a candidate): top-k
+    log-probs, log tail and the tokens' log-probs equal float64 sums over the same fp32 logits."""
     from fdivctl.engine import triton_topk
     from fdivctl.engine.topk import head_topk
 

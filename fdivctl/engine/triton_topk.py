@@ -95,15 +95,15 @@ def chunk_summary(
         threshold = logits[:, ::stride].topk(k, dim=-1).values[:, -1].contiguous()
     values = torch.full((rows, width), float("-inf"), dtype=logits.dtype, device=logits.device)
     ids = torch.zeros(rows, width, dtype=torch.int32, device=logits.device)
-    counts = torch.zeros(rows, dtype=torch.int32, device=logits.device)
-    stats = torch.zeros(2, rows, dtype=torch.float32, device=logits.device)
+    counts = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    stats = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
     if rows:
         _summary_kernel[(rows,)](logits, logits.stride(0), threshold, values, ids, counts, stats, rows, vocab,
                                  1.0 / temperature, K_MAX=width, BLOCK=BLOCK, num_warps=8)
     top, pos = values.topk(k, dim=-1)
     m, s_below = stats
     kth = top[:, -1:]
-    shifted = torch.exp(values / temperature - m.unsqueeze(-1))  # the buffer's −inf padding gives 0
+    shifted = values.div(temperature).sub_(m.unsqueeze(-1)).exp_()  # the buffer's −inf padding gives 0
     s_all = s_below + shifted.sum(-1)
     s_less = s_below + torch.where(values < kth, shifted, 0.0).sum(-1)
     tied_out = (values == kth).sum(-1) - (top == kth).sum(-1)  # entries equal to θ left out of the top-k
