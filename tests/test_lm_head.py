@@ -19,6 +19,7 @@ from fdivctl import engine
 from fdivctl.errors import UserError
 from fdivctl.io.lm_head import LMHead, LogitMap, logit_map
 from fdivctl.io.logit_store import LogitStore
+from fdivctl.io.sequences import Sequences
 
 VOCAB = 320  # the tiny tokenizer's model vocabulary (tests/conftest.py)
 _SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -53,8 +54,7 @@ def test_the_engine_gives_each_models_own_log_probs(kind, expected):
     assert logit_map(model, kind) == expected
     lm = LMHead.of(model, kind)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "batch_index": torch.arange(2).repeat_interleave(8), "position": torch.arange(8).repeat(2)}
+    batch = {"input_ids": ids, "batch_index": torch.arange(2).repeat_interleave(8), "position": torch.arange(8).repeat(2)}
     tokens = ids[:, 1:].reshape(-1)
     with torch.no_grad():
         own = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float() / 0.7, -1).reshape(-1, VOCAB)
@@ -66,6 +66,34 @@ def test_the_engine_gives_each_models_own_log_probs(kind, expected):
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
     if expected != LogitMap():  # the head's plain output is another distribution: what the stages used before
         assert (plain - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2"])
+def test_a_right_padded_batch_gives_each_row_what_it_alone_gives(kind):
+    """The decoder runs on the padded batch without an attention mask (LMHead.hidden): the scored positions' hidden
+    states, and the gradients of a loss on them, equal those of each sequence run alone, unpadded."""
+    g = torch.Generator().manual_seed(2)
+    lengths = [(3, 9), (5, 2), (1, 14), (4, 6)]  # (prompt, completion) tokens: rows padded by up to 9 positions
+    seqs = Sequences([f"p{i}" for i in range(4)], [0] * 4,
+                     [torch.randint(3, VOCAB, (p,), generator=g).numpy() for p, _ in lengths],
+                     [torch.randint(3, VOCAB, (c,), generator=g).numpy() for _, c in lengths], None)
+    weights = torch.rand(sum(c for _, c in lengths), generator=g)
+
+    def loss_and_grads(decoder, hidden):
+        loss = (hidden.pow(2).sum(-1) * weights).sum()
+        return loss.detach(), torch.autograd.grad(loss, list(decoder.parameters()))
+
+    model = _model(kind).train()  # dropout 0: train mode only to check the backward of the padded forward
+    lm = LMHead.of(model, kind)
+    batch = seqs.batch(list(range(4)), pad_id=1)
+    padded = lm.hidden(batch)
+    loss, grads = loss_and_grads(lm.decoder, padded)
+    alone = torch.cat([lm.hidden(seqs.batch([r], pad_id=1)) for r in range(4)])
+    loss_alone, grads_alone = loss_and_grads(lm.decoder, alone)
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, loss_alone, rtol=1e-5, atol=1e-5)
+    for mine, want in zip(grads, grads_alone, strict=True):
+        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_model_whose_logits_match_no_known_transform_is_refused():

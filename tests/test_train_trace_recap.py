@@ -208,7 +208,7 @@ def _mean_nll(model_dir, data_path) -> float:
     model = load_causal_lm(model_dir, device="cpu")
     seqs = load_sequences(data_path, load_tokenizer(model_dir))
     batch = seqs.batch(list(range(len(seqs))), pad_id=0)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"]).logits  # right-padded: no mask needed at the read positions
     logp = torch.log_softmax(logits[batch["batch_index"], batch["position"]].double(), -1)
     return float(-logp.gather(-1, batch["token"][:, None]).mean())
 

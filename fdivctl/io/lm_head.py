@@ -129,7 +129,16 @@ class LMHead:
 
     def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[N, H]`` final hidden states (× the logit scale) at the positions that predict the batch's scored
-        tokens (:meth:`fdivctl.io.sequences.Sequences.batch`)."""
-        out = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        tokens (:meth:`fdivctl.io.sequences.Sequences.batch`).
+
+        The decoder runs without an attention mask.  The batch is right-padded, and in a causal decoder the
+        state at position t depends only on positions ≤ t, all real tokens of the row when t is.  So every
+        position read here gets what the unpadded sequence alone would give it; the padded positions are never
+        read, and in training they carry no gradient.  Without the mask the attention is plain causal: no
+        ``[B, 1, L, L]`` mask is built, SDPA may take its fused causal kernel, and transformers need not read the
+        mask on the host (a host synchronisation per forward).  Nor does it build a key/value cache, which a
+        teacher-forced pass never reads (it would hold every layer's keys and values until the forward returns).
+        """
+        out = self.decoder(input_ids=batch["input_ids"], use_cache=False)
         hidden = out.last_hidden_state[batch["batch_index"], batch["position"]]
         return hidden if self.logit_map.scale == 1.0 else hidden * self.logit_map.scale

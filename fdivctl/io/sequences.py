@@ -157,24 +157,22 @@ class Sequences:
         """Teacher-forcing tensors for ``rows`` (int64, on ``device``: the host by default; to CUDA without the host
         waiting, :func:`~fdivctl.io.device_copy.upload`).
 
-        ``input_ids``/``attention_mask`` ``[B, L]`` (prompt + completion, right-padded), and for
-        every scored token in row order: ``batch_index``, ``position`` (the position whose
-        hidden state predicts it) and ``token``.
+        ``input_ids`` ``[B, L]`` (prompt + completion, right-padded with ``pad_id``: a causal decoder needs no
+        mask for the real positions, :meth:`fdivctl.io.lm_head.LMHead.hidden`), and for every scored token in
+        row order: ``batch_index``, ``position`` (the position whose hidden state predicts it) and ``token``.
         """
         full = [np.concatenate((self.prompt_tokens[r], self.completion_tokens[r])) for r in rows]
         input_ids = torch.full((len(full), max(1, max((len(f) for f in full), default=0))), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
         batch_index, position, token = [], [], []
         for b, (r, tokens) in enumerate(zip(rows, full)):
             input_ids[b, : len(tokens)] = torch.from_numpy(tokens)
-            attention[b, : len(tokens)] = 1
             scored = np.arange(self.first_scored(r, include_prompt), len(tokens))
             batch_index.append(np.full(len(scored), b))
             position.append(scored - 1)
             token.append(tokens[scored])
         as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))  # noqa: E731
-        batch = {"input_ids": input_ids, "attention_mask": attention, "batch_index": as_tensor(batch_index),
-                 "position": as_tensor(position), "token": as_tensor(token)}
+        batch = {"input_ids": input_ids, "batch_index": as_tensor(batch_index), "position": as_tensor(position),
+                 "token": as_tensor(token)}
         return batch if device is None else {name: upload(t, device) for name, t in batch.items()}
 
 
