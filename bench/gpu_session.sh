@@ -3,10 +3,11 @@
 # session): the CUDA/Triton tests, then the benchmarks of #11 (loss engine vs Liger-Kernel), #6 (GRPO step vs TRL)
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
-# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, topk, teacher) runs only
-# those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up
+# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, topk, teacher) runs
+# only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up
 # apart, ~30 s); on an H100, tests 46–66 s, topk 13 s, teacher 35 s (its three k, no profile; 55–65 s with one).
-# The train step's second run (--grad-checkpointing) is new and not yet timed on a device (its limit: 80 s).
+# The train step's second run (--grad-checkpointing) and the mask step are new and not yet timed on a device (their
+# limits: 80 and 60 s).
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
@@ -38,13 +39,14 @@ python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgr
     2>&1 | grep -v "Running pip as the 'root' user"
 export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
-STEPS=${STEPS:-tests,sweep,loss,train,topk,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
+STEPS=${STEPS:-tests,sweep,loss,train,mask,topk,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py tests/test_teacher_logits_cuda.py tests/test_train_cuda.py \
     "tests/test_distributed.py::test_an_nccl_group_also_reduces_the_loops_cpu_figures"
-# the head chunk and the weight-gradient GEMM's rows side by side (1: one GEMM per chunk, as before; 0: the default)
-want sweep && step loss_engine_sweep_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
+# the head chunk and the weight-gradient GEMM's rows side by side (1: one GEMM per chunk, as before; 0: the default),
+# in the loss step's file (the lines with variants triton only): at most 8 files come back
+want sweep && step loss_engine_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
 want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
 # TRL's column: GRPOTrainer 1.16's fused head (trl_path); fdivctl_k3 beside the full estimator
@@ -53,6 +55,8 @@ want train && step train_step_cuda.jsonl 130 python bench/train_step.py --device
 # the same with the policy's layers recomputed in backward, GRPOConfig's default (grad_checkpointing: true)
 want train && step train_step_cuda.jsonl 80 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --grad-checkpointing
+# the decoder on a right-padded batch of mixed lengths with its padding mask vs without (LMHead.hidden), score and train
+want mask && step attention_mask_cuda.jsonl 60 python bench/attention_mask.py --device cuda
 # #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile
 want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device cuda --profile "$OUT/topk_summary_profile.txt"
 want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \

@@ -1,10 +1,31 @@
-"""Where a benchmark's time goes: one run under ``torch.profiler``, its top operators and kernels."""
+"""How long a benchmark's run takes (:func:`median_ms`) and where its time goes (:func:`profile_table`: one run
+under ``torch.profiler``, its top operators and kernels)."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
+
+
+def median_ms(run: Callable[[], object], device: torch.device, repeats: int, warm_up: bool = True) -> float:
+    """The median wall time of ``repeats`` calls of ``run()`` in milliseconds, after one untimed call (Triton's
+    compile, cuBLAS's heuristics) unless ``warm_up`` is off; on CUDA the device is synchronized around each
+    call."""
+    if warm_up:
+        run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
 def profile_table(run: Callable[[], object], device: torch.device, rows: int = 25) -> str:

@@ -20,31 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from fdivctl.engine.sweep import triton_runs_here
 from fdivctl.engine.topk import head_topk
-from profiling import profile_table  # bench/profiling.py, beside this script
+from profiling import median_ms, profile_table  # bench/profiling.py, beside this script
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _median_ms(run, device: torch.device, repeats: int) -> float:
-    run()  # warm-up: Triton's compile, cuBLAS's heuristics
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:
@@ -70,13 +54,13 @@ def main() -> None:
     kernels = ["torch"] + (["triton"] if triton_runs_here(device) else [])
     profiles = []
     with torch.no_grad():
-        matmul_ms = _median_ms(lambda: hidden @ weight.T, device, args.repeats)
+        matmul_ms = median_ms(lambda: hidden @ weight.T, device, args.repeats)
         for k in (int(x) for x in args.ks.split(",")):
             record = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
                       "rows": args.rows, "hidden": args.hidden, "vocab": args.vocab, "dtype": str(dtype), "k": k,
                       "matmul_ms": matmul_ms}
             for kernel in kernels:
-                ms = _median_ms(lambda kernel=kernel, k=k: head_topk(hidden, weight, k, tokens, kernel=kernel),
+                ms = median_ms(lambda kernel=kernel, k=k: head_topk(hidden, weight, k, tokens, kernel=kernel),
                                 device, args.repeats)
                 record[f"summary_{kernel}_ms"] = ms
                 record[f"summary_{kernel}_vs_matmul"] = ms / matmul_ms

@@ -24,6 +24,7 @@ FIELDS = {
                            "grouped_padding_ratio"],
     "topk_summary.py": ["matmul_ms", "summary_torch_ms", "summary_torch_vs_matmul"],
     "chunk_launches.py": ["launches_per_chunk", "ops_per_chunk", "host_syncs_per_step"],
+    "attention_mask.py": ["masked_ms", "fdivctl_ms", "speedup", "padding_ratio"],
 }
 
 
@@ -44,6 +45,8 @@ def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
             assert record["trl_path"].startswith("GRPOTrainer")
             tables = (tmp_path / "profile.txt").read_text()
             assert all(f"== {name}, shape" in tables for name in ("fdivctl", "naive")) and "aten::mm" in tables
+        if script == "attention_mask.py" and record["mode"] == "score":  # no mask, the same hidden states
+            assert record["max_abs_diff"] <= 1e-5
         if script == "teacher_logits.py":  # the phases split the store's time, with none negative
             phases = record["store_phases_s"]
             assert min(phases.values()) >= 0 and sum(phases.values()) == pytest.approx(record["store_s"], rel=0.05)
