@@ -18,8 +18,8 @@ model and batch (``*_peak_bytes``), ``padding_ratio`` (positions in the batch ÷
 ``max_abs_diff`` (the two variants' scored hidden states, score mode).
 
     python bench/attention_mask.py --quick            # CPU, a small model: seconds
-    python bench/attention_mask.py                    # CPU: hidden 512, 4 layers, 8 rows of 128..1024 tokens
-    python bench/attention_mask.py --device cuda      # hidden 896, 24 layers, 16 rows of 128..2048 tokens, bf16
+    python bench/attention_mask.py                    # CPU: hidden 512, 4 layers, 8 rows of 64 + ≤ 960 tokens
+    python bench/attention_mask.py --device cuda      # hidden 896, 24 layers, 16 rows of 128 + ≤ 1920 tokens, bf16
 """
 
 from __future__ import annotations

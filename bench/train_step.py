@@ -135,8 +135,12 @@ def _fdivctl(policy, reference, data, device, chunk_size=None, kernel="auto", es
 
 
 def _full_logits_inputs(data, device):
+    """The batch of the full-logit recipes, with the padding mask they pass to the model, and its old log-probs
+    and advantages per token."""
     seqs = data.seqs
     batch = {k: v.to(device) for k, v in seqs.batch(list(range(len(seqs))), 0).items()}
+    lengths = torch.tensor(seqs.lengths(), device=device)
+    batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1], device=device) < lengths[:, None]).long()
     old = torch.from_numpy(np.concatenate(data.old_logprobs)).to(device)
     adv = grpo.group_advantages(data.rewards, data.groups).repeat_interleave(data.lengths).to(device)
     return batch, old, adv
