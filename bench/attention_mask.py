@@ -4,8 +4,8 @@ Every stage reads a model's hidden states through :meth:`fdivctl.io.lm_head.LMHe
 decoder on the right-padded batch without an attention mask: in a causal decoder a real position attends only
 to real positions before it, so the mask changes nothing that is read (the check below measures it).  The
 usual recipe passes the padding mask, ``decoder(input_ids, attention_mask=mask)``; transformers then builds a
-``[B, 1, L, L]`` mask, reads it on the host (a synchronisation), and SDPA runs its masked kernel instead of the
-fused causal one.  On the same model and batch of mixed lengths this times:
+``[B, 1, L, L]`` mask and SDPA runs its masked kernel instead of the fused causal one.  On the same model and
+batch of mixed lengths this times:
 
 * ``masked`` — the decoder with the padding mask (and no key/value cache, as ``LMHead.hidden``), then the
   scored positions' hidden states;

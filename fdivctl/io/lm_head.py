@@ -135,9 +135,10 @@ class LMHead:
         state at position t depends only on positions ≤ t, all real tokens of the row when t is.  So every
         position read here gets what the unpadded sequence alone would give it; the padded positions are never
         read, and in training they carry no gradient.  Without the mask the attention is plain causal: no
-        ``[B, 1, L, L]`` mask is built, SDPA may take its fused causal kernel, and transformers need not read the
-        mask on the host (a host synchronisation per forward).  Nor does it build a key/value cache, which a
-        teacher-forced pass never reads (it would hold every layer's keys and values until the forward returns).
+        ``[B, 1, L, L]`` mask is built and SDPA may take its fused causal kernel.  Nor does the decoder build a
+        key/value cache, which a teacher-forced pass never reads (it would hold every layer's keys and values
+        until the forward returns).  (transformers still reads the position ids on the host once per forward, to
+        rule out packed sequences, as it read the padding mask before.)
         """
         out = self.decoder(input_ids=batch["input_ids"], use_cache=False)
         hidden = out.last_hidden_state[batch["batch_index"], batch["position"]]
