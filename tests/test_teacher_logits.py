@@ -359,21 +359,3 @@ def test_default_shards_hold_about_64_mib_and_a_resumed_store_keeps_its_own(tmp_
     (out / "manifest.json").unlink()
     _cli("teacher-logits", tiny_teacher, seqs, out, "--k", 4, "--device", "cpu")
     assert _store_files(out) == first
-
-
-def test_each_batch_is_collected_once_the_next_one_is_queued():
-    """The store waits on a batch's results (its one host synchronisation) only after the next batch's work is
-    queued: the order of the calls, and every batch given once, in order."""
-    from fdivctl.stages.teacher_logits import _one_ahead
-
-    calls = []
-
-    def score(batch):
-        calls.append(("queue", batch))
-        return (f"summary {batch}",)
-
-    for batch, summary in _one_ahead([1, 2, 3], score):
-        calls.append(("collect", batch))
-        assert summary == f"summary {batch}"
-    assert calls == [("queue", 1), ("queue", 2), ("collect", 1), ("queue", 3), ("collect", 2), ("collect", 3)]
-    assert list(_one_ahead([], score)) == []

@@ -30,37 +30,8 @@ class TopKSummary(NamedTuple):
     token_logprob: torch.Tensor  # fp32 [N]
 
 
-class PendingTopK:
-    """:func:`head_topk_pending`'s summaries as queued on the device; :meth:`result` gives them exact.
-
-    The Triton summary cannot hold every candidate of a very flat row (more entries at or above its threshold
-    than its buffer); it flags those rows on the device, and ``result()`` redoes them with ``torch.topk``.
-    Finding them is a host synchronisation, so it waits for ``result()``: a caller that queues its next batch's
-    work first keeps the device busy while the host waits.
-    """
-
-    def __init__(self, summary: TopKSummary, inexact: torch.Tensor | None, redo) -> None:
-        self._summary, self._inexact, self._redo = summary, inexact, redo
-
-    def result(self) -> TopKSummary:
-        """The summaries, the flagged rows redone exactly (once; one host synchronisation where Triton ran)."""
-        if self._inexact is not None:
-            rows = self._inexact.nonzero().squeeze(-1)
-            if rows.numel():
-                for mine, exact in zip(self._summary, self._redo(rows)):
-                    mine[rows] = exact
-            self._inexact = self._redo = None
-        return self._summary
-
-
-def head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, token_ids: torch.Tensor, **options) -> TopKSummary:
-    """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``:
-    ``head_topk_pending(...).result()`` (its options and math)."""
-    return head_topk_pending(hidden, weight, k, token_ids, **options).result()
-
-
 @torch.no_grad()
-def head_topk_pending(
+def head_topk(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     k: int,
@@ -71,9 +42,8 @@ def head_topk_pending(
     chunk_size: int | None = None,
     kernel: str = "auto",
     softcap: float | None = None,
-) -> PendingTopK:
-    """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``, queued
-    without a host synchronisation (:class:`PendingTopK`).
+) -> TopKSummary:
+    """Top-k ids/log-probs, log tail mass and the given tokens' log-probs for rows of ``hidden``.
 
     ``kernel``: ``"torch"`` (``torch.topk``, a scatter and ``logsumexp``), ``"triton"``
     (:mod:`fdivctl.engine.triton_topk`: one pass compacting the candidates and summing the tail), or
@@ -118,12 +88,15 @@ def head_topk_pending(
         out.logprobs[rows] = top - lse.unsqueeze(-1)
         out.token_logprob[rows] = token_logit - lse
         out.log_tail[rows] = log_tail
-
-    def redo(rows: torch.Tensor) -> TopKSummary:  # the flagged rows, through torch.topk
-        return head_topk(hidden[rows], weight, k, token_ids[rows], bias=bias, temperature=temperature,
-                         chunk_size=chunk, kernel="torch", softcap=softcap)
-
-    return PendingTopK(out, inexact, redo)
+    if use_triton:
+        # very flat rows the Triton top-k could not hold: redone exactly, one host synchronisation per call
+        redo = inexact.nonzero().squeeze(-1)
+        if redo.numel():
+            again = head_topk(hidden[redo], weight, k, token_ids[redo], bias=bias, temperature=temperature,
+                              chunk_size=chunk, kernel="torch", softcap=softcap)
+            for mine, exact in zip(out, again):
+                mine[redo] = exact
+    return out
 
 
 def _topk_and_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

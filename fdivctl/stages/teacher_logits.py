@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fdivctl.engine.topk import PendingTopK, head_topk_pending
+from fdivctl.engine.topk import head_topk
 from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import file_sha256, model_hash, token_digest, tokenizer_hash
@@ -61,15 +61,13 @@ class TeacherLogitsOptions:
 
 
 @torch.no_grad()
-def _score_rows(lm: LMHead, seqs: Sequences, rows: list[int], opts: TeacherLogitsOptions,
-                pad_id: int) -> tuple[PendingTopK, torch.Tensor]:
-    """Top-k summaries for the scored tokens of ``rows``, concatenated in row order, as queued (not yet
-    checked for rows to redo exactly), and the scored tokens' ids."""
+def _score_rows(lm: LMHead, seqs: Sequences, rows: list[int], opts: TeacherLogitsOptions, pad_id: int):
+    """Top-k summaries for the scored tokens of ``rows``, concatenated in row order."""
     batch = seqs.batch(rows, pad_id, opts.include_prompt, device=lm.weight.device)
     token_ids = batch["token"]
-    pending = head_topk_pending(lm.hidden(batch), lm.weight, opts.k, token_ids, bias=lm.bias,
-                                temperature=opts.temperature, softcap=lm.softcap)
-    return pending, token_ids
+    summary = head_topk(lm.hidden(batch), lm.weight, opts.k, token_ids, bias=lm.bias, temperature=opts.temperature,
+                        softcap=lm.softcap)
+    return summary, token_ids
 
 
 def run_teacher_logits(
@@ -166,20 +164,6 @@ def _write_shard(writer: StoreWriter, index: int, tensors: dict[str, torch.Tenso
     writer.write_shard(index, tensors, spans)
 
 
-def _one_ahead(batches, score):
-    """``(batch, *score(batch))`` for each batch, each given once the next batch's ``score`` has been called
-    (the last at the end): work ``score`` queues on the device for one batch is in line while the caller
-    waits on the one before."""
-    queued = None
-    for batch in batches:
-        scored = (batch, *score(batch))
-        if queued is not None:
-            yield queued
-        queued = scored
-    if queued is not None:
-        yield queued
-
-
 def _score_shard(shard_rows, lm, seqs, opts, pad_id, store_dtype, counts, on_tokens):
     """Score one shard's rows batch by batch: its tensors (on the model's device), one span per row, and on
     CUDA an event recorded after its last batch (else None).
@@ -187,16 +171,15 @@ def _score_shard(shard_rows, lm, seqs, opts, pad_id, store_dtype, counts, on_tok
     The rows are batched longest first, so a batch pads its sequences to little more than their own length (in
     the file's order a batch of mixed lengths is padded to its longest); the index keeps the file's order, each
     span pointing where its row lies in the shard.  Results stay on the device until the shard is done (the
-    writer thread copies them out).  The one host synchronisation of a batch, :meth:`PendingTopK.result`, comes
-    after the next batch's work is queued, so the device has that work to run while the host waits and then
-    prepares the batch after it.
+    writer thread copies them out), so no copy waits on a batch.  A batch still reads the device twice from the
+    host: transformers' packed-sequence check at the start of its forward, and ``head_topk``'s check for rows
+    to redo exactly; each waits for the work queued before it.
     """
     start_row, end_row = shard_rows
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
     spans, offset = [], 0
-    batches = seqs.by_length(range(start_row, end_row), opts.batch_size)
-    for rows, pending, token_ids in _one_ahead(batches, lambda rows: _score_rows(lm, seqs, rows, opts, pad_id)):
-        summary = pending.result()
+    for rows in seqs.by_length(range(start_row, end_row), opts.batch_size):
+        summary, token_ids = _score_rows(lm, seqs, rows, opts, pad_id)
         pieces["ids"].append(summary.ids)
         pieces["logprobs"].append(summary.logprobs.to(store_dtype))
         pieces["log_tail"].append(summary.log_tail)
