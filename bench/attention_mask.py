@@ -119,5 +119,6 @@ def _alternating_ms(runs: dict, device: torch.device, repeats: int) -> dict[str,
             times[name].append(median_ms(run, device, 1, warm_up=False))
     return {name: statistics.median(t) for name, t in times.items()}
 
+
 if __name__ == "__main__":
     main()

@@ -278,8 +278,9 @@ def test_triton_head_topk_matches_the_torch_path(k, temperature):
 @pytest.mark.parametrize("vocab", [5000, 900])
 def test_triton_head_topk_tail_against_float64(monkeypatch, vocab):
     """The one-pass summary with 64-wide blocks (11–91 candidates per row in 79 blocks: 18–69 of a row's
-    blocks hold none, which the compaction skips) and a vocabulary narrower than the candidate buffer (every entry a candidate): top-k
-    log-probs, log tail and the tokens' log-probs equal float64 sums over the same fp32 logits."""
+    blocks hold none, which the compaction skips) and a vocabulary narrower than the candidate buffer (every
+    entry a candidate): top-k log-probs, log tail and the tokens' log-probs equal float64 sums over the same fp32
+    logits."""
     from fdivctl.engine import triton_topk
     from fdivctl.engine.topk import head_topk
 
@@ -301,7 +302,7 @@ def test_triton_head_topk_tail_against_float64(monkeypatch, vocab):
 
 @case
 def test_triton_head_topk_with_a_masked_block_of_the_vocabulary():
-    """A bias of −inf over the first 2500 ids (more than one kernel block): the tail pass's running sums skip
+    """A bias of −inf over the first 2500 ids (more than one kernel block): the summary's running sums skip
     the blocks of −inf only instead of making −inf − (−inf) = NaN (they did), and equal the torch path."""
     from fdivctl.engine.topk import head_topk
 

@@ -54,7 +54,8 @@ def test_the_engine_gives_each_models_own_log_probs(kind, expected):
     assert logit_map(model, kind) == expected
     lm = LMHead.of(model, kind)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "batch_index": torch.arange(2).repeat_interleave(8), "position": torch.arange(8).repeat(2)}
+    batch = {"input_ids": ids, "batch_index": torch.arange(2).repeat_interleave(8),
+             "position": torch.arange(8).repeat(2)}
     tokens = ids[:, 1:].reshape(-1)
     with torch.no_grad():
         own = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float() / 0.7, -1).reshape(-1, VOCAB)
