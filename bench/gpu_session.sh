@@ -3,11 +3,11 @@
 # session): the CUDA/Triton tests, then the benchmarks of #11 (loss engine vs Liger-Kernel), #6 (GRPO step vs TRL)
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
-# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, topk, teacher) runs
-# only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up
-# apart, ~30 s); on an H100, tests 46–66 s, topk 13 s, teacher 35 s (its three k, no profile; 55–65 s with one).
-# The train step's second run (--grad-checkpointing) and the mask step are new and not yet timed on a device (their
-# limits: 80 and 60 s).
+# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
+# teacher) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the
+# device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s (its two runs), mask 31 s,
+# topk 17 s, teacher 69 + 34 s (its three k with a profile, then mixed lengths twice).  The backend step is new and
+# not yet timed on a device (its limits: 90 and 60 s).
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
@@ -39,7 +39,7 @@ python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgr
     2>&1 | grep -v "Running pip as the 'root' user"
 export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
-STEPS=${STEPS:-tests,sweep,loss,train,mask,topk,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
+STEPS=${STEPS:-tests,sweep,loss,train,mask,backend,topk,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py tests/test_teacher_logits_cuda.py tests/test_train_cuda.py \
@@ -56,7 +56,11 @@ want train && step train_step_cuda.jsonl 130 python bench/train_step.py --device
 want train && step train_step_cuda.jsonl 80 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --grad-checkpointing
 # the decoder on a right-padded batch of mixed lengths with its padding mask vs without (LMHead.hidden), score and train
-want mask && step attention_mask_cuda.jsonl 60 python bench/attention_mask.py --device cuda
+want mask && step attention_cuda.jsonl 60 python bench/attention_mask.py --device cuda
+# SDPA's cuDNN backend vs FlashAttention on batches of new and of seen shapes (load_causal_lm leaves cuDNN out), at
+# teacher-logits' batch and at two rows of 8192 tokens (one file with the mask step's: at most 8 files come back)
+want backend && step attention_cuda.jsonl 90 python bench/attention_backend.py --device cuda
+want backend && step attention_cuda.jsonl 60 python bench/attention_backend.py --device cuda --rows 2 --length 8192
 # #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile
 want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device cuda --profile "$OUT/topk_summary_profile.txt"
 want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \

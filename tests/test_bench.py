@@ -25,6 +25,7 @@ FIELDS = {
     "topk_summary.py": ["matmul_ms", "summary_torch_ms", "summary_torch_vs_matmul"],
     "chunk_launches.py": ["launches_per_chunk", "ops_per_chunk", "host_syncs_per_step"],
     "attention_mask.py": ["masked_ms", "fdivctl_ms", "speedup", "padding_ratio"],
+    "attention_backend.py": ["first_seen_ratio", "seen_ratio"],
 }
 
 

@@ -19,11 +19,14 @@ def test_a_cuda_store_equals_the_cpu_store(tmp_path, tiny_teacher):
     vocab = len(AutoTokenizer.from_pretrained(tiny_teacher))
     seqs = write_sequences(tmp_path / "seqs.parquet", vocab, 40, 6, 30, seed=4)
     stores = {}
+    torch.backends.cuda.enable_cudnn_sdp(True)  # as a fresh process has it (an earlier test's load turned it off)
     for device in ("cpu", "cuda"):
         opts = TeacherLogitsOptions(k=16, temperature=1.3, dtype="fp32", batch_size=3, max_tokens_per_shard=200,
                                     device=device, model_dtype="fp32")
         summary = run_teacher_logits(tiny_teacher, seqs, tmp_path / device, opts)
         assert summary["complete"] and summary["shards_total"] > 2
+        # a teacher loaded on CUDA leaves cuDNN out of attention: no execution plan per new batch shape
+        assert torch.backends.cuda.cudnn_sdp_enabled() == (device == "cpu")
         assert verify_store(tmp_path / device) == []
         stores[device] = LogitStore(tmp_path / device)
     cpu, cuda = stores["cpu"], stores["cuda"]
