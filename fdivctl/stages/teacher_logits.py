@@ -154,13 +154,19 @@ def _write_shard(writer: StoreWriter, index: int, tensors: dict[str, torch.Tenso
 
     On CUDA the device→host copy runs on a stream of its own once ``scored`` (recorded after the shard's last
     batch) has passed, so it overlaps the next shard's batches instead of stalling them, and the main thread
-    never waits for it (a copy on the main thread would drain the device's queue once per shard).
+    never waits for it (a copy on the main thread would drain the device's queue once per shard).  The copy goes
+    into pinned host memory (``non_blocking``: a DMA transfer), not pageable memory: while it went to pageable
+    memory (``.cpu()``, which the driver stages through a buffer of its own), the batch the main thread ran
+    meanwhile took 35–50 ms longer, once per shard (``bench/results/teacher_logits_cuda_h*_*.jsonl``: k = 64 and
+    256 on an H100 and an H200); the pinned copy is not yet measured on a device.
     """
     if scored is not None:
         copying = torch.cuda.Stream(tensors["ids"].device)  # on the tensors' device (--device cuda:N too)
         copying.wait_event(scored)
         with torch.cuda.stream(copying):
-            tensors = {name: t.cpu() for name, t in tensors.items()}  # synchronous: done before the tensors are freed
+            host = {name: t.to("cpu", non_blocking=True) for name, t in tensors.items()}  # pinned, asynchronous
+        copying.synchronize()  # before the device tensors (referenced until then) can be freed and reused
+        tensors = host
     writer.write_shard(index, tensors, spans)
 
 
