@@ -35,6 +35,7 @@ and dtype) and one more bare forward.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import tempfile
@@ -100,6 +101,17 @@ def batch_ms(ends: list) -> list[float]:
         ends[-1].synchronize()
         return [round(a.elapsed_time(b), 2) for a, b in zip(ends, ends[1:])]
     return [round(1000 * (b - a), 2) for a, b in zip(ends, ends[1:])]
+
+
+def _fresh_memory(device: str) -> None:
+    """Start a timed run as a fresh process (a real ``teacher-logits`` run) would: the previous run's model and
+    tensors collected and, on CUDA, the caching allocator's blocks given back, the bare forward's ``[16, L, V]``
+    logits among them (several GB).  Without it the second store of a process (k = 64) took 0.28–0.29 s longer
+    up to the end of its first batch than the first and third (H100 and H200, ``bench/results``); the inherited
+    blocks are one suspect, not yet confirmed on a device."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _store_options(args, k: int, dtype: str) -> TeacherLogitsOptions:
@@ -194,10 +206,12 @@ def main(argv=None) -> None:
         for k, dtype, repeat in itertools.product(ks, dtypes, range(args.repeats)):
             out = tmp / f"store-{k}-{dtype}-{repeat}"
             opts = _store_options(args, k, dtype)
+            _fresh_memory(args.device)
             phases = Phases(args.device)
             summary = run_teacher_logits(model_dir, seqs, out, opts, on_tokens=phases.batch, on_plan=phases.plan)
             store_s = time.perf_counter() - phases.start
             store_phases_s = phases.seconds()
+            _fresh_memory(args.device)
             bare_s, bare_batch_ms = bare_forward(model_dir, sequences, args.batch_size, args.device,
                                                  args.model_dtype)
             scored = summary["tokens"]
