@@ -245,7 +245,8 @@ def main(argv=None) -> None:
             bare = profile_table(
                 lambda: bare_forward(model_dir, sequences, args.batch_size, args.device, args.model_dtype), device
             )
-            Path(args.profile).write_text(f"== store, k {opts.k}, {opts.dtype} ==\n{store}\n\n== bare forward ==\n{bare}\n")
+            tables = f"== store, k {opts.k}, {opts.dtype} ==\n{store}\n\n== bare forward ==\n{bare}\n"
+            Path(args.profile).write_text(tables)
 
 
 if __name__ == "__main__":
