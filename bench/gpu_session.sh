@@ -6,8 +6,8 @@
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
 # teacher) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the
 # device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s (its two runs), mask 31 s,
-# topk 17 s, teacher 69 + 34 s (its three k with a profile, then mixed lengths twice).  The backend step is new and
-# not yet timed on a device (its limits: 90 and 60 s).
+# topk 17 s, teacher 69 + 34 s (its three k with a profile, then mixed lengths twice); on an H200 the same day,
+# backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
