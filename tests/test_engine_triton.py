@@ -133,14 +133,16 @@ def _masked_teacher(n, t_vocab, seed):
 @case
 @pytest.mark.parametrize("div", [None, "fkl", "rkl", "jsd"])
 def test_triton_rows_longer_than_a_block_match_the_torch_path(monkeypatch, div):
-    """Rows of 37 columns in blocks of 16: the one-pass statistics (none, fkl, rkl) rescale their sums
-    whenever a block raises the running maximum, the two-pass ones (jsd) loop too; the outputs and
+    """Rows of 37 columns in blocks of 16: the one-pass statistics (none, fkl, rkl) rescale a lane's sums
+    whenever a block raises that lane's maximum and merge the lanes after the last block (its last five
+    columns leave eleven lanes masked), the two-pass ones (jsd) loop too; the outputs and
     gradients equal the PyTorch path's. fkl and jsd see a teacher with ``−inf`` entries (one row's whole
     first block among them) and padded past its 30 columns; rkl, whose divergence is ~1e30 there, a finite
     teacher (its ``−inf`` case: the next test)."""
     from fdivctl.engine import triton_chunk
 
     monkeypatch.setattr(triton_chunk, "BLOCK", 16)
+    monkeypatch.setattr(triton_chunk, "STATS_BLOCK", 16)
     hidden, weight, bias, th, tw, tokens = _inputs(n=9)
     weight.data[:, 0] += torch.linspace(-3, 3, 37)  # per-row maxima in different blocks
     if div == "rkl":
@@ -173,6 +175,7 @@ def test_triton_reverse_kl_where_the_target_has_no_mass(monkeypatch, block):
     from fdivctl.engine import triton_chunk
 
     monkeypatch.setattr(triton_chunk, "BLOCK", block)
+    monkeypatch.setattr(triton_chunk, "STATS_BLOCK", block)
     hidden, weight, _, _, _, tokens = _inputs(n=9)
     target = engine.FullLogits(_masked_teacher(9, 30, 6), vocab="pad")
     got = {kernel: engine.token_outputs(hidden, weight, token_ids=tokens[:9], entropy=True, target=target,

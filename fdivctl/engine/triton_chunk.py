@@ -12,8 +12,13 @@ target's logits ``t [c, Vₜ]``), one program per row:
   summands of the normalized log-probs (:func:`_two_pass_stats`).  With the
   gradient pass that makes 2 reads of ``z`` and ``t`` per row instead of 3 (18
   instead of 26 bytes per vocabulary entry with fp32 logits and a bf16
-  gradient); the row kernels are bound by memory, so that is their time too
-  (an estimate, not yet timed on a GPU).
+  gradient).  Every sum is kept per lane of the block and reduced across the
+  block once, after the loop: reduced at every block (a cross-warp reduction
+  and barrier each, six per block for rkl), the one-pass kernel moved its 466
+  MB per chunk of 384 rows (rkl ``full``, V = 151936) in 305 µs on an H100, 46 %
+  of HBM bandwidth, where the gradient kernel, which reduces nothing, moved 583
+  MB in 209 µs (83 %; ``bench/results/train_step_cuda_h100_profile.txt``).  The
+  per-lane sums are not yet timed on a GPU.
 * :func:`_grad_kernel` — given per-token cotangents ``c_lp, c_ent, c_div``
   (the objective's derivative with respect to each output) writes
 
@@ -68,6 +73,10 @@ NO_DIVERGENCE = -1
 FKL, RKL, JSD, TV, HELLINGER, ALPHA, SKL, SRKL = range(8)
 STAT_ROWS = ("lse_q", "lse_p", "logprob", "entropy", "divergence", "slope")
 BLOCK = 4096
+#: the statistics kernel's block: half the gradient kernel's, as each of its up to nine per-lane sums holds
+#: STATS_BLOCK / (32 · NUM_WARPS) registers per thread (4 here; 8 at 4096 would crowd the 128 a thread of 16
+#: warps may have)
+STATS_BLOCK = 2048
 _LOG_FLOOR = tl.constexpr(LOG_FLOOR)
 _FKL = tl.constexpr(FKL)
 _RKL = tl.constexpr(RKL)
@@ -166,17 +175,45 @@ def raise_max(m, x):
 
 
 @triton.jit
+def _lane_step(m, x):
+    """One block ``x`` of an online softmax kept per lane, with no reduction across the block: ``(m', r, w, d)``
+    with ``m' = max(m, x)`` the lane's new maximum, ``r = e^{m − m'}`` the factor the lane's sums so far take,
+    ``w = e^{x − m'}`` the new term's weight and ``d = m − m'``.  One exponential per element: ``e^{−|x − m|}``
+    is ``r`` where ``x`` raises the maximum and ``w`` where it does not.  A lane still at −inf gives r = 1,
+    w = 0, d = 0 for an −inf ``x``, and r = 0, w = 1, d = 0 for its first finite one."""
+    up = x > m
+    hi = tl.maximum(m, x)
+    e = tl.exp(tl.minimum(m, x) - tl.where(hi == float("-inf"), 0.0, hi))  # 0 where both are −inf
+    r = tl.where(up, e, 1.0)
+    w = tl.where(up, 1.0, e)
+    known = m > float("-inf")
+    d = tl.where(up & known, tl.where(known, m, 0.0) - x, 0.0)  # no −inf − (−inf), even where not taken
+    return hi, r, w, d
+
+
+@triton.jit
+def _lane_weights(m):
+    """``(M, f, δ)`` that merge per-lane sums kept against maxima ``m``: ``M = max m``, ``f = e^{m − M}`` and
+    ``δ = m − M`` (0 and 0 on lanes that met no finite entry): ``Σ_lanes f·s`` is the row's ``Σ e^{x − M}``."""
+    big = tl.max(m, 0)
+    empty = m == float("-inf")
+    delta = tl.where(empty, 0.0, m - tl.where(big == float("-inf"), 0.0, big))
+    return big, tl.where(empty, 0.0, tl.exp(delta)), delta
+
+
+@triton.jit
 def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr):
-    """``log Σ_j exp(x_j / T)`` over one row, in one pass (running max and rescaled sum)."""
-    m = float("-inf")
-    s = 0.0
+    """``log Σ_j exp(x_j / T)`` over one row, in one pass (running maxima and rescaled sums per lane, merged at
+    the end)."""
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
-        m_new, safe, scale = raise_max(m, x)
-        s = s * scale + tl.sum(tl.exp(x - safe), 0)
-        m = m_new
-    return m + tl.log(s)
+        m, r, w, _ = _lane_step(m, x)
+        s = r * s + w
+    big, f, _ = _lane_weights(m)
+    return big + tl.log(tl.sum(f * s, 0))
 
 
 @triton.jit
@@ -222,22 +259,22 @@ def _two_pass_stats(
     lse_p = 0.0
     if DIV >= 0:
         lse_p = _online_lse(t_row, t_width, inv_t, BLOCK)
-    ent = 0.0
-    div = 0.0
-    slope = 0.0
+    ent = tl.zeros([BLOCK], tl.float32)  # per lane, summed once at the end
+    div = tl.zeros([BLOCK], tl.float32)
+    slope = tl.zeros([BLOCK], tl.float32)
     if WANT_ENT or DIV >= 0:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
             if WANT_ENT:
-                ent += tl.sum(tl.where(mask, tl.exp(lq) * lq, 0.0), 0)
+                ent += tl.where(mask, tl.exp(lq) * lq, 0.0)
             if DIV >= 0:
                 lp = _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p)
                 g, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
-                div += tl.sum(tl.where(mask, g, 0.0), 0)
-                slope += tl.sum(tl.where(mask, a, 0.0), 0)
-    return lse_q, lse_p, ent, div, slope
+                div += tl.where(mask, g, 0.0)
+                slope += tl.where(mask, a, 0.0)
+    return lse_q, lse_p, tl.sum(ent, 0), tl.sum(div, 0), tl.sum(slope, 0)
 
 
 @triton.jit
@@ -247,7 +284,8 @@ def _one_pass_stats(
     """``(lse_q, lse_p, Σ q log q, D, S)`` of one row in a single read of ``z`` (and ``t``), for no
     divergence, fkl or rkl: every sum is kept relative to a running maximum and rescaled when it grows
     (the online softmax of Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018, Alg. 3,
-    carried to the sums below), so nothing needs ``log Z`` before the end.
+    carried to the sums below), so nothing needs ``log Z`` before the end.  Each lane of the block keeps its own
+    maximum and sums (:func:`_lane_step`), merged across lanes once after the loop (:func:`_lane_weights`).
 
     With ``x = z/T``, ``y = t/T``, ``m`` / ``mₚ`` the running maxima, ``s = Σ e^{x−m}``, ``sₚ = Σ e^{y−mₚ}``
     (``log Z = m + log s``) and F the columns where ``y`` is finite:
@@ -262,61 +300,63 @@ def _one_pass_stats(
     for π_θ = π_ref both give D = 0 exactly.  Rescaling ``Σ e^{x−m}(x − m)`` to a new maximum ``m'`` is
     ``e^{m−m'} (u + (m − m') s)``.
     """
-    m = float("-inf")
-    s = 0.0
-    u = 0.0
-    m_p = float("-inf")
-    s_p = 0.0
-    acc = 0.0  # fkl: Σ_F e^{y−mₚ}(y − x); rkl: Σ_F e^{x−m}(x − y)
-    mass_f = 0.0  # rkl: Σ_F e^{x−m}
-    u_inf = 0.0  # rkl: Σ_{y=−∞} e^{x−m}(x − m)
-    mass_inf = 0.0  # rkl: Σ_{y=−∞} e^{x−m}
+    m = tl.full([BLOCK], float("-inf"), tl.float32)  # every running sum per lane, merged after the loop
+    s = tl.zeros([BLOCK], tl.float32)
+    u = tl.zeros([BLOCK], tl.float32)
+    m_p = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_p = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK], tl.float32)  # fkl: Σ_F e^{y−mₚ}(y − x); rkl: Σ_F e^{x−m}(x − y)
+    mass_f = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_F e^{x−m}
+    u_inf = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_{y=−∞} e^{x−m}(x − m)
+    mass_inf = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_{y=−∞} e^{x−m}
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        m_new, safe, scale = raise_max(m, x)
-        drop = tl.where(m == float("-inf"), 0.0, m - safe)  # m − m', 0 before the first maximum
-        e = tl.exp(x - safe)
-        centred = tl.where(mask, x - safe, 0.0)
+        # x − m', 0 where x raised the lane's maximum (or is −inf: its weight is 0)
+        centred = tl.where((x > m) | (x == float("-inf")), 0.0, x - tl.where(m == float("-inf"), 0.0, m))
+        m_new, r, e, drop = _lane_step(m, x)
         if WANT_ENT:
-            u = scale * (u + drop * s) + tl.sum(e * centred, 0)
+            u = r * (u + drop * s) + e * centred
         if DIV >= 0:
             y = tl.load(t_row + cols, mask=mask & (cols < t_width), other=float("-inf")).to(tl.float32) * inv_t
             finite = y > float("-inf")
-            m_p_new, safe_p, scale_p = raise_max(m_p, y)
-            e_p = tl.exp(y - safe_p)
+            m_p, r_p, e_p, _ = _lane_step(m_p, y)
             # y − x where the teacher is finite (the student is, there), 0 elsewhere: no −inf − (−inf) to discard
             y_minus_x = tl.where(finite, y, 0.0) - tl.where(finite, x, 0.0)
             if DIV == _FKL:
-                acc = scale_p * acc + tl.sum(e_p * y_minus_x, 0)
+                acc = r_p * acc + e_p * y_minus_x
             else:
-                acc = scale * acc - tl.sum(e * y_minus_x, 0)
-                mass_f = scale * mass_f + tl.sum(tl.where(finite, e, 0.0), 0)
-                u_inf = scale * (u_inf + drop * mass_inf) + tl.sum(tl.where(finite, 0.0, e * centred), 0)
-                mass_inf = scale * mass_inf + tl.sum(tl.where(finite, 0.0, e), 0)
-            s_p = scale_p * s_p + tl.sum(e_p, 0)
-            m_p = m_p_new
-        s = scale * s + tl.sum(e, 0)
+                acc = r * acc - e * y_minus_x
+                mass_f = r * mass_f + tl.where(finite, e, 0.0)
+                u_inf = r * (u_inf + drop * mass_inf) + tl.where(finite, 0.0, e * centred)
+                mass_inf = r * mass_inf + tl.where(finite, 0.0, e)
+            s_p = r_p * s_p + e_p
+        s = r * s + e
         m = m_new
-    log_s = tl.log(s)
-    lse_q = m + log_s
+    big, f, delta = _lane_weights(m)  # each lane's sums carried to the row's maximum: × e^{m−M}, u also + δ·s
+    s_row = tl.sum(f * s, 0)
+    log_s = tl.log(s_row)
+    lse_q = big + log_s
     lse_p = 0.0
     div = 0.0
     slope = 0.0
     if DIV >= 0:
-        log_s_p = tl.log(s_p)
-        lse_p = m_p + log_s_p
-        gap = (m - m_p) + (log_s - log_s_p)  # log Z_q − log Z_p, without adding two large numbers first
+        big_p, f_p, _ = _lane_weights(m_p)
+        s_p_row = tl.sum(f_p * s_p, 0)
+        log_s_p = tl.log(s_p_row)
+        lse_p = big_p + log_s_p
+        gap = (big - big_p) + (log_s - log_s_p)  # log Z_q − log Z_p, without adding two large numbers first
         if DIV == _FKL:
-            div = acc / s_p + gap
+            div = tl.sum(f_p * acc, 0) / s_p_row + gap
             slope = -1.0
         else:
-            div = (acc - gap * mass_f + u_inf - (log_s + _LOG_FLOOR) * mass_inf) / s
+            merged = tl.sum(f * (acc - gap * mass_f + u_inf + delta * mass_inf - (log_s + _LOG_FLOOR) * mass_inf), 0)
+            div = merged / s_row
             slope = div + 1.0
     ent = 0.0
     if WANT_ENT:
-        ent = u / s - log_s
+        ent = tl.sum(f * (u + delta * s), 0) / s_row - log_s
     return lse_q, lse_p, ent, div, slope
 
 
@@ -388,7 +428,7 @@ def chunk_stats(
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
         _stats_kernel[(rows,)](*head, out, out.stride(0), vocab_size, 1.0 / temperature, **params,
-                               WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                               WANT_ENT=entropy, BLOCK=STATS_BLOCK, num_warps=NUM_WARPS)
     return out
 
 
