@@ -4,10 +4,11 @@
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
-# teacher) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the
+# teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s on an H200 (the
 # device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s (its two runs), mask 31 s,
-# topk 17 s, teacher 69 + 34 s (its three k with a profile, then mixed lengths twice); on an H200 the same day,
-# backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.
+# topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths twice); on an H200 the same
+# day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.  The teacher step now runs bf16 and fp32 without the
+# profile (teacher_profile: the bf16 run with it): not yet timed, its limit 130 s.
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
@@ -63,8 +64,13 @@ want backend && step attention_cuda.jsonl 90 python bench/attention_backend.py -
 want backend && step attention_cuda.jsonl 60 python bench/attention_backend.py --device cuda --rows 2 --length 8192
 # #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile
 want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device cuda --profile "$OUT/topk_summary_profile.txt"
-want teacher && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
+# #4's target at every k and both store dtypes (bf16 and fp32 log-probs), without a profile (STEPS=teacher_profile
+# adds one more bf16 run with it)
+want teacher && step teacher_logits_cuda.jsonl 130 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
     --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
+    --dtypes bf16,fp32
+want teacher_profile && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 \
+    --layers 24 --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --profile "$OUT/teacher_logits_profile.txt"
 # mixed lengths twice in one process: store_batch_ms / bare_batch_ms show whether first-seen shapes are the cost
 want teacher && step teacher_logits_cuda.jsonl 60 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
