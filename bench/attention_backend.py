@@ -1,6 +1,6 @@
 """Attention backends on batches whose shapes change: what a first-seen shape costs under each, side by side.
 
-torch ≥ 2.5 tries cuDNN attention first on sm90 and newer GPUs, and cuDNN builds an execution plan for each
+torch 2.11 runs cuDNN attention first on an H100 or H200, and cuDNN builds an execution plan for each
 (batch, length) it has not met.  fdivctl's batches are right-padded to their longest row, so in teacher-logits,
 distill and train nearly every batch has a length of its own; :func:`fdivctl.io.checkpoints.load_causal_lm`
 therefore takes cuDNN out of SDPA's backends on CUDA.  This measures that choice on the path every stage runs,

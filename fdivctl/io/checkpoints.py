@@ -77,10 +77,11 @@ def attention_without_shape_plans() -> None:
     """Take cuDNN out of PyTorch's scaled-dot-product-attention backends, for the whole process (FlashAttention,
     then the memory-efficient kernel, then math remain, in that order).
 
-    torch ≥ 2.5 tries cuDNN attention first on sm90 and newer GPUs, and cuDNN builds an execution plan for every
-    shape it has not met before, forward and backward.  fdivctl's batches are right-padded to their longest row
-    (``Sequences.batch``), so in teacher-logits, distill and train nearly every batch has a length of its own and
-    paid the plan (generation with ``--backend hf``, whose cache grows a position per step, was not measured).
+    torch 2.11 runs cuDNN attention first on an H100 or H200 (``bench/results``' profiles), and cuDNN builds an
+    execution plan for every shape it has not met, forward and backward.  fdivctl's batches are right-padded to
+    their longest row (``Sequences.batch``), so in teacher-logits, distill and train nearly every batch has a
+    length of its own and paid the plan (generation with ``--backend hf``, whose cache grows a position per step,
+    was not measured).
     ``bench/attention_backend.py`` on an H200 (torch 2.11; hidden 896, 24 layers, bf16): a new shape of 16 rows
     × 1024 tokens cost cuDNN 60 ms more than a seen one without gradients and 149 ms with them (FlashAttention:
     2 and 1 ms), where a seen one ran at the same speed under both (0.97× and 1.00×); at 2 rows × 8192 tokens a
