@@ -4,11 +4,11 @@
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
-# teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s
+# kernels, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s
 # on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s (its two runs), mask 31 s,
 # topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths twice); on an H200 the same
 # day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.  The teacher step now runs bf16 and fp32 without the
-# profile (teacher_profile: the bf16 run with it): not yet timed, its limit 130 s.
+# profile (teacher_profile: the bf16 run with it): not yet timed, its limit 130 s; kernels is new (its limit 30 s).
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
@@ -40,7 +40,7 @@ python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgr
     2>&1 | grep -v "Running pip as the 'root' user"
 export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
-STEPS=${STEPS:-tests,sweep,loss,train,mask,backend,topk,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
+STEPS=${STEPS:-tests,sweep,loss,train,mask,backend,topk,kernels,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py tests/test_teacher_logits_cuda.py tests/test_train_cuda.py \
@@ -62,8 +62,11 @@ want mask && step attention_cuda.jsonl 60 python bench/attention_mask.py --devic
 # teacher-logits' batch and at two rows of 8192 tokens (one file with the mask step's: at most 8 files come back)
 want backend && step attention_cuda.jsonl 90 python bench/attention_backend.py --device cuda
 want backend && step attention_cuda.jsonl 60 python bench/attention_backend.py --device cuda --rows 2 --length 8192
-# #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile
-want topk && step topk_summary_cuda.txt 30 python bench/topk_summary.py --device cuda --profile "$OUT/topk_summary_profile.txt"
+# #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile; the engine's two
+# row kernels alone on one 384-row chunk at V = 151936, against the bytes they move (#6, #11), in the same file
+want topk && step row_kernels_cuda.txt 30 python bench/topk_summary.py --device cuda \
+    --profile "$OUT/topk_summary_profile.txt"
+want kernels && step row_kernels_cuda.txt 30 python bench/chunk_kernels.py --device cuda
 # #4's target at every k and both store dtypes (bf16 and fp32 log-probs), without a profile (STEPS=teacher_profile
 # adds one more bf16 run with it)
 want teacher && step teacher_logits_cuda.jsonl 130 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \

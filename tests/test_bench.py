@@ -26,6 +26,7 @@ FIELDS = {
     "chunk_launches.py": ["launches_per_chunk", "ops_per_chunk", "host_syncs_per_step"],
     "attention_mask.py": ["masked_ms", "fdivctl_ms", "speedup", "padding_ratio"],
     "attention_backend.py": ["first_seen_ratio", "seen_ratio"],
+    "chunk_kernels.py": ["stats_ms", "grad_ms", "stats_gb_per_s", "grad_gb_per_s", "stats_vs_grad_bandwidth"],
 }
 
 

@@ -1,0 +1,78 @@
+"""The engine's two Triton row kernels alone on one chunk, each against the bytes it must move: how near HBM's
+bandwidth each runs.
+
+A chunk of the sweep (:mod:`fdivctl.engine.sweep`) runs, after its logits GEMMs, the statistics kernel
+(``chunk_stats``: log-partitions, log-prob, entropy, divergence) and the gradient kernel (``chunk_grad``:
+``∂L/∂z`` in bf16).  Both are bound by memory, so their time is the bytes they must move over the bandwidth they
+reach.  On one chunk of fp32 student logits ``[rows, V]`` and fp32 target logits, for each divergence, this
+times both (median of ``--repeats`` after a warm-up) and prints one JSON object per divergence with ``stats_ms``,
+``grad_ms``, the bytes each must move (``*_bytes``: one read of ``z`` and ``t`` per pass, the one-pass
+statistics of none / fkl / rkl, two for the others; the gradient reads both once and writes bf16) and
+``*_gb_per_s``, and ``stats_vs_grad_bandwidth`` (the first ÷ the second: below 1, the statistics kernel reaches
+less of the bandwidth than the gradient kernel, which reduces nothing in its loop).
+
+On an H100 the rkl ``full`` step's profile gave 305 µs per 384-row chunk for the statistics (466 MB: 1.5 TB/s)
+and 209 µs for the gradient (583 MB: 2.8 TB/s), before the statistics kept their sums per lane
+(``bench/results/train_step_cuda_h100_profile.txt``); this measures the same chunk.
+
+    python bench/chunk_kernels.py --quick          # CPU, Triton's interpreter, a small chunk (the harness only)
+    python bench/chunk_kernels.py --device cuda    # 384 rows × V = 151936 (the default chunk there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=384, help="rows of the chunk (the CUDA default at V = 151936)")
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--divergences", default="none,rkl,fkl,jsd", help="comma-separated registry names, or none")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="a small chunk under Triton's CPU interpreter")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.vocab, args.repeats = 8, 4096, 3
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    import torch
+
+    from fdivctl import divergences
+    from fdivctl.engine import triton_chunk
+    from profiling import median_ms  # bench/profiling.py, beside this script
+
+    device = torch.device(args.device)
+    g = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(args.rows, args.vocab, generator=g, device=device) * 3
+    t = z + torch.randn(args.rows, args.vocab, generator=g, device=device)
+    ids = torch.randint(0, args.vocab, (args.rows,), generator=g, device=device)
+    cotangents = torch.randn(3, args.rows, generator=g, device=device)
+    stats = torch.empty(len(triton_chunk.STAT_ROWS), args.rows, device=device)
+    grad = torch.empty(args.rows, args.vocab, dtype=torch.bfloat16, device=device)
+    row_bytes = args.rows * args.vocab * 4  # one fp32 [rows, V] tensor
+    for name in args.divergences.split(","):
+        divergence = None if name == "none" else divergences.get(name)
+        target = None if divergence is None else t
+        kernel_args = (z, target, args.vocab, ids, True, divergence, 1.0)
+        passes = 1 if name in ("none", "fkl", "rkl") else 2
+        stats_bytes = passes * row_bytes * (1 if target is None else 2)
+        grad_bytes = row_bytes * (1 if target is None else 2) + args.rows * args.vocab * 2
+        stats_ms = median_ms(lambda a=kernel_args: triton_chunk.chunk_stats(*a, out=stats), device, args.repeats)
+        grad_ms = median_ms(lambda a=kernel_args: triton_chunk.chunk_grad(*a, stats, cotangents, grad), device,
+                            args.repeats)
+        record = {
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+            "divergence": name, "rows": args.rows, "vocab": args.vocab,
+            "stats_ms": stats_ms, "stats_bytes": stats_bytes, "stats_gb_per_s": stats_bytes / stats_ms / 1e6,
+            "grad_ms": grad_ms, "grad_bytes": grad_bytes, "grad_gb_per_s": grad_bytes / grad_ms / 1e6,
+        }
+        record["stats_vs_grad_bandwidth"] = record["stats_gb_per_s"] / record["grad_gb_per_s"]
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
