@@ -4,11 +4,12 @@
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
-# kernels, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 + 64 + 69 s
-# on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s (its two runs), mask 31 s,
-# topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths twice); on an H200 the same
-# day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.  The teacher step now runs bf16 and fp32 without the
-# profile (teacher_profile: the bf16 run with it): not yet timed, its limit 130 s; kernels is new (its limit 30 s).
+# kernels, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 +
+# 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s
+# (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
+# twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.  The teacher step now runs
+# bf16 and fp32 without the profile (teacher_profile: the bf16 run with it): not yet timed, its limit 130 s;
+# kernels is new (its limit 30 s).
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
