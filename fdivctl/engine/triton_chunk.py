@@ -165,17 +165,7 @@ def _summand(lq, lp, DIV: tl.constexpr, w, log_w, log_1mw):
 
 
 @triton.jit
-def raise_max(m, x):
-    """One block ``x`` of an online softmax: the running maximum ``m'`` after it, the shift its terms take
-    (``m'``, or 0 while every entry so far is −inf: no −inf − (−inf)) and ``e^{m − shift}``, the factor that
-    rescales the sums kept against ``m``."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, shift, tl.exp(m - shift)
-
-
-@triton.jit
-def _lane_step(m, x):
+def lane_step(m, x):
     """One block ``x`` of an online softmax kept per lane, with no reduction across the block: ``(m', r, w, d)``
     with ``m' = max(m, x)`` the lane's new maximum, ``r = e^{m − m'}`` the factor the lane's sums so far take,
     ``w = e^{x − m'}`` the new term's weight and ``d = m − m'``.  One exponential per element: ``e^{−|x − m|}``
@@ -192,7 +182,7 @@ def _lane_step(m, x):
 
 
 @triton.jit
-def _lane_weights(m):
+def lane_weights(m):
     """``(M, f, δ)`` that merge per-lane sums kept against maxima ``m``: ``M = max m``, ``f = e^{m − M}`` and
     ``δ = m − M`` (0 and 0 on lanes that met no finite entry): ``Σ_lanes f·s`` is the row's ``Σ e^{x − M}``."""
     big = tl.max(m, 0)
@@ -210,9 +200,9 @@ def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr):
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
-        m, r, w, _ = _lane_step(m, x)
+        m, r, w, _ = lane_step(m, x)
         s = r * s + w
-    big, f, _ = _lane_weights(m)
+    big, f, _ = lane_weights(m)
     return big + tl.log(tl.sum(f * s, 0))
 
 
@@ -285,7 +275,7 @@ def _one_pass_stats(
     divergence, fkl or rkl: every sum is kept relative to a running maximum and rescaled when it grows
     (the online softmax of Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018, Alg. 3,
     carried to the sums below), so nothing needs ``log Z`` before the end.  Each lane of the block keeps its own
-    maximum and sums (:func:`_lane_step`), merged across lanes once after the loop (:func:`_lane_weights`).
+    maximum and sums (:func:`lane_step`), merged across lanes once after the loop (:func:`lane_weights`).
 
     With ``x = z/T``, ``y = t/T``, ``m`` / ``mₚ`` the running maxima, ``s = Σ e^{x−m}``, ``sₚ = Σ e^{y−mₚ}``
     (``log Z = m + log s``) and F the columns where ``y`` is finite:
@@ -315,13 +305,13 @@ def _one_pass_stats(
         x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         # x − m', 0 where x raised the lane's maximum (or is −inf: its weight is 0)
         centred = tl.where((x > m) | (x == float("-inf")), 0.0, x - tl.where(m == float("-inf"), 0.0, m))
-        m_new, r, e, drop = _lane_step(m, x)
+        m_new, r, e, drop = lane_step(m, x)
         if WANT_ENT:
             u = r * (u + drop * s) + e * centred
         if DIV >= 0:
             y = tl.load(t_row + cols, mask=mask & (cols < t_width), other=float("-inf")).to(tl.float32) * inv_t
             finite = y > float("-inf")
-            m_p, r_p, e_p, _ = _lane_step(m_p, y)
+            m_p, r_p, e_p, _ = lane_step(m_p, y)
             # y − x where the teacher is finite (the student is, there), 0 elsewhere: no −inf − (−inf) to discard
             y_minus_x = tl.where(finite, y, 0.0) - tl.where(finite, x, 0.0)
             if DIV == _FKL:
@@ -334,7 +324,7 @@ def _one_pass_stats(
             s_p = r_p * s_p + e_p
         s = r * s + e
         m = m_new
-    big, f, delta = _lane_weights(m)  # each lane's sums carried to the row's maximum: × e^{m−M}, u also + δ·s
+    big, f, delta = lane_weights(m)  # each lane's sums carried to the row's maximum: × e^{m−M}, u also + δ·s
     s_row = tl.sum(f * s, 0)
     log_s = tl.log(s_row)
     lse_q = big + log_s
@@ -342,7 +332,7 @@ def _one_pass_stats(
     div = 0.0
     slope = 0.0
     if DIV >= 0:
-        big_p, f_p, _ = _lane_weights(m_p)
+        big_p, f_p, _ = lane_weights(m_p)
         s_p_row = tl.sum(f_p * s_p, 0)
         log_s_p = tl.log(s_p_row)
         lse_p = big_p + log_s_p
