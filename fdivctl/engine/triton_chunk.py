@@ -166,19 +166,22 @@ def _summand(lq, lp, DIV: tl.constexpr, w, log_w, log_1mw):
 
 @triton.jit
 def lane_step(m, x):
-    """One block ``x`` of an online softmax kept per lane, with no reduction across the block: ``(m', r, w, d)``
-    with ``m' = max(m, x)`` the lane's new maximum, ``r = e^{m − m'}`` the factor the lane's sums so far take,
-    ``w = e^{x − m'}`` the new term's weight and ``d = m − m'``.  One exponential per element: ``e^{−|x − m|}``
-    is ``r`` where ``x`` raises the maximum and ``w`` where it does not.  A lane still at −inf gives r = 1,
-    w = 0, d = 0 for an −inf ``x``, and r = 0, w = 1, d = 0 for its first finite one."""
+    """One block ``x`` of an online softmax kept per lane, with no reduction across the block:
+    ``(m', r, w, d, c)`` with ``m' = max(m, x)`` the lane's new maximum, ``r = e^{m − m'}`` the factor the lane's
+    sums so far take, ``w = e^{x − m'}`` the new term's weight, ``d = m − m'`` and ``c = x − m'`` (0 where ``w``
+    is 0).  One exponential per element: ``e^{−|x − m|}`` is ``r`` where ``x`` raises the maximum and ``w``
+    where it does not.  A lane still at −inf gives r = 1, w = 0, d = c = 0 for an −inf ``x``, and r = 0, w = 1,
+    d = c = 0 for its first finite one; no −inf − (−inf) is formed, even where ``where`` does not take it."""
     up = x > m
     hi = tl.maximum(m, x)
     e = tl.exp(tl.minimum(m, x) - tl.where(hi == float("-inf"), 0.0, hi))  # 0 where both are −inf
     r = tl.where(up, e, 1.0)
     w = tl.where(up, 1.0, e)
     known = m > float("-inf")
-    d = tl.where(up & known, tl.where(known, m, 0.0) - x, 0.0)  # no −inf − (−inf), even where not taken
-    return hi, r, w, d
+    m_finite = tl.where(known, m, 0.0)
+    d = tl.where(up & known, m_finite - x, 0.0)
+    c = tl.where(up | (x == float("-inf")), 0.0, x - m_finite)
+    return hi, r, w, d, c
 
 
 @triton.jit
@@ -200,7 +203,7 @@ def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr):
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
-        m, r, w, _ = lane_step(m, x)
+        m, r, w, _, _ = lane_step(m, x)
         s = r * s + w
     big, f, _ = lane_weights(m)
     return big + tl.log(tl.sum(f * s, 0))
@@ -303,15 +306,13 @@ def _one_pass_stats(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        # x − m', 0 where x raised the lane's maximum (or is −inf: its weight is 0)
-        centred = tl.where((x > m) | (x == float("-inf")), 0.0, x - tl.where(m == float("-inf"), 0.0, m))
-        m_new, r, e, drop = lane_step(m, x)
+        m_new, r, e, drop, centred = lane_step(m, x)
         if WANT_ENT:
             u = r * (u + drop * s) + e * centred
         if DIV >= 0:
             y = tl.load(t_row + cols, mask=mask & (cols < t_width), other=float("-inf")).to(tl.float32) * inv_t
             finite = y > float("-inf")
-            m_p, r_p, e_p, _ = lane_step(m_p, y)
+            m_p, r_p, e_p, _, _ = lane_step(m_p, y)
             # y − x where the teacher is finite (the student is, there), 0 elsewhere: no −inf − (−inf) to discard
             y_minus_x = tl.where(finite, y, 0.0) - tl.where(finite, x, 0.0)
             if DIV == _FKL:

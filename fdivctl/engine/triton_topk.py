@@ -61,7 +61,7 @@ def _summary_kernel(z_ptr, z_stride, thr_ptr, val_ptr, idx_ptr, count_ptr, stats
         cols = start + tl.arange(0, BLOCK)
         inside = cols < n_cols
         z = tl.load(z_row + cols, mask=inside, other=float("-inf"))
-        m, r, e, _ = lane_step(m, z * inv_t)
+        m, r, e, _, _ = lane_step(m, z * inv_t)
         keep = (z >= thr) & inside
         s_below = r * s_below + tl.where(keep, 0.0, e)
         found = tl.sum(keep.to(tl.int32), 0)

@@ -157,8 +157,9 @@ def _write_shard(writer: StoreWriter, index: int, tensors: dict[str, torch.Tenso
     never waits for it (a copy on the main thread would drain the device's queue once per shard).  The copy goes
     into pinned host memory (``non_blocking``: a DMA transfer), not pageable memory: while it went to pageable
     memory (``.cpu()``, which the driver stages through a buffer of its own), the batch the main thread ran
-    meanwhile took 35–50 ms longer, once per shard (``bench/results/teacher_logits_cuda_h*_*.jsonl``: k = 64 and
-    256 on an H100 and an H200); the pinned copy is not yet measured on a device.
+    meanwhile took 35–50 ms longer, once per shard (k = 64 and 256 in ``bench/results/``'s
+    ``teacher_logits_cuda_h100_onepass.jsonl`` and ``…_h200_flash.jsonl``); the pinned copy is not yet measured
+    on a device.
     """
     if scored is not None:
         copying = torch.cuda.Stream(tensors["ids"].device)  # on the tensors' device (--device cuda:N too)
