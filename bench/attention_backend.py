@@ -26,14 +26,13 @@ import argparse
 import json
 import statistics
 
-import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fdivctl import tiny
 from fdivctl.io.lm_head import LMHead
-from fdivctl.io.sequences import Sequences
-from profiling import median_ms  # bench/profiling.py, beside this script
+from attention_mask import random_sequences  # bench/attention_mask.py, profiling.py: beside this script
+from profiling import median_ms
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -47,13 +46,10 @@ VOCAB = 32768  # the decoder alone runs: the vocabulary only sizes the embedding
 STEP = 8  # tokens between two batches' lengths
 
 
-def _batch(rows: int, length: int, device: torch.device, seed: int) -> dict:
+def _batch(rows: int, length: int, device: torch.device) -> dict:
     """``rows`` random sequences of ``length`` tokens (a quarter prompt), as ``Sequences.batch`` gives them."""
-    g = np.random.default_rng(seed)
-    prompt = length // 4
-    seqs = Sequences([f"p{i}" for i in range(rows)], [0] * rows, [g.integers(3, VOCAB, prompt) for _ in range(rows)],
-                     [g.integers(3, VOCAB, length - prompt) for _ in range(rows)], None)
-    return seqs.batch(list(range(rows)), pad_id=0, device=device)
+    shape = dict(rows=rows, prompt=max(1, length // 4), longest=length, vocab=VOCAB)
+    return random_sequences(shape, spread=0.0).batch(list(range(rows)), pad_id=0, device=device)
 
 
 def main() -> None:
@@ -91,14 +87,14 @@ def main() -> None:
 
     for name in backends:  # each backend's kernels loaded once, on a shape the run does not time
         with sdpa_kernel([BACKENDS[name]]):
-            score(_batch(1, 16, device, 0))
-            train(_batch(1, 16, device, 0))
+            score(_batch(1, 16, device))
+            train(_batch(1, 16, device))
     lengths = iter(range(shape["length"], lowest - 1, -STEP))  # every batch of the run a length of its own
     for mode, run in (("score", score), ("train", train)):
         record = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(), "mode": mode,
                   "shape": shape, "batches": args.batches}
         for name in backends:
-            batches = [_batch(shape["rows"], next(lengths), device, seed) for seed in range(args.batches)]
+            batches = [_batch(shape["rows"], next(lengths), device) for _ in range(args.batches)]
             with sdpa_kernel([BACKENDS[name]]):
                 first = [median_ms(lambda b=b, r=run: r(b), device, 1, warm_up=False) for b in batches]
                 seen = [median_ms(lambda b=b, r=run: r(b), device, 1, warm_up=False) for b in batches]

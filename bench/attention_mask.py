@@ -44,7 +44,7 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _sequences(shape: dict, spread: float) -> Sequences:
+def random_sequences(shape: dict, spread: float) -> Sequences:
     """``rows`` random sequences: a ``prompt``-token prompt, a completion of uniform length in
     ((1 − spread)·(longest − prompt), longest − prompt]."""
     g = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def main() -> None:
     model = tiny.random_lm(shape["hidden"], shape["layers"], shape["vocab"], 0,
                            max_positions=shape["longest"]).to(device=device, dtype=dtype)
     lm = LMHead.of(model, "model")
-    seqs = _sequences(shape, args.spread)
+    seqs = random_sequences(shape, args.spread)
     rows = list(range(len(seqs)))
     batch = seqs.batch(rows, pad_id=0, device=device)
     lengths = torch.tensor(seqs.lengths(), device=device)

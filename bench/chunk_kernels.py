@@ -58,7 +58,7 @@ def main() -> None:
         divergence = None if name == "none" else divergences.get(name)
         target = None if divergence is None else t
         kernel_args = (z, target, args.vocab, ids, True, divergence, 1.0)
-        passes = 1 if name in ("none", "fkl", "rkl") else 2
+        passes = 1 if triton_chunk.divergence_code(divergence)[0] <= triton_chunk.RKL else 2  # _stats_kernel's
         stats_bytes = passes * row_bytes * (1 if target is None else 2)
         grad_bytes = row_bytes * (1 if target is None else 2) + args.rows * args.vocab * 2
         stats_ms = median_ms(lambda a=kernel_args: triton_chunk.chunk_stats(*a, out=stats), device, args.repeats)
