@@ -4,8 +4,8 @@
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
-# kernels, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took 51 + 11 + 87 +
-# 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s
+# kernels, baseline, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took
+# 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s
 # (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.  The teacher step now runs
 # bf16 and fp32 without the profile (teacher_profile: the bf16 run with it): not yet timed, its limit 130 s;
@@ -68,6 +68,14 @@ want backend && step attention_cuda.jsonl 60 python bench/attention_backend.py -
 want topk && step row_kernels_cuda.txt 30 python bench/topk_summary.py --device cuda \
     --profile "$OUT/topk_summary_profile.txt"
 want kernels && step row_kernels_cuda.txt 30 python bench/chunk_kernels.py --device cuda
+# both row-kernel benches again against an older fdivctl package in .baseline/ (carried; made with
+# `mkdir .baseline && git archive REV fdivctl | tar -x -C .baseline`), so a kernel rewrite is timed beside the code it
+# replaces on the same chip: the lines after "#### baseline" in the same file
+if want baseline && [ -d .baseline/fdivctl ]; then
+    echo "#### baseline: .baseline/fdivctl" >>"$OUT/row_kernels_cuda.txt"
+    PYTHONPATH="$PWD/.baseline:$PYTHONPATH" step row_kernels_cuda.txt 30 python bench/topk_summary.py --device cuda
+    PYTHONPATH="$PWD/.baseline:$PYTHONPATH" step row_kernels_cuda.txt 30 python bench/chunk_kernels.py --device cuda
+fi
 # #4's target at every k and both store dtypes (bf16 and fp32 log-probs), without a profile (STEPS=teacher_profile
 # adds one more bf16 run with it)
 want teacher && step teacher_logits_cuda.jsonl 130 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
