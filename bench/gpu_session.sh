@@ -7,9 +7,9 @@
 # kernels, baseline, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took
 # 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s
 # (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
-# twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s.  The teacher step now runs
-# bf16 and fp32 without the profile (teacher_profile: the bf16 run with it): not yet timed, its limit 130 s;
-# kernels is new (its limit 30 s).
+# twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
+# tests 40 s, loss 87 s, topk 12 s, kernels 6 s, baseline 7 + 6 s, teacher 41 + 28 s (bf16 and fp32 at three k,
+# then mixed lengths twice), train 77 + 53 s.
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the

@@ -17,8 +17,10 @@ target's logits ``t [c, Vₜ]``), one program per row:
   and barrier each, six per block for rkl), the one-pass kernel moved its 466
   MB per chunk of 384 rows (rkl ``full``, V = 151936) in 305 µs on an H100, 46 %
   of HBM bandwidth, where the gradient kernel, which reduces nothing, moved 583
-  MB in 209 µs (83 %; ``bench/results/train_step_cuda_h100_profile.txt``).  The
-  per-lane sums are not yet timed on a GPU.
+  MB in 209 µs (83 %; ``bench/results/train_step_cuda_h100_profile.txt``).  On
+  an H200, per-lane against per-block in one run (``bench/chunk_kernels.py``,
+  ``bench/results/row_kernels_cuda_h200.txt``): rkl 245 vs 326 µs, fkl 211 vs
+  261 µs, jsd (two passes) 321 vs 486 µs; without a divergence 131 vs 121 µs.
 * :func:`_grad_kernel` — given per-token cotangents ``c_lp, c_ent, c_div``
   (the objective's derivative with respect to each output) writes
 

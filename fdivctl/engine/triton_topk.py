@@ -16,11 +16,13 @@ One pass over each row replaces them, :func:`_summary_kernel`:
   the result is always exact; flagging instead of redoing at once keeps the
   chunk free of host synchronisation;
 * in the same pass, online max/sum at temperature T over the rest:
-  ``m = max_j z_j/T`` and ``S_τ = Σ_{z_j < τ} e^{z_j/T − m}``, kept per lane of the block and merged after
-  the loop (:func:`~fdivctl.engine.triton_chunk.lane_step`), so a block's only reduction is its count of
-  candidates (three before: max, sum and count; on an H100 the kernel took 33–41 ms per 16384 rows at
-  V = 151936, 5.4–6.6× the head matmul, where one read of the fp32 rows takes ~3 ms; the per-lane sums are
-  not yet timed on a GPU).
+  ``m = max_j z_j/T`` and ``S_τ = Σ_{z_j < τ} e^{z_j/T − m}``, reduced over
+  each block (:func:`raise_max`).  Keeping them per lane and merging after the
+  loop instead, as the engine's statistics kernel does
+  (:func:`~fdivctl.engine.triton_chunk.lane_step`), made this kernel slower:
+  on an H200, 36.6 / 38.0 / 43.3 ms per 16384 rows at k = 16 / 64 / 256
+  against 31.0 / 32.3 / 37.5 ms for this form, in one run
+  (``bench/results/row_kernels_cuda_h200.txt``).
 
 The entries at or above ``τ`` are all in the buffer, and so is every entry at
 or above the k-th largest value ``θ`` (``θ ≥ τ``), so the partition function
@@ -41,10 +43,18 @@ import torch
 import triton
 import triton.language as tl
 
-from fdivctl.engine.triton_chunk import lane_step, lane_weights
-
 BLOCK = 2048
 SAMPLE_STRIDE = 16
+
+
+@triton.jit
+def raise_max(m, x):
+    """One block ``x`` of an online softmax: the running maximum ``m'`` after it, the shift its terms take
+    (``m'``, or 0 while every entry so far is −inf: no −inf − (−inf)) and ``e^{m − shift}``, the factor that
+    rescales the sums kept against ``m``."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, shift, tl.exp(m - shift)
 
 
 @triton.jit
@@ -55,15 +65,18 @@ def _summary_kernel(z_ptr, z_stride, thr_ptr, val_ptr, idx_ptr, count_ptr, stats
     z_row = z_ptr + row * z_stride
     thr = tl.load(thr_ptr + row)
     base = 0
-    m = tl.full([BLOCK], float("-inf"), tl.float32)  # the running maximum and S_τ per lane, merged after the loop
-    s_below = tl.zeros([BLOCK], tl.float32)
+    m = float("-inf")
+    s_below = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < n_cols
         z = tl.load(z_row + cols, mask=inside, other=float("-inf"))
-        m, r, e, _, _ = lane_step(m, z * inv_t)
+        x = z * inv_t
+        m_new, safe, scale = raise_max(m, x)
+        e = tl.exp(x - safe)
         keep = (z >= thr) & inside
-        s_below = r * s_below + tl.where(keep, 0.0, e)
+        s_below = s_below * scale + tl.sum(tl.where(keep, 0.0, e), 0)
+        m = m_new
         found = tl.sum(keep.to(tl.int32), 0)
         if found > 0:
             pos = base + tl.cumsum(keep.to(tl.int32), 0) - 1
@@ -71,10 +84,9 @@ def _summary_kernel(z_ptr, z_stride, thr_ptr, val_ptr, idx_ptr, count_ptr, stats
             tl.store(val_ptr + row * K_MAX + pos, z, mask=ok)
             tl.store(idx_ptr + row * K_MAX + pos, cols, mask=ok)
         base += found
-    big, f, _ = lane_weights(m)
     tl.store(count_ptr + row, base)
-    tl.store(stats_ptr + row, big)
-    tl.store(stats_ptr + n_rows + row, tl.sum(f * s_below, 0))
+    tl.store(stats_ptr + row, m)
+    tl.store(stats_ptr + n_rows + row, s_below)
 
 
 def _candidate_width(k: int) -> int:
