@@ -78,9 +78,12 @@ if want baseline && [ -d .baseline/fdivctl ]; then
 fi
 # #4's target at every k and both store dtypes (bf16 and fp32 log-probs), without a profile (STEPS=teacher_profile
 # adds one more bf16 run with it)
-want teacher && step teacher_logits_cuda.jsonl 130 python bench/teacher_logits.py --device cuda --hidden 896 --layers 24 \
-    --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
-    --dtypes bf16,fp32
+# (TEACHER_REPEATS=3: each store and bare forward three times, as the bare forward alone varied 62–66 ms a batch
+# between runs on an H200)
+TEACHER_REPEATS=${TEACHER_REPEATS:-1}
+want teacher && step teacher_logits_cuda.jsonl $((30 + 50 * TEACHER_REPEATS)) python bench/teacher_logits.py --device cuda \
+    --hidden 896 --layers 24 --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 \
+    --model-dtype bf16 --dtypes bf16,fp32 --repeats "$TEACHER_REPEATS"
 want teacher_profile && step teacher_logits_cuda.jsonl 100 python bench/teacher_logits.py --device cuda --hidden 896 \
     --layers 24 --vocab 151936 --sequences 256 --prompt-len 128 --completion-len 896 --batch-size 16 --model-dtype bf16 \
     --dtypes bf16 --profile "$OUT/teacher_logits_profile.txt"

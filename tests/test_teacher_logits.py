@@ -359,3 +359,37 @@ def test_default_shards_hold_about_64_mib_and_a_resumed_store_keeps_its_own(tmp_
     (out / "manifest.json").unlink()
     _cli("teacher-logits", tiny_teacher, seqs, out, "--k", 4, "--device", "cpu")
     assert _store_files(out) == first
+
+
+def test_shards_are_cut_between_whole_batches(tmp_path, tiny_teacher, seqs):
+    """A full shard ends after a whole number of batches where one batch fits (so no shard but the last is
+    scored with a short batch), never passes the token limit, and the plan covers every row once in order."""
+    from fdivctl.io.logit_store import plan_shards
+
+    counts = [5, 7, 3, 6, 2, 9, 4, 4, 8, 1]
+    for limit, batch in [(12, 1), (12, 2), (20, 3), (40, 4), (6, 3)]:
+        plan = plan_shards(counts, limit, batch)
+        assert [s["rows"][0] for s in plan[1:]] == [s["rows"][1] for s in plan[:-1]]
+        assert plan[0]["rows"][0] == 0 and plan[-1]["rows"][1] == len(counts)
+        for shard in plan:
+            first, end = shard["rows"]
+            assert shard["n_tokens"] == sum(counts[first:end])
+            assert shard["n_tokens"] <= limit or end - first == 1
+        for shard in plan[:-1]:
+            first, end = shard["rows"]
+            fits_a_batch = sum(counts[first : first + batch]) <= limit
+            if fits_a_batch:  # cut after whole batches, and only where the next batch would not fit
+                assert (end - first) % batch == 0
+                assert sum(counts[first : end + batch]) > limit
+            else:
+                assert sum(counts[first : end + 1]) > limit
+    assert [s["rows"] for s in plan_shards(counts, 12, 2)] == [[0, 2], [2, 4], [4, 6], [6, 8], [8, 10]]
+    assert [s["rows"] for s in plan_shards(counts, 12)] == [[0, 2], [2, 5], [5, 6], [6, 8], [8, 10]]
+    out = tmp_path / "logits"  # the CLI plans with its --batch-size: batches of 3, at most 20 tokens a shard
+    _cli("teacher-logits", tiny_teacher, seqs, out, "--k", 4, "--max-tokens-per-shard", 20, "--batch-size", 3,
+         "--device", "cpu")
+    settings = json.loads((out / "store.json").read_text())
+    counts = [len(c) for c in pq.read_table(seqs)["completion_token_ids"].to_pylist()]
+    assert settings["shards"] == plan_shards(counts, 20, 3) != plan_shards(counts, 20)
+    assert all((end - first) % 3 == 0 for first, end in (s["rows"] for s in settings["shards"]))
+    assert verify_store(out) == []

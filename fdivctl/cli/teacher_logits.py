@@ -28,9 +28,10 @@ def command(
     dtype: str = typer.Option("bf16", help="Storage dtype of the top-k log-probs: bf16, fp16 or fp32."),
     batch_size: int = typer.Option(8, help="Sequences per teacher forward pass."),
     max_tokens_per_shard: int = typer.Option(
-        None, help="Scored tokens per shard file (a row never splits). Default: about 64 MiB per file at this --k and "
-        "--dtype (k=64 bf16: 169,466 tokens), or the limit the store being resumed was made with. Each shard is "
-        "written while the next is scored, and a resume redoes at most the unfinished shards."),
+        None, help="Scored tokens per shard file at most (a row never splits; a full shard ends after a whole "
+        "number of --batch-size batches). Default: about 64 MiB per file at this --k and --dtype (k=64 bf16: "
+        "169,466 tokens), or the limit the store being resumed was made with. Each shard is written while the next "
+        "is scored, and a resume redoes at most the unfinished shards."),
     shard: str = typer.Option(None, help="Process shards j with j mod n = i, as i/n, so n processes split one store "
                               "(default 0/1; under torchrun RANK/WORLD_SIZE)."),
     include_prompt: bool = typer.Option(False, help="Also score prompt tokens (after the first)."),

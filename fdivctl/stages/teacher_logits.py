@@ -7,9 +7,10 @@ top-k ids and log-probs, ``log(1 − Σ top-k p_t)``, and ``log p_t(y_t)``
 (:func:`fdivctl.engine.topk.head_topk`).  The head is applied to the
 final hidden states in chunks, so ``[tokens, V]`` logits never exist.
 
-Work is cut into shards by a deterministic plan (:func:`plan_shards`), and
-batches never cross a shard, so a shard's bytes do not depend on which
-process wrote it or whether the run was interrupted.
+Work is cut into shards by a deterministic plan (:func:`plan_shards`, whose
+cuts fall between whole batches), and batches never cross a shard, so a
+shard's bytes do not depend on which process wrote it or whether the run was
+interrupted.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def run_teacher_logits(
     limits = model_limits((teacher, "teacher"))
     seqs.check_fits(sequences, limits)
     shard_tokens = opts.max_tokens_per_shard or default_shard_tokens(out_dir, opts.k, opts.dtype)
-    plan = plan_shards(counts, shard_tokens)
+    plan = plan_shards(counts, shard_tokens, opts.batch_size)
     config_vocab = limits.vocab_size
     settings = {
         "teacher": str(Path(teacher).resolve()),
@@ -126,6 +127,8 @@ def run_teacher_logits(
         lm = LMHead.of(model, f"teacher {teacher}")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         store_dtype = STORE_DTYPES[opts.dtype]
+        if lm.weight.device.type == "cuda":
+            _reserve_pinned_memory(max(plan[i]["n_tokens"] for i in todo), opts.k, store_dtype)
         # shard i's file is written and checksummed in the background while shard i+1 is scored; one in flight,
         # so host memory holds at most two shards (an interrupted write leaves no sidecar: resume redoes it)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
@@ -148,6 +151,17 @@ def run_teacher_logits(
     }
 
 
+def _reserve_pinned_memory(n_tokens: int, k: int, store_dtype: torch.dtype) -> None:
+    """Allocate and free pinned host tensors of a shard of ``n_tokens`` tokens before the first batch, so that
+    torch's caching host allocator holds the blocks :func:`_write_shard`'s copies take: a copy that had to
+    allocate pinned memory (``cudaHostAlloc``) while a batch ran slowed that batch by 17–70 ms, once a size in a
+    process (the first batch of a later shard; ``bench/results/teacher_logits_cuda_h200_pinned.jsonl``).
+    The shapes and dtypes are those :func:`_score_shard` gathers."""
+    for shape, dtype in (((n_tokens, k), torch.int32), ((n_tokens, k), store_dtype), ((n_tokens,), torch.float32),
+                         ((n_tokens,), torch.float32), ((n_tokens,), torch.int32)):
+        torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 def _write_shard(writer: StoreWriter, index: int, tensors: dict[str, torch.Tensor], spans: list[dict],
                  scored: torch.cuda.Event | None) -> None:
     """Bring shard ``index``'s tensors to the host and write them; runs on the writer thread.
@@ -158,8 +172,7 @@ def _write_shard(writer: StoreWriter, index: int, tensors: dict[str, torch.Tenso
     into pinned host memory (``non_blocking``: a DMA transfer), not pageable memory: while it went to pageable
     memory (``.cpu()``, which the driver stages through a buffer of its own), the batch the main thread ran
     meanwhile took 35–50 ms longer, once per shard (k = 64 and 256 in ``bench/results/``'s
-    ``teacher_logits_cuda_h100_onepass.jsonl`` and ``…_h200_flash.jsonl``); the pinned copy is not yet measured
-    on a device.
+    ``teacher_logits_cuda_h100_onepass.jsonl`` and ``…_h200_flash.jsonl``).
     """
     if scored is not None:
         copying = torch.cuda.Stream(tensors["ids"].device)  # on the tensors' device (--device cuda:N too)
