@@ -393,3 +393,31 @@ def test_shards_are_cut_between_whole_batches(tmp_path, tiny_teacher, seqs):
     assert settings["shards"] == plan_shards(counts, 20, 3) != plan_shards(counts, 20)
     assert all((end - first) % 3 == 0 for first, end in (s["rows"] for s in settings["shards"]))
     assert verify_store(out) == []
+
+
+def test_a_store_planned_with_every_row_a_cut_resumes_with_its_own_plan(tmp_path, tiny_teacher, seqs):
+    """A store begun before shards ended between whole batches (its recorded plan cut after any row) is
+    finished with that plan, not refused for differing settings; a plan of neither kind is still refused."""
+    from fdivctl.io.logit_store import plan_shards
+
+    args = ("teacher-logits", tiny_teacher, seqs, tmp_path / "logits", "--k", 4, "--max-tokens-per-shard", 20,
+            "--batch-size", 3, "--device", "cpu")
+    out = tmp_path / "logits"
+    _cli(*args)
+    counts = [len(c) for c in pq.read_table(seqs)["completion_token_ids"].to_pylist()]
+    settings = json.loads((out / "store.json").read_text())
+    old_plan = plan_shards(counts, 20)
+    assert settings["shards"] != old_plan
+    for path in out.iterdir():  # as the earlier version left it, interrupted before its first shard was done
+        if path.name != "store.json":
+            path.unlink()
+    (out / "store.json").write_text(json.dumps({**settings, "shards": old_plan}))
+    _cli(*args)
+    assert json.loads((out / "manifest.json").read_text())["shards"][1]["rows"] == old_plan[1]["rows"]
+    assert verify_store(out) == []
+    for path in out.iterdir():
+        if path.name != "store.json":
+            path.unlink()
+    (out / "store.json").write_text(json.dumps({**settings, "shards": plan_shards(counts, 20, 2)}))
+    result = _cli(*args, check=False)
+    assert result.returncode != 0 and "other settings (shards)" in result.stderr

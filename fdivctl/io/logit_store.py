@@ -114,6 +114,20 @@ def plan_shards(token_counts: list[int], max_tokens_per_shard: int, rows_per_bat
     return shards
 
 
+def resumable_plan(directory: str | Path, token_counts: list[int], max_tokens_per_shard: int,
+                   rows_per_batch: int) -> list[dict]:
+    """The shard plan for a store in ``directory``: :func:`plan_shards` with ``rows_per_batch``, unless the store
+    is being resumed and was planned with every row a possible cut (fdivctl before shards ended between whole
+    batches), where its recorded plan is kept, so an upgrade mid-run finishes the store instead of refusing it."""
+    plan = plan_shards(token_counts, max_tokens_per_shard, rows_per_batch)
+    store_json = Path(directory) / "store.json"
+    if store_json.is_file():
+        recorded = json.loads(store_json.read_text()).get("shards")
+        if recorded != plan and recorded == plan_shards(token_counts, max_tokens_per_shard):
+            return recorded
+    return plan
+
+
 class StoreWriter:
     """Writes the shards of one store; resumable and safe for disjoint parallel writers."""
 

@@ -7,10 +7,10 @@ top-k ids and log-probs, ``log(1 − Σ top-k p_t)``, and ``log p_t(y_t)``
 (:func:`fdivctl.engine.topk.head_topk`).  The head is applied to the
 final hidden states in chunks, so ``[tokens, V]`` logits never exist.
 
-Work is cut into shards by a deterministic plan (:func:`plan_shards`, whose
-cuts fall between whole batches), and batches never cross a shard, so a
-shard's bytes do not depend on which process wrote it or whether the run was
-interrupted.
+Work is cut into shards by a deterministic plan
+(:func:`~fdivctl.io.logit_store.plan_shards`, whose cuts fall between whole
+batches), and batches never cross a shard, so a shard's bytes do not depend
+on which process wrote it or whether the run was interrupted.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import file_sha256, model_hash, token_digest, tokenizer_hash
 from fdivctl.io.lm_head import LMHead
-from fdivctl.io.logit_store import STORE_DTYPES, TENSORS, StoreWriter, default_shard_tokens, plan_shards
+from fdivctl.io.logit_store import STORE_DTYPES, TENSORS, StoreWriter, default_shard_tokens, resumable_plan
 from fdivctl.io.sequences import Sequences, check_max_length, load_sequences
 
 
@@ -94,7 +94,7 @@ def run_teacher_logits(
     limits = model_limits((teacher, "teacher"))
     seqs.check_fits(sequences, limits)
     shard_tokens = opts.max_tokens_per_shard or default_shard_tokens(out_dir, opts.k, opts.dtype)
-    plan = plan_shards(counts, shard_tokens, opts.batch_size)
+    plan = resumable_plan(out_dir, counts, shard_tokens, opts.batch_size)
     config_vocab = limits.vocab_size
     settings = {
         "teacher": str(Path(teacher).resolve()),
