@@ -39,13 +39,20 @@ from fdivctl.errors import UserError
 from fdivctl.io.atomic import atomic_path, check_output_dir, write_json
 from fdivctl.io.hashing import file_sha256, token_digest
 from fdivctl.io.sequences import Sequences
-from fdivctl.io.tensor_file import save_safetensors
+from fdivctl.io.tensor_file import DTYPE_NAMES, save_safetensors
 from fdivctl.io.versions import library_versions
 
 FORMAT = "fdivctl-logit-store"
 FORMAT_VERSION = 1
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSORS = ("ids", "logprobs", "log_tail", "token_logprob", "token_ids")
+
+
+def shard_layout(n_tokens: int, k: int, store_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each tensor of a shard of ``n_tokens`` scored tokens, by name (in ``TENSORS``' order): its shape and dtype."""
+    return {"ids": ((n_tokens, k), torch.int32), "logprobs": ((n_tokens, k), store_dtype),
+            "log_tail": ((n_tokens,), torch.float32), "token_logprob": ((n_tokens,), torch.float32),
+            "token_ids": ((n_tokens,), torch.int32)}
 INDEX_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -80,7 +87,7 @@ def default_shard_tokens(directory: str | Path, k: int, dtype: str) -> int:
         recorded = json.loads(store_json.read_text()).get("max_tokens_per_shard")
         if isinstance(recorded, int):
             return recorded
-    bytes_per_token = k * (4 + STORE_DTYPES[dtype].itemsize) + 3 * 4  # ids, logprobs; log_tail, token_logprob, token_ids
+    bytes_per_token = sum(shape[-1] * dt.itemsize for shape, dt in shard_layout(1, k, STORE_DTYPES[dtype]).values())
     return max(1, SHARD_BYTES // bytes_per_token)
 
 
@@ -345,9 +352,6 @@ def verify_store(directory: str | Path) -> list[str]:
     problems: list[str] = []
     manifest = store.manifest
     k = int(manifest["k"])
-    logprob_dtype = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[manifest["dtype"]]
-    expected_dtypes = {"ids": "I32", "logprobs": logprob_dtype, "log_tail": "F32",
-                       "token_logprob": "F32", "token_ids": "I32"}
     for i, entry in enumerate(manifest["shards"]):
         path = directory / entry["file"]
         if not path.is_file():
@@ -356,20 +360,19 @@ def verify_store(directory: str | Path) -> list[str]:
         if file_sha256(path) != entry["sha256"]:
             problems.append(f"shard {i}: {entry['file']} checksum differs from the manifest (corrupted)")
             continue
-        n = entry["n_tokens"]
+        layout = shard_layout(entry["n_tokens"], k, STORE_DTYPES[manifest["dtype"]])
         with safe_open(str(path), framework="pt") as handle:
-            for name in TENSORS:
+            for name, (want, dtype) in layout.items():
                 if name not in handle.keys():
                     problems.append(f"shard {i}: tensor {name} is missing")
                     continue
                 tensor_slice = handle.get_slice(name)
                 shape = tuple(tensor_slice.get_shape())
-                want = (n, k) if name in ("ids", "logprobs") else (n,)
                 if shape != want:
                     problems.append(f"shard {i}: {name} has shape {shape}, manifest implies {want}")
-                if tensor_slice.get_dtype() != expected_dtypes[name]:
+                if tensor_slice.get_dtype() != DTYPE_NAMES[dtype]:
                     problems.append(
-                        f"shard {i}: {name} has dtype {tensor_slice.get_dtype()}, expected {expected_dtypes[name]}"
+                        f"shard {i}: {name} has dtype {tensor_slice.get_dtype()}, expected {DTYPE_NAMES[dtype]}"
                     )
     index = store._index
     rows = sorted(index["source_row"])

@@ -27,7 +27,8 @@ from fdivctl.errors import UserError
 from fdivctl.io.checkpoints import load_causal_lm, load_tokenizer, model_limits
 from fdivctl.io.hashing import file_sha256, model_hash, token_digest, tokenizer_hash
 from fdivctl.io.lm_head import LMHead
-from fdivctl.io.logit_store import STORE_DTYPES, TENSORS, StoreWriter, default_shard_tokens, resumable_plan
+from fdivctl.io.logit_store import (STORE_DTYPES, TENSORS, StoreWriter, default_shard_tokens, resumable_plan,
+                                    shard_layout)
 from fdivctl.io.sequences import Sequences, check_max_length, load_sequences
 
 
@@ -156,9 +157,8 @@ def _reserve_pinned_memory(n_tokens: int, k: int, store_dtype: torch.dtype) -> N
     torch's caching host allocator holds the blocks :func:`_write_shard`'s copies take: a copy that had to
     allocate pinned memory (``cudaHostAlloc``) while a batch ran slowed that batch by 17–70 ms, once a size in a
     process (the first batch of a later shard; ``bench/results/teacher_logits_cuda_h200_pinned.jsonl``).
-    The shapes and dtypes are those :func:`_score_shard` gathers."""
-    for shape, dtype in (((n_tokens, k), torch.int32), ((n_tokens, k), store_dtype), ((n_tokens,), torch.float32),
-                         ((n_tokens,), torch.float32), ((n_tokens,), torch.int32)):
+    """
+    for shape, dtype in shard_layout(n_tokens, k, store_dtype).values():
         torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
