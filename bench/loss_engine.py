@@ -13,7 +13,12 @@ in fp32); ``triton_bf16acc`` — accumulated in the weight's bf16
 (``weight_grad_accum="param"``); ``liger`` — Liger-Kernel's
 ``LigerFusedLinearJSD`` as shipped (jsd β ↔ its ``jsd_beta``, fkl = 0, rkl = 1;
 teacher hidden+head targets; accumulates in the weight's dtype);
-``liger_fp32acc`` — the same with ``accum_dtype=torch.float32``.  Each variant
+``liger_fp32acc`` — the same with ``accum_dtype=torch.float32``; ``gemm_floor`` —
+the ``triton`` variant's matmuls alone, chunked as it chunks them, with no row
+kernel and no loss (:func:`gemm_floor_step`): ``gemm_floor_vs_{ours}`` = the
+floor's time / ours is the share of our step the GEMMs take, so 1 − it is what
+faster row kernels could still save, and ``gemm_floor_tflops`` the matmul rate
+the chunking allows.  Each variant
 reports ``{variant}_s``, ``{variant}_peak_bytes`` and ``{variant}_tflops``
 (``matmul_flops`` / time, counting 2·N·H·V per matmul: forward, grad hidden,
 grad weight, and the teacher's forward); ``{ours}_speedup_vs_{theirs}`` =
@@ -66,7 +71,7 @@ CUDA_SHAPES = [
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOPK = 64
-VARIANTS = ("naive", "engine", "triton", "triton_bf16acc", "liger", "liger_fp32acc")
+VARIANTS = ("naive", "engine", "triton", "triton_bf16acc", "liger", "liger_fp32acc", "gemm_floor")
 
 
 def build_inputs(shape, dtype, device, target_kind, seed=0):
@@ -140,6 +145,40 @@ def engine_step(inputs, divergence, grad_mode="forward", chunk_size=None, kernel
     return loss.detach()
 
 
+def gemm_floor_step(inputs, chunk_size=None, weight_grad_rows=None):
+    """The fused step's matmuls alone, as :func:`fdivctl.engine.sweep.sweep` chunks them with the fp32
+    accumulator: per chunk the student's and the teacher's fp32 logits and the hidden gradient, and every
+    ``weight_grad_rows`` rows the head gradient's GEMM into ``[V, H]`` fp32
+    (:class:`~fdivctl.engine.sweep.PendingWeightGrad`), the logit gradients read as zeros of the weight's dtype.
+    No row kernel and no loss: the time that chunking cannot go below."""
+    from types import SimpleNamespace
+
+    from fdivctl.engine.matmul import input_grad, linear_fp32, matmul_weight
+    from fdivctl.engine.sweep import PendingWeightGrad
+
+    hidden, weight = inputs["hidden"].detach(), matmul_weight(inputs["weight"].detach())
+    (n, h), v = hidden.shape, weight.shape[0]
+    chunk = chunk_size or engine.default_chunk_size(n, v, hidden.device)
+    plan = SimpleNamespace(chunk_size=chunk,
+                           weight_grad_rows=weight_grad_rows or engine.default_weight_grad_rows(chunk, h, hidden.device))
+    grad_hidden = torch.empty_like(hidden)
+    pending = PendingWeightGrad(torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device), hidden,
+                                weight.dtype, plan)
+    zeros = torch.zeros(chunk, v, dtype=weight.dtype, device=hidden.device)  # one chunk's logit gradient
+    if pending.buffer is not None:
+        pending.buffer.zero_()
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        linear_fp32(hidden[rows], weight)
+        if "t_hidden" in inputs:
+            linear_fp32(inputs["t_hidden"][rows], matmul_weight(inputs["t_weight"]))
+        grad = pending.slot(rows)
+        grad = zeros[: rows.stop - rows.start] if grad is None else grad
+        input_grad(grad, weight, out=grad_hidden[rows])
+        pending.add(grad, rows)
+    pending.flush()
+
+
 def liger_beta(divergence):
     """Liger's ``jsd_beta`` for a registry entry: its generalized JSD has our convention
     (``β KL(p‖m) + (1−β) KL(q‖m)``, ``m = βp + (1−β)q``), with 0 = forward KL and 1 = reverse KL."""
@@ -186,6 +225,7 @@ def measure(variant, shape, dtype, device, target_kind, divergence, repeats, gra
         "triton_bf16acc": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton", "param", rows),
         "liger": lambda inp: liger_step(inp, divergence),
         "liger_fp32acc": lambda inp: liger_step(inp, divergence, torch.float32),
+        "gemm_floor": lambda inp: gemm_floor_step(inp, chunk_size, rows),
     }[variant]
     inputs = build_inputs(shape, dtype, device, target_kind)
     _sync(device)
@@ -212,7 +252,7 @@ def measure(variant, shape, dtype, device, target_kind, divergence, repeats, gra
         _sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times) if times else None
-    return {"peak_bytes": int(peak), "seconds": seconds, "loss": float(loss)}
+    return {"peak_bytes": int(peak), "seconds": seconds, "loss": None if loss is None else float(loss)}
 
 
 def _worker(variant, args, shape, div_specs, repeats, env=None):
@@ -325,6 +365,9 @@ def _record(args, shape, div_spec, results):
         if ours in results and theirs in results:
             record[f"{ours}_speedup_vs_{theirs}"] = ratio(get(theirs, "seconds"), get(ours, "seconds"))
             record[f"{ours}_memory_vs_{theirs}"] = ratio(get(ours, "peak_bytes"), get(theirs, "peak_bytes"))
+    for ours in ("engine", "triton"):
+        if ours in results and "gemm_floor" in results:
+            record[f"gemm_floor_vs_{ours}"] = ratio(get("gemm_floor", "seconds"), get(ours, "seconds"))
     return record
 
 
@@ -346,8 +389,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
         "--variants", default=None,
-        help="comma-separated, from naive, engine (PyTorch chunk path), triton (fused kernels), liger "
-        "(LigerFusedLinearJSD; jsd/fkl/rkl with --target head); default naive,engine on cpu, all four on cuda",
+        help="comma-separated, from naive, engine (PyTorch chunk path), triton (fused kernels), triton_bf16acc, "
+        "liger (LigerFusedLinearJSD; jsd/fkl/rkl with --target head), liger_fp32acc, gemm_floor (the fused step's "
+        "matmuls alone); default naive,engine,gemm_floor on cpu, all on cuda",
     )
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--worker-shape", help=argparse.SUPPRESS)
@@ -355,7 +399,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
-    default_variants = "naive,engine" if args.device == "cpu" else ",".join(VARIANTS)
+    default_variants = "naive,engine,gemm_floor" if args.device == "cpu" else ",".join(VARIANTS)
     args.variants = (args.variants or default_variants).split(",")
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:

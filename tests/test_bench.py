@@ -18,7 +18,7 @@ FIELDS = {
                       "peak_memory_ratio_vs_trl", "k3_tokens_per_s_ratio_vs_trl"],
     "distill_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio", "peak_memory_ratio",
                         "tokens_per_s_ratio_vs_trl_chunked"],
-    "loss_engine.py": ["naive_s", "engine_s", "time_ratio", "memory_ratio"],
+    "loss_engine.py": ["naive_s", "engine_s", "time_ratio", "memory_ratio", "gemm_floor_s", "gemm_floor_vs_engine"],
     "teacher_logits.py": ["store_tokens_per_s", "bare_tokens_per_s", "throughput_ratio", "bytes_per_token"],
     "length_grouping.py": ["random_tokens_per_s", "grouped_tokens_per_s", "tokens_per_s_ratio",
                            "grouped_padding_ratio"],
