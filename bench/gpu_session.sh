@@ -5,8 +5,8 @@
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
 # kernels, baseline, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took
-# 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s, train 82 + 59 s
-# (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
+# 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s,
+# train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
 # tests 40 s, loss 87 s, topk 12 s, kernels 6 s, baseline 7 + 6 s, teacher 41 + 28 s (bf16 and fp32 at three k,
 # then mixed lengths twice), train 77 + 53 s; teacher with TEACHER_REPEATS=3 92 + 36 s.

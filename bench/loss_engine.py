@@ -157,6 +157,7 @@ def gemm_floor_step(inputs, chunk_size=None, weight_grad_rows=None):
     from fdivctl.engine.sweep import PendingWeightGrad
 
     hidden, weight = inputs["hidden"].detach(), matmul_weight(inputs["weight"].detach())
+    teacher = None if "t_hidden" not in inputs else (inputs["t_hidden"], matmul_weight(inputs["t_weight"]))
     (n, h), v = hidden.shape, weight.shape[0]
     chunk = chunk_size or engine.default_chunk_size(n, v, hidden.device)
     plan = SimpleNamespace(chunk_size=chunk,
@@ -170,8 +171,8 @@ def gemm_floor_step(inputs, chunk_size=None, weight_grad_rows=None):
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         linear_fp32(hidden[rows], weight)
-        if "t_hidden" in inputs:
-            linear_fp32(inputs["t_hidden"][rows], matmul_weight(inputs["t_weight"]))
+        if teacher is not None:
+            linear_fp32(teacher[0][rows], teacher[1])
         grad = pending.slot(rows)
         grad = zeros[: rows.stop - rows.start] if grad is None else grad
         input_grad(grad, weight, out=grad_hidden[rows])
