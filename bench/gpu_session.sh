@@ -3,8 +3,8 @@
 # session): the CUDA/Triton tests, then the benchmarks of #11 (loss engine vs Liger-Kernel), #6 (GRPO step vs TRL)
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
-# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, train, mask, backend, topk,
-# kernels, baseline, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took
+# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, loss_topk, train, mask, backend,
+# topk, kernels, baseline, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took
 # 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s,
 # train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
@@ -41,7 +41,7 @@ python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgr
     2>&1 | grep -v "Running pip as the 'root' user"
 export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
-STEPS=${STEPS:-tests,sweep,loss,train,mask,backend,topk,kernels,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
+STEPS=${STEPS:-tests,sweep,loss,loss_topk,train,mask,backend,topk,kernels,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py tests/test_teacher_logits_cuda.py tests/test_train_cuda.py \
@@ -51,6 +51,10 @@ want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tes
 want sweep && step loss_engine_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
 want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+# a logit store's top 64 as the target (offline distillation): the PyTorch chunk path vs the Triton top-k path and
+# the GEMMs alone, in the same file (the lines with "target": "topk")
+want loss_topk && step loss_engine_cuda.jsonl 90 python bench/loss_engine.py --device cuda --repeats 3 --target topk \
+    --divergences jsd,fkl --variants engine,triton,gemm_floor --shapes 8192,2048,151936 32768,4096,151936
 # TRL's column: GRPOTrainer 1.16's fused head (trl_path); fdivctl_k3 beside the full estimator
 want train && step train_step_cuda.jsonl 130 python bench/train_step.py --device cuda --dtype bf16 --repeats 3 \
     --chunk-sizes 1024,2048,4096 --profile "$OUT/train_step_profile.txt"

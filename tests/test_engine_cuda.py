@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fdivctl import engine
-from reference import ENTRIES, entry_id, reference_full
+from reference import ENTRIES, entry_id, reference_full, reference_topk
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -114,10 +114,35 @@ def test_auto_kernel_is_triton_on_cuda():
     assert resolve_kernel("auto", hidden, None) == "triton"
 
 
+@pytest.mark.parametrize("tail", ["tail", "renormalize", "ignore"])
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_bf16_topk_target_matches_float64_reference(tail, kernel):
+    """Offline distillation's target, a logit store's top 64 of a 5003-id teacher, against float64 math."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    n, h, v = 301, 256, 5003
+    hidden = torch.randn(n, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).to(torch.bfloat16)
+    log_p = torch.log_softmax(torch.randn(n, v, device="cuda", generator=g) * 3, -1)
+    logprobs, ids = log_p.topk(64, -1)
+    log_tail = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), -1)
+    hl, wl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = engine.divergence_loss(hl, wl, engine.TopK(ids.int(), logprobs, log_tail, temperature=1.3, tail=tail), "jsd",
+                                  chunk_size=64, temperature=1.3, kernel=kernel)
+    gh, gw = torch.autograd.grad(loss, (hl, wl))
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ref = reference_topk("jsd", {}, h64 @ w64.T, ids, logprobs, log_tail, tail, temperature=1.3).mean()
+    rh, rw = torch.autograd.grad(ref, (h64, w64))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
+    for ours, exact in ((gh, rh), (gw, rw)):
+        err = (ours.double() - exact).norm() / exact.norm()
+        assert err < 1e-2, f"relative gradient error {float(err):.2e}"
+
+
+@pytest.mark.parametrize("target", ["full", "topk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_token_loss_matches_the_torch_path(dtype):
-    """The RL policy loss (clipped surrogate − entropy + rkl to full reference logits) through the
-    compiled kernels equals the PyTorch path on the same GPU."""
+def test_triton_token_loss_matches_the_torch_path(dtype, target):
+    """The RL policy loss (clipped surrogate − entropy + rkl to full reference logits, or to a top-64 store of
+    them) through the compiled kernels equals the PyTorch path on the same GPU."""
     from fdivctl.objectives import grpo
 
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -133,10 +158,16 @@ def test_triton_token_loss_matches_the_torch_path(dtype):
         loss, _ = grpo.clipped_surrogate(out["logprob"], old[rows], adv[rows], 0.2, 0.28)
         return (loss - 0.01 * out["entropy"] + 0.1 * out["divergence"]).sum()
 
+    if target == "full":
+        ref_target = engine.FullLogits(ref_logits)
+    else:
+        log_p = torch.log_softmax(ref_logits.float(), -1)
+        logprobs, ids = log_p.topk(64, -1)
+        ref_target = engine.TopK(ids.int(), logprobs, torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), -1))
     results = {}
     for kernel in ("torch", "triton"):
         total, outputs = engine.token_loss(
-            hidden, weight, objective, token_ids=tokens, entropy=True, target=engine.FullLogits(ref_logits),
+            hidden, weight, objective, token_ids=tokens, entropy=True, target=ref_target,
             divergence="rkl", chunk_size=128, kernel=kernel,
         )
         results[kernel] = (total, outputs.logprob, outputs.entropy, *torch.autograd.grad(total, (hidden, weight)))

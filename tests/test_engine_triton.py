@@ -2,8 +2,8 @@
 
 The same kernel source runs compiled on CUDA (tests/test_engine_cuda.py runs it
 there against float64 math); here ``TRITON_INTERPRET=1`` executes it with numpy,
-so CI checks every registry divergence, both dense target kinds, temperature,
-vocabulary padding/truncation and the RL outputs without a GPU.
+so CI checks every registry divergence, the dense target kinds and top-k stores,
+temperature, vocabulary padding/truncation and the RL outputs without a GPU.
 
 Triton reads the interpreter switch when it is imported, so the cases run in a
 child pytest started with it set; in the parent they are skipped and
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fdivctl import divergences, engine
-from reference import ENTRIES, entry_id, reference_full
+from reference import ENTRIES, entry_id, reference_full, reference_topk
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -224,6 +224,106 @@ def test_triton_kernels_write_into_the_gathered_weight_gradient_rows(grad_mode, 
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+def _store(n=13, v=37, k=7, temperature=1.0, seed=4, dtype=torch.float32):
+    """A top-k store of a random teacher as ``teacher-logits`` writes it: distinct ids, log-probs at
+    ``temperature`` in ``dtype``, the exact log tail (−inf when k = V).  The float64 references assume the
+    k + 1 buckets sum to 1, which bf16 log-probs break by their rounding."""
+    g = torch.Generator().manual_seed(seed)
+    log_p = torch.log_softmax(torch.randn(n, v, generator=g) * 2 / temperature, -1)
+    top, ids = log_p.topk(k, -1)
+    log_tail = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), -1)
+    return ids.to(torch.int32), top.to(dtype), log_tail
+
+
+@case
+@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
+@pytest.mark.parametrize(("tail", "grad_mode"),
+                         [("tail", "forward"), ("renormalize", "forward"), ("ignore", "forward"), ("tail", "recompute")])
+def test_triton_topk_target_matches_float64_reference(entry, tail, grad_mode):
+    """A logit store's k + 1 buckets (or k, renormalized or not) through the top-k chunk path: the k ids
+    gathered and set to −inf, one row kernel for the rest, the gradient of the rest from a second, the k
+    ids' written over it."""
+    name, params = entry
+    hidden, weight, bias, *_ = _inputs()
+    ids, logprobs, log_tail = _store()
+    loss = engine.divergence_loss(
+        hidden, weight, engine.TopK(ids, logprobs, log_tail, tail=tail), divergences.get(name, **params),
+        bias=bias, chunk_size=5, grad_mode=grad_mode, kernel="triton",
+    )
+    got = torch.autograd.grad(loss, (hidden, weight, bias))
+    leaves = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    ref = reference_topk(name, params, leaves[0] @ leaves[1].T + leaves[2], ids, logprobs, log_tail, tail).mean()
+    expected = torch.autograd.grad(ref, leaves)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=1e-6)
+    for ours, exact in zip(got, expected):
+        torch.testing.assert_close(ours.double(), exact, rtol=2e-4, atol=2e-6)
+
+
+@case
+@pytest.mark.parametrize("k", [1, 7, 36, 37])
+@pytest.mark.parametrize("tail", ["tail", "renormalize", "ignore"])
+def test_triton_topk_token_loss_matches_the_torch_path(k, tail):
+    """The RL outputs against a top-k reference (``--div-estimator full --ref-logits``): log-prob of tokens
+    inside and outside the k ids, entropy and divergence under a nonlinear objective, a store re-tempered
+    (made at T = 0.8, read at 1.3), rows where the k ids leave one entry or none (k = V: no tail, the rest's
+    statistics 0/0) and, at k = 7, a soft-capped head; values and gradients equal the PyTorch path's."""
+    from fdivctl.objectives import grpo
+
+    softcap = 1.5 if k == 7 else None
+
+    hidden, weight, bias, _, _, tokens = _inputs()
+    ids, logprobs, log_tail = _store(k=k, temperature=0.8, dtype=torch.bfloat16)
+    tokens[:5] = ids[:5, -1]  # some given tokens among the k ids (the δ term lands on an entry written over)
+    g = torch.Generator().manual_seed(3)
+    old = -torch.rand(13, generator=g) * 4
+    adv = torch.randn(13, generator=g)
+
+    def objective(out, rows):
+        loss, _ = grpo.clipped_surrogate(out["logprob"], old[rows], adv[rows], 0.2, 0.28)
+        return (loss - 0.01 * out["entropy"] + 0.1 * out["divergence"]).sum()
+
+    results = {}
+    for kernel in ("torch", "triton"):
+        target = engine.TopK(ids, logprobs, log_tail, temperature=0.8, tail=tail)
+        total, outputs = engine.token_loss(
+            hidden, weight, objective, bias=bias, token_ids=tokens, entropy=True, target=target, divergence="jsd",
+            temperature=1.3, chunk_size=4, kernel=kernel, softcap=softcap,
+        )
+        results[kernel] = (total, outputs.logprob, outputs.entropy, outputs.divergence,
+                           *torch.autograd.grad(total, (hidden, weight, bias)))
+    for ours, ref in zip(results["triton"], results["torch"]):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@case
+@pytest.mark.parametrize("want", ["outputs", "gathered-rows"])
+def test_triton_topk_rows_longer_than_a_block(monkeypatch, want):
+    """Blocks of 16 over rows of 37 with the k ids spread over every block; the per-token outputs alone
+    (``token_outputs``, no gradient), and the gradient written into the rows gathered for one weight-gradient
+    GEMM; both equal the PyTorch path's."""
+    from fdivctl.engine import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "BLOCK", 16)
+    monkeypatch.setattr(triton_chunk, "STATS_BLOCK", 16)
+    hidden, weight, bias, _, _, tokens = _inputs()
+    weight.data[:, 0] += torch.linspace(-3, 3, 37)  # per-row maxima in different blocks
+    ids, logprobs, log_tail = _store(k=9)
+    results = {}
+    for kernel in ("torch", "triton"):
+        target = engine.TopK(ids, logprobs, log_tail)
+        if want == "outputs":
+            out = engine.token_outputs(hidden.detach(), weight.detach(), token_ids=tokens, entropy=True,
+                                       target=target, divergence="rkl", chunk_size=4, kernel=kernel)
+            results[kernel] = tuple(out)
+        else:
+            loss = engine.divergence_loss(hidden, weight, target, "fkl", bias=bias, chunk_size=3,
+                                          weight_grad_rows=8, kernel=kernel)
+            results[kernel] = (loss, *torch.autograd.grad(loss, (hidden, weight, bias)))
+    for ours, ref in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 @case
 def test_objective_without_gradient_gives_zero_gradients():
     hidden, weight, _, _, _, tokens = _inputs()
@@ -237,15 +337,14 @@ def test_objective_without_gradient_gives_zero_gradients():
 @case
 def test_kernel_choice():
     hidden, weight, _, th, tw, tokens = _inputs()
-    ids = torch.zeros(13, 4, dtype=torch.int32) + torch.arange(4, dtype=torch.int32)
-    topk = engine.TopK(ids, torch.full((13, 4), -2.0), torch.full((13,), -0.5))
-    with pytest.raises(ValueError, match="TopK targets run on the PyTorch path"):
-        engine.divergence_loss(hidden, weight, topk, "fkl", kernel="triton")
+    mixture = engine.TeacherMixture([engine.TeacherHead(th, tw)] * 2)
+    with pytest.raises(ValueError, match="TeacherMixture targets run on the PyTorch path"):
+        engine.divergence_loss(hidden, weight, mixture, "fkl", kernel="triton")
     with pytest.raises(ValueError, match="fp64 inputs"):
         engine.token_outputs(hidden.double(), weight.double(), token_ids=tokens, kernel="triton")
     with pytest.raises(ValueError, match="kernel='cuda'; valid: auto, torch, triton"):
         engine.token_outputs(hidden, weight, token_ids=tokens, kernel="cuda")
-    # "auto" keeps the CPU on the PyTorch path, even under the interpreter, and falls back for top-k
+    # "auto" keeps the CPU on the PyTorch path, even under the interpreter
     from fdivctl.engine.sweep import resolve_kernel
 
     assert resolve_kernel("auto", hidden, engine.TeacherHead(th, tw)) == "torch"

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from fdivctl.divergences import Divergence
-from fdivctl.divergences.logspace import compute_dtype
+from fdivctl.divergences.logspace import LOG_FLOOR, compute_dtype
 from fdivctl.engine.chunk_loss import ChunkLoss
 from fdivctl.engine.matmul import accumulate_weight_grad, input_grad, linear_fp32, soft_cap_
-from fdivctl.engine.targets import Target
+from fdivctl.engine.targets import Target, TopK
 
 OUTPUT_NAMES = ("logprob", "entropy", "divergence")
 #: row of ``triton_chunk.STAT_ROWS`` holding the first of OUTPUT_NAMES
@@ -98,8 +98,8 @@ def _triton_unsupported(hidden: torch.Tensor, target: Target | None, divergence)
         return f"the {divergence.name} loss runs on the PyTorch path"
     if hidden.dtype == torch.float64:
         return "fp64 inputs run on the PyTorch path"
-    if target is not None and not hasattr(target, "dense_logits"):
-        return f"{type(target).__name__} targets run on the PyTorch path (Triton: full logits, teacher heads)"
+    if target is not None and not (hasattr(target, "dense_logits") or isinstance(target, TopK)):
+        return f"{type(target).__name__} targets run on the PyTorch path (Triton: full logits, teacher heads, top-k)"
     if not triton_runs_here(hidden.device):
         return "it needs a CUDA device and triton (or TRITON_INTERPRET=1)"
     return None
@@ -108,7 +108,7 @@ def _triton_unsupported(hidden: torch.Tensor, target: Target | None, divergence)
 def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None, divergence=None) -> str:
     """``"torch"`` or ``"triton"`` for a requested ``kernel`` of :data:`KERNELS`.
 
-    ``"auto"`` takes Triton on CUDA wherever it applies (no fp64, a dense or no
+    ``"auto"`` takes Triton on CUDA wherever it applies (no fp64, a dense, top-k or no
     target, no :class:`ChunkLoss`), else the PyTorch path; ``"triton"`` raises ValueError where it cannot run.
     """
     if kernel not in KERNELS:
@@ -195,6 +195,90 @@ def _triton_chunk(
     if out is None:
         out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
     return chunk, value.detach(), triton_chunk.chunk_grad(*args, stats, cotangents, out)
+
+
+def _topk_outputs(plan: SweepPlan, rows: slice, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-token outputs of a chunk against a :class:`~fdivctl.engine.targets.TopK` target, from the
+    leaves of :func:`_triton_topk_chunk`: the k ids' logits ``x_top = z_top/T`` ``[c, k]``, the rest's
+    log-partition ``L = log Σ_rest e^{z/T}`` and entropy ``H'`` ``[c]``, and the given token's ``x_y`` ``[c]``.
+
+    ``log Z = logaddexp(L, logsumexp x_top)``, ``log q_top = x_top − log Z``, the rest's mass
+    ``log Q = L − log Z`` (floored: −inf when the k ids are the whole vocabulary, as the PyTorch path's tail);
+    ``H = −Σ_top q log q + Q (H' − log Q)`` (since ``q_j = Q q'_j`` on the rest); the divergence on the
+    support the target's ``tail`` mode asks for (:meth:`~fdivctl.engine.targets.TopK.aligned`)."""
+    top, lse_rest = leaves["top"], leaves["lse_rest"]
+    lse = torch.logaddexp(lse_rest, torch.logsumexp(top, dim=-1))
+    log_q_top = top - lse.unsqueeze(-1)
+    log_q_rest = (lse_rest - lse).clamp_min(LOG_FLOOR)
+    out: dict[str, torch.Tensor] = {}
+    if plan.token_ids is not None:
+        out["logprob"] = leaves["y"] - lse
+    if plan.entropy:
+        rest = torch.where(torch.isneginf(lse_rest), 0.0, log_q_rest.exp() * (leaves["h_rest"] - log_q_rest))
+        out["entropy"] = rest - (log_q_top.exp() * log_q_top).sum(-1)
+    if plan.divergence is not None:
+        target_side = plan.target.target_buckets(rows, top.dtype, plan.temperature)
+        support = plan.target.aligned(log_q_top, log_q_rest.unsqueeze(-1), *target_side)
+        out["divergence"] = plan.divergence.support_divergence(*support)
+    return out
+
+
+def _triton_topk_chunk(
+    plan: SweepPlan,
+    logits: torch.Tensor,
+    rows: slice,
+    objective: Objective | None,
+    with_grad: bool,
+    grad_dtype: torch.dtype,
+    out: torch.Tensor | None,
+    stats: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The fused path for a top-k target: the k ids' logits (and the given token's) are gathered, set to −inf
+    in ``logits``, and one row kernel without a divergence sums the rest (``L``, ``H'``:
+    :func:`~fdivctl.engine.triton_chunk.chunk_stats`); the outputs follow on ``[c, k]`` tensors
+    (:func:`_topk_outputs`), the objective's derivatives with respect to those leaves by autograd; the
+    gradient over the rest from a second row kernel (:func:`~fdivctl.engine.triton_chunk.chunk_rest_grad`),
+    the k ids' ``(1/T) ∂L/∂x_top`` written over it.  Two reads of the ``[c, V]`` logits, as for a dense
+    target, where the PyTorch path makes several ``[c, V]`` temporaries (log-softmax, scatter, their
+    gradients).  Overwrites ``logits``; the outputs go into ``stats`` as :func:`_triton_chunk`'s do."""
+    from fdivctl.engine import triton_chunk
+
+    inv_t = 1.0 / plan.temperature
+    ids = plan.target.ids[rows].long()
+    token_ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
+    leaves = {"top": logits.gather(1, ids) * inv_t}
+    if token_ids is not None:
+        leaves["y"] = logits.gather(1, token_ids.long().unsqueeze(1)).squeeze(1) * inv_t
+    logits.scatter_(1, ids, float("-inf"))
+    rest = torch.empty(len(triton_chunk.STAT_ROWS), logits.shape[0], dtype=torch.float32, device=logits.device)
+    triton_chunk.chunk_stats(logits, None, logits.shape[1], None, plan.entropy, None, plan.temperature, out=rest)
+    leaves["lse_rest"] = rest[0]
+    if plan.entropy:  # H' is 0/0 where nothing is outside the top k; it is multiplied by that rest's mass, 0
+        rest[3] = torch.where(torch.isneginf(rest[0]), 0.0, rest[3])
+        leaves["h_rest"] = rest[3]
+    leaves = {name: leaf.detach().requires_grad_(with_grad) for name, leaf in leaves.items()}
+    with torch.set_grad_enabled(with_grad):
+        outputs = _topk_outputs(plan, rows, leaves)
+        value = None if objective is None else objective(outputs, rows)
+    chunk = {}
+    for name, output in outputs.items():
+        chunk[name] = stats[STAT_OFFSET + OUTPUT_NAMES.index(name)]
+        chunk[name].copy_(output.detach())
+    if not with_grad:
+        return chunk, value, None
+    grads = dict.fromkeys(leaves)
+    if value.requires_grad:
+        grads.update(zip(leaves, torch.autograd.grad(value, list(leaves.values()), allow_unused=True)))
+    zero = torch.zeros_like(rest[0])
+    cotangents = torch.stack([zero if grads.get(name) is None else grads[name] for name in ("lse_rest", "h_rest", "y")])
+    if out is None:
+        out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
+    triton_chunk.chunk_rest_grad(logits, token_ids, plan.entropy, plan.temperature, rest, cotangents, out)
+    top_grad = torch.zeros_like(leaves["top"]) if grads["top"] is None else grads["top"]
+    if token_ids is not None:  # a given token among the k ids: its δ term lands on the entry written here
+        top_grad = top_grad + (ids == token_ids.long().unsqueeze(1)) * cotangents[2].unsqueeze(1)
+    out.scatter_(1, ids, (top_grad * inv_t).to(out.dtype))
+    return chunk, value.detach(), out
 
 
 class PendingWeightGrad:
@@ -284,8 +368,9 @@ def sweep(
         cap_slope = soft_cap_(logits, plan.softcap, slope=with_grad)
         slot = None if pending is None else pending.slot(rows)
         if plan.kernel == "triton":
-            chunk, value, grad_logits = _triton_chunk(plan, logits, rows, objective, with_grad, weight_mm.dtype, slot,
-                                                      stats[:, rows])
+            fused = _triton_topk_chunk if isinstance(plan.target, TopK) else _triton_chunk
+            chunk, value, grad_logits = fused(plan, logits, rows, objective, with_grad, weight_mm.dtype, slot,
+                                              stats[:, rows])
         else:
             chunk, value, grad_logits = _torch_chunk(plan, logits, rows, objective, with_grad)
         del logits

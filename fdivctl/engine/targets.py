@@ -300,18 +300,24 @@ class TopK(Target):
         _check_no_nan("top-k logprobs", lp)
         _check_no_nan("top-k log_tail", tail)
 
-    def support(self, rows, log_q, temperature):
-        ids = self.ids[rows].long()
-        log_p = floor_log(self.logprobs[rows].to(log_q.dtype))
-        log_p_tail = floor_log(self.log_tail[rows].to(log_q.dtype)).unsqueeze(-1)
+    def target_buckets(self, rows: slice, dtype: torch.dtype, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's side for ``rows``: ``(log p [c, k], log p_tail [c, 1])`` at ``temperature``, floored
+        (re-tempered as ``p^(T_store/T) / Z`` over the k+1 buckets when ``T`` differs from the store's)."""
+        log_p = floor_log(self.logprobs[rows].to(dtype))
+        log_p_tail = floor_log(self.log_tail[rows].to(dtype)).unsqueeze(-1)
         if temperature != self.temperature:
             scale = self.temperature / temperature
             buckets = torch.cat((log_p, log_p_tail), dim=-1) * scale
             buckets = buckets - torch.logsumexp(buckets, dim=-1, keepdim=True)
             log_p, log_p_tail = buckets[:, :-1], buckets[:, -1:]
-        log_q_top = log_q.gather(-1, ids)
+        return log_p, log_p_tail
+
+    def aligned(
+        self, log_q_top: torch.Tensor, log_q_tail: torch.Tensor | None, log_p: torch.Tensor, log_p_tail: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log q, log p)`` on the support ``tail`` asks for, from the student's log-probs of the k ids
+        ``[c, k]`` and of the rest ``[c, 1]`` (needed for ``"tail"`` only) and :meth:`target_buckets`."""
         if self.tail == "tail":
-            log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, LOG_FLOOR), dim=-1, keepdim=True)
             return torch.cat((log_q_top, log_q_tail), -1), torch.cat((log_p, log_p_tail), -1)
         if self.tail == "renormalize":
             return (
@@ -319,3 +325,10 @@ class TopK(Target):
                 log_p - torch.logsumexp(log_p, -1, keepdim=True),
             )
         return log_q_top, log_p
+
+    def support(self, rows, log_q, temperature):
+        ids = self.ids[rows].long()
+        log_q_tail = None
+        if self.tail == "tail":
+            log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, LOG_FLOOR), dim=-1, keepdim=True)
+        return self.aligned(log_q.gather(-1, ids), log_q_tail, *self.target_buckets(rows, log_q.dtype, temperature))

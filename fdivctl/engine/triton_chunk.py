@@ -390,6 +390,38 @@ def _grad_kernel(
         tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rest_grad_kernel(
+    z_ptr, z_stride, y_ptr, stats_ptr, stats_stride, cot_ptr, g_ptr, g_stride, n_rows, n_cols, inv_t,
+    HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The gradient over a row whose top-k entries are ``−inf`` (:func:`chunk_rest_grad`)."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    g_row = g_ptr + row * g_stride
+    lse = tl.load(stats_ptr + row)
+    entropy = tl.load(stats_ptr + 3 * stats_stride + row)
+    c_lse = tl.load(cot_ptr + row) * inv_t
+    c_ent = tl.load(cot_ptr + n_rows + row) * inv_t
+    c_y = tl.load(cot_ptr + 2 * n_rows + row) * inv_t
+    y = -1
+    if HAS_Y:
+        y = tl.load(y_ptr + row)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(z_row + cols, mask=mask, other=float("-inf")) * inv_t
+        finite = x > float("-inf")
+        lq = tl.where(finite, x - lse, 0.0)  # no −inf − (−inf) where the whole row is −inf
+        q = tl.where(finite, tl.exp(lq), 0.0)
+        grad = c_lse * q
+        if WANT_ENT:
+            grad -= c_ent * q * (lq + entropy)
+        if HAS_Y:
+            grad += tl.where(cols == y, c_y, 0.0)
+        tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
+
+
 def _row_args(logits, target_logits, vocab_size, token_ids, divergence) -> tuple[tuple, dict]:
     """The positional arguments both kernels start with and the divergence's switch and parameters."""
     code, w, log_w, log_1mw = divergence_code(divergence)
@@ -447,4 +479,35 @@ def chunk_grad(
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
         _grad_kernel[(rows,)](*head, stats, stats.stride(0), cotangents, out, out.stride(0), rows, vocab_size,
                               1.0 / temperature, **params, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+def chunk_rest_grad(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor | None,
+    entropy: bool,
+    temperature: float,
+    stats: torch.Tensor,
+    cotangents: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write into ``out`` (which may be ``logits`` itself) the part of ``∂L/∂z`` ``[c, V]`` that flows through
+    the rest of each row, the entries outside a top-k set, which ``logits`` holds as ``−inf``.
+
+    With ``x = z/T``, ``q'`` the distribution of the rest (``log q'_j = x_j − L``, ``L = log Σ_rest e^x``) and
+    ``H' = −Σ q' log q'`` — :func:`chunk_stats` without a divergence, on these logits, gives ``L`` in row 0 and
+    ``H'`` in row 3 of ``stats`` — and the cotangents ``cotangents`` ``[3, c]``: ``∂L/∂L``, ``∂L/∂H'`` and
+    ``∂L/∂x_y`` (the given token's logit, when ``token_ids`` is given):
+
+    ``∂L/∂z_j = (1/T) [∂L/∂L · q'_j − ∂L/∂H' · q'_j (log q'_j + H') + ∂L/∂x_y · δ_{j,y}]``
+
+    (``∂L/∂x_j = q'_j``, ``∂H'/∂x_j = −q'_j (log q'_j + H')``).  Zero at the ``−inf`` entries but for the
+    ``δ_{j,y}`` term: the caller writes the top-k entries over them.
+    """
+    rows = logits.shape[0]
+    if rows:
+        ids = logits if token_ids is None else token_ids
+        _rest_grad_kernel[(rows,)](logits, logits.stride(0), ids, stats, stats.stride(0), cotangents, out,
+                                   out.stride(0), rows, logits.shape[1], 1.0 / temperature,
+                                   HAS_Y=token_ids is not None, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
