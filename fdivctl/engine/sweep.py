@@ -237,7 +237,7 @@ def _triton_topk_chunk(
     in ``logits``, and one row kernel without a divergence sums the rest (``L``, ``H'``:
     :func:`~fdivctl.engine.triton_chunk.chunk_stats`); the outputs follow on ``[c, k]`` tensors
     (:func:`_topk_outputs`), the objective's derivatives with respect to those leaves by autograd; the
-    gradient over the rest from a second row kernel (:func:`~fdivctl.engine.triton_chunk.chunk_rest_grad`),
+    gradient over the rest from the gradient kernel (:func:`~fdivctl.engine.triton_chunk.chunk_grad`, ``rest``),
     the k ids' ``(1/T) ∂L/∂x_top`` written over it.  Two reads of the ``[c, V]`` logits, as for a dense
     target, where the PyTorch path makes several ``[c, V]`` temporaries (log-softmax, scatter, their
     gradients).  Overwrites ``logits``; the outputs go into ``stats`` as :func:`_triton_chunk`'s do."""
@@ -270,13 +270,16 @@ def _triton_topk_chunk(
     if value.requires_grad:
         grads.update(zip(leaves, torch.autograd.grad(value, list(leaves.values()), allow_unused=True)))
     zero = torch.zeros_like(rest[0])
-    cotangents = torch.stack([zero if grads.get(name) is None else grads[name] for name in ("lse_rest", "h_rest", "y")])
+    # chunk_grad's rows with rest=True: ∂L/∂x_y, ∂L/∂H', none for a divergence, ∂L/∂L
+    cotangents = torch.stack([zero if grads.get(name) is None else grads[name]
+                              for name in ("y", "h_rest", None, "lse_rest")])
     if out is None:
         out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
-    triton_chunk.chunk_rest_grad(logits, token_ids, plan.entropy, plan.temperature, rest, cotangents, out)
+    triton_chunk.chunk_grad(logits, None, logits.shape[1], token_ids, plan.entropy, None, plan.temperature, rest,
+                            cotangents, out, rest=True)
     top_grad = torch.zeros_like(leaves["top"]) if grads["top"] is None else grads["top"]
     if token_ids is not None:  # a given token among the k ids: its δ term lands on the entry written here
-        top_grad = top_grad + (ids == token_ids.long().unsqueeze(1)) * cotangents[2].unsqueeze(1)
+        top_grad = top_grad + (ids == token_ids.long().unsqueeze(1)) * cotangents[0].unsqueeze(1)
     out.scatter_(1, ids, (top_grad * inv_t).to(out.dtype))
     return chunk, value.detach(), out
 

@@ -29,7 +29,11 @@ target's logits ``t [c, Vₜ]``), one program per row:
   with ``a_j = ∂g/∂log q_j``: the chain rule through ``log q = z/T − log Z``
   (``∂ log q_i / ∂z_j = (δ_ij − q_j)/T``).  It writes the gradient in the
   dtype the backward matmuls read (bf16 for a bf16 head), so they read it
-  directly with no cast.
+  directly with no cast.  For a top-k target (``REST``) both kernels run on the
+  row with the k ids set to ``−inf``, without a divergence: the statistics give
+  the rest's log-partition and entropy, and the gradient is the part that flows
+  through them (:func:`chunk_grad`); the divergence over the k + 1 buckets is
+  taken on ``[c, k]`` tensors by the caller (``fdivctl.engine.sweep``).
 
 The summands ``g`` and their derivatives ``a`` are those of
 :mod:`fdivctl.divergences` (their docstrings give the formulas and sources):
@@ -357,7 +361,7 @@ def _one_pass_stats(
 def _grad_kernel(
     z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, cot_ptr, g_ptr, g_stride,
     n_rows, n_cols, inv_t, w, log_w, log_1mw,
-    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, REST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -370,16 +374,29 @@ def _grad_kernel(
     c_lp = tl.load(cot_ptr + row) * inv_t
     c_ent = tl.load(cot_ptr + n_rows + row) * inv_t
     c_div = tl.load(cot_ptr + 2 * n_rows + row) * inv_t
+    c_rest = 0.0
+    if REST:
+        c_rest = tl.load(cot_ptr + 3 * n_rows + row) * inv_t
     y = -1
     if HAS_Y:
         y = tl.load(y_ptr + row)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
-        q = tl.exp(lq)
+        if REST:  # −inf entries (the top k): q = 0, and no −inf − (−inf) where the whole row is −inf
+            x = tl.load(z_row + cols, mask=mask, other=float("-inf")) * inv_t
+            finite = x > float("-inf")
+            lq = tl.where(finite, x - lse_q, 0.0)
+            q = tl.where(finite, tl.exp(lq), 0.0)
+        else:
+            lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
+            q = tl.exp(lq)
         grad = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_Y:
+        if REST:
+            grad += c_rest * q
+            if HAS_Y:
+                grad += tl.where(cols == y, c_lp, 0.0)
+        elif HAS_Y:
             grad += c_lp * (tl.where(cols == y, 1.0, 0.0) - q)
         if WANT_ENT:
             grad -= c_ent * q * (lq + entropy)
@@ -387,38 +404,6 @@ def _grad_kernel(
             lp = _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p)
             _, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
             grad += c_div * (a - q * slope)
-        tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rest_grad_kernel(
-    z_ptr, z_stride, y_ptr, stats_ptr, stats_stride, cot_ptr, g_ptr, g_stride, n_rows, n_cols, inv_t,
-    HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """The gradient over a row whose top-k entries are ``−inf`` (:func:`chunk_rest_grad`)."""
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * z_stride
-    g_row = g_ptr + row * g_stride
-    lse = tl.load(stats_ptr + row)
-    entropy = tl.load(stats_ptr + 3 * stats_stride + row)
-    c_lse = tl.load(cot_ptr + row) * inv_t
-    c_ent = tl.load(cot_ptr + n_rows + row) * inv_t
-    c_y = tl.load(cot_ptr + 2 * n_rows + row) * inv_t
-    y = -1
-    if HAS_Y:
-        y = tl.load(y_ptr + row)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(z_row + cols, mask=mask, other=float("-inf")) * inv_t
-        finite = x > float("-inf")
-        lq = tl.where(finite, x - lse, 0.0)  # no −inf − (−inf) where the whole row is −inf
-        q = tl.where(finite, tl.exp(lq), 0.0)
-        grad = c_lse * q
-        if WANT_ENT:
-            grad -= c_ent * q * (lq + entropy)
-        if HAS_Y:
-            grad += tl.where(cols == y, c_y, 0.0)
         tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -468,46 +453,28 @@ def chunk_grad(
     stats: torch.Tensor,
     cotangents: torch.Tensor,
     out: torch.Tensor,
+    rest: bool = False,
 ) -> torch.Tensor:
     """Write ``∂L/∂z`` ``[c, V]`` into ``out`` (which may be ``logits`` itself) and return it.
 
     ``cotangents`` ``[3, c]`` fp32 holds ``∂L/∂ log q(y)``, ``∂L/∂H`` and
     ``∂L/∂D`` per row (zeros for outputs the objective does not use).
+
+    ``rest=True``: the gradient that flows through the rest of each row, the entries outside a top-k set,
+    which ``logits`` holds as ``−inf`` (no target, no divergence).  With ``x = z/T``, ``q'`` the rest's
+    distribution (``log q'_j = x_j − L``, ``L = log Σ_rest e^x``), ``H' = −Σ q' log q'`` — what
+    :func:`chunk_stats` gives for these logits, in ``stats``'s rows 0 and 3 — and ``cotangents`` ``[4, c]``
+    holding ``∂L/∂x_y`` (the given token's logit), ``∂L/∂H'``, 0 and ``∂L/∂L``:
+
+    ``∂L/∂z_j = (1/T) [∂L/∂L · q'_j − ∂L/∂H' · q'_j (log q'_j + H') + ∂L/∂x_y · δ_{j,y}]``
+
+    (``∂L/∂x_j = q'_j``, ``∂H'/∂x_j = −q'_j (log q'_j + H')``): zero at the ``−inf`` entries but for the
+    ``δ_{j,y}`` term; the caller writes the top-k entries over them.
     """
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
         _grad_kernel[(rows,)](*head, stats, stats.stride(0), cotangents, out, out.stride(0), rows, vocab_size,
-                              1.0 / temperature, **params, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return out
-
-
-def chunk_rest_grad(
-    logits: torch.Tensor,
-    token_ids: torch.Tensor | None,
-    entropy: bool,
-    temperature: float,
-    stats: torch.Tensor,
-    cotangents: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """Write into ``out`` (which may be ``logits`` itself) the part of ``∂L/∂z`` ``[c, V]`` that flows through
-    the rest of each row, the entries outside a top-k set, which ``logits`` holds as ``−inf``.
-
-    With ``x = z/T``, ``q'`` the distribution of the rest (``log q'_j = x_j − L``, ``L = log Σ_rest e^x``) and
-    ``H' = −Σ q' log q'`` — :func:`chunk_stats` without a divergence, on these logits, gives ``L`` in row 0 and
-    ``H'`` in row 3 of ``stats`` — and the cotangents ``cotangents`` ``[3, c]``: ``∂L/∂L``, ``∂L/∂H'`` and
-    ``∂L/∂x_y`` (the given token's logit, when ``token_ids`` is given):
-
-    ``∂L/∂z_j = (1/T) [∂L/∂L · q'_j − ∂L/∂H' · q'_j (log q'_j + H') + ∂L/∂x_y · δ_{j,y}]``
-
-    (``∂L/∂x_j = q'_j``, ``∂H'/∂x_j = −q'_j (log q'_j + H')``).  Zero at the ``−inf`` entries but for the
-    ``δ_{j,y}`` term: the caller writes the top-k entries over them.
-    """
-    rows = logits.shape[0]
-    if rows:
-        ids = logits if token_ids is None else token_ids
-        _rest_grad_kernel[(rows,)](logits, logits.stride(0), ids, stats, stats.stride(0), cotangents, out,
-                                   out.stride(0), rows, logits.shape[1], 1.0 / temperature,
-                                   HAS_Y=token_ids is not None, WANT_ENT=entropy, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                              1.0 / temperature, **params, WANT_ENT=entropy, REST=rest, BLOCK=BLOCK,
+                              num_warps=NUM_WARPS)
     return out
