@@ -3,8 +3,9 @@
 # session): the CUDA/Triton tests, then the benchmarks of #11 (loss engine vs Liger-Kernel), #6 (GRPO step vs TRL)
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
-# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, loss_topk, train, mask, backend,
-# topk, kernels, baseline, teacher, teacher_profile) runs only those.  tests, sweep, loss, train and teacher took
+# that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, loss_chunks, loss_topk, train, mask,
+# backend, topk, kernels, baseline, teacher, teacher_profile) runs only those; #11 alone:
+# STEPS=tests,loss,loss_chunks,loss_topk (about 6 minutes).  tests, sweep, loss, train and teacher took
 # 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s,
 # train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
@@ -51,6 +52,11 @@ want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tes
 want sweep && step loss_engine_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
 want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+# #11's throughput at the two largest shapes with head chunks above the default (384 rows at V = 151936), beside the
+# GEMMs alone in each chunking: whether bigger GEMMs reach 60 % of the bf16 peak
+want loss_chunks && step loss_engine_cuda.jsonl 80 python bench/loss_engine.py --device cuda --repeats 3 \
+    --divergences fkl,jsd --variants triton,gemm_floor --shapes 32768,4096,151936 32768,2048,151936 \
+    --chunk-size 384,512,768
 # a logit store's top 64 as the target (offline distillation): the PyTorch chunk path vs the Triton top-k path and
 # the GEMMs alone, in the same file (the lines with "target": "topk")
 want loss_topk && step loss_engine_cuda.jsonl 90 python bench/loss_engine.py --device cuda --repeats 3 --target topk \
