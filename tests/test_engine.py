@@ -195,6 +195,7 @@ def test_vocab_policies():
         (lambda t: dict(target=engine.TopK(torch.zeros(N, 41, dtype=torch.int32), torch.zeros(N, 41, dtype=torch.float64), torch.zeros(N, dtype=torch.float64))), r"k=41 exceeds the student vocabulary size 40"),
         (lambda t: dict(target=engine.TopK(torch.full((N, 3), 40, dtype=torch.int32), torch.zeros(N, 3, dtype=torch.float64), torch.zeros(N, dtype=torch.float64))), r"top-k ids out of range"),
         (lambda t: dict(target=engine.TopK(torch.zeros(N, 3), torch.zeros(N, 3), torch.zeros(N))), r"must be int32 or int64"),
+        (lambda t: dict(target=engine.TopK(torch.tensor([[0, 1, 2]] * (N - 1) + [[5, 2, 5]], dtype=torch.int32), torch.zeros(N, 3, dtype=torch.float64), torch.zeros(N, dtype=torch.float64))), r"repeat an id within a row \(row 28\)"),
         (lambda t: dict(target=engine.FullLogits(t["tl"].index_fill(0, torch.tensor([3]), float("nan")))), r"target logits \(29, 40\) contains NaN"),
         (lambda t: dict(hidden=t["h"].index_fill(0, torch.tensor([3]), float("nan"))), r"hidden \(29, 12\) contains NaN or inf"),
         (lambda t: dict(mask=torch.ones(N - 1, dtype=torch.bool)), r"mask has shape \(28,\); expected \[29\]"),

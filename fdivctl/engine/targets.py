@@ -297,6 +297,12 @@ class TopK(Target):
             raise ValueError(f"top-k log_tail has shape {tuple(tail.shape)}; expected [{n_tokens}]")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise ValueError(f"top-k ids out of range [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}")
+        if ids.shape[1] > 1:
+            ordered = ids.sort(dim=-1).values
+            repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1)
+            if bool(repeated.any()):
+                row = int(repeated.nonzero()[0, 0])
+                raise ValueError(f"top-k ids repeat an id within a row (row {row}): each row's k ids must be distinct")
         _check_no_nan("top-k logprobs", lp)
         _check_no_nan("top-k log_tail", tail)
 
