@@ -325,6 +325,38 @@ def test_triton_topk_rows_longer_than_a_block(monkeypatch, want):
 
 
 @case
+@pytest.mark.parametrize("weights", ["confidence", [0.3, 0.7]])
+@pytest.mark.parametrize("vocabs", [(37, 37), (41, 30)])
+def test_triton_teacher_mixture_matches_the_torch_path(weights, vocabs):
+    """Multi-teacher distillation's target (MAD-OPD's confidence weights or fixed ones), with teachers padded to a
+    larger head and lacking ids: its log-probabilities made per chunk (times T) and read by the dense kernels as
+    a full-logit target; jsd's loss and the RL outputs against rkl equal the PyTorch path's."""
+    hidden, weight, bias, th, _, tokens = _inputs()
+    g = torch.Generator().manual_seed(7)
+    heads = [torch.randn(t_vocab, th.shape[1], generator=g) * 0.8 for t_vocab in vocabs]
+
+    def objective(out, rows):
+        loss = (out["logprob"] * torch.linspace(-1, 1, 13)[rows]).sum() - 0.3 * out["entropy"].sum()
+        return loss + 0.7 * out["divergence"].sum()
+
+    results = {}
+    for kernel in ("torch", "triton"):
+        mixture = engine.TeacherMixture(
+            [engine.TeacherHead(th, w, vocab={37: "strict", 41: "truncate", 30: "pad"}[w.shape[0]]) for w in heads],
+            weights,
+        )
+        loss = engine.divergence_loss(hidden, weight, mixture, "jsd", bias=bias, temperature=1.7, chunk_size=5,
+                                      kernel=kernel)
+        total, outputs = engine.token_loss(hidden, weight, objective, bias=bias, token_ids=tokens, entropy=True,
+                                           target=mixture, divergence="rkl", temperature=0.8, chunk_size=4,
+                                           kernel=kernel)
+        results[kernel] = (loss, *torch.autograd.grad(loss, (hidden, weight, bias)), total, *outputs,
+                           *torch.autograd.grad(total, (hidden, weight, bias)))
+    for ours, ref in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@case
 def test_objective_without_gradient_gives_zero_gradients():
     hidden, weight, _, _, _, tokens = _inputs()
     total, _ = engine.token_loss(
@@ -337,9 +369,22 @@ def test_objective_without_gradient_gives_zero_gradients():
 @case
 def test_kernel_choice():
     hidden, weight, _, th, tw, tokens = _inputs()
-    mixture = engine.TeacherMixture([engine.TeacherHead(th, tw)] * 2)
-    with pytest.raises(ValueError, match="TeacherMixture targets run on the PyTorch path"):
-        engine.divergence_loss(hidden, weight, mixture, "fkl", kernel="triton")
+
+    class OwnTarget(engine.Target):  # a user's target with only the PyTorch path's support()
+        n_tokens = 13
+
+        def take(self, index):
+            return self
+
+        def validate(self, n_tokens, vocab_size):
+            pass
+
+        def support(self, rows, log_q, temperature):
+            return log_q, torch.log_softmax(th[rows] @ tw.T / temperature, -1)
+
+    with pytest.raises(ValueError, match="OwnTarget targets run on the PyTorch path"):
+        engine.divergence_loss(hidden, weight, OwnTarget(), "fkl", kernel="triton")
+    assert float(engine.divergence_loss(hidden, weight, OwnTarget(), "fkl", kernel="auto")) > 0
     with pytest.raises(ValueError, match="fp64 inputs"):
         engine.token_outputs(hidden.double(), weight.double(), token_ids=tokens, kernel="triton")
     with pytest.raises(ValueError, match="kernel='cuda'; valid: auto, torch, triton"):

@@ -23,9 +23,8 @@ None ever holds the ``[N, V]`` student logits.  Two gradient strategies
 Two kernels for a chunk's row work (``kernel=``, one of :data:`KERNELS`):
 ``"torch"`` — PyTorch ops and autograd on the chunk, the reference and the CPU
 path; ``"triton"`` — two fused row kernels (:mod:`fdivctl.engine.triton_chunk`)
-for full-logit, teacher-head and top-k (logit store) targets; ``"auto"`` (default) takes Triton on
-CUDA wherever it applies (not for a :class:`~fdivctl.engine.targets.TeacherMixture`, a
-:class:`~fdivctl.engine.chunk_loss.ChunkLoss` or fp64).
+for every target kind (full logits, teacher heads and their mixtures, top-k stores); ``"auto"`` (default)
+takes Triton on CUDA wherever it applies (not for a :class:`~fdivctl.engine.chunk_loss.ChunkLoss` or fp64).
 
 ``weight_grad_rows`` (``G``): rows of logit gradients gathered for one
 weight-gradient GEMM ``grad W += gᵀ h`` (:class:`~fdivctl.engine.sweep.PendingWeightGrad`).

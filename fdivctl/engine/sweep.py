@@ -99,7 +99,7 @@ def _triton_unsupported(hidden: torch.Tensor, target: Target | None, divergence)
     if hidden.dtype == torch.float64:
         return "fp64 inputs run on the PyTorch path"
     if target is not None and not (hasattr(target, "dense_logits") or isinstance(target, TopK)):
-        return f"{type(target).__name__} targets run on the PyTorch path (Triton: full logits, teacher heads, top-k)"
+        return f"{type(target).__name__} targets run on the PyTorch path (Triton: dense targets and top-k)"
     if not triton_runs_here(hidden.device):
         return "it needs a CUDA device and triton (or TRITON_INTERPRET=1)"
     return None
@@ -108,8 +108,8 @@ def _triton_unsupported(hidden: torch.Tensor, target: Target | None, divergence)
 def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None, divergence=None) -> str:
     """``"torch"`` or ``"triton"`` for a requested ``kernel`` of :data:`KERNELS`.
 
-    ``"auto"`` takes Triton on CUDA wherever it applies (no fp64, a dense, top-k or no
-    target, no :class:`ChunkLoss`), else the PyTorch path; ``"triton"`` raises ValueError where it cannot run.
+    ``"auto"`` takes Triton on CUDA wherever it applies (no fp64, a target with ``dense_logits``, a top-k or
+    none, no :class:`ChunkLoss`), else the PyTorch path; ``"triton"`` raises ValueError where it cannot run.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; valid: {', '.join(KERNELS)}")
@@ -177,7 +177,7 @@ def _triton_chunk(
     from fdivctl.engine import triton_chunk
 
     ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
-    target = None if plan.target is None else plan.target.dense_logits(rows)
+    target = None if plan.target is None else plan.target.dense_logits(rows, plan.temperature, logits.shape[1])
     args = (logits, target, logits.shape[1], ids, plan.entropy, plan.divergence, plan.temperature)
     triton_chunk.chunk_stats(*args, out=stats)
     chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}

@@ -130,13 +130,15 @@ class FullLogits(_DenseTarget):
         self._check_vocab("target logits", self.logits.shape[1], vocab_size)
         _check_no_nan("target logits", self.logits)
 
-    def dense_logits(self, rows: slice) -> torch.Tensor:
-        """The target's raw logits ``[c, Vₜ]`` for ``rows``, unit column stride (the Triton path reads them)."""
+    def dense_logits(self, rows: slice, temperature: float, vocab_size: int) -> torch.Tensor:
+        """Logits ``[c, Vₜ]`` for ``rows`` whose ``softmax(· / temperature)`` over the student's ``vocab_size`` ids
+        is the target, columns past ``Vₜ`` counting as −inf and those past ``vocab_size`` dropped (the Triton path
+        reads them so; unit column stride): the raw logits, whatever the temperature."""
         logits = self.logits[rows].detach()
         return logits if logits.stride(-1) == 1 else logits.contiguous()
 
     def support(self, rows, log_q, temperature):
-        logits = self.dense_logits(rows).to(log_q.dtype)
+        logits = self.dense_logits(rows, temperature, log_q.shape[-1]).to(log_q.dtype)
         return log_q, self._log_p(logits, log_q.shape[-1], temperature)
 
 
@@ -187,8 +189,9 @@ class TeacherHead(_DenseTarget):
         _check_no_nan("teacher hidden", h)
         _check_no_nan("teacher weight", w)
 
-    def dense_logits(self, rows: slice) -> torch.Tensor:
-        """The teacher's logits ``[c, Vₜ]`` for ``rows`` (fp32, or fp64 for fp64 inputs), made now."""
+    def dense_logits(self, rows: slice, temperature: float, vocab_size: int) -> torch.Tensor:
+        """The teacher's logits ``[c, Vₜ]`` for ``rows`` (fp32, or fp64 for fp64 inputs), made now; the raw
+        logits whatever the temperature, as :meth:`FullLogits.dense_logits`."""
         if self._weight_mm is None:
             self._weight_mm = matmul_weight(self.weight.detach())
         bias = None if self.bias is None else self.bias.detach()
@@ -197,7 +200,7 @@ class TeacherHead(_DenseTarget):
         return logits
 
     def support(self, rows, log_q, temperature):
-        logits = self.dense_logits(rows).to(log_q.dtype)
+        logits = self.dense_logits(rows, temperature, log_q.shape[-1]).to(log_q.dtype)
         return log_q, self._log_p(logits, log_q.shape[-1], temperature)
 
 
@@ -242,15 +245,27 @@ class TeacherMixture(Target):
         for teacher in self.teachers:
             teacher.validate(n_tokens, vocab_size)
 
-    def support(self, rows, log_q, temperature):
-        log_ps = torch.stack([t.support(rows, log_q, temperature)[1] for t in self.teachers])  # [T, c, V]
+    def log_p(self, rows: slice, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+        """The mixture's log-probabilities ``[c, V]`` for ``rows`` at ``temperature``, floored."""
+        log_ps = torch.stack([
+            t._log_p(t.dense_logits(rows, temperature, vocab_size).to(dtype), vocab_size, temperature)
+            for t in self.teachers
+        ])  # [T, c, V]
         if self.weights == "confidence":
             log_w = log_ps.amax(dim=-1, keepdim=True)
             log_w = log_w - torch.logsumexp(log_w, dim=0, keepdim=True)
         else:
             w = torch.tensor(self.weights, dtype=log_ps.dtype, device=log_ps.device)
             log_w = w.clamp_min(1e-300).log().view(-1, 1, 1)
-        return log_q, torch.logsumexp(log_ps + log_w, dim=0).clamp_min_(LOG_FLOOR)
+        return torch.logsumexp(log_ps + log_w, dim=0).clamp_min_(LOG_FLOOR)
+
+    def dense_logits(self, rows: slice, temperature: float, vocab_size: int) -> torch.Tensor:
+        """``T · log p`` ``[c, V]`` (fp32): logits whose ``softmax(· / T)`` is the mixture at ``T``, for the Triton
+        path, which divides a target's logits by the temperature."""
+        return self.log_p(rows, vocab_size, temperature, torch.float32).mul_(temperature)
+
+    def support(self, rows, log_q, temperature):
+        return log_q, self.log_p(rows, log_q.shape[-1], temperature, log_q.dtype)
 
 
 class TopK(Target):
