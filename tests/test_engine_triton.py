@@ -236,13 +236,18 @@ def _store(n=13, v=37, k=7, temperature=1.0, seed=4, dtype=torch.float32):
 
 
 @case
-@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
-@pytest.mark.parametrize(("tail", "grad_mode"),
-                         [("tail", "forward"), ("renormalize", "forward"), ("ignore", "forward"), ("tail", "recompute")])
+@pytest.mark.parametrize(
+    ("entry", "tail", "grad_mode"),
+    [(entry, "tail", "forward") for entry in ENTRIES]
+    + [(("jsd", {"beta": 0.2}), tail, mode) for tail, mode in
+       (("renormalize", "forward"), ("ignore", "forward"), ("tail", "recompute"))],
+    ids=lambda value: entry_id(value) if isinstance(value, tuple) else value,
+)
 def test_triton_topk_target_matches_float64_reference(entry, tail, grad_mode):
     """A logit store's k + 1 buckets (or k, renormalized or not) through the top-k chunk path: the k ids
     gathered and set to −inf, one row kernel for the rest, the gradient of the rest from a second, the k
-    ids' written over it."""
+    ids' written over it.  Every registry entry with the tail bucket (the entry changes only the derivatives
+    the kernel is handed); the other tail modes and the recomputing backward with one."""
     name, params = entry
     hidden, weight, bias, *_ = _inputs()
     ids, logprobs, log_tail = _store()
