@@ -186,15 +186,26 @@ def _triton_chunk(
     leaves = {name: value.detach().requires_grad_(True) for name, value in chunk.items()}
     with torch.enable_grad():
         value = objective(leaves, rows)
-    cotangents = torch.zeros(len(OUTPUT_NAMES), logits.shape[0], dtype=torch.float32, device=logits.device)
+    grads = _leaf_grads(value, leaves)
+    zero = torch.zeros_like(stats[0])
+    cotangents = torch.stack([grads.get(name, zero) for name in OUTPUT_NAMES])
+    out = _gradient_buffer(logits, grad_dtype, out)
+    return chunk, value.detach(), triton_chunk.chunk_grad(*args, stats, cotangents, out)
+
+
+def _leaf_grads(value: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``∂value/∂leaf`` for each of ``leaves``, by autograd; zeros for a leaf ``value`` does not depend on."""
+    grads = [None] * len(leaves)
     if value.requires_grad:
         grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-        for name, grad in zip(leaves, grads):
-            if grad is not None:
-                cotangents[OUTPUT_NAMES.index(name)] = grad
-    if out is None:
-        out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
-    return chunk, value.detach(), triton_chunk.chunk_grad(*args, stats, cotangents, out)
+    return {name: torch.zeros_like(leaf) if grad is None else grad for (name, leaf), grad in zip(leaves.items(), grads)}
+
+
+def _gradient_buffer(logits: torch.Tensor, grad_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """Where a chunk's ``∂/∂z`` goes: ``out`` when given, else over the logits when they are in ``grad_dtype``."""
+    if out is not None:
+        return out
+    return logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
 
 
 def _topk_outputs(plan: SweepPlan, rows: slice, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -266,18 +277,14 @@ def _triton_topk_chunk(
         chunk[name].copy_(output.detach())
     if not with_grad:
         return chunk, value, None
-    grads = dict.fromkeys(leaves)
-    if value.requires_grad:
-        grads.update(zip(leaves, torch.autograd.grad(value, list(leaves.values()), allow_unused=True)))
+    grads = _leaf_grads(value, leaves)
     zero = torch.zeros_like(rest[0])
     # chunk_grad's rows with rest=True: ∂L/∂x_y, ∂L/∂H', none for a divergence, ∂L/∂L
-    cotangents = torch.stack([zero if grads.get(name) is None else grads[name]
-                              for name in ("y", "h_rest", None, "lse_rest")])
-    if out is None:
-        out = logits if grad_dtype == logits.dtype else torch.empty_like(logits, dtype=grad_dtype)
+    cotangents = torch.stack([grads.get(name, zero) for name in ("y", "h_rest", None, "lse_rest")])
+    out = _gradient_buffer(logits, grad_dtype, out)
     triton_chunk.chunk_grad(logits, None, logits.shape[1], token_ids, plan.entropy, None, plan.temperature, rest,
                             cotangents, out, rest=True)
-    top_grad = torch.zeros_like(leaves["top"]) if grads["top"] is None else grads["top"]
+    top_grad = grads["top"]
     if token_ids is not None:  # a given token among the k ids: its δ term lands on the entry written here
         top_grad = top_grad + (ids == token_ids.long().unsqueeze(1)) * cotangents[0].unsqueeze(1)
     out.scatter_(1, ids, (top_grad * inv_t).to(out.dtype))

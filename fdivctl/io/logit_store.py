@@ -53,6 +53,8 @@ def shard_layout(n_tokens: int, k: int, store_dtype: torch.dtype) -> dict[str, t
     return {"ids": ((n_tokens, k), torch.int32), "logprobs": ((n_tokens, k), store_dtype),
             "log_tail": ((n_tokens,), torch.float32), "token_logprob": ((n_tokens,), torch.float32),
             "token_ids": ((n_tokens,), torch.int32)}
+
+
 INDEX_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
