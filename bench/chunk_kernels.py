@@ -17,13 +17,21 @@ and 209 µs for the gradient (583 MB: 2.8 TB/s), before the statistics kept thei
 statistics took 245 µs for rkl (1.9 TB/s), against 326 µs for the per-block code in the same run
 (``bench/results/row_kernels_cuda_h200.txt``).
 
+``--launches`` times the kernels at other launch settings (:class:`fdivctl.engine.triton_chunk.Launch`: block,
+warps, software-pipelining stages), one ``STATS/GRAD`` pair per record, each ``BLOCKxWARPSxSTAGES``; the records
+carry ``stats_launch`` and ``grad_launch``, and ``stats_max_diff`` / ``grad_max_diff``, the largest difference
+from the first pair's outputs (same inputs: only the summation order may differ).  A pair that does not compile or
+run is printed with its ``error``.
+
     python bench/chunk_kernels.py --quick          # CPU, Triton's interpreter, a small chunk (the harness only)
     python bench/chunk_kernels.py --device cuda    # 384 rows × V = 151936 (the default chunk there)
+    python bench/chunk_kernels.py --device cuda --launches 2048x16x1/4096x16x1 2048x16x3/4096x16x3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -36,6 +44,8 @@ def main() -> None:
     parser.add_argument("--divergences", default="none,rkl,fkl,jsd", help="comma-separated registry names, or none")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a small chunk under Triton's CPU interpreter")
+    parser.add_argument("--launches", nargs="*", default=None,
+                        help="STATS/GRAD launch pairs, each BLOCKxWARPSxSTAGES (default: the engine's own)")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.vocab, args.repeats = 8, 4096, 3
@@ -56,24 +66,50 @@ def main() -> None:
     stats = torch.empty(len(triton_chunk.STAT_ROWS), args.rows, device=device)
     grad = torch.empty(args.rows, args.vocab, dtype=torch.bfloat16, device=device)
     row_bytes = args.rows * args.vocab * 4  # one fp32 [rows, V] tensor
-    for name in args.divergences.split(","):
+    launches = [_launch_pair(text, triton_chunk.Launch) for text in args.launches] if args.launches else [
+        (triton_chunk.STATS_LAUNCH, triton_chunk.GRAD_LAUNCH)]
+    reference = {}  # divergence → the first launch's statistics and gradient
+    for (stats_launch, grad_launch), name in itertools.product(launches, args.divergences.split(",")):
+        triton_chunk.STATS_LAUNCH, triton_chunk.GRAD_LAUNCH = stats_launch, grad_launch
+        head = {
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+            "divergence": name, "rows": args.rows, "vocab": args.vocab,
+            "stats_launch": stats_launch._asdict(), "grad_launch": grad_launch._asdict(),
+        }
         divergence = None if name == "none" else divergences.get(name)
         target = None if divergence is None else t
         kernel_args = (z, target, args.vocab, ids, True, divergence, 1.0)
         passes = 1 if triton_chunk.divergence_code(divergence)[0] <= triton_chunk.RKL else 2  # _stats_kernel's
         stats_bytes = passes * row_bytes * (1 if target is None else 2)
         grad_bytes = row_bytes * (1 if target is None else 2) + args.rows * args.vocab * 2
-        stats_ms = median_ms(lambda a=kernel_args: triton_chunk.chunk_stats(*a, out=stats), device, args.repeats)
-        grad_ms = median_ms(lambda a=kernel_args: triton_chunk.chunk_grad(*a, stats, cotangents, grad), device,
-                            args.repeats)
+        try:
+            stats_ms = median_ms(lambda a=kernel_args: triton_chunk.chunk_stats(*a, out=stats), device,
+                                 args.repeats)
+            grad_ms = median_ms(lambda a=kernel_args: triton_chunk.chunk_grad(*a, stats, cotangents, grad), device,
+                                args.repeats)
+        except Exception as error:  # a launch the compiler or the chip refuses: the sweep goes on
+            print(json.dumps({**head, "error": f"{type(error).__name__}: {error}"[:500]}), flush=True)
+            continue
+        # every launch must give the first one's outputs: the largest difference from them, 0 for the first
+        first = reference.setdefault(name, (stats.clone(), grad.clone()))
         record = {
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
-            "divergence": name, "rows": args.rows, "vocab": args.vocab,
+            **head,
+            "stats_max_diff": (stats - first[0]).abs().max().item(),
+            "grad_max_diff": (grad.float() - first[1].float()).abs().max().item(),
             "stats_ms": stats_ms, "stats_bytes": stats_bytes, "stats_gb_per_s": stats_bytes / stats_ms / 1e6,
             "grad_ms": grad_ms, "grad_bytes": grad_bytes, "grad_gb_per_s": grad_bytes / grad_ms / 1e6,
         }
         record["stats_vs_grad_bandwidth"] = record["stats_gb_per_s"] / record["grad_gb_per_s"]
         print(json.dumps(record), flush=True)
+
+
+def _launch_pair(text: str, launch: type) -> tuple:
+    """``"2048x16x1/4096x16x2"`` → (stats launch, grad launch)."""
+    try:
+        stats, grad = (launch(*(int(n) for n in part.split("x"))) for part in text.split("/"))
+        return stats, grad
+    except (TypeError, ValueError):
+        raise SystemExit(f"--launches: {text!r} is not STATS/GRAD, each BLOCKxWARPSxSTAGES") from None
 
 
 if __name__ == "__main__":

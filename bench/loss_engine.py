@@ -24,6 +24,9 @@ reports ``{variant}_s``, ``{variant}_peak_bytes`` and ``{variant}_tflops``
 grad weight, and the teacher's forward); ``{ours}_speedup_vs_{theirs}`` =
 their time / ours and ``{ours}_memory_vs_{theirs}`` = our peak / theirs, for
 (triton, liger), (triton_bf16acc, liger) and (triton, liger_fp32acc).
+``matmul_ceiling_tflops`` is one square matmul's rate on the same chip in the same run
+(:func:`matmul_ceiling_tflops`: 8192³ on CUDA) and ``{variant}_ceiling_fraction`` each variant's
+``_tflops`` over it: how near the chip's measured matmul rate the whole step runs.
 
 Prints one JSON object per (shape, divergence) with, at least: ``shape``,
 ``divergence``, ``naive_peak_bytes``, ``engine_peak_bytes``, ``memory_ratio``
@@ -205,6 +208,24 @@ def matmul_flops(shape, target_kind):
     return 2 * n * h * v * (4 if target_kind == "head" else 3)
 
 
+def matmul_ceiling_tflops(dtype, device, size=None, repeats=10):
+    """The rate of one square ``size³`` matmul of random ``dtype`` operands on ``device`` (8192 on CUDA, 1024 on
+    the CPU), median of ``repeats`` after three warm-ups: the chip's measured matmul ceiling, beside which each
+    variant's ``{variant}_ceiling_fraction`` is read (its datasheet rate is a lead, not a reading)."""
+    size = size or (8192 if device == "cuda" else 1024)
+    generator = torch.Generator(device=device).manual_seed(1)
+    a, b = (torch.randn(size, size, generator=generator, device=device).to(dtype) for _ in range(2))
+    times = []
+    for i in range(3 + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
 def _zero_grads(inputs):
     for name in ("hidden", "weight"):
         inputs[name].grad = None
@@ -343,11 +364,13 @@ def _record(args, shape, div_spec, results):
             "subprocess RSS high-water (ru_maxrss) minus RSS after inputs, MALLOC_MMAP_THRESHOLD_=131072"
         ),
         "matmul_flops": flops,
+        "matmul_ceiling_tflops": args.matmul_ceiling_tflops,
     }
     for variant, result in results.items():
         record[f"{variant}_peak_bytes"] = result["peak_bytes"]
         record[f"{variant}_s"] = result["seconds"]
         record[f"{variant}_tflops"] = None if result["seconds"] is None else flops / result["seconds"] / 1e12
+        record[f"{variant}_ceiling_fraction"] = ratio(record[f"{variant}_tflops"], args.matmul_ceiling_tflops)
         record[f"{variant}_loss"] = result["loss"]
         record[f"{variant}_oom"] = bool(result.get("oom"))
         if result.get("unsupported"):
@@ -428,6 +451,7 @@ def main(argv=None):
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    args.matmul_ceiling_tflops = matmul_ceiling_tflops(DTYPES[args.dtype], args.device)
     chunk_sizes = _int_list(args.chunk_size)
     grad_rows = _int_list(args.weight_grad_rows)
     if args.shapes:

@@ -18,7 +18,8 @@ FIELDS = {
                       "peak_memory_ratio_vs_trl", "k3_tokens_per_s_ratio_vs_trl"],
     "distill_step.py": ["fdivctl_tokens_per_s", "trl_tokens_per_s", "tokens_per_s_ratio", "peak_memory_ratio",
                         "tokens_per_s_ratio_vs_trl_chunked"],
-    "loss_engine.py": ["naive_s", "engine_s", "time_ratio", "memory_ratio", "gemm_floor_s", "gemm_floor_vs_engine"],
+    "loss_engine.py": ["naive_s", "engine_s", "time_ratio", "memory_ratio", "gemm_floor_s", "gemm_floor_vs_engine",
+                       "matmul_ceiling_tflops", "engine_ceiling_fraction"],
     "teacher_logits.py": ["store_tokens_per_s", "bare_tokens_per_s", "throughput_ratio", "bytes_per_token"],
     "length_grouping.py": ["random_tokens_per_s", "grouped_tokens_per_s", "tokens_per_s_ratio",
                            "grouped_padding_ratio"],
@@ -26,7 +27,8 @@ FIELDS = {
     "chunk_launches.py": ["launches_per_chunk", "ops_per_chunk", "host_syncs_per_step"],
     "attention_mask.py": ["masked_ms", "fdivctl_ms", "speedup", "padding_ratio"],
     "attention_backend.py": ["first_seen_ratio", "seen_ratio"],
-    "chunk_kernels.py": ["stats_ms", "grad_ms", "stats_gb_per_s", "grad_gb_per_s", "stats_vs_grad_bandwidth"],
+    "chunk_kernels.py": ["stats_ms", "grad_ms", "stats_gb_per_s", "grad_gb_per_s", "stats_vs_grad_bandwidth",
+                         "stats_max_diff", "grad_max_diff"],
 }
 
 

@@ -41,6 +41,14 @@ def test_triton_kernels_under_the_interpreter():
     assert " passed" in done.stdout and "skipped" in done.stdout
 
 
+def _set_block(monkeypatch, block):
+    """Both row kernels' loops step ``block`` entries at a time (their warps and stages as launched)."""
+    from fdivctl.engine import triton_chunk
+
+    for name in ("STATS_LAUNCH", "GRAD_LAUNCH"):
+        monkeypatch.setattr(triton_chunk, name, getattr(triton_chunk, name)._replace(block=block))
+
+
 def _inputs(n=13, h=8, v=37, t_vocab=37, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -139,10 +147,7 @@ def test_triton_rows_longer_than_a_block_match_the_torch_path(monkeypatch, div):
     gradients equal the PyTorch path's. fkl and jsd see a teacher with ``−inf`` entries (one row's whole
     first block among them) and padded past its 30 columns; rkl, whose divergence is ~1e30 there, a finite
     teacher (its ``−inf`` case: the next test)."""
-    from fdivctl.engine import triton_chunk
-
-    monkeypatch.setattr(triton_chunk, "BLOCK", 16)
-    monkeypatch.setattr(triton_chunk, "STATS_BLOCK", 16)
+    _set_block(monkeypatch, 16)
     hidden, weight, bias, th, tw, tokens = _inputs(n=9)
     weight.data[:, 0] += torch.linspace(-3, 3, 37)  # per-row maxima in different blocks
     if div == "rkl":
@@ -172,10 +177,7 @@ def test_triton_rows_longer_than_a_block_match_the_torch_path(monkeypatch, div):
 def test_triton_reverse_kl_where_the_target_has_no_mass(monkeypatch, block):
     """rkl against a teacher with ``−inf`` entries: ``log p`` floored at LOG_FLOOR there, so each row's
     divergence is ~1e30 × the student's mass on them, in the one-pass kernel as in the PyTorch path."""
-    from fdivctl.engine import triton_chunk
-
-    monkeypatch.setattr(triton_chunk, "BLOCK", block)
-    monkeypatch.setattr(triton_chunk, "STATS_BLOCK", block)
+    _set_block(monkeypatch, block)
     hidden, weight, _, _, _, tokens = _inputs(n=9)
     target = engine.FullLogits(_masked_teacher(9, 30, 6), vocab="pad")
     got = {kernel: engine.token_outputs(hidden, weight, token_ids=tokens[:9], entropy=True, target=target,
@@ -307,10 +309,7 @@ def test_triton_topk_rows_longer_than_a_block(monkeypatch, want):
     """Blocks of 16 over rows of 37 with the k ids spread over every block; the per-token outputs alone
     (``token_outputs``, no gradient), and the gradient written into the rows gathered for one weight-gradient
     GEMM; both equal the PyTorch path's."""
-    from fdivctl.engine import triton_chunk
-
-    monkeypatch.setattr(triton_chunk, "BLOCK", 16)
-    monkeypatch.setattr(triton_chunk, "STATS_BLOCK", 16)
+    _set_block(monkeypatch, 16)
     hidden, weight, bias, _, _, tokens = _inputs()
     weight.data[:, 0] += torch.linspace(-3, 3, 37)  # per-row maxima in different blocks
     ids, logprobs, log_tail = _store(k=9)

@@ -62,6 +62,7 @@ set before the first import of triton), which the tests use.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -78,15 +79,25 @@ from fdivctl.divergences.tv import TotalVariation
 NO_DIVERGENCE = -1
 FKL, RKL, JSD, TV, HELLINGER, ALPHA, SKL, SRKL = range(8)
 STAT_ROWS = ("lse_q", "lse_p", "logprob", "entropy", "divergence", "slope")
-BLOCK = 4096
-#: the statistics kernel's block: half the gradient kernel's, as each of its up to nine per-lane sums holds
-#: STATS_BLOCK / (32 · NUM_WARPS) registers per thread (4 here; 8 at 4096 would crowd the 128 a thread of 16
-#: warps may have)
-STATS_BLOCK = 2048
+
+
+class Launch(NamedTuple):
+    """How a row kernel is launched: ``block`` vocabulary entries per loop step, ``warps`` per program (one
+    program per row) and ``stages``, the loop's software-pipelining depth (``tl.range(num_stages=…)``: the loads
+    of the next ``stages − 1`` steps issued before this one's arithmetic; 1 = none)."""
+
+    block: int
+    warps: int
+    stages: int
+
+
+#: the statistics kernel's launch: half the gradient kernel's block, as each of its up to nine per-lane sums holds
+#: block / (32 · warps) registers per thread (4 here; 8 at 4096 would crowd the 128 a thread of 16 warps may have)
+STATS_LAUNCH = Launch(block=2048, warps=16, stages=1)
+GRAD_LAUNCH = Launch(block=4096, warps=16, stages=1)
 _LOG_FLOOR = tl.constexpr(LOG_FLOOR)
 _FKL = tl.constexpr(FKL)
 _RKL = tl.constexpr(RKL)
-NUM_WARPS = 16
 
 
 def divergence_code(divergence: Divergence | None) -> tuple[int, float, float, float]:
@@ -201,12 +212,12 @@ def lane_weights(m):
 
 
 @triton.jit
-def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr):
+def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """``log Σ_j exp(x_j / T)`` over one row, in one pass (running maxima and rescaled sums per lane, merged at
     the end)."""
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_cols, BLOCK):
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
         m, r, w, _, _ = lane_step(m, x)
@@ -225,16 +236,17 @@ def _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p):
 def _stats_kernel(
     z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, n_cols, inv_t,
     w, log_w, log_1mw,
-    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     t_row = t_ptr + row * t_stride
     if DIV <= _RKL:  # none, fkl, rkl: every statistic in one read of the row
-        lse_q, lse_p, ent, div, slope = _one_pass_stats(z_row, t_row, n_cols, t_width, inv_t, DIV, WANT_ENT, BLOCK)
+        lse_q, lse_p, ent, div, slope = _one_pass_stats(z_row, t_row, n_cols, t_width, inv_t, DIV, WANT_ENT, BLOCK,
+                                                        STAGES)
     else:
         lse_q, lse_p, ent, div, slope = _two_pass_stats(z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
-                                                        DIV, WANT_ENT, BLOCK)
+                                                        DIV, WANT_ENT, BLOCK, STAGES)
     logprob = 0.0
     if HAS_Y:
         y = tl.load(y_ptr + row)
@@ -250,19 +262,19 @@ def _stats_kernel(
 @triton.jit
 def _two_pass_stats(
     z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
-    DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+    DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """``(lse_q, lse_p, Σ q log q, D, S)`` of one row for any divergence: the log-partitions first
     (:func:`_online_lse`), then the summands ``g`` and ``a`` from the normalized log-probs."""
-    lse_q = _online_lse(z_row, n_cols, inv_t, BLOCK)
+    lse_q = _online_lse(z_row, n_cols, inv_t, BLOCK, STAGES)
     lse_p = 0.0
     if DIV >= 0:
-        lse_p = _online_lse(t_row, t_width, inv_t, BLOCK)
+        lse_p = _online_lse(t_row, t_width, inv_t, BLOCK, STAGES)
     ent = tl.zeros([BLOCK], tl.float32)  # per lane, summed once at the end
     div = tl.zeros([BLOCK], tl.float32)
     slope = tl.zeros([BLOCK], tl.float32)
     if WANT_ENT or DIV >= 0:
-        for start in range(0, n_cols, BLOCK):
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
@@ -278,7 +290,8 @@ def _two_pass_stats(
 
 @triton.jit
 def _one_pass_stats(
-    z_row, t_row, n_cols, t_width, inv_t, DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr
+    z_row, t_row, n_cols, t_width, inv_t, DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """``(lse_q, lse_p, Σ q log q, D, S)`` of one row in a single read of ``z`` (and ``t``), for no
     divergence, fkl or rkl: every sum is kept relative to a running maximum and rescaled when it grows
@@ -308,7 +321,7 @@ def _one_pass_stats(
     mass_f = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_F e^{x−m}
     u_inf = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_{y=−∞} e^{x−m}(x − m)
     mass_inf = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_{y=−∞} e^{x−m}
-    for start in range(0, n_cols, BLOCK):
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
@@ -362,6 +375,7 @@ def _grad_kernel(
     z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, cot_ptr, g_ptr, g_stride,
     n_rows, n_cols, inv_t, w, log_w, log_1mw,
     DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, REST: tl.constexpr, BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -380,7 +394,7 @@ def _grad_kernel(
     y = -1
     if HAS_Y:
         y = tl.load(y_ptr + row)
-    for start in range(0, n_cols, BLOCK):
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         if REST:  # −inf entries (the top k): q = 0, and no −inf − (−inf) where the whole row is −inf
@@ -438,7 +452,8 @@ def chunk_stats(
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
         _stats_kernel[(rows,)](*head, out, out.stride(0), vocab_size, 1.0 / temperature, **params,
-                               WANT_ENT=entropy, BLOCK=STATS_BLOCK, num_warps=NUM_WARPS)
+                               WANT_ENT=entropy, BLOCK=STATS_LAUNCH.block, STAGES=STATS_LAUNCH.stages,
+                               num_warps=STATS_LAUNCH.warps)
     return out
 
 
@@ -475,6 +490,6 @@ def chunk_grad(
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
         _grad_kernel[(rows,)](*head, stats, stats.stride(0), cotangents, out, out.stride(0), rows, vocab_size,
-                              1.0 / temperature, **params, WANT_ENT=entropy, REST=rest, BLOCK=BLOCK,
-                              num_warps=NUM_WARPS)
+                              1.0 / temperature, **params, WANT_ENT=entropy, REST=rest, BLOCK=GRAD_LAUNCH.block,
+                              STAGES=GRAD_LAUNCH.stages, num_warps=GRAD_LAUNCH.warps)
     return out
