@@ -18,8 +18,8 @@ statistics took 245 µs for rkl (1.9 TB/s), against 326 µs for the per-block co
 (``bench/results/row_kernels_cuda_h200.txt``).
 
 ``--launches`` times the kernels at other launch settings (:class:`fdivctl.engine.triton_chunk.Launch`: block,
-warps, software-pipelining stages), one ``STATS/GRAD`` pair per record, each ``BLOCKxWARPSxSTAGES``; the records
-carry ``stats_launch`` and ``grad_launch``, and ``stats_max_diff`` / ``grad_max_diff``, the largest difference
+warps, software-pipelining stages), one ``STATS/GRAD`` pair per record, each ``BLOCKxWARPSxSTAGES`` (STATS for the
+one- and the two-pass statistics alike); the records carry ``stats_launch`` and ``grad_launch``, and ``stats_max_diff`` / ``grad_max_diff``, the largest difference
 from the first pair's outputs (same inputs: only the summation order may differ).  A pair that does not compile or
 run is printed with its ``error``.
 
@@ -66,17 +66,20 @@ def main() -> None:
     stats = torch.empty(len(triton_chunk.STAT_ROWS), args.rows, device=device)
     grad = torch.empty(args.rows, args.vocab, dtype=torch.bfloat16, device=device)
     row_bytes = args.rows * args.vocab * 4  # one fp32 [rows, V] tensor
-    launches = [_launch_pair(text, triton_chunk.Launch) for text in args.launches] if args.launches else [
-        (triton_chunk.STATS_LAUNCH, triton_chunk.GRAD_LAUNCH)]
+    # None: the engine's own launches (the statistics' by divergence, triton_chunk.stats_launch)
+    launches = [_launch_pair(text, triton_chunk.Launch) for text in args.launches] if args.launches else [None]
     reference = {}  # divergence → the first launch's statistics and gradient
-    for (stats_launch, grad_launch), name in itertools.product(launches, args.divergences.split(",")):
-        triton_chunk.STATS_LAUNCH, triton_chunk.GRAD_LAUNCH = stats_launch, grad_launch
+    for pair, name in itertools.product(launches, args.divergences.split(",")):
+        if pair is not None:  # both statistics launches (one- and two-pass) and the gradient's
+            triton_chunk.STATS_LAUNCH, triton_chunk.GRAD_LAUNCH = pair
+            triton_chunk.TWO_PASS_STATS_LAUNCH = pair[0]
+        divergence = None if name == "none" else divergences.get(name)
         head = {
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
             "divergence": name, "rows": args.rows, "vocab": args.vocab,
-            "stats_launch": stats_launch._asdict(), "grad_launch": grad_launch._asdict(),
+            "stats_launch": triton_chunk.stats_launch(divergence)._asdict(),
+            "grad_launch": triton_chunk.GRAD_LAUNCH._asdict(),
         }
-        divergence = None if name == "none" else divergences.get(name)
         target = None if divergence is None else t
         kernel_args = (z, target, args.vocab, ids, True, divergence, 1.0)
         passes = 1 if triton_chunk.divergence_code(divergence)[0] <= triton_chunk.RKL else 2  # _stats_kernel's

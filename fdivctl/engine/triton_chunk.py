@@ -91,10 +91,17 @@ class Launch(NamedTuple):
     stages: int
 
 
-#: the statistics kernel's launch: half the gradient kernel's block, as each of its up to nine per-lane sums holds
-#: block / (32 · warps) registers per thread (4 here; 8 at 4096 would crowd the 128 a thread of 16 warps may have)
-STATS_LAUNCH = Launch(block=2048, warps=16, stages=1)
-GRAD_LAUNCH = Launch(block=4096, warps=16, stages=1)
+#: the statistics kernel's launch for the one-pass divergences (none, fkl, rkl): half the gradient kernel's block, as
+#: each of its up to nine per-lane sums holds block / (32 · warps) registers per thread (4 here; 8 at 4096 would
+#: crowd the 128 a thread of 16 warps may have).  Three stages: on an H100, per 384 × 151936 fp32 chunk
+#: (``bench/chunk_kernels.py --launches``), fkl 236 → 207 µs, rkl 259 → 211, none 151 → 125 against one stage;
+#: two stages were slower than one (fkl 250, rkl 336).
+STATS_LAUNCH = Launch(block=2048, warps=16, stages=3)
+#: the same for the two-pass divergences (jsd and the others), whose statistics read the row twice: three stages
+#: took jsd from 366 to 386 µs there, two to 504
+TWO_PASS_STATS_LAUNCH = Launch(block=2048, warps=16, stages=1)
+#: the gradient kernel's: three stages took jsd 282 → 246 µs and rkl 275 → 243 there, fkl and none unchanged
+GRAD_LAUNCH = Launch(block=4096, warps=16, stages=3)
 _LOG_FLOOR = tl.constexpr(LOG_FLOOR)
 _FKL = tl.constexpr(FKL)
 _RKL = tl.constexpr(RKL)
@@ -212,18 +219,29 @@ def lane_weights(m):
 
 
 @triton.jit
-def _online_lse(row_ptr, n_cols, inv_t, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """``log Σ_j exp(x_j / T)`` over one row, in one pass (running maxima and rescaled sums per lane, merged at
-    the end)."""
+def _online_lses(z_row, t_row, n_cols, t_width, inv_t, WITH_T: tl.constexpr, BLOCK: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """``(log Σ_j exp(z_j / T), log Σ_j exp(t_j / T))`` over one row, both in one loop over its blocks (running
+    maxima and rescaled sums per lane, merged at the end); the second is 0 without ``WITH_T``."""
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
+    m_t = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_t = tl.zeros([BLOCK], tl.float32)
     for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
+        x = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
         m, r, w, _, _ = lane_step(m, x)
         s = r * s + w
+        if WITH_T:
+            y = tl.load(t_row + cols, mask=cols < t_width, other=float("-inf")).to(tl.float32) * inv_t
+            m_t, r_t, w_t, _, _ = lane_step(m_t, y)
+            s_t = r_t * s_t + w_t
     big, f, _ = lane_weights(m)
-    return big + tl.log(tl.sum(f * s, 0))
+    lse_t = 0.0
+    if WITH_T:
+        big_t, f_t, _ = lane_weights(m_t)
+        lse_t = big_t + tl.log(tl.sum(f_t * s_t, 0))
+    return big + tl.log(tl.sum(f * s, 0)), lse_t
 
 
 @triton.jit
@@ -265,11 +283,8 @@ def _two_pass_stats(
     DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """``(lse_q, lse_p, Σ q log q, D, S)`` of one row for any divergence: the log-partitions first
-    (:func:`_online_lse`), then the summands ``g`` and ``a`` from the normalized log-probs."""
-    lse_q = _online_lse(z_row, n_cols, inv_t, BLOCK, STAGES)
-    lse_p = 0.0
-    if DIV >= 0:
-        lse_p = _online_lse(t_row, t_width, inv_t, BLOCK, STAGES)
+    (:func:`_online_lses`), then the summands ``g`` and ``a`` from the normalized log-probs."""
+    lse_q, lse_p = _online_lses(z_row, t_row, n_cols, t_width, inv_t, DIV >= 0, BLOCK, STAGES)
     ent = tl.zeros([BLOCK], tl.float32)  # per lane, summed once at the end
     div = tl.zeros([BLOCK], tl.float32)
     slope = tl.zeros([BLOCK], tl.float32)
@@ -430,6 +445,12 @@ def _row_args(logits, target_logits, vocab_size, token_ids, divergence) -> tuple
     return rows, {"w": w, "log_w": log_w, "log_1mw": log_1mw, "DIV": code, "HAS_Y": token_ids is not None}
 
 
+def stats_launch(divergence: Divergence | None) -> Launch:
+    """The statistics kernel's launch for ``divergence``: :data:`STATS_LAUNCH` where it reads the row once
+    (none, fkl, rkl), :data:`TWO_PASS_STATS_LAUNCH` where twice."""
+    return STATS_LAUNCH if divergence_code(divergence)[0] <= RKL else TWO_PASS_STATS_LAUNCH
+
+
 def chunk_stats(
     logits: torch.Tensor,
     target_logits: torch.Tensor | None,
@@ -451,9 +472,9 @@ def chunk_stats(
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
+        launch = stats_launch(divergence)
         _stats_kernel[(rows,)](*head, out, out.stride(0), vocab_size, 1.0 / temperature, **params,
-                               WANT_ENT=entropy, BLOCK=STATS_LAUNCH.block, STAGES=STATS_LAUNCH.stages,
-                               num_warps=STATS_LAUNCH.warps)
+                               WANT_ENT=entropy, BLOCK=launch.block, STAGES=launch.stages, num_warps=launch.warps)
     return out
 
 
