@@ -10,7 +10,8 @@
 # train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
 # tests 40 s, loss 87 s, topk 12 s, kernels 6 s, baseline 7 + 6 s, teacher 41 + 28 s (bf16 and fp32 at three k,
-# then mixed lengths twice), train 77 + 53 s; teacher with TEACHER_REPEATS=3 92 + 36 s.
+# then mixed lengths twice), train 77 + 53 s; teacher with TEACHER_REPEATS=3 92 + 36 s; on two H100s (later that day)
+# tests 39 / 66 s, loss 105 / 113 s, loss_chunks 25 s, loss_topk 14 / 17 s, launches 18 s, kernels 10 s.
 # A fresh machine's start costs about a minute of device time per call: few, full calls.
 #
 # On the device machine (no network; torch, triton, transformers there already), from the repository root, with the
