@@ -43,6 +43,7 @@ def _close(a, b, atol=2e-5, file="model.safetensors"):
         torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0)
 
 
+@pytest.mark.slow  # two processes, 18–32 s on 2 cores: .ci/run's slow pass keeps the default run under 10 minutes
 def test_two_gloo_processes_equal_one_and_resume_across_world_sizes(tmp_path, student, data, tiny_teacher):
     single, sharded, resumed = tmp_path / "single", tmp_path / "sharded", tmp_path / "resumed"
     log_single, log_sharded = tmp_path / "single.jsonl", tmp_path / "sharded.jsonl"
@@ -73,6 +74,7 @@ def test_two_gloo_processes_equal_one_and_resume_across_world_sizes(tmp_path, st
     _close(single, resumed)
 
 
+@pytest.mark.slow  # two processes, 18–32 s on 2 cores: .ci/run's slow pass keeps the default run under 10 minutes
 def test_bf16_master_weights_shard_and_resume_across_world_sizes(tmp_path, student, data, tiny_teacher):
     """A bf16 model's fp32 master weights are DTensor shards under FSDP2: each rank saves its own; 2 steps then a
     resume to 4 on 2 processes equal 4 steps at once, bit for bit, and one process resumes them too."""
@@ -118,6 +120,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, stu
     assert "exitcode  : 2" in bad_batch.stderr
 
 
+@pytest.mark.slow  # two processes, 18–32 s on 2 cores: .ci/run's slow pass keeps the default run under 10 minutes
 def test_lora_on_two_processes_equals_one_and_resumes(tmp_path, student, data, tiny_teacher):
     """FSDP2 shards the frozen base weights and the adapters alike; the checkpoint (merged weights + adapter) is
     made from the gathered state, and a resume loads the adapter before sharding."""
@@ -210,6 +213,7 @@ def test_staged_grpo_on_two_processes_equals_one(tmp_path, task, scored_rollouts
     _close(tmp_path / "single", tmp_path / "sharded")  # seen: 2.3e-6 apart at most
 
 
+@pytest.mark.slow  # two processes, 18–32 s on 2 cores: .ci/run's slow pass keeps the default run under 10 minutes
 def test_online_grpo_on_two_processes_samples_the_gathered_weights(tmp_path, task):
     """Online under torchrun: rank 0 samples from an unsharded copy that is loaded with the weights gathered from
     the FSDP shards after each update; the run matches one process's."""
