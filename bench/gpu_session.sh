@@ -4,8 +4,8 @@
 # and #4 (teacher-logits store vs a bare forward).  Each step has its own time limit and writes its output (stdout
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, loss_chunks, loss_topk, train, mask,
-# backend, topk, kernels, launches, baseline, teacher, teacher_profile) runs only those; #11 alone:
-# STEPS=tests,launches,loss,loss_chunks,loss_topk (about 7 minutes).  tests, sweep, loss, train and teacher took
+# backend, topk, kernels, launches, epilogue, baseline, teacher, teacher_profile) runs only those; #11 alone:
+# STEPS=tests,loss,epilogue (about 5 minutes).  tests, sweep, loss, train and teacher took
 # 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s,
 # train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
@@ -79,6 +79,9 @@ want backend && step attention_cuda.jsonl 60 python bench/attention_backend.py -
 want topk && step row_kernels_cuda.txt 30 python bench/topk_summary.py --device cuda \
     --profile "$OUT/topk_summary_profile.txt"
 want kernels && step row_kernels_cuda.txt 30 python bench/chunk_kernels.py --device cuda
+# a Triton logits GEMM with the row statistics in its epilogue against cuBLAS's logits GEMM and the statistics
+# pass it would replace, at the chunk shapes (#11: the one way past ~0.6 of the matmul rate at H = 2048)
+want epilogue && step row_kernels_cuda.txt 150 python bench/logits_epilogue.py --device cuda
 # the two row kernels at other launches (block × warps × software-pipelining stages, statistics/gradient), the
 # engine's own first: whether more loads in flight bring the statistics kernel nearer HBM's bandwidth (#11)
 want launches && step row_kernels_cuda.txt 120 python bench/chunk_kernels.py --device cuda \

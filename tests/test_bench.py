@@ -29,6 +29,7 @@ FIELDS = {
     "attention_backend.py": ["first_seen_ratio", "seen_ratio"],
     "chunk_kernels.py": ["stats_ms", "grad_ms", "stats_gb_per_s", "grad_gb_per_s", "stats_vs_grad_bandwidth",
                          "stats_max_diff", "grad_max_diff"],
+    "logits_epilogue.py": ["cublas_ms", "cublas_stats_ms", "epilogue_ms", "epilogue_vs_cublas", "max_lse_diff"],
 }
 
 
@@ -49,6 +50,8 @@ def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
             assert record["trl_path"].startswith("GRPOTrainer")
             tables = (tmp_path / "profile.txt").read_text()
             assert all(f"== {name}, shape" in tables for name in ("fdivctl", "naive")) and "aten::mm" in tables
+        if script == "logits_epilogue.py":  # the epilogue's log-partitions are the rows' logsumexp (fp32 here)
+            assert record["max_lse_diff"] <= 1e-4 and record["max_logit_diff"] <= 1e-4
         if script == "attention_mask.py" and record["mode"] == "score":  # no mask, the same hidden states
             assert record["max_abs_diff"] <= 1e-5
         if script == "teacher_logits.py":  # the phases split the store's time, with none negative

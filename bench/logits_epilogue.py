@@ -1,0 +1,187 @@
+"""Can a Triton logits GEMM that also emits each row's softmax statistics keep up with cuBLAS?  The measurement
+that decides whether the loss engine's statistics pass can go.
+
+Each chunk of the engine's sweep (:mod:`fdivctl.engine.sweep`) computes fp32 logits ``z = h Wᵀ`` with cuBLAS
+(:func:`fdivctl.engine.matmul.linear_fp32`), then a row kernel reads ``z`` (and a dense target's logits) once to
+get the log-partitions ``log Z = log Σ_j e^{z_j/T}`` (:func:`fdivctl.engine.triton_chunk.chunk_stats`), and a
+second writes the gradient.  On an H100 at H = 2048, V = 151936 that first read is ~0.2 ms of a ~2.1 ms chunk
+(``bench/results/row_kernels_launches_cuda_h100.txt``) and bounds the whole step near 0.6 of the chip's matmul
+rate (README, "Loss engine").  If the logits GEMM wrote, beside ``z``, each output tile's row maximum ``m`` and
+``s = Σ e^{z/T − m}`` over its columns — the online-softmax state of Milakov & Gimelshein ("Online normalizer
+calculation for softmax", 2018), merged over the tiles as ``log Z = M + log Σ_tiles s·e^{m − M}`` — the fkl and
+no-divergence chunks would need one read of ``z`` instead of two, and jsd two instead of three.
+
+This times, at the engine's chunk shapes (bf16 operands, fp32 logits): ``cublas_ms`` (the engine's logits GEMM),
+``cublas_stats_ms`` (it and the engine's statistics kernel without a divergence, the read the epilogue would
+replace), and ``epilogue_ms`` (the Triton GEMM below with the statistics in its epilogue, each of its launch
+configurations; the best is reported, ``epilogue_config`` says which).  ``epilogue_vs_cublas`` =
+``cublas_ms / epilogue_ms`` (≥ 1: the Triton GEMM is as fast as cuBLAS) and ``epilogue_vs_cublas_stats`` =
+``cublas_stats_ms / epilogue_ms`` (> 1: dropping the pass would pay).  Before timing, the epilogue's logits and
+log-partitions are checked against cuBLAS's and ``torch.logsumexp`` (``max_logit_diff``, ``max_lse_diff``).
+
+Not used by the engine: the statistics pass stays until this shows a gain on the chip.
+
+    python bench/logits_epilogue.py --quick           # CPU, Triton's interpreter, fp32, small shapes (the harness)
+    python bench/logits_epilogue.py --device cuda     # rows 384 / 768 × H 2048 / 4096 × V 151936, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+
+#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the GEMM tried on CUDA
+CUDA_CONFIGS = [
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+    (128, 256, 64, 8, 8, 4),
+    (256, 128, 64, 8, 8, 3),
+    (128, 128, 128, 8, 8, 3),
+]
+QUICK_CONFIGS = [(16, 32, 16, 2, 4, 2)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", default="384,768", help="rows of a chunk (comma-separated)")
+    parser.add_argument("--hidden", default="2048,4096", help="hidden sizes (comma-separated)")
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="small fp32 shapes under Triton's CPU interpreter")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.hidden, args.vocab, args.repeats = "24", "32", 200, 2
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    import torch
+
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    generator = torch.Generator(device=device).manual_seed(0)
+    for rows, hidden_size in itertools.product(_ints(args.rows), _ints(args.hidden)):
+        h = torch.randn(rows, hidden_size, generator=generator, device=device).to(dtype)
+        w = (torch.randn(args.vocab, hidden_size, generator=generator, device=device) / hidden_size**0.5).to(dtype)
+        record = measure(h, w, args.temperature, args.repeats, QUICK_CONFIGS if args.quick else CUDA_CONFIGS)
+        if record is not None:
+            print(json.dumps(record), flush=True)
+
+
+def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dict | None:
+    """One shape's record (None when no configuration ran); a configuration that fails is printed and skipped."""
+    import torch
+
+    from fdivctl.engine import triton_chunk
+    from fdivctl.engine.matmul import linear_fp32
+    from profiling import median_ms  # bench/profiling.py, beside this script
+
+    (rows, hidden_size), vocab, device = h.shape, w.shape[0], h.device
+    stats = torch.empty(len(triton_chunk.STAT_ROWS), rows, device=device)
+    reference = linear_fp32(h, w)
+    reference_lse = torch.logsumexp(reference / temperature, dim=-1)
+
+    def cublas_stats():
+        triton_chunk.chunk_stats(linear_fp32(h, w), None, vocab, None, False, None, temperature, out=stats)
+
+    record = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+        "rows": rows, "hidden": hidden_size, "vocab": vocab, "dtype": str(h.dtype).removeprefix("torch."),
+        "flops": 2 * rows * hidden_size * vocab,
+        "cublas_ms": median_ms(lambda: linear_fp32(h, w), device, repeats),
+        "cublas_stats_ms": median_ms(cublas_stats, device, repeats),
+    }
+    best = None
+    for config in configs:
+        try:
+            logits, lse = logits_with_lse(h, w, 1.0 / temperature, config)
+            ms = median_ms(lambda c=config: logits_with_lse(h, w, 1.0 / temperature, c), device, repeats)
+        except Exception as error:  # a configuration the compiler or the chip refuses: the others go on
+            print(json.dumps({**record, "config": config, "error": f"{type(error).__name__}: {error}"[:400]}),
+                  flush=True)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, config, (logits - reference).abs().max().item(), (lse - reference_lse).abs().max().item())
+    if best is None:
+        return None
+    ms, config, logit_diff, lse_diff = best
+    return {
+        **record,
+        "epilogue_ms": ms, "epilogue_config": config, "max_logit_diff": logit_diff, "max_lse_diff": lse_diff,
+        "cublas_tflops": record["flops"] / record["cublas_ms"] / 1e9, "epilogue_tflops": record["flops"] / ms / 1e9,
+        "epilogue_vs_cublas": record["cublas_ms"] / ms, "epilogue_vs_cublas_stats": record["cublas_stats_ms"] / ms,
+    }
+
+
+def logits_with_lse(hidden, weight, inv_t: float, config: tuple):
+    """``(z = hidden @ weightᵀ`` fp32 ``[M, V]``, ``log Σ_j e^{z_j · inv_t}`` ``[M]``) from one GEMM whose epilogue
+    writes each output tile's row maximum and rescaled sum (:func:`_logits_stats_kernel`), merged here over the
+    ``⌈V / BLOCK_N⌉`` tiles."""
+    import torch
+    import triton
+
+    block_m, block_n, block_k, group_m, warps, stages = config
+    (m, k), n = hidden.shape, weight.shape[0]
+    tiles_n = triton.cdiv(n, block_n)
+    logits = torch.empty(m, n, dtype=torch.float32, device=hidden.device)
+    part = torch.empty(2, tiles_n, m, dtype=torch.float32, device=hidden.device)  # per tile: row max, Σ e^{x − max}
+    grid = (triton.cdiv(m, block_m) * tiles_n,)
+    _kernel()[grid](hidden, weight, logits, part, m, n, k, hidden.stride(0), weight.stride(0), logits.stride(0),
+                    tiles_n * m, inv_t, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                    num_warps=warps, num_stages=stages)
+    big = part[0].max(0).values
+    return logits, big + torch.log((part[1] * torch.exp(part[0] - big)).sum(0))
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, defined on first use (after ``TRITON_INTERPRET`` is set for ``--quick``)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _logits_stats_kernel(h_ptr, w_ptr, z_ptr, part_ptr, M, N, K, stride_h, stride_w, stride_z, part_stride,
+                             inv_t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+        """One ``[BLOCK_M, BLOCK_N]`` tile of ``z = h Wᵀ`` (fp32 accumulation), tiles taken in groups of
+        ``GROUP_M`` row blocks so that consecutive programs share the weight's columns in L2; the epilogue
+        stores the tile and, per row, ``max_j x_j`` and ``Σ_j e^{x_j − max}`` over its columns
+        (``x = z · inv_t``)."""
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        size_m = min(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
+        pid_n = (pid % (GROUP_M * tiles_n)) // size_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + (start + ks)[None, :],
+                        mask=(rows[:, None] < M) & ((start + ks)[None, :] < K), other=0.0)
+            b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + (start + ks)[:, None],
+                        mask=(cols[None, :] < N) & ((start + ks)[:, None] < K), other=0.0)
+            acc = tl.dot(a, b, acc)
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        tl.store(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], acc, mask=inside)
+        x = tl.where(cols[None, :] < N, acc * inv_t, float("-inf"))
+        top = tl.max(x, 1)
+        total = tl.sum(tl.exp(x - top[:, None]), 1)
+        tl.store(part_ptr + pid_n * M + rows, top, mask=rows < M)
+        tl.store(part_ptr + part_stride + pid_n * M + rows, total, mask=rows < M)
+
+    return _logits_stats_kernel
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+if __name__ == "__main__":
+    main()
