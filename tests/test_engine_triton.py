@@ -172,6 +172,49 @@ def test_triton_rows_longer_than_a_block_match_the_torch_path(monkeypatch, div):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+class _SharedMemoryShort:
+    """A row kernel as a GPU with too little shared memory for pipelined loads has it: every launch with more than
+    one stage refused with Triton's OutOfResources before it runs, as Triton refuses it; one stage runs the real
+    kernel.  ``stages`` keeps the stages each launch asked for."""
+
+    def __init__(self, kernel):
+        self.kernel, self.stages = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.errors import OutOfResources
+
+            self.stages.append(kwargs["STAGES"])
+            if kwargs["STAGES"] > 1:
+                raise OutOfResources(98304, 65536, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@case
+def test_a_gpu_short_of_shared_memory_runs_the_row_kernels_at_one_stage(monkeypatch):
+    """The first launch of each kernel asks for its stages, is refused, and runs at one stage; later chunks ask for
+    one stage at once; the loss and its gradients are the PyTorch path's."""
+    from fdivctl.engine import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "_ONE_STAGE", set())
+    monkeypatch.setattr(triton_chunk, "STATS_LAUNCH", triton_chunk.STATS_LAUNCH._replace(stages=3))
+    monkeypatch.setattr(triton_chunk, "GRAD_LAUNCH", triton_chunk.GRAD_LAUNCH._replace(stages=3))
+    short = {name: _SharedMemoryShort(getattr(triton_chunk, name)) for name in ("_stats_kernel", "_grad_kernel")}
+    for name, kernel in short.items():
+        monkeypatch.setattr(triton_chunk, name, kernel)
+    hidden, weight, _, th, tw, _ = _inputs()
+    results = {}
+    for kernel in ("torch", "triton"):
+        loss = engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "fkl", chunk_size=4, kernel=kernel)
+        results[kernel] = (loss, *torch.autograd.grad(loss, (hidden, weight)))
+    for ours, ref in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for kernel in short.values():  # 13 rows in chunks of 4: four chunks
+        assert kernel.stages == [3, 1, 1, 1, 1]
+
+
 @case
 @pytest.mark.parametrize("block", [16, 4096])
 def test_triton_reverse_kl_where_the_target_has_no_mass(monkeypatch, block):

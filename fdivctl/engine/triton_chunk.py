@@ -67,6 +67,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from fdivctl.divergences import Divergence
 from fdivctl.divergences.alpha import AlphaDivergence
@@ -445,6 +446,26 @@ def _row_args(logits, target_logits, vocab_size, token_ids, divergence) -> tuple
     return rows, {"w": w, "log_w": log_w, "log_1mw": log_1mw, "DIV": code, "HAS_Y": token_ids is not None}
 
 
+#: launches (kernel, settings, device) that ran out of shared memory with their stages: they run at one stage
+_ONE_STAGE: set[tuple] = set()
+
+
+def _launch(kernel, launch: Launch, logits: torch.Tensor, *args, **kwargs) -> None:
+    """``kernel`` over ``logits``' rows, one program each, with ``launch``'s block, warps and stages.  Pipelined
+    loads wait in shared memory (the gradient kernel's three stages of fp32 blocks of the two rows: up to 96 KB),
+    which can be more than a GPU gives a program (~100 KB on sm89, 64 KB on sm75); there Triton refuses the launch
+    before it runs (OutOfResources), and the kernel runs, from then on, at one stage (only its reductions' few KB)."""
+    key = (kernel, launch, logits.device.index)
+    stages = 1 if key in _ONE_STAGE else launch.stages
+    try:
+        kernel[(logits.shape[0],)](*args, **kwargs, BLOCK=launch.block, STAGES=stages, num_warps=launch.warps)
+    except OutOfResources:
+        if stages == 1:
+            raise
+        _ONE_STAGE.add(key)
+        kernel[(logits.shape[0],)](*args, **kwargs, BLOCK=launch.block, STAGES=1, num_warps=launch.warps)
+
+
 def stats_launch(divergence: Divergence | None) -> Launch:
     """The statistics kernel's launch for ``divergence``: :data:`STATS_LAUNCH` where it reads the row once
     (none, fkl, rkl), :data:`TWO_PASS_STATS_LAUNCH` where twice."""
@@ -472,9 +493,8 @@ def chunk_stats(
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        launch = stats_launch(divergence)
-        _stats_kernel[(rows,)](*head, out, out.stride(0), vocab_size, 1.0 / temperature, **params,
-                               WANT_ENT=entropy, BLOCK=launch.block, STAGES=launch.stages, num_warps=launch.warps)
+        _launch(_stats_kernel, stats_launch(divergence), logits, *head, out, out.stride(0), vocab_size,
+                1.0 / temperature, **params, WANT_ENT=entropy)
     return out
 
 
@@ -510,7 +530,6 @@ def chunk_grad(
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        _grad_kernel[(rows,)](*head, stats, stats.stride(0), cotangents, out, out.stride(0), rows, vocab_size,
-                              1.0 / temperature, **params, WANT_ENT=entropy, REST=rest, BLOCK=GRAD_LAUNCH.block,
-                              STAGES=GRAD_LAUNCH.stages, num_warps=GRAD_LAUNCH.warps)
+        _launch(_grad_kernel, GRAD_LAUNCH, logits, *head, stats, stats.stride(0), cotangents, out, out.stride(0),
+                rows, vocab_size, 1.0 / temperature, **params, WANT_ENT=entropy, REST=rest)
     return out
