@@ -46,12 +46,12 @@ QUICK_CONFIGS = [(16, 32, 16, 2, 4, 2)]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter: the harness only) or cuda")
     parser.add_argument("--rows", default="384,768", help="rows of a chunk (comma-separated)")
     parser.add_argument("--hidden", default="2048,4096", help="hidden sizes (comma-separated)")
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary size (the GEMM's columns)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="T of log Σ e^{z/T}")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant (median)")
     parser.add_argument("--quick", action="store_true", help="small fp32 shapes under Triton's CPU interpreter")
     args = parser.parse_args()
     if args.quick:
