@@ -17,7 +17,10 @@ replace), and ``epilogue_ms`` (the Triton GEMM below with the statistics in its 
 configurations; the best is reported, ``epilogue_config`` says which).  ``epilogue_vs_cublas`` =
 ``cublas_ms / epilogue_ms`` (≥ 1: the Triton GEMM is as fast as cuBLAS) and ``epilogue_vs_cublas_stats`` =
 ``cublas_stats_ms / epilogue_ms`` (> 1: dropping the pass would pay).  Before timing, the epilogue's logits and
-log-partitions are checked against cuBLAS's and ``torch.logsumexp`` (``max_logit_diff``, ``max_lse_diff``).
+log-partitions are checked against cuBLAS's and ``torch.logsumexp`` (``max_logit_diff``, ``max_lse_diff``: the
+largest over every configuration).  Two kernels (``bench/logits_epilogue_kernels.py``): ``pointer`` (a tile per
+program, loads through pointers) and ``tma`` (persistent programs, loads through tensor descriptors, Hopper's bulk
+copy engine); ``pointer_ms`` / ``tma_ms`` are each one's fastest configuration.
 
 Not used by the engine: the statistics pass stays until this shows a gain on the chip.
 
@@ -28,20 +31,23 @@ Not used by the engine: the statistics pass stays until this shows a gain on the
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
 
-#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the GEMM tried on CUDA
+#: the kernels (``pointer``: one tile per program, loads through pointers; ``tma``: one persistent program per
+#: multiprocessor walking the tiles, loads through host-made tensor descriptors, Hopper's bulk copy engine) and their
+#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) tried on CUDA
 CUDA_CONFIGS = [
-    (128, 256, 64, 8, 8, 3),
-    (128, 128, 64, 8, 8, 4),
-    (128, 256, 64, 8, 8, 4),
-    (256, 128, 64, 8, 8, 3),
-    (128, 128, 128, 8, 8, 3),
+    ("pointer", (128, 256, 64, 8, 8, 3)),
+    ("pointer", (128, 128, 64, 8, 8, 4)),
+    ("pointer", (256, 128, 64, 8, 8, 3)),
+    ("tma", (128, 256, 64, 8, 8, 3)),
+    ("tma", (128, 256, 64, 8, 8, 4)),
+    ("tma", (128, 128, 64, 8, 8, 4)),
+    ("tma", (128, 128, 128, 8, 8, 3)),
 ]
-QUICK_CONFIGS = [(16, 32, 16, 2, 4, 2)]
+QUICK_CONFIGS = [("pointer", (16, 32, 16, 2, 4, 2)), ("tma", (16, 32, 16, 2, 4, 2))]
 
 
 def main() -> None:
@@ -72,7 +78,8 @@ def main() -> None:
 
 
 def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dict | None:
-    """One shape's record (None when no configuration ran); a configuration that fails is printed and skipped."""
+    """One shape's record (None when no configuration ran); a configuration that fails is printed and skipped.
+    ``epilogue_*`` describe the fastest configuration; ``{kernel}_ms`` the fastest of each kernel."""
     import torch
 
     from fdivctl.engine import triton_chunk
@@ -94,89 +101,63 @@ def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dic
         "cublas_ms": median_ms(lambda: linear_fp32(h, w), device, repeats),
         "cublas_stats_ms": median_ms(cublas_stats, device, repeats),
     }
-    best = None
-    for config in configs:
+    best, diffs = None, {"logit": 0.0, "lse": 0.0}
+    for kernel, config in configs:
         try:
-            logits, lse = logits_with_lse(h, w, 1.0 / temperature, config)
-            ms = median_ms(lambda c=config: logits_with_lse(h, w, 1.0 / temperature, c), device, repeats)
+            logits, lse = logits_with_lse(h, w, 1.0 / temperature, kernel, config)
+            ms = median_ms(lambda k=kernel, c=config: logits_with_lse(h, w, 1.0 / temperature, k, c), device,
+                           repeats)
         except Exception as error:  # a configuration the compiler or the chip refuses: the others go on
-            print(json.dumps({**record, "config": config, "error": f"{type(error).__name__}: {error}"[:400]}),
-                  flush=True)
+            print(json.dumps({**record, "kernel": kernel, "config": config,
+                              "error": f"{type(error).__name__}: {error}"[:400]}), flush=True)
             continue
+        record[f"{kernel}_ms"] = min(ms, record.get(f"{kernel}_ms", ms))
+        # every configuration's outputs are checked, not only the fastest's: the largest differences are kept
+        diffs["logit"] = max(diffs["logit"], (logits - reference).abs().max().item())
+        diffs["lse"] = max(diffs["lse"], (lse - reference_lse).abs().max().item())
         if best is None or ms < best[0]:
-            best = (ms, config, (logits - reference).abs().max().item(), (lse - reference_lse).abs().max().item())
+            best = (ms, kernel, config)
     if best is None:
         return None
-    ms, config, logit_diff, lse_diff = best
+    ms, kernel, config = best
     return {
         **record,
-        "epilogue_ms": ms, "epilogue_config": config, "max_logit_diff": logit_diff, "max_lse_diff": lse_diff,
-        "cublas_tflops": record["flops"] / record["cublas_ms"] / 1e9, "epilogue_tflops": record["flops"] / ms / 1e9,
-        "epilogue_vs_cublas": record["cublas_ms"] / ms, "epilogue_vs_cublas_stats": record["cublas_stats_ms"] / ms,
+        "epilogue_ms": ms, "epilogue_kernel": kernel, "epilogue_config": config, "max_logit_diff": diffs["logit"],
+        "max_lse_diff": diffs["lse"], "cublas_tflops": record["flops"] / record["cublas_ms"] / 1e9,
+        "epilogue_tflops": record["flops"] / ms / 1e9, "epilogue_vs_cublas": record["cublas_ms"] / ms,
+        "epilogue_vs_cublas_stats": record["cublas_stats_ms"] / ms,
     }
 
 
-def logits_with_lse(hidden, weight, inv_t: float, config: tuple):
+def logits_with_lse(hidden, weight, inv_t: float, kernel: str, config: tuple):
     """``(z = hidden @ weightᵀ`` fp32 ``[M, V]``, ``log Σ_j e^{z_j · inv_t}`` ``[M]``) from one GEMM whose epilogue
-    writes each output tile's row maximum and rescaled sum (:func:`_logits_stats_kernel`), merged here over the
-    ``⌈V / BLOCK_N⌉`` tiles."""
+    writes each output tile's row maximum and rescaled sum (``bench/logits_epilogue_kernels.py``), merged here over the
+    ``⌈V / BLOCK_N⌉`` tiles: ``log Z = M + log Σ_tiles s · e^{m − M}``."""
     import torch
     import triton
 
     block_m, block_n, block_k, group_m, warps, stages = config
     (m, k), n = hidden.shape, weight.shape[0]
-    tiles_n = triton.cdiv(n, block_n)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     logits = torch.empty(m, n, dtype=torch.float32, device=hidden.device)
-    part = torch.empty(2, tiles_n, m, dtype=torch.float32, device=hidden.device)  # per tile: row max, Σ e^{x − max}
-    grid = (triton.cdiv(m, block_m) * tiles_n,)
-    _kernel()[grid](hidden, weight, logits, part, m, n, k, hidden.stride(0), weight.stride(0), logits.stride(0),
-                    tiles_n * m, inv_t, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                    num_warps=warps, num_stages=stages)
+    part = torch.empty(2, triton.cdiv(n, block_n), m, dtype=torch.float32, device=hidden.device)  # max, Σ e^{x−max}
+    tail = (logits, part, m, n, k, logits.stride(0), part.stride(0), inv_t)
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": warps,
+            "num_stages": stages}
+    from logits_epilogue_kernels import pointer_kernel, tma_kernel  # beside this script
+
+    if kernel == "pointer":
+        pointer_kernel[(tiles,)](hidden, weight, hidden.stride(0), weight.stride(0), *tail, **meta)
+    else:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        programs = tiles if hidden.device.type == "cpu" else min(
+            tiles, torch.cuda.get_device_properties(hidden.device).multi_processor_count)
+        tma_kernel[(programs,)](TensorDescriptor.from_tensor(hidden, [block_m, block_k]),
+                                TensorDescriptor.from_tensor(weight, [block_n, block_k]), *tail, PROGRAMS=programs,
+                                **meta)
     big = part[0].max(0).values
     return logits, big + torch.log((part[1] * torch.exp(part[0] - big)).sum(0))
-
-
-@functools.cache
-def _kernel():
-    """The Triton kernel, defined on first use (after ``TRITON_INTERPRET`` is set for ``--quick``)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _logits_stats_kernel(h_ptr, w_ptr, z_ptr, part_ptr, M, N, K, stride_h, stride_w, stride_z, part_stride,
-                             inv_t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
-        """One ``[BLOCK_M, BLOCK_N]`` tile of ``z = h Wᵀ`` (fp32 accumulation), tiles taken in groups of
-        ``GROUP_M`` row blocks so that consecutive programs share the weight's columns in L2; the epilogue
-        stores the tile and, per row, ``max_j x_j`` and ``Σ_j e^{x_j − max}`` over its columns
-        (``x = z · inv_t``)."""
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        size_m = min(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
-        pid_n = (pid % (GROUP_M * tiles_n)) // size_m
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + (start + ks)[None, :],
-                        mask=(rows[:, None] < M) & ((start + ks)[None, :] < K), other=0.0)
-            b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + (start + ks)[:, None],
-                        mask=(cols[None, :] < N) & ((start + ks)[:, None] < K), other=0.0)
-            acc = tl.dot(a, b, acc)
-        inside = (rows[:, None] < M) & (cols[None, :] < N)
-        tl.store(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], acc, mask=inside)
-        x = tl.where(cols[None, :] < N, acc * inv_t, float("-inf"))
-        top = tl.max(x, 1)
-        total = tl.sum(tl.exp(x - top[:, None]), 1)
-        tl.store(part_ptr + pid_n * M + rows, top, mask=rows < M)
-        tl.store(part_ptr + part_stride + pid_n * M + rows, total, mask=rows < M)
-
-    return _logits_stats_kernel
 
 
 def _ints(text: str) -> list[int]:

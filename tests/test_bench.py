@@ -29,7 +29,8 @@ FIELDS = {
     "attention_backend.py": ["first_seen_ratio", "seen_ratio"],
     "chunk_kernels.py": ["stats_ms", "grad_ms", "stats_gb_per_s", "grad_gb_per_s", "stats_vs_grad_bandwidth",
                          "stats_max_diff", "grad_max_diff"],
-    "logits_epilogue.py": ["cublas_ms", "cublas_stats_ms", "epilogue_ms", "epilogue_vs_cublas", "max_lse_diff"],
+    "logits_epilogue.py": ["cublas_ms", "cublas_stats_ms", "epilogue_ms", "epilogue_vs_cublas", "max_lse_diff",
+                           "pointer_ms", "tma_ms"],
 }
 
 
