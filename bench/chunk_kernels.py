@@ -19,9 +19,9 @@ statistics took 245 µs for rkl (1.9 TB/s), against 326 µs for the per-block co
 
 ``--launches`` times the kernels at other launch settings (:class:`fdivctl.engine.triton_chunk.Launch`: block,
 warps, software-pipelining stages), one ``STATS/GRAD`` pair per record, each ``BLOCKxWARPSxSTAGES`` (STATS for the
-one- and the two-pass statistics alike); the records carry ``stats_launch`` and ``grad_launch``, and ``stats_max_diff`` / ``grad_max_diff``, the largest difference
-from the first pair's outputs (same inputs: only the summation order may differ).  A pair that does not compile or
-run is printed with its ``error``.
+one- and the two-pass statistics alike); the records carry ``stats_launch`` and ``grad_launch``, and
+``stats_max_diff`` / ``grad_max_diff``, the largest difference from the first pair's outputs (same inputs: only the
+summation order may differ).  A pair that does not compile or run is printed with its ``error``.
 
     python bench/chunk_kernels.py --quick          # CPU, Triton's interpreter, a small chunk (the harness only)
     python bench/chunk_kernels.py --device cuda    # 384 rows × V = 151936 (the default chunk there)

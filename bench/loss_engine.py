@@ -64,6 +64,7 @@ import sys
 import time
 
 import torch
+from profiling import median_ms  # bench/profiling.py, beside this script
 
 from fdivctl import divergences, engine
 
@@ -210,20 +211,13 @@ def matmul_flops(shape, target_kind):
 
 def matmul_ceiling_tflops(dtype, device, size=None, repeats=10):
     """The rate of one square ``size³`` matmul of random ``dtype`` operands on ``device`` (8192 on CUDA, 1024 on
-    the CPU), median of ``repeats`` after three warm-ups: the chip's measured matmul ceiling, beside which each
-    variant's ``{variant}_ceiling_fraction`` is read (its datasheet rate is a lead, not a reading)."""
+    the CPU), median of ``repeats`` after a warm-up (:func:`profiling.median_ms`): the chip's measured matmul
+    ceiling, beside which each variant's ``{variant}_ceiling_fraction`` is read (its datasheet rate is a lead, not
+    a reading)."""
     size = size or (8192 if device == "cuda" else 1024)
     generator = torch.Generator(device=device).manual_seed(1)
     a, b = (torch.randn(size, size, generator=generator, device=device).to(dtype) for _ in range(2))
-    times = []
-    for i in range(3 + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e12
+    return 2 * size**3 / median_ms(lambda: torch.mm(a, b), torch.device(device), repeats) / 1e9
 
 
 def _zero_grads(inputs):
