@@ -5,7 +5,8 @@
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, loss_chunks, loss_topk, train, mask,
 # backend, topk, kernels, launches, epilogue, baseline, teacher, teacher_profile) runs only those; #11 alone:
-# STEPS=tests,loss,epilogue (about 5 minutes).  tests, sweep, loss, train and teacher took
+# STEPS=tests,loss,epilogue,kernels (about 6 minutes; the loss step times the epilogue GEMM's engine path,
+# triton_epilogue, beside the others).  tests, sweep, loss, train and teacher took
 # 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s,
 # train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
@@ -52,7 +53,7 @@ want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tes
 # in the loss step's file (the lines with variants triton only): at most 8 files come back
 want sweep && step loss_engine_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
-want loss && step loss_engine_cuda.jsonl 130 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+want loss && step loss_engine_cuda.jsonl 170 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
 # #11's throughput at the two largest shapes with head chunks above the default (384 rows at V = 151936), beside the
 # GEMMs alone in each chunking: whether bigger GEMMs reach 60 % of the bf16 peak
 want loss_chunks && step loss_engine_cuda.jsonl 80 python bench/loss_engine.py --device cuda --repeats 3 \
@@ -75,7 +76,9 @@ want mask && step attention_cuda.jsonl 60 python bench/attention_mask.py --devic
 want backend && step attention_cuda.jsonl 90 python bench/attention_backend.py --device cuda
 want backend && step attention_cuda.jsonl 60 python bench/attention_backend.py --device cuda --rows 2 --length 8192
 # #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile; the engine's two
-# row kernels alone on one 384-row chunk at V = 151936, against the bytes they move (#6, #11), in the same file
+# row kernels alone on one 384-row chunk at V = 151936, against the bytes they move (#6, #11), and as
+# logits_gemm="triton" runs them (log-partitions given: jsd's statistics in one pass, fkl's sums in the gradient
+# kernel), in the same file
 want topk && step row_kernels_cuda.txt 30 python bench/topk_summary.py --device cuda \
     --profile "$OUT/topk_summary_profile.txt"
 want kernels && step row_kernels_cuda.txt 30 python bench/chunk_kernels.py --device cuda

@@ -18,11 +18,12 @@ configurations; the best is reported, ``epilogue_config`` says which).  ``epilog
 ``cublas_ms / epilogue_ms`` (≥ 1: the Triton GEMM is as fast as cuBLAS) and ``epilogue_vs_cublas_stats`` =
 ``cublas_stats_ms / epilogue_ms`` (> 1: dropping the pass would pay).  Before timing, the epilogue's logits and
 log-partitions are checked against cuBLAS's and ``torch.logsumexp`` (``max_logit_diff``, ``max_lse_diff``: the
-largest over every configuration).  Two kernels (``bench/logits_epilogue_kernels.py``): ``pointer`` (a tile per
+largest over every configuration).  Two kernels (:mod:`fdivctl.engine.triton_logits`): ``pointer`` (a tile per
 program, loads through pointers) and ``tma`` (persistent programs, loads through tensor descriptors, Hopper's bulk
 copy engine); ``pointer_ms`` / ``tma_ms`` are each one's fastest configuration.
 
-Not used by the engine: the statistics pass stays until this shows a gain on the chip.
+The engine takes this GEMM with ``logits_gemm="triton"``; cuBLAS stays its default until this and
+``bench/loss_engine.py``'s ``triton_epilogue`` variant show a gain on the chip.
 
     python bench/logits_epilogue.py --quick           # CPU, Triton's interpreter, fp32, small shapes (the harness)
     python bench/logits_epilogue.py --device cuda     # rows 384 / 768 × H 2048 / 4096 × V 151936, bf16
@@ -84,6 +85,7 @@ def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dic
 
     from fdivctl.engine import triton_chunk
     from fdivctl.engine.matmul import linear_fp32
+    from fdivctl.engine.triton_logits import GemmConfig, logits_with_lse
     from profiling import median_ms  # bench/profiling.py, beside this script
 
     (rows, hidden_size), vocab, device = h.shape, w.shape[0], h.device
@@ -104,9 +106,9 @@ def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dic
     best, diffs = None, {"logit": 0.0, "lse": 0.0}
     for kernel, config in configs:
         try:
-            logits, lse = logits_with_lse(h, w, 1.0 / temperature, kernel, config)
-            ms = median_ms(lambda k=kernel, c=config: logits_with_lse(h, w, 1.0 / temperature, k, c), device,
-                           repeats)
+            logits, lse = logits_with_lse(h, w, None, temperature, kernel, GemmConfig(*config))
+            ms = median_ms(lambda k=kernel, c=GemmConfig(*config): logits_with_lse(h, w, None, temperature, k, c),
+                           device, repeats)
         except Exception as error:  # a configuration the compiler or the chip refuses: the others go on
             print(json.dumps({**record, "kernel": kernel, "config": config,
                               "error": f"{type(error).__name__}: {error}"[:400]}), flush=True)
@@ -127,37 +129,6 @@ def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dic
         "epilogue_tflops": record["flops"] / ms / 1e9, "epilogue_vs_cublas": record["cublas_ms"] / ms,
         "epilogue_vs_cublas_stats": record["cublas_stats_ms"] / ms,
     }
-
-
-def logits_with_lse(hidden, weight, inv_t: float, kernel: str, config: tuple):
-    """``(z = hidden @ weightᵀ`` fp32 ``[M, V]``, ``log Σ_j e^{z_j · inv_t}`` ``[M]``) from one GEMM whose epilogue
-    writes each output tile's row maximum and rescaled sum (``bench/logits_epilogue_kernels.py``), merged here over the
-    ``⌈V / BLOCK_N⌉`` tiles: ``log Z = M + log Σ_tiles s · e^{m − M}``."""
-    import torch
-    import triton
-
-    block_m, block_n, block_k, group_m, warps, stages = config
-    (m, k), n = hidden.shape, weight.shape[0]
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    logits = torch.empty(m, n, dtype=torch.float32, device=hidden.device)
-    part = torch.empty(2, triton.cdiv(n, block_n), m, dtype=torch.float32, device=hidden.device)  # max, Σ e^{x−max}
-    tail = (logits, part, m, n, k, logits.stride(0), part.stride(0), inv_t)
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": warps,
-            "num_stages": stages}
-    from logits_epilogue_kernels import pointer_kernel, tma_kernel  # beside this script
-
-    if kernel == "pointer":
-        pointer_kernel[(tiles,)](hidden, weight, hidden.stride(0), weight.stride(0), *tail, **meta)
-    else:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        programs = tiles if hidden.device.type == "cpu" else min(
-            tiles, torch.cuda.get_device_properties(hidden.device).multi_processor_count)
-        tma_kernel[(programs,)](TensorDescriptor.from_tensor(hidden, [block_m, block_k]),
-                                TensorDescriptor.from_tensor(weight, [block_n, block_k]), *tail, PROGRAMS=programs,
-                                **meta)
-    big = part[0].max(0).values
-    return logits, big + torch.log((part[1] * torch.exp(part[0] - big)).sum(0))
 
 
 def _ints(text: str) -> list[int]:

@@ -511,3 +511,139 @@ def test_triton_head_topk_with_a_masked_block_of_the_vocabulary():
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+SMALL_GEMM = {"pointer": (16, 32, 16, 2, 4, 2), "tma": (16, 32, 16, 2, 4, 2)}
+
+
+def _small_gemm(monkeypatch, kernel="pointer"):
+    """The epilogue GEMM in tiles of 16 × 32 (several tiles per row and per column of a small head), ``kernel``."""
+    from fdivctl.engine import triton_logits
+
+    monkeypatch.setattr(triton_logits, "CONFIGS", {k: triton_logits.GemmConfig(*c) for k, c in SMALL_GEMM.items()})
+    monkeypatch.setattr(triton_logits, "default_kernel", lambda device: kernel)
+
+
+@case
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_logits_gemm_epilogue_gives_the_logits_and_their_logsumexp(kernel, with_bias):
+    """``z = h Wᵀ + b`` and ``log Σ e^{z/T}`` from the epilogue GEMM, with partial tiles on both axes (37 × 101 in
+    16 × 32 tiles), equal ``linear_fp32`` and ``torch.logsumexp``; a row whose columns are all −inf but one tile's
+    (a −inf bias) merges its empty tiles as no mass, not NaN."""
+    from fdivctl.engine.matmul import linear_fp32
+    from fdivctl.engine.triton_logits import GemmConfig, logits_with_lse
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(37, 24, generator=g), torch.randn(101, 24, generator=g)
+    bias = torch.randn(101, generator=g) if with_bias else None
+    if with_bias:
+        bias[:64] = float("-inf")  # two whole tiles of 32 columns hold no mass
+    logits, lse = logits_with_lse(hidden, weight, bias, 0.7, kernel, GemmConfig(*SMALL_GEMM[kernel]))
+    expected = linear_fp32(hidden, weight, bias)
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(expected / 0.7, -1), rtol=1e-6, atol=1e-5)
+
+
+def _recorded(monkeypatch):
+    """Every ``chunk_stats`` call's ``lse_given`` and every ``chunk_grad`` call's ``sums``, as the sweep makes them."""
+    from fdivctl.engine import triton_chunk
+
+    calls = {"stats": [], "grad": []}
+    stats, grad = triton_chunk.chunk_stats, triton_chunk.chunk_grad
+
+    def recording_stats(*args, **kwargs):
+        calls["stats"].append(kwargs.get("lse_given", 0))
+        return stats(*args, **kwargs)
+
+    def recording_grad(*args, **kwargs):
+        calls["grad"].append(kwargs.get("sums", False))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(triton_chunk, "chunk_stats", recording_stats)
+    monkeypatch.setattr(triton_chunk, "chunk_grad", recording_grad)
+    return calls
+
+
+@case
+@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
+@pytest.mark.parametrize("kind", ["full", "head", "pad", "truncate"])
+def test_logits_gemm_triton_divergence_loss_matches_the_cublas_path(monkeypatch, entry, kind):
+    """``logits_gemm="triton"``: the log-partitions from the GEMMs' epilogues (the student's, and a teacher head's
+    where its columns are the student's or fewer), the statistics kernel told so, and for fkl against a head the
+    gradient kernel summing the loss itself; values and gradients equal the ``torch.mm`` path's (itself checked
+    against float64 above) at temperature 1.4, with a bias, chunks of 5 rows, 37 columns in several GEMM tiles."""
+    name, params = entry
+    _small_gemm(monkeypatch)
+    t_vocab = {"pad": 30, "truncate": 41}.get(kind, 37)
+    hidden, weight, bias, th, tw, _ = _inputs(t_vocab=t_vocab)
+    target = engine.FullLogits(th @ tw.T) if kind == "full" else engine.TeacherHead(
+        th, tw, vocab="strict" if kind == "head" else kind)
+    results = {}
+    for gemm in ("torch", "triton"):
+        calls = _recorded(monkeypatch)  # the second call's record: the "triton" run's alone
+        loss = engine.divergence_loss(hidden, weight, target, divergences.get(name, **params), bias=bias,
+                                      temperature=1.4, chunk_size=5, kernel="triton", logits_gemm=gemm)
+        results[gemm] = (loss, *torch.autograd.grad(loss, (hidden, weight, bias)))
+    for ours, ref in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    teacher_lse = kind in ("head", "pad")
+    fused = teacher_lse and name == "fkl"
+    assert calls["grad"] == [fused] * 3
+    assert calls["stats"] == ([] if fused else [2 if teacher_lse else 1] * 3)
+
+
+@case
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("div", [None, "fkl", "jsd"])
+def test_logits_gemm_triton_token_loss_and_outputs_match_the_cublas_path(monkeypatch, kernel, div):
+    """The RL loss (a nonlinear objective of log-prob, entropy and divergence: cotangents by autograd) and
+    ``token_outputs`` with its backward (a linear objective of the cotangents given: for fkl without entropy the
+    gradient kernel sums the outputs) through either epilogue GEMM equal the ``torch.mm`` path's."""
+    from fdivctl.objectives import grpo
+
+    _small_gemm(monkeypatch, kernel)
+    hidden, weight, bias, th, tw, tokens = _inputs(n=17)
+    g = torch.Generator().manual_seed(3)
+    old, adv = -torch.rand(17, generator=g) * 4, torch.randn(17, generator=g)
+    target = None if div is None else engine.TeacherHead(th, tw)
+
+    def objective(out, rows):
+        loss, _ = grpo.clipped_surrogate(out["logprob"], old[rows], adv[rows], 0.2, 0.28)
+        return (loss - 0.01 * out["entropy"] + (0.1 * out["divergence"] if div else 0.0)).sum()
+
+    results = {}
+    for gemm in ("torch", "triton"):
+        options = dict(bias=bias, token_ids=tokens, target=target, divergence=div, temperature=0.8, chunk_size=6,
+                       kernel="triton", logits_gemm=gemm)
+        total, outputs = engine.token_loss(hidden, weight, objective, entropy=True, **options)
+        per_token = engine.token_outputs(hidden, weight, **options)
+        value = (per_token.logprob * adv).sum() + (0 if div is None else per_token.divergence.sum())
+        results[gemm] = (total, outputs.logprob, outputs.entropy, per_token.logprob,
+                         *torch.autograd.grad(total, (hidden, weight, bias)),
+                         *torch.autograd.grad(value, (hidden, weight, bias)))
+    for ours, ref in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_gemm_triton_is_refused_where_it_does_not_apply():
+    """The epilogue GEMM needs the Triton row kernels, a dense target or none and no soft cap: one clear error."""
+    hidden, weight, _, th, tw, _ = _inputs()
+    target = engine.TeacherHead(th, tw)
+    with pytest.raises(ValueError, match="needs the Triton row kernels"):
+        engine.divergence_loss(hidden, weight, target, "fkl", kernel="torch", logits_gemm="triton")
+    with pytest.raises(ValueError, match="logits_gemm='cutlass'; valid: torch, triton"):
+        engine.divergence_loss(hidden, weight, target, "fkl", logits_gemm="cutlass")
+
+
+@case
+def test_logits_gemm_triton_refuses_top_k_targets_and_soft_caps():
+    hidden, weight, _, th, tw, _ = _inputs()
+    log_p = torch.log_softmax(th @ tw.T, -1)
+    logprobs, ids = log_p.topk(4, -1)
+    topk = engine.TopK(ids.int(), logprobs, torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), -1))
+    with pytest.raises(ValueError, match="not to a top-k target"):
+        engine.divergence_loss(hidden, weight, topk, "fkl", kernel="triton", logits_gemm="triton")
+    with pytest.raises(ValueError, match="soft cap"):
+        engine.divergence_loss(hidden, weight, engine.TeacherHead(th, tw), "fkl", kernel="triton",
+                               logits_gemm="triton", softcap=2.0)

@@ -11,7 +11,7 @@ the requested per-token quantities are computed from ``log q = log_softmax(z / T
 
 and, when an objective is given — a sum over the chunk's tokens of any
 function of their outputs, e.g. ``Σ_t Σ_k c_k[t] · out_k[t]`` for fixed
-cotangents (:func:`linear_objective`) — its gradient ``∂/∂z`` is taken by
+cotangents (:class:`LinearObjective`) — its gradient ``∂/∂z`` is taken by
 autograd on that chunk alone and pushed through the head into ``grad h``,
 ``grad W`` (fp32 accumulator) and ``grad b``; the objective's value is summed.  The chunk's ``[c, V]`` buffers are freed before the next
 chunk, so peak memory is O(c·V + G·V + V·H) instead of O(N·V), with ``G`` the
@@ -38,6 +38,10 @@ OUTPUT_NAMES = ("logprob", "entropy", "divergence")
 #: row of ``triton_chunk.STAT_ROWS`` holding the first of OUTPUT_NAMES
 STAT_OFFSET = 2
 KERNELS = ("auto", "torch", "triton")
+#: how a chunk's logits are made: ``torch.mm`` (cuBLAS on CUDA), or the Triton GEMM that also gives each row's
+#: log-partition from its epilogue (:mod:`fdivctl.engine.triton_logits`), so the row kernels read the logits once
+#: less for jsd and the other two-pass divergences, and once in all for fkl (or none) under a linear objective
+LOGITS_GEMMS = ("torch", "triton")
 #: the head's gradient accumulator across chunks: fp32 (default), or the dtype the matmuls read
 #: the weight in ("param": bf16 for a bf16 head on CUDA, Liger-Kernel's default; half the memory,
 #: one rounding per chunk)
@@ -47,9 +51,24 @@ WEIGHT_GRAD_ACCUM = ("fp32", "param")
 Objective = Callable[[dict[str, torch.Tensor], slice], torch.Tensor]
 
 
-def linear_objective(cotangents: dict[str, torch.Tensor]) -> Objective:
-    """``Σ_t Σ_k c_k[t] · out_k[t]``: the vector–Jacobian product of fixed per-token cotangents."""
-    return lambda chunk, rows: sum((chunk[k] * c[rows]).sum() for k, c in cotangents.items())
+class LinearObjective:
+    """``Σ_t Σ_k c_k[t] · out_k[t]``: the vector–Jacobian product of fixed per-token cotangents ``c_k`` ``[N]``
+    (keys of :data:`OUTPUT_NAMES`).  Its derivatives are the cotangents themselves, so the Triton path takes
+    them as they are (:meth:`chunk_cotangents`) instead of by autograd, and can sum a chunk's outputs in its
+    gradient pass (:func:`~fdivctl.engine.triton_chunk.chunk_grad`, ``sums``)."""
+
+    def __init__(self, cotangents: dict[str, torch.Tensor]):
+        self.cotangents = cotangents
+
+    def __call__(self, chunk: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        return sum((chunk[k] * c[rows]).sum() for k, c in self.cotangents.items())
+
+    def chunk_cotangents(self, rows: slice, like: torch.Tensor) -> torch.Tensor:
+        """``[3, c]`` fp32, the cotangents of :data:`OUTPUT_NAMES` on ``rows`` (zeros where none), on ``like``'s
+        device: the gradient kernel's ``cotangents``."""
+        zero = torch.zeros_like(like)
+        return torch.stack([self.cotangents[name][rows].to(like.dtype) if name in self.cotangents else zero
+                            for name in OUTPUT_NAMES])
 
 
 @dataclass
@@ -67,6 +86,7 @@ class SweepPlan:
     # logit-gradient rows per weight-gradient GEMM (PendingWeightGrad); ≤ chunk_size: each chunk's own
     weight_grad_rows: int = 0
     softcap: float | None = None  # the student's final-logit soft cap c (matmul.soft_cap_)
+    logits_gemm: str = "torch"  # one of LOGITS_GEMMS (resolve_logits_gemm)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -121,6 +141,22 @@ def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None, div
     return "triton" if reason is None and (kernel == "triton" or hidden.device.type == "cuda") else "torch"
 
 
+def resolve_logits_gemm(logits_gemm: str, kernel: str, target: Target | None, softcap: float | None) -> str:
+    """``logits_gemm`` checked against the plan: ``"triton"`` needs the Triton row kernels (``kernel`` as
+    :func:`resolve_kernel` resolved it), a dense target or none (a top-k target's row kernel sums the logits
+    outside its k ids, which the full log-partition does not give) and no soft cap; ValueError otherwise."""
+    if logits_gemm not in LOGITS_GEMMS:
+        raise ValueError(f"logits_gemm={logits_gemm!r}; valid: {', '.join(LOGITS_GEMMS)}")
+    if logits_gemm == "triton":
+        if kernel != "triton":
+            raise ValueError("logits_gemm='triton' needs the Triton row kernels (kernel='triton', or 'auto' on CUDA)")
+        if isinstance(target, TopK):
+            raise ValueError("logits_gemm='triton' applies to dense targets and none, not to a top-k target")
+        if softcap is not None:
+            raise ValueError("logits_gemm='triton' does not apply a soft cap: use logits_gemm='torch'")
+    return logits_gemm
+
+
 def chunk_outputs(plan: SweepPlan, logits: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
     """The requested per-token quantities for one chunk of student logits (fp32, ``[c, V]``).
 
@@ -171,24 +207,44 @@ def _triton_chunk(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """The fused path (:mod:`fdivctl.engine.triton_chunk`): outputs from one row kernel, written into
     ``stats`` (the chunk's columns of the sweep's ``[6, N]`` buffer, whose rows are the per-token outputs); the
-    objective's cotangents by autograd on those ``[c]`` outputs alone; ``∂/∂z`` from a second
-    row kernel, written in ``grad_dtype`` into ``out`` when given (else in place over the logits when
-    that is fp32)."""
+    objective's cotangents by autograd on those ``[c]`` outputs alone (as they are for a :class:`LinearObjective`);
+    ``∂/∂z`` from a second row kernel, written in ``grad_dtype`` into ``out`` when given (else in place over the
+    logits when that is fp32).
+
+    With ``plan.logits_gemm == "triton"`` ``stats``' row 0 already holds the student's log-partition (the sweep's
+    GEMM made it), and a teacher head's target gives its own from its GEMM (row 1): the statistics kernel then
+    skips its first pass, and for fkl or no divergence under a linear objective, without entropy, the gradient
+    kernel sums the outputs itself (``sums``): one read of the row in all."""
     from fdivctl.engine import triton_chunk
 
     ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
-    target = None if plan.target is None else plan.target.dense_logits(rows, plan.temperature, logits.shape[1])
+    target, lse_p = None, None
+    if plan.target is not None:
+        target, lse_p = plan.target.dense_logits_lse(rows, plan.temperature, logits.shape[1], plan.logits_gemm)
+        if lse_p is not None:
+            stats[1] = lse_p
+    # the log-partitions stats holds already (chunk_stats' lse_given): the student's, and the target's if any
+    lse_given = 0 if plan.logits_gemm != "triton" else 2 if plan.target is None or lse_p is not None else 1
     args = (logits, target, logits.shape[1], ids, plan.entropy, plan.divergence, plan.temperature)
-    triton_chunk.chunk_stats(*args, out=stats)
+    linear = isinstance(objective, LinearObjective)
+    if with_grad and linear and lse_given == 2 and triton_chunk.sums_in_grad(plan.divergence, plan.entropy):
+        grad = triton_chunk.chunk_grad(*args, stats, objective.chunk_cotangents(rows, stats[0]),
+                                       _gradient_buffer(logits, grad_dtype, out), sums=True)
+        chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
+        return chunk, objective(chunk, rows), grad
+    triton_chunk.chunk_stats(*args, out=stats, lse_given=lse_given)
     chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
     if not with_grad:
         return chunk, None if objective is None else objective(chunk, rows), None
-    leaves = {name: value.detach().requires_grad_(True) for name, value in chunk.items()}
-    with torch.enable_grad():
-        value = objective(leaves, rows)
-    grads = _leaf_grads(value, leaves)
-    zero = torch.zeros_like(stats[0])
-    cotangents = torch.stack([grads.get(name, zero) for name in OUTPUT_NAMES])
+    if linear:
+        value, cotangents = objective(chunk, rows), objective.chunk_cotangents(rows, stats[0])
+    else:
+        leaves = {name: value.detach().requires_grad_(True) for name, value in chunk.items()}
+        with torch.enable_grad():
+            value = objective(leaves, rows)
+        grads = _leaf_grads(value, leaves)
+        zero = torch.zeros_like(stats[0])
+        cotangents = torch.stack([grads.get(name, zero) for name in OUTPUT_NAMES])
     out = _gradient_buffer(logits, grad_dtype, out)
     return chunk, value.detach(), triton_chunk.chunk_grad(*args, stats, cotangents, out)
 
@@ -374,7 +430,12 @@ def sweep(
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
         h_chunk = hidden[rows]
-        logits = linear_fp32(h_chunk, weight_mm, bias)
+        if plan.logits_gemm == "triton":
+            from fdivctl.engine.triton_logits import logits_with_lse
+
+            logits, stats[0, rows] = logits_with_lse(h_chunk, weight_mm, bias, plan.temperature)
+        else:
+            logits = linear_fp32(h_chunk, weight_mm, bias)
         cap_slope = soft_cap_(logits, plan.softcap, slope=with_grad)
         slot = None if pending is None else pending.slot(rows)
         if plan.kernel == "triton":
