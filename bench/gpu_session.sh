@@ -5,8 +5,8 @@
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, loss_chunks, loss_topk, train, mask,
 # backend, topk, kernels, launches, epilogue, baseline, teacher, teacher_profile) runs only those; #11 alone:
-# STEPS=tests,loss,epilogue,kernels (about 6 minutes; the loss step times the epilogue GEMM's engine path,
-# triton_epilogue, beside the others).  tests, sweep, loss, train and teacher took
+# STEPS=tests,loss,epilogue,kernels (about 7–8 minutes, untimed yet: the loss step times the epilogue GEMM's engine
+# path, triton_epilogue, beside the others, and tunes that GEMM's launch once per head shape).  tests, sweep, loss, train and teacher took
 # 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s,
 # train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
@@ -46,14 +46,14 @@ export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python -c "import liger_kernel, trl; print('liger-kernel and trl importable')" | tee -a "$OUT/gpu.txt"
 STEPS=${STEPS:-tests,sweep,loss,loss_topk,train,mask,backend,topk,kernels,teacher}  # which steps run (comma-separated), e.g. STEPS=loss,train
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
-want tests && step gpu_tests.txt 150 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
+want tests && step gpu_tests.txt 200 python -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_engine_triton.py \
     tests/test_distill_cuda.py tests/test_teacher_logits_cuda.py tests/test_train_cuda.py \
     "tests/test_distributed.py::test_an_nccl_group_also_reduces_the_loops_cpu_figures"
 # the head chunk and the weight-gradient GEMM's rows side by side (1: one GEMM per chunk, as before; 0: the default),
 # in the loss step's file (the lines with variants triton only): at most 8 files come back
 want sweep && step loss_engine_cuda.jsonl 40 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd \
     --variants triton --shapes 8192,4096,151936 8192,2048,151936 --chunk-size 256,512,1024 --weight-grad-rows 1,0,8192
-want loss && step loss_engine_cuda.jsonl 170 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
+want loss && step loss_engine_cuda.jsonl 220 python bench/loss_engine.py --device cuda --repeats 3 --divergences jsd,fkl
 # #11's throughput at the two largest shapes with head chunks above the default (384 rows at V = 151936), beside the
 # GEMMs alone in each chunking: whether bigger GEMMs reach 60 % of the bf16 peak
 want loss_chunks && step loss_engine_cuda.jsonl 80 python bench/loss_engine.py --device cuda --repeats 3 \

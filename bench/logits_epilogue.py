@@ -36,18 +36,7 @@ import itertools
 import json
 import os
 
-#: the kernels (``pointer``: one tile per program, loads through pointers; ``tma``: one persistent program per
-#: multiprocessor walking the tiles, loads through host-made tensor descriptors, Hopper's bulk copy engine) and their
-#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) tried on CUDA
-CUDA_CONFIGS = [
-    ("pointer", (128, 256, 64, 8, 8, 3)),
-    ("pointer", (128, 128, 64, 8, 8, 4)),
-    ("pointer", (256, 128, 64, 8, 8, 3)),
-    ("tma", (128, 256, 64, 8, 8, 3)),
-    ("tma", (128, 256, 64, 8, 8, 4)),
-    ("tma", (128, 128, 64, 8, 8, 4)),
-    ("tma", (128, 128, 128, 8, 8, 3)),
-]
+#: the launches tried under the interpreter (on CUDA: the engine's own candidates, triton_logits.CANDIDATES)
 QUICK_CONFIGS = [("pointer", (16, 32, 16, 2, 4, 2)), ("tma", (16, 32, 16, 2, 4, 2))]
 
 
@@ -73,19 +62,20 @@ def main() -> None:
     for rows, hidden_size in itertools.product(_ints(args.rows), _ints(args.hidden)):
         h = torch.randn(rows, hidden_size, generator=generator, device=device).to(dtype)
         w = (torch.randn(args.vocab, hidden_size, generator=generator, device=device) / hidden_size**0.5).to(dtype)
-        record = measure(h, w, args.temperature, args.repeats, QUICK_CONFIGS if args.quick else CUDA_CONFIGS)
+        record = measure(h, w, args.temperature, args.repeats, QUICK_CONFIGS if args.quick else None)
         if record is not None:
             print(json.dumps(record), flush=True)
 
 
-def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dict | None:
+def measure(h, w, temperature: float, repeats: int, configs: list[tuple] | None) -> dict | None:
     """One shape's record (None when no configuration ran); a configuration that fails is printed and skipped.
-    ``epilogue_*`` describe the fastest configuration; ``{kernel}_ms`` the fastest of each kernel."""
+    ``epilogue_*`` describe the fastest configuration; ``{kernel}_ms`` the fastest of each kernel.  ``configs``:
+    ``(kernel, (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages))`` pairs; None: the engine's candidates."""
     import torch
 
     from fdivctl.engine import triton_chunk
     from fdivctl.engine.matmul import linear_fp32
-    from fdivctl.engine.triton_logits import GemmConfig, logits_with_lse
+    from fdivctl.engine.triton_logits import CANDIDATES, GemmConfig, logits_with_lse
     from profiling import median_ms  # bench/profiling.py, beside this script
 
     (rows, hidden_size), vocab, device = h.shape, w.shape[0], h.device
@@ -104,11 +94,11 @@ def measure(h, w, temperature: float, repeats: int, configs: list[tuple]) -> dic
         "cublas_stats_ms": median_ms(cublas_stats, device, repeats),
     }
     best, diffs = None, {"logit": 0.0, "lse": 0.0}
-    for kernel, config in configs:
+    for kernel, config in CANDIDATES if configs is None else configs:
+        launch = (kernel, GemmConfig(*config))
         try:
-            logits, lse = logits_with_lse(h, w, None, temperature, kernel, GemmConfig(*config))
-            ms = median_ms(lambda k=kernel, c=GemmConfig(*config): logits_with_lse(h, w, None, temperature, k, c),
-                           device, repeats)
+            logits, lse = logits_with_lse(h, w, None, temperature, launch)
+            ms = median_ms(lambda launch=launch: logits_with_lse(h, w, None, temperature, launch), device, repeats)
         except Exception as error:  # a configuration the compiler or the chip refuses: the others go on
             print(json.dumps({**record, "kernel": kernel, "config": config,
                               "error": f"{type(error).__name__}: {error}"[:400]}), flush=True)

@@ -47,6 +47,9 @@ forward+backward step, median of ``--repeats``), and ``memory_method``:
   too (``*_peak_bytes_default_malloc``, for the first divergence of a run
   only: later ones share that process's high-water mark).
 
+On CUDA a variant that runs out of memory reports ``{variant}_oom``, and one that raises anything else (a kernel the
+chip or its Triton refuses) ``{variant}_error`` with the message; the other variants are timed all the same.
+
 Usage::
 
     python bench/loss_engine.py --quick                     # CPU, < 60 s
@@ -327,6 +330,9 @@ def run_shape(args, shape, div_specs):
                 ))
             except torch.cuda.OutOfMemoryError:
                 results[variant].append({"peak_bytes": None, "seconds": None, "loss": None, "oom": True})
+            except Exception as error:  # noqa: BLE001 — one variant the chip or its compiler refuses: the others go on
+                results[variant].append({"peak_bytes": None, "seconds": None, "loss": None,
+                                         "error": f"{type(error).__name__}: {error}"[:500]})
             torch.cuda.empty_cache()
     return [_record(args, shape, spec, {v: results[v][i] for v in results}) for i, spec in enumerate(div_specs)]
 
@@ -376,6 +382,8 @@ def _record(args, shape, div_spec, results):
         record[f"{variant}_oom"] = bool(result.get("oom"))
         if result.get("unsupported"):
             record[f"{variant}_unsupported"] = True
+        if result.get("error"):
+            record[f"{variant}_error"] = result["error"]
         if "peak_bytes_default_malloc" in result:
             record[f"{variant}_peak_bytes_default_malloc"] = result["peak_bytes_default_malloc"]
     record.update({

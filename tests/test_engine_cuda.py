@@ -230,12 +230,12 @@ def test_logits_with_lse_matches_cublas_at_a_chunk_shape(gemm_kernel):
     """The epilogue GEMM at its own launch on a chunk of the benchmark's shape (384 × 2048 bf16 through a
     151936-column head: a partial last column tile) against cuBLAS's fp32-output GEMM and ``torch.logsumexp``."""
     from fdivctl.engine.matmul import linear_fp32
-    from fdivctl.engine.triton_logits import logits_with_lse
+    from fdivctl.engine.triton_logits import CANDIDATES, logits_with_lse
 
     g = torch.Generator(device="cuda").manual_seed(2)
     hidden = torch.randn(384, 2048, device="cuda", generator=g).to(torch.bfloat16)
     weight = (torch.randn(151936, 2048, device="cuda", generator=g) * 2048**-0.5).to(torch.bfloat16)
-    logits, lse = logits_with_lse(hidden, weight, None, 1.3, gemm_kernel)
+    logits, lse = logits_with_lse(hidden, weight, None, 1.3, next(c for c in CANDIDATES if c[0] == gemm_kernel))
     expected = linear_fp32(hidden, weight)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, torch.logsumexp(expected / 1.3, -1), rtol=1e-5, atol=1e-4)
@@ -245,11 +245,13 @@ def test_logits_with_lse_matches_cublas_at_a_chunk_shape(gemm_kernel):
 @pytest.mark.parametrize("name", ["fkl", "jsd", "rkl"])
 def test_logits_gemm_triton_matches_the_cublas_path(monkeypatch, gemm_kernel, name):
     """``logits_gemm="triton"`` compiled: bf16 student and teacher heads (301 rows × 5003 columns: partial GEMM
-    tiles on both axes), the log-partitions from the epilogues, fkl's sums in the gradient kernel; the loss and
-    gradients equal the cuBLAS path's up to the GEMMs' summation order."""
+    tiles on both axes), the launch tuned among ``gemm_kernel``'s candidates, the log-partitions from the
+    epilogues, fkl's sums in the gradient kernel; the loss and gradients equal the cuBLAS path's up to the GEMMs'
+    summation order."""
     from fdivctl.engine import triton_logits
 
-    monkeypatch.setattr(triton_logits, "default_kernel", lambda device: gemm_kernel)
+    monkeypatch.setattr(triton_logits, "CANDIDATES", [c for c in triton_logits.CANDIDATES if c[0] == gemm_kernel])
+    monkeypatch.setattr(triton_logits, "_TUNED", {})
     g = torch.Generator(device="cuda").manual_seed(0)
     n, h, v = 301, 256, 5003
     hidden = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)

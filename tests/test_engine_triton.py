@@ -513,15 +513,14 @@ def test_triton_head_topk_with_a_masked_block_of_the_vocabulary():
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
 
 
-SMALL_GEMM = {"pointer": (16, 32, 16, 2, 4, 2), "tma": (16, 32, 16, 2, 4, 2)}
+SMALL_GEMM = (16, 32, 16, 2, 4, 2)  # tiles of 16 × 32: several per row and per column of a small head
 
 
 def _small_gemm(monkeypatch, kernel="pointer"):
-    """The epilogue GEMM in tiles of 16 × 32 (several tiles per row and per column of a small head), ``kernel``."""
+    """The epilogue GEMM's launch off CUDA: ``kernel`` in small tiles."""
     from fdivctl.engine import triton_logits
 
-    monkeypatch.setattr(triton_logits, "CONFIGS", {k: triton_logits.GemmConfig(*c) for k, c in SMALL_GEMM.items()})
-    monkeypatch.setattr(triton_logits, "default_kernel", lambda device: kernel)
+    monkeypatch.setattr(triton_logits, "UNTUNED_LAUNCH", (kernel, triton_logits.GemmConfig(*SMALL_GEMM)))
 
 
 @case
@@ -539,10 +538,28 @@ def test_logits_gemm_epilogue_gives_the_logits_and_their_logsumexp(kernel, with_
     bias = torch.randn(101, generator=g) if with_bias else None
     if with_bias:
         bias[:64] = float("-inf")  # two whole tiles of 32 columns hold no mass
-    logits, lse = logits_with_lse(hidden, weight, bias, 0.7, kernel, GemmConfig(*SMALL_GEMM[kernel]))
+    logits, lse = logits_with_lse(hidden, weight, bias, 0.7, (kernel, GemmConfig(*SMALL_GEMM)))
     expected = linear_fp32(hidden, weight, bias)
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(lse, torch.logsumexp(expected / 0.7, -1), rtol=1e-6, atol=1e-5)
+
+
+@case
+def test_the_logits_gemm_launch_is_tuned_among_those_that_run():
+    """``tune`` runs every candidate launch on the operands and keeps the fastest; one the compiler refuses (a
+    block of 24 columns: not a power of two) is passed over, and where none runs the error names each refusal."""
+    from fdivctl.engine.triton_logits import GemmConfig, logits_with_lse, tune
+
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(20, 16, generator=g), torch.randn(70, 16, generator=g)
+    refused = ("pointer", GemmConfig(16, 24, 16, 2, 4, 2))
+    runs = [("pointer", GemmConfig(*SMALL_GEMM)), ("tma", GemmConfig(16, 64, 16, 1, 4, 2))]
+    kernel, config = tune(hidden, weight, None, 1.0, [refused, *runs], repeats=1)
+    assert (kernel, config) in runs
+    logits, lse = logits_with_lse(hidden, weight, None, 1.0, (kernel, config))
+    torch.testing.assert_close(lse, torch.logsumexp(hidden @ weight.T, -1), rtol=1e-6, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"no launch of the logits GEMM runs here: pointer \(16, 24"):
+        tune(hidden, weight, None, 1.0, [refused], repeats=1)
 
 
 def _recorded(monkeypatch):

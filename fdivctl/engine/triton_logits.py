@@ -14,13 +14,15 @@ Two kernels sharing the tile order and the epilogue:
 * ``tma`` — one persistent program per multiprocessor walking the tiles, operands loaded through host-made tensor
   descriptors (Hopper's bulk-copy engine, sm90+).
 
-The engine uses this GEMM where ``logits_gemm="triton"`` (:func:`fdivctl.engine.divergence_loss`); cuBLAS stays
+On CUDA the launch (kernel, tile, warps, stages) is the fastest of :data:`CANDIDATES`, timed once per head on its
+first call, as Triton's autotuner does.  The engine uses this GEMM where ``logits_gemm="triton"`` (:func:`fdivctl.engine.divergence_loss`); cuBLAS stays
 the default until ``bench/logits_epilogue.py`` and ``bench/loss_engine.py`` show it pays on a chip.  Runs on CUDA;
 on the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
@@ -43,9 +45,22 @@ class GemmConfig(NamedTuple):
     stages: int
 
 
-#: the launch per kernel: the Hopper bf16 tile of Triton's matmul tutorials (128 × 256 × 64, 8 warps, 3 stages);
-#: ``bench/logits_epilogue.py`` times the others on a chip
-CONFIGS = {"pointer": GemmConfig(128, 256, 64, 8, 8, 3), "tma": GemmConfig(128, 256, 64, 8, 8, 3)}
+#: the launches tried on CUDA, once per device, dtype, head shape and bias (:func:`tune`), the fastest kept: tiles
+#: around the Hopper bf16 one of Triton's matmul tutorials (128 × 256 × 64, 8 warps, 3 stages), ``tma`` only on
+#: compute capability 9 and up; ``bench/logits_epilogue.py`` times each against cuBLAS
+CANDIDATES = (
+    ("tma", GemmConfig(128, 256, 64, 8, 8, 3)),
+    ("tma", GemmConfig(128, 256, 64, 8, 8, 4)),
+    ("tma", GemmConfig(128, 128, 64, 8, 8, 4)),
+    ("tma", GemmConfig(128, 128, 128, 8, 8, 3)),
+    ("pointer", GemmConfig(128, 256, 64, 8, 8, 3)),
+    ("pointer", GemmConfig(128, 128, 64, 8, 8, 4)),
+    ("pointer", GemmConfig(256, 128, 64, 8, 8, 3)),
+)
+#: the launch off CUDA (Triton's CPU interpreter, where timing tells nothing)
+UNTUNED_LAUNCH = ("pointer", GemmConfig(128, 256, 64, 8, 8, 3))
+#: (device index, dtype, head shape, bias?) → the launch :func:`tune` chose
+_TUNED: dict[tuple, tuple[str, GemmConfig]] = {}
 
 
 @triton.jit
@@ -128,31 +143,74 @@ def _descriptor_ok(tensor: torch.Tensor) -> bool:
     return tensor.data_ptr() % 16 == 0 and tensor.stride(0) * tensor.element_size() % 16 == 0
 
 
-def default_kernel(device: torch.device) -> str:
-    """``tma`` on a GPU with tensor descriptors (compute capability 9 and up), else ``pointer``."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        return "tma"
-    return "pointer"
-
-
 def logits_with_lse(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
-    kernel: str | None = None,
-    config: GemmConfig | None = None,
+    launch: tuple[str, GemmConfig] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z = hidden @ weightᵀ (+ bias)`` fp32 ``[M, V]``, ``log Σ_j e^{z_j / temperature}`` fp32 ``[M]``), the
     GEMM accumulating in fp32 (fp32 operands multiply in IEEE fp32, not TF32).  ``hidden`` ``[M, K]`` and
-    ``weight`` ``[V, K]`` in one dtype with unit column stride; ``kernel`` one of :data:`KERNELS` (default:
-    :func:`default_kernel`; ``tma`` falls back to ``pointer`` for operands it cannot address), ``config`` its
-    launch (default: :data:`CONFIGS`)."""
-    kernel = kernel or default_kernel(hidden.device)
-    block_m, block_n, block_k, group_m, warps, stages = config or CONFIGS[kernel]
+    ``weight`` ``[V, K]`` in one dtype with unit column stride.  ``launch``: ``(kernel, config)``, ``kernel`` one
+    of :data:`KERNELS` (``tma`` falls back to ``pointer`` for operands it cannot address); by default on CUDA the
+    fastest of :data:`CANDIDATES` for this head, timed on its first call (:func:`tune`), elsewhere (Triton's
+    interpreter) :data:`UNTUNED_LAUNCH`."""
     x = hidden.to(weight.dtype)
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if launch is None:
+        launch = UNTUNED_LAUNCH if x.device.type != "cuda" else _tuned_launch(x, weight, bias, temperature)
+    return _run(x, weight, bias, temperature, *launch)
+
+
+def _tuned_launch(x, weight, bias, temperature) -> tuple[str, GemmConfig]:
+    """The launch :func:`tune` chose for this device, dtype, head shape and bias, tuning on the first call."""
+    key = (x.device.index, weight.dtype, tuple(weight.shape), bias is not None)
+    if key not in _TUNED:
+        hopper = torch.cuda.get_device_capability(x.device)[0] >= 9
+        _TUNED[key] = tune(x, weight, bias, temperature, [c for c in CANDIDATES if hopper or c[0] != "tma"])
+    return _TUNED[key]
+
+
+def tune(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    candidates: list[tuple[str, GemmConfig]],
+    repeats: int = 3,
+) -> tuple[str, GemmConfig]:
+    """The fastest of ``candidates`` on these operands: each run once (compiling it), then timed over ``repeats``
+    runs.  A launch the compiler or the chip refuses (more shared memory than a program may have, an API this
+    Triton lacks) is skipped; RuntimeError, naming each refusal, where none runs."""
+    timings, refused = [], []
+    for kernel, config in candidates:
+        try:
+            _run(x, weight, bias, temperature, kernel, config)
+            _synchronize(x.device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                _run(x, weight, bias, temperature, kernel, config)
+            _synchronize(x.device)
+        except Exception as error:  # noqa: BLE001 — any refusal of one launch leaves the others to try
+            refused.append(f"{kernel} {tuple(config)}: {type(error).__name__}: {error}"[:300])
+            continue
+        timings.append((time.perf_counter() - start, kernel, config))
+    if not timings:
+        raise RuntimeError("no launch of the logits GEMM runs here: " + "; ".join(refused))
+    _, kernel, config = min(timings, key=lambda timing: timing[0])
+    return kernel, config
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run(x, weight, bias, temperature, kernel: str, config: GemmConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logits_with_lse` at one launch."""
+    block_m, block_n, block_k, group_m, warps, stages = config
     if kernel == "tma" and not (_descriptor_ok(x) and _descriptor_ok(weight)):
         kernel = "pointer"
     (m, k), n = x.shape, weight.shape[0]
