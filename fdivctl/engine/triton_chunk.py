@@ -419,8 +419,11 @@ def _grad_kernel(
     if WANT_ENT:
         entropy = tl.load(stats_ptr + 3 * stats_stride + row)
     if SUMS:  # fkl's S = −Σ p = −1, no divergence's 0: known before the row is read
-        slope = -1.0 if DIV == _FKL else 0.0
         div = tl.zeros([BLOCK], tl.float32)
+        if DIV == _FKL:
+            slope = -1.0
+        else:
+            slope = 0.0
     else:
         slope = tl.load(stats_ptr + 5 * stats_stride + row)
     c_lp = tl.load(cot_ptr + row) * inv_t
