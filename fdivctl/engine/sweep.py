@@ -220,9 +220,8 @@ def _triton_chunk(
     ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
     target, lse_p = None, None
     if plan.target is not None:
-        target, lse_p = plan.target.dense_logits_lse(rows, plan.temperature, logits.shape[1], plan.logits_gemm)
-        if lse_p is not None:
-            stats[1] = lse_p
+        target, lse_p = plan.target.dense_logits_lse(rows, plan.temperature, logits.shape[1], plan.logits_gemm,
+                                                     lse_out=stats[1])
     # the log-partitions stats holds already (chunk_stats' lse_given): the student's, and the target's if any
     lse_given = 0 if plan.logits_gemm != "triton" else 2 if plan.target is None or lse_p is not None else 1
     args = (logits, target, logits.shape[1], ids, plan.entropy, plan.divergence, plan.temperature)
@@ -433,7 +432,7 @@ def sweep(
         if plan.logits_gemm == "triton":
             from fdivctl.engine.triton_logits import logits_with_lse
 
-            logits, stats[0, rows] = logits_with_lse(h_chunk, weight_mm, bias, plan.temperature)
+            logits, _ = logits_with_lse(h_chunk, weight_mm, bias, plan.temperature, lse_out=stats[0, rows])
         else:
             logits = linear_fp32(h_chunk, weight_mm, bias)
         cap_slope = soft_cap_(logits, plan.softcap, slope=with_grad)

@@ -67,11 +67,12 @@ class Target(ABC):
         """
 
     def dense_logits_lse(
-        self, rows: slice, temperature: float, vocab_size: int, gemm: str = "torch"
+        self, rows: slice, temperature: float, vocab_size: int, gemm: str, lse_out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For a target with ``dense_logits`` (the Triton path's): those logits, and ``log Σ_j e^{t_j/T}`` over
-        the ids the row kernels read (``[c]``) where the target's own logits GEMM gives it with ``gemm="triton"``
-        (:mod:`fdivctl.engine.triton_logits`), else None (the row kernel sums it)."""
+        the ids the row kernels read, written into ``lse_out`` (``[c]`` fp32) and returned, where the target's own
+        logits GEMM gives it with ``gemm="triton"`` (:mod:`fdivctl.engine.triton_logits`), else None (the row
+        kernel sums it)."""
         return self.dense_logits(rows, temperature, vocab_size), None
 
 
@@ -204,14 +205,14 @@ class TeacherHead(_DenseTarget):
         soft_cap_(logits, self.softcap)
         return logits
 
-    def dense_logits_lse(self, rows, temperature, vocab_size, gemm="torch"):
+    def dense_logits_lse(self, rows, temperature, vocab_size, gemm, lse_out):
         """The log-partition comes from the Triton GEMM's epilogue where it is over the ids the row kernels read:
         no soft cap, and no columns past the student's ``vocab_size`` (a larger teacher head is truncated)."""
         if gemm != "triton" or self.softcap is not None or self.weight.shape[0] > vocab_size:
-            return super().dense_logits_lse(rows, temperature, vocab_size, gemm)
+            return super().dense_logits_lse(rows, temperature, vocab_size, gemm, lse_out)
         from fdivctl.engine.triton_logits import logits_with_lse
 
-        return logits_with_lse(self.hidden[rows].detach(), *self._head(), temperature)
+        return logits_with_lse(self.hidden[rows].detach(), *self._head(), temperature, lse_out=lse_out)
 
     def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight as the matmuls read it (made once: :func:`~fdivctl.engine.matmul.matmul_weight`), the bias."""

@@ -59,6 +59,8 @@ CANDIDATES = (
 )
 #: the launch off CUDA (Triton's CPU interpreter, where timing tells nothing)
 UNTUNED_LAUNCH = ("pointer", GemmConfig(128, 256, 64, 8, 8, 3))
+#: rows per program and tiles per step of the kernel that merges the tiles' row statistics
+MERGE_ROWS, MERGE_TILES = 32, 64
 #: (device index, dtype, head shape, bias?) → the launch :func:`tune` chose
 _TUNED: dict[tuple, tuple[str, GemmConfig]] = {}
 
@@ -137,6 +139,29 @@ def _tma_kernel(h_desc, w_desc, bias_ptr, z_ptr, part_ptr, M, N, K, stride_z, pa
                   BLOCK_M, BLOCK_N)
 
 
+@triton.jit
+def _merge_kernel(part_ptr, part_stride, tiles, m, out_ptr, BLOCK_TILES: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """``log Z = M + log Σ_tiles s·e^{m − M}`` for ``BLOCK_ROWS`` rows per program, over the tiles' ``(m, s)`` of
+    ``part`` ``[2, tiles, rows]`` in blocks of ``BLOCK_TILES``, the running maximum rescaling the sum so far (a row
+    with no finite entry gives −inf, no −inf − (−inf))."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    top = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_ROWS], tl.float32)
+    for start in range(0, tiles, BLOCK_TILES):
+        index = start + tl.arange(0, BLOCK_TILES)
+        where = index[:, None] * m + rows[None, :]
+        inside = (index[:, None] < tiles) & (rows[None, :] < m)
+        tile_top = tl.load(part_ptr + where, mask=inside, other=float("-inf"))
+        tile_sum = tl.load(part_ptr + part_stride + where, mask=inside, other=0.0)
+        new_top = tl.maximum(top, tl.max(tile_top, 0))
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        total = total * tl.exp(top - shift) + tl.sum(tile_sum * tl.exp(tile_top - shift[None, :]), 0)
+        top = new_top
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.where(rows < m, total, 1.0)  # rows past the last: no log 0 computed for nothing
+    tl.store(out_ptr + rows, shift + tl.log(total), mask=rows < m)
+
+
 def _descriptor_ok(tensor: torch.Tensor) -> bool:
     """Whether a tensor descriptor can address ``tensor``: its start and row stride 16-byte aligned (a hidden size
     that is a multiple of 8 in bf16), as the bulk-copy engine needs; else the ``pointer`` kernel runs."""
@@ -149,19 +174,21 @@ def logits_with_lse(
     bias: torch.Tensor | None,
     temperature: float,
     launch: tuple[str, GemmConfig] | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z = hidden @ weightᵀ (+ bias)`` fp32 ``[M, V]``, ``log Σ_j e^{z_j / temperature}`` fp32 ``[M]``), the
     GEMM accumulating in fp32 (fp32 operands multiply in IEEE fp32, not TF32).  ``hidden`` ``[M, K]`` and
     ``weight`` ``[V, K]`` in one dtype with unit column stride.  ``launch``: ``(kernel, config)``, ``kernel`` one
     of :data:`KERNELS` (``tma`` falls back to ``pointer`` for operands it cannot address); by default on CUDA the
     fastest of :data:`CANDIDATES` for this head, timed on its first call (:func:`tune`), elsewhere (Triton's
-    interpreter) :data:`UNTUNED_LAUNCH`."""
+    interpreter) :data:`UNTUNED_LAUNCH`.  ``lse_out``: an fp32 ``[M]`` tensor with unit stride to write the
+    log-partitions into (the sweep's statistics row), returned as the second result."""
     x = hidden.to(weight.dtype)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if launch is None:
         launch = UNTUNED_LAUNCH if x.device.type != "cuda" else _tuned_launch(x, weight, bias, temperature)
-    return _run(x, weight, bias, temperature, *launch)
+    return _run(x, weight, bias, temperature, *launch, lse_out)
 
 
 def _tuned_launch(x, weight, bias, temperature) -> tuple[str, GemmConfig]:
@@ -208,8 +235,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run(x, weight, bias, temperature, kernel: str, config: GemmConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`logits_with_lse` at one launch."""
+def _run(
+    x, weight, bias, temperature, kernel: str, config: GemmConfig, lse_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logits_with_lse` at one launch: the GEMM, then one small kernel merging its tiles' row statistics."""
     block_m, block_n, block_k, group_m, warps, stages = config
     if kernel == "tma" and not (_descriptor_ok(x) and _descriptor_ok(weight)):
         kernel = "pointer"
@@ -232,6 +261,8 @@ def _run(x, weight, bias, temperature, kernel: str, config: GemmConfig) -> tuple
             _tma_kernel[(programs,)](TensorDescriptor.from_tensor(x, [block_m, block_k]),
                                      TensorDescriptor.from_tensor(weight, [block_n, block_k]), *tail,
                                      PROGRAMS=programs, **meta)
-    top = part[0].amax(0)
-    shift = torch.where(top == float("-inf"), 0.0, top)
-    return logits, shift + torch.log((part[1] * torch.exp(part[0] - shift)).sum(0))
+    lse = torch.empty(m, dtype=torch.float32, device=x.device) if lse_out is None else lse_out
+    if m:
+        _merge_kernel[(triton.cdiv(m, MERGE_ROWS),)](part, part.stride(0), tiles_n, m, lse, BLOCK_TILES=MERGE_TILES,
+                                                     BLOCK_ROWS=MERGE_ROWS)
+    return logits, lse
