@@ -55,7 +55,8 @@ def test_benchmark_runs_at_its_quick_shape(script, tmp_path):
         if script == "logits_epilogue.py":  # the epilogue's log-partitions are the rows' logsumexp (fp32 here)
             assert record["max_lse_diff"] <= 1e-4 and record["max_logit_diff"] <= 1e-4
         if script == "chunk_kernels.py":  # the kernels with the log-partitions given, as the epilogue GEMM gives them
-            given = {"jsd": "stats_lse_given_ms", "fkl": "grad_sums_ms", "none": "grad_sums_ms"}.get(record["divergence"])
+            given = {"jsd": "stats_lse_given_ms", "fkl": "grad_sums_ms", "none": "grad_sums_ms"}
+            given = given.get(record["divergence"])
             if given:
                 assert math.isfinite(record[given]) and record["lse_given_max_diff"] <= 1e-4, record
         if script == "attention_mask.py" and record["mode"] == "score":  # no mask, the same hidden states

@@ -15,9 +15,11 @@ Two kernels sharing the tile order and the epilogue:
   descriptors (Hopper's bulk-copy engine, sm90+).
 
 On CUDA the launch (kernel, tile, warps, stages) is the fastest of :data:`CANDIDATES`, timed once per head on its
-first call, as Triton's autotuner does.  The engine uses this GEMM where ``logits_gemm="triton"`` (:func:`fdivctl.engine.divergence_loss`); cuBLAS stays
-the default until ``bench/logits_epilogue.py`` and ``bench/loss_engine.py`` show it pays on a chip.  Runs on CUDA;
-on the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+first call, as Triton's autotuner does.  The engine uses this GEMM where ``logits_gemm="triton"``
+(:func:`fdivctl.engine.divergence_loss`): jsd and the other two-pass divergences then read the logits twice instead
+of three times, fkl under fixed token weights once instead of twice.  cuBLAS stays the default until
+``bench/logits_epilogue.py`` and ``bench/loss_engine.py`` show this pays on a chip.  Runs on CUDA; on the CPU only
+under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 
 from __future__ import annotations
@@ -28,9 +30,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
-KERNELS = ("pointer", "tma")
-
 
 class GemmConfig(NamedTuple):
     """A launch of the GEMM: output tile ``block_m × block_n``, ``block_k`` of the inner dimension per step,
@@ -178,8 +177,8 @@ def logits_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z = hidden @ weightᵀ (+ bias)`` fp32 ``[M, V]``, ``log Σ_j e^{z_j / temperature}`` fp32 ``[M]``), the
     GEMM accumulating in fp32 (fp32 operands multiply in IEEE fp32, not TF32).  ``hidden`` ``[M, K]`` and
-    ``weight`` ``[V, K]`` in one dtype with unit column stride.  ``launch``: ``(kernel, config)``, ``kernel`` one
-    of :data:`KERNELS` (``tma`` falls back to ``pointer`` for operands it cannot address); by default on CUDA the
+    ``weight`` ``[V, K]`` in one dtype with unit column stride.  ``launch``: ``(kernel, config)``, ``kernel``
+    ``"pointer"`` or ``"tma"`` (``tma`` falls back to ``pointer`` for operands it cannot address); by default on CUDA the
     fastest of :data:`CANDIDATES` for this head, timed on its first call (:func:`tune`), elsewhere (Triton's
     interpreter) :data:`UNTUNED_LAUNCH`.  ``lse_out``: an fp32 ``[M]`` tensor with unit stride to write the
     log-partitions into (the sweep's statistics row), returned as the second result."""
