@@ -649,8 +649,24 @@ def test_logits_gemm_triton_is_refused_where_it_does_not_apply():
     target = engine.TeacherHead(th, tw)
     with pytest.raises(ValueError, match="needs the Triton row kernels"):
         engine.divergence_loss(hidden, weight, target, "fkl", kernel="torch", logits_gemm="triton")
-    with pytest.raises(ValueError, match="logits_gemm='cutlass'; valid: torch, triton"):
+    with pytest.raises(ValueError, match="logits_gemm='cutlass'; valid: auto, torch, triton"):
         engine.divergence_loss(hidden, weight, target, "fkl", logits_gemm="cutlass")
+
+
+def test_logits_gemm_auto_takes_the_triton_gemm_on_cuda_only_where_it_applies():
+    from fdivctl.engine.sweep import resolve_logits_gemm
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    hidden, weight, _, th, tw, _ = _inputs()
+    head = engine.TeacherHead(th, tw)
+    topk = engine.TopK(torch.zeros(13, 2, dtype=torch.int32), torch.full((13, 2), -1.0), torch.full((13,), -1.0))
+    assert resolve_logits_gemm("auto", "triton", head, None, cuda) == "triton"
+    assert resolve_logits_gemm("auto", "triton", None, None, cuda) == "triton"
+    assert resolve_logits_gemm("auto", "triton", head, None, cpu) == "torch"  # the interpreter: asked for only
+    assert resolve_logits_gemm("auto", "torch", head, None, cuda) == "torch"
+    assert resolve_logits_gemm("auto", "triton", topk, None, cuda) == "torch"
+    assert resolve_logits_gemm("auto", "triton", head, 30.0, cuda) == "torch"
+    assert engine.divergence_loss(hidden, weight, head, "fkl", logits_gemm="auto").isfinite()
 
 
 @case

@@ -42,7 +42,7 @@ CUDA; default), or with ``"triton"`` from a Triton GEMM whose epilogue also give
 (:mod:`fdivctl.engine.triton_logits`; a teacher head's logits too), so the row kernels skip the pass that would
 sum it: jsd and the other two-pass divergences read the logits twice instead of three times, and fkl (or none)
 under :func:`divergence_loss`'s fixed weights once instead of twice.  Needs the Triton row kernels, a dense
-target or none, and no soft cap.
+target or none, and no soft cap; ``"auto"`` takes it on CUDA wherever those hold.
 
 ``weight_grad_accum`` (:data:`~fdivctl.engine.sweep.WEIGHT_GRAD_ACCUM`): the
 head's gradient accumulates across chunks in fp32 (default, DESIGN.md), or with
@@ -223,7 +223,7 @@ def _plan(
         weight_grad_rows=weight_grad_rows
         or default_weight_grad_rows(chunk_size, hidden.shape[1], hidden.device, weight_grad_accum),
         softcap=None if softcap is None else float(softcap),
-        logits_gemm=resolve_logits_gemm(logits_gemm, kernel, target, softcap),
+        logits_gemm=resolve_logits_gemm(logits_gemm, kernel, target, softcap, hidden.device),
     )
 
 

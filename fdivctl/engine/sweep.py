@@ -40,8 +40,9 @@ STAT_OFFSET = 2
 KERNELS = ("auto", "torch", "triton")
 #: how a chunk's logits are made: ``torch.mm`` (cuBLAS on CUDA), or the Triton GEMM that also gives each row's
 #: log-partition from its epilogue (:mod:`fdivctl.engine.triton_logits`), so the row kernels read the logits once
-#: less for jsd and the other two-pass divergences, and once in all for fkl (or none) under a linear objective
-LOGITS_GEMMS = ("torch", "triton")
+#: less for jsd and the other two-pass divergences, and once in all for fkl (or none) under a linear objective;
+#: ``"auto"``: the Triton GEMM on CUDA wherever it applies (:func:`resolve_logits_gemm`)
+LOGITS_GEMMS = ("auto", "torch", "triton")
 #: the head's gradient accumulator across chunks: fp32 (default), or the dtype the matmuls read
 #: the weight in ("param": bf16 for a bf16 head on CUDA, Liger-Kernel's default; half the memory,
 #: one rounding per chunk)
@@ -141,12 +142,18 @@ def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None, div
     return "triton" if reason is None and (kernel == "triton" or hidden.device.type == "cuda") else "torch"
 
 
-def resolve_logits_gemm(logits_gemm: str, kernel: str, target: Target | None, softcap: float | None) -> str:
-    """``logits_gemm`` checked against the plan: ``"triton"`` needs the Triton row kernels (``kernel`` as
-    :func:`resolve_kernel` resolved it), a dense target or none (a top-k target's row kernel sums the logits
-    outside its k ids, which the full log-partition does not give) and no soft cap; ValueError otherwise."""
+def resolve_logits_gemm(
+    logits_gemm: str, kernel: str, target: Target | None, softcap: float | None, device: torch.device
+) -> str:
+    """``"torch"`` or ``"triton"`` for a requested ``logits_gemm`` of :data:`LOGITS_GEMMS`: ``"triton"`` needs the
+    Triton row kernels (``kernel`` as :func:`resolve_kernel` resolved it), a dense target or none (a top-k target's
+    row kernel sums the logits outside its k ids, which the full log-partition does not give) and no soft cap
+    (ValueError otherwise); ``"auto"`` takes it on CUDA where those hold, else ``"torch"``."""
     if logits_gemm not in LOGITS_GEMMS:
         raise ValueError(f"logits_gemm={logits_gemm!r}; valid: {', '.join(LOGITS_GEMMS)}")
+    if logits_gemm == "auto":
+        applies = kernel == "triton" and not isinstance(target, TopK) and softcap is None
+        return "triton" if applies and device.type == "cuda" else "torch"
     if logits_gemm == "triton":
         if kernel != "triton":
             raise ValueError("logits_gemm='triton' needs the Triton row kernels (kernel='triton', or 'auto' on CUDA)")
