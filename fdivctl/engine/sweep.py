@@ -233,13 +233,12 @@ def _triton_chunk(
     lse_given = 0 if plan.logits_gemm != "triton" else 2 if plan.target is None or lse_p is not None else 1
     args = (logits, target, logits.shape[1], ids, plan.entropy, plan.divergence, plan.temperature)
     linear = isinstance(objective, LinearObjective)
+    chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}  # filled by the kernels
     if with_grad and linear and lse_given == 2 and triton_chunk.sums_in_grad(plan.divergence, plan.entropy):
         grad = triton_chunk.chunk_grad(*args, stats, objective.chunk_cotangents(rows, stats[0]),
                                        _gradient_buffer(logits, grad_dtype, out), sums=True)
-        chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
         return chunk, objective(chunk, rows), grad
     triton_chunk.chunk_stats(*args, out=stats, lse_given=lse_given)
-    chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
     if not with_grad:
         return chunk, None if objective is None else objective(chunk, rows), None
     if linear:

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fdivctl.engine.triton_topk import raise_max
+
 class GemmConfig(NamedTuple):
     """A launch of the GEMM: output tile ``block_m × block_n``, ``block_k`` of the inner dimension per step,
     ``group_m`` row blocks per group of consecutive tiles (they share the weight's columns in L2), ``warps`` per
@@ -141,8 +143,8 @@ def _tma_kernel(h_desc, w_desc, bias_ptr, z_ptr, part_ptr, M, N, K, stride_z, pa
 @triton.jit
 def _merge_kernel(part_ptr, part_stride, tiles, m, out_ptr, BLOCK_TILES: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """``log Z = M + log Σ_tiles s·e^{m − M}`` for ``BLOCK_ROWS`` rows per program, over the tiles' ``(m, s)`` of
-    ``part`` ``[2, tiles, rows]`` in blocks of ``BLOCK_TILES``, the running maximum rescaling the sum so far (a row
-    with no finite entry gives −inf, no −inf − (−inf))."""
+    ``part`` ``[2, tiles, rows]`` in blocks of ``BLOCK_TILES``, the running maximum rescaling the sum so far
+    (:func:`~fdivctl.engine.triton_topk.raise_max`; a row with no finite entry gives −inf, no −inf − (−inf))."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     top = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_ROWS], tl.float32)
@@ -152,10 +154,8 @@ def _merge_kernel(part_ptr, part_stride, tiles, m, out_ptr, BLOCK_TILES: tl.cons
         inside = (index[:, None] < tiles) & (rows[None, :] < m)
         tile_top = tl.load(part_ptr + where, mask=inside, other=float("-inf"))
         tile_sum = tl.load(part_ptr + part_stride + where, mask=inside, other=0.0)
-        new_top = tl.maximum(top, tl.max(tile_top, 0))
-        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-        total = total * tl.exp(top - shift) + tl.sum(tile_sum * tl.exp(tile_top - shift[None, :]), 0)
-        top = new_top
+        top, shift, scale = raise_max(top, tile_top)
+        total = total * scale + tl.sum(tile_sum * tl.exp(tile_top - shift[None, :]), 0)
     shift = tl.where(top == float("-inf"), 0.0, top)
     total = tl.where(rows < m, total, 1.0)  # rows past the last: no log 0 computed for nothing
     tl.store(out_ptr + rows, shift + tl.log(total), mask=rows < m)
