@@ -23,10 +23,6 @@ one- and the two-pass statistics alike); the records carry ``stats_launch`` and 
 ``stats_max_diff`` / ``grad_max_diff``, the largest difference from the first pair's outputs (same inputs: only the
 summation order may differ).  A pair that does not compile or run is printed with its ``error``.
 
-With the log-partitions given, as ``logits_gemm="triton"`` makes them (:mod:`fdivctl.engine.triton_logits`): a
-two-pass divergence's statistics in one pass (``stats_lse_given_ms``), and for fkl and none the gradient kernel that
-sums the outputs itself, no statistics pass (``grad_sums_ms``); ``lse_given_max_diff`` checks their outputs.
-
     python bench/chunk_kernels.py --quick          # CPU, Triton's interpreter, a small chunk (the harness only)
     python bench/chunk_kernels.py --device cuda    # 384 rows × V = 151936 (the default chunk there)
     python bench/chunk_kernels.py --device cuda --launches 2048x16x1/4096x16x1 2048x16x3/4096x16x3
@@ -107,32 +103,7 @@ def main() -> None:
             "grad_ms": grad_ms, "grad_bytes": grad_bytes, "grad_gb_per_s": grad_bytes / grad_ms / 1e6,
         }
         record["stats_vs_grad_bandwidth"] = record["stats_gb_per_s"] / record["grad_gb_per_s"]
-        record.update(_given_log_partitions(triton_chunk, median_ms, kernel_args, stats, cotangents, grad, passes,
-                                            args.repeats))
         print(json.dumps(record), flush=True)
-
-
-def _given_log_partitions(triton_chunk, median_ms, kernel_args, stats, cotangents, grad, passes, repeats) -> dict:
-    """The kernels as ``logits_gemm="triton"`` runs them, the log-partitions already in ``stats`` (rows 0 and 1,
-    as the GEMMs' epilogues give them): a two-pass divergence's statistics in one pass (``stats_lse_given_ms``),
-    or, for fkl and none, the gradient kernel summing the outputs itself with no statistics pass (``grad_sums_ms``;
-    no entropy, as :func:`~fdivctl.engine.triton_chunk.sums_in_grad` asks); ``lse_given_max_diff`` is their
-    outputs' largest difference from the full statistics pass's."""
-    logits, divergence = kernel_args[0], kernel_args[5]
-    given = stats.clone()
-    if passes == 2:
-        ms = median_ms(lambda: triton_chunk.chunk_stats(*kernel_args, out=given, lse_given=2), logits.device, repeats)
-        return {"stats_lse_given_ms": ms, "lse_given_max_diff": (given - stats).abs().max().item()}
-    if not triton_chunk.sums_in_grad(divergence, False):
-        return {}
-    no_entropy = (*kernel_args[:4], False, *kernel_args[5:])
-    plain = triton_chunk.chunk_grad(*no_entropy, stats, cotangents, grad.new_empty(grad.shape))
-    summed = grad.new_empty(grad.shape)
-    ms = median_ms(lambda: triton_chunk.chunk_grad(*no_entropy, given, cotangents, summed, sums=True), logits.device,
-                   repeats)
-    rows = [2, 4] if divergence is not None else [2]  # the log-prob and D: the sums this pass makes
-    return {"grad_sums_ms": ms, "lse_given_max_diff": max((given[rows] - stats[rows]).abs().max().item(),
-                                                          (summed.float() - plain.float()).abs().max().item())}
 
 
 def _launch_pair(text: str, launch: type) -> tuple:

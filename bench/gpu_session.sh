@@ -5,8 +5,7 @@
 # and stderr in one file, so at most 8 files come back from the device) under $OUT (default bench-out/), so a step
 # that runs long costs only itself.  STEPS=loss,train (any of tests, sweep, loss, loss_chunks, loss_topk, train, mask,
 # backend, topk, kernels, launches, epilogue, baseline, teacher, teacher_profile) runs only those; #11 alone:
-# STEPS=tests,loss,epilogue,kernels (about 7–8 minutes, untimed yet: the loss step times the epilogue GEMM's engine
-# path, triton_epilogue, beside the others, and tunes that GEMM's launch once per head shape).  tests, sweep, loss, train and teacher took
+# STEPS=tests,loss (about 3 minutes on an H200: tests 70 s, loss 115 s on 2026-11-27).  tests, sweep, loss, train and teacher took
 # 51 + 11 + 87 + 64 + 69 s on an H200 (the device's start-up apart, ~30 s); on an H100 (2026-11-27), tests 52 s,
 # train 82 + 59 s (its two runs), mask 31 s, topk 17 s, teacher 69 + 34 s (its three k in bf16 with a profile, then mixed lengths
 # twice); on an H200 the same day, backend 25 + 22 s, teacher 56 + 26 s, tests 39 s; on an H200 (2026-11-27),
@@ -76,14 +75,12 @@ want mask && step attention_cuda.jsonl 60 python bench/attention_mask.py --devic
 want backend && step attention_cuda.jsonl 90 python bench/attention_backend.py --device cuda
 want backend && step attention_cuda.jsonl 60 python bench/attention_backend.py --device cuda --rows 2 --length 8192
 # #4's summary alone (head_topk: Triton vs PyTorch vs the head matmul), with its kernel profile; the engine's two
-# row kernels alone on one 384-row chunk at V = 151936, against the bytes they move (#6, #11), and as
-# logits_gemm="triton" runs them (log-partitions given: jsd's statistics in one pass, fkl's sums in the gradient
-# kernel), in the same file
+# row kernels alone on one 384-row chunk at V = 151936, against the bytes they move (#6, #11), in the same file
 want topk && step row_kernels_cuda.txt 30 python bench/topk_summary.py --device cuda \
     --profile "$OUT/topk_summary_profile.txt"
 want kernels && step row_kernels_cuda.txt 30 python bench/chunk_kernels.py --device cuda
 # a Triton logits GEMM with the row statistics in its epilogue against cuBLAS's logits GEMM and the statistics
-# pass it would replace, at the chunk shapes (#11: the one way past ~0.6 of the matmul rate at H = 2048)
+# pass it would replace, at the chunk shapes (#11; on an H200 it ran at 0.70–0.75 of cuBLAS: not in the engine)
 want epilogue && step row_kernels_cuda.txt 150 python bench/logits_epilogue.py --device cuda
 # the two row kernels at other launches (block × warps × software-pipelining stages, statistics/gradient), the
 # engine's own first: whether more loads in flight bring the statistics kernel nearer HBM's bandwidth (#11)

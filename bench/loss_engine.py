@@ -9,10 +9,7 @@ same number; the benchmark asserts that before timing anything.
 Variants (``--variants``): ``naive``; ``engine`` — ``divergence_loss`` on the
 PyTorch chunk path (``kernel="torch"``); ``triton`` — the same with the fused
 Triton row kernels (``kernel="triton"``, CUDA; the head's gradient accumulated
-in fp32); ``triton_epilogue`` — the same with each chunk's logits (and the teacher's) from the Triton GEMM that
-gives their log-partitions in its epilogue (``logits_gemm="triton"``: :mod:`fdivctl.engine.triton_logits`; not for
-``--target topk``), ``triton_epilogue_speedup_vs_triton`` = the ``triton`` time / its own;
-``triton_bf16acc`` — accumulated in the weight's bf16
+in fp32); ``triton_bf16acc`` — accumulated in the weight's bf16
 (``weight_grad_accum="param"``); ``liger`` — Liger-Kernel's
 ``LigerFusedLinearJSD`` as shipped (jsd β ↔ its ``jsd_beta``, fkl = 0, rkl = 1;
 teacher hidden+head targets; accumulates in the weight's dtype);
@@ -26,7 +23,7 @@ reports ``{variant}_s``, ``{variant}_peak_bytes`` and ``{variant}_tflops``
 (``matmul_flops`` / time, counting 2·N·H·V per matmul: forward, grad hidden,
 grad weight, and the teacher's forward); ``{ours}_speedup_vs_{theirs}`` =
 their time / ours and ``{ours}_memory_vs_{theirs}`` = our peak / theirs, for
-(triton, liger), (triton_epilogue, liger), (triton_bf16acc, liger) and (triton, liger_fp32acc).
+(triton, liger), (triton_bf16acc, liger) and (triton, liger_fp32acc).
 ``matmul_ceiling_tflops`` is one square matmul's rate on the same chip in the same run
 (:func:`matmul_ceiling_tflops`: 8192³ on CUDA) and ``{variant}_ceiling_fraction`` each variant's
 ``_tflops`` over it: how near the chip's measured matmul rate the whole step runs.
@@ -81,7 +78,7 @@ CUDA_SHAPES = [
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOPK = 64
-VARIANTS = ("naive", "engine", "triton", "triton_epilogue", "triton_bf16acc", "liger", "liger_fp32acc", "gemm_floor")
+VARIANTS = ("naive", "engine", "triton", "triton_bf16acc", "liger", "liger_fp32acc", "gemm_floor")
 
 
 def build_inputs(shape, dtype, device, target_kind, seed=0):
@@ -145,11 +142,11 @@ def engine_target(inputs):
 
 
 def engine_step(inputs, divergence, grad_mode="forward", chunk_size=None, kernel="torch", accum="fp32",
-                weight_grad_rows=None, logits_gemm="torch"):
+                weight_grad_rows=None):
     loss = engine.divergence_loss(
         inputs["hidden"], inputs["weight"], engine_target(inputs), divergence,
         grad_mode=grad_mode, chunk_size=chunk_size, kernel=kernel, weight_grad_accum=accum,
-        weight_grad_rows=weight_grad_rows, logits_gemm=logits_gemm,
+        weight_grad_rows=weight_grad_rows,
     )
     loss.backward()
     return loss.detach()
@@ -244,8 +241,6 @@ def measure(variant, shape, dtype, device, target_kind, divergence, repeats, gra
         "naive": lambda inp: naive_step(inp, divergence),
         "engine": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "torch", "fp32", rows),
         "triton": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton", "fp32", rows),
-        "triton_epilogue": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton", "fp32", rows,
-                                                   "triton"),
         "triton_bf16acc": lambda inp: engine_step(inp, divergence, grad_mode, chunk_size, "triton", "param", rows),
         "liger": lambda inp: liger_step(inp, divergence),
         "liger_fp32acc": lambda inp: liger_step(inp, divergence, torch.float32),
@@ -318,9 +313,7 @@ def run_shape(args, shape, div_specs):
             continue
         results[variant] = []
         for spec in div_specs:
-            liger_cannot = variant.startswith("liger") and (
-                args.target != "head" or liger_beta(divergences.parse(spec)) is None)
-            if liger_cannot or (variant == "triton_epilogue" and args.target == "topk"):
+            if variant.startswith("liger") and (args.target != "head" or liger_beta(divergences.parse(spec)) is None):
                 results[variant].append({"peak_bytes": None, "seconds": None, "loss": None, "unsupported": True})
                 continue
             try:
@@ -394,10 +387,7 @@ def _record(args, shape, div_spec, results):
     })
     if "triton" in results:
         record["triton_speedup_vs_torch_engine"] = ratio(get("engine", "seconds"), get("triton", "seconds"))
-    if "triton" in results and "triton_epilogue" in results:
-        record["triton_epilogue_speedup_vs_triton"] = ratio(get("triton", "seconds"), get("triton_epilogue", "seconds"))
-    for ours, theirs in (("triton", "liger"), ("triton_epilogue", "liger"), ("triton_bf16acc", "liger"),
-                         ("triton", "liger_fp32acc")):
+    for ours, theirs in (("triton", "liger"), ("triton_bf16acc", "liger"), ("triton", "liger_fp32acc")):
         if ours in results and theirs in results:
             record[f"{ours}_speedup_vs_{theirs}"] = ratio(get(theirs, "seconds"), get(ours, "seconds"))
             record[f"{ours}_memory_vs_{theirs}"] = ratio(get(ours, "peak_bytes"), get(theirs, "peak_bytes"))

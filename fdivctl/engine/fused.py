@@ -37,13 +37,6 @@ bytes; one chunk on the CPU (:func:`default_weight_grad_rows`).
 logits are ``c·tanh((h Wᵀ + b)/c)``, and each chunk's gradient is multiplied by the cap's slope before the
 backward matmuls (:func:`~fdivctl.engine.matmul.soft_cap_`).  None (default): no cap.
 
-``logits_gemm`` (:data:`~fdivctl.engine.sweep.LOGITS_GEMMS`): each chunk's logits from ``torch.mm`` (cuBLAS on
-CUDA; default), or with ``"triton"`` from a Triton GEMM whose epilogue also gives each row's log-partition
-(:mod:`fdivctl.engine.triton_logits`; a teacher head's logits too), so the row kernels skip the pass that would
-sum it: jsd and the other two-pass divergences read the logits twice instead of three times, and fkl (or none)
-under :func:`divergence_loss`'s fixed weights once instead of twice.  Needs the Triton row kernels, a dense
-target or none, and no soft cap; ``"auto"`` takes it on CUDA wherever those hold.
-
 ``weight_grad_accum`` (:data:`~fdivctl.engine.sweep.WEIGHT_GRAD_ACCUM`): the
 head's gradient accumulates across chunks in fp32 (default, DESIGN.md), or with
 ``"param"`` in the dtype the matmuls read the weight in — bf16 for a bf16 head
@@ -60,15 +53,7 @@ import torch
 from fdivctl.divergences import Divergence, get
 from fdivctl.engine.chunk_loss import ChunkLoss
 from fdivctl.engine.matmul import check_softcap, matmul_weight
-from fdivctl.engine.sweep import (
-    WEIGHT_GRAD_ACCUM,
-    LinearObjective,
-    Objective,
-    SweepPlan,
-    resolve_kernel,
-    resolve_logits_gemm,
-    sweep,
-)
+from fdivctl.engine.sweep import WEIGHT_GRAD_ACCUM, LinearObjective, Objective, SweepPlan, resolve_kernel, sweep
 from fdivctl.engine.targets import Target
 from fdivctl.engine.validation import (
     check_head,
@@ -189,7 +174,7 @@ class _ObjectiveFn(torch.autograd.Function):
 
 def _plan(
     hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-    weight_grad_rows, softcap, logits_gemm,
+    weight_grad_rows, softcap,
 ):
     check_head(hidden, weight, bias)
     check_scalars(temperature, chunk_size)
@@ -210,7 +195,6 @@ def _plan(
     chunk_size = (
         chunk_size or getattr(divergence, "chunk_rows", None) or default_chunk_size(n_tokens, vocab_size, hidden.device)
     )
-    kernel = resolve_kernel(kernel, hidden, target, divergence)
     return SweepPlan(
         token_ids=token_ids,
         entropy=entropy,
@@ -218,12 +202,11 @@ def _plan(
         divergence=divergence,
         temperature=float(temperature),
         chunk_size=chunk_size,
-        kernel=kernel,
+        kernel=resolve_kernel(kernel, hidden, target, divergence),
         weight_grad_accum=weight_grad_accum,
         weight_grad_rows=weight_grad_rows
         or default_weight_grad_rows(chunk_size, hidden.shape[1], hidden.device, weight_grad_accum),
         softcap=None if softcap is None else float(softcap),
-        logits_gemm=resolve_logits_gemm(logits_gemm, kernel, target, softcap, hidden.device),
     )
 
 
@@ -242,7 +225,6 @@ def token_outputs(
     weight_grad_accum: str = "fp32",
     weight_grad_rows: int | None = None,
     softcap: float | None = None,
-    logits_gemm: str = "torch",
 ) -> TokenOutputs:
     """Per-token ``log q(y_t)``, ``H(q_t)`` and ``D(q_t‖p_t)`` at ``temperature``, differentiable.
 
@@ -252,7 +234,7 @@ def token_outputs(
     """
     plan = _plan(
         hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-        weight_grad_rows, softcap, logits_gemm,
+        weight_grad_rows, softcap,
     )
     if not plan.outputs:
         raise ValueError("token_outputs: request token_ids, entropy=True, or a target with a divergence")
@@ -276,7 +258,6 @@ def divergence_loss(
     weight_grad_accum: str = "fp32",
     weight_grad_rows: int | None = None,
     softcap: float | None = None,
-    logits_gemm: str = "torch",
 ) -> torch.Tensor:
     """Masked weighted mean divergence ``Σ_t m_t w_t D(q_t‖p_t) / Σ_t m_t w_t``.
 
@@ -289,7 +270,7 @@ def divergence_loss(
         raise ValueError(f"grad_mode={grad_mode!r}; valid: {', '.join(GRAD_MODES)}")
     plan = _plan(
         hidden, weight, bias, None, False, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-        weight_grad_rows, softcap, logits_gemm,
+        weight_grad_rows, softcap,
     )
     n_tokens = hidden.shape[0]
     check_per_token("mask", mask, n_tokens)
@@ -336,7 +317,6 @@ def token_loss(
     weight_grad_accum: str = "fp32",
     weight_grad_rows: int | None = None,
     softcap: float | None = None,
-    logits_gemm: str = "torch",
 ) -> tuple[torch.Tensor, TokenOutputs]:
     """``Σ_t ℓ_t`` for a per-token loss of the per-token outputs, gradient taken in the forward pass.
 
@@ -351,7 +331,7 @@ def token_loss(
     """
     plan = _plan(
         hidden, weight, bias, token_ids, entropy, target, divergence, temperature, chunk_size, kernel, weight_grad_accum,
-        weight_grad_rows, softcap, logits_gemm,
+        weight_grad_rows, softcap,
     )
     if not plan.outputs:
         raise ValueError("token_loss: request token_ids, entropy=True, or a target with a divergence")

@@ -38,11 +38,6 @@ OUTPUT_NAMES = ("logprob", "entropy", "divergence")
 #: row of ``triton_chunk.STAT_ROWS`` holding the first of OUTPUT_NAMES
 STAT_OFFSET = 2
 KERNELS = ("auto", "torch", "triton")
-#: how a chunk's logits are made: ``torch.mm`` (cuBLAS on CUDA), or the Triton GEMM that also gives each row's
-#: log-partition from its epilogue (:mod:`fdivctl.engine.triton_logits`), so the row kernels read the logits once
-#: less for jsd and the other two-pass divergences, and once in all for fkl (or none) under a linear objective;
-#: ``"auto"``: the Triton GEMM on CUDA wherever it applies (:func:`resolve_logits_gemm`)
-LOGITS_GEMMS = ("auto", "torch", "triton")
 #: the head's gradient accumulator across chunks: fp32 (default), or the dtype the matmuls read
 #: the weight in ("param": bf16 for a bf16 head on CUDA, Liger-Kernel's default; half the memory,
 #: one rounding per chunk)
@@ -55,8 +50,7 @@ Objective = Callable[[dict[str, torch.Tensor], slice], torch.Tensor]
 class LinearObjective:
     """``Σ_t Σ_k c_k[t] · out_k[t]``: the vector–Jacobian product of fixed per-token cotangents ``c_k`` ``[N]``
     (keys of :data:`OUTPUT_NAMES`).  Its derivatives are the cotangents themselves, so the Triton path takes
-    them as they are (:meth:`chunk_cotangents`) instead of by autograd, and can sum a chunk's outputs in its
-    gradient pass (:func:`~fdivctl.engine.triton_chunk.chunk_grad`, ``sums``)."""
+    them as they are (:meth:`chunk_cotangents`) instead of by autograd."""
 
     def __init__(self, cotangents: dict[str, torch.Tensor]):
         self.cotangents = cotangents
@@ -87,7 +81,6 @@ class SweepPlan:
     # logit-gradient rows per weight-gradient GEMM (PendingWeightGrad); ≤ chunk_size: each chunk's own
     weight_grad_rows: int = 0
     softcap: float | None = None  # the student's final-logit soft cap c (matmul.soft_cap_)
-    logits_gemm: str = "torch"  # one of LOGITS_GEMMS (resolve_logits_gemm)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -142,28 +135,6 @@ def resolve_kernel(kernel: str, hidden: torch.Tensor, target: Target | None, div
     return "triton" if reason is None and (kernel == "triton" or hidden.device.type == "cuda") else "torch"
 
 
-def resolve_logits_gemm(
-    logits_gemm: str, kernel: str, target: Target | None, softcap: float | None, device: torch.device
-) -> str:
-    """``"torch"`` or ``"triton"`` for a requested ``logits_gemm`` of :data:`LOGITS_GEMMS`: ``"triton"`` needs the
-    Triton row kernels (``kernel`` as :func:`resolve_kernel` resolved it), a dense target or none (a top-k target's
-    row kernel sums the logits outside its k ids, which the full log-partition does not give) and no soft cap
-    (ValueError otherwise); ``"auto"`` takes it on CUDA where those hold, else ``"torch"``."""
-    if logits_gemm not in LOGITS_GEMMS:
-        raise ValueError(f"logits_gemm={logits_gemm!r}; valid: {', '.join(LOGITS_GEMMS)}")
-    if logits_gemm == "auto":
-        applies = kernel == "triton" and not isinstance(target, TopK) and softcap is None
-        return "triton" if applies and device.type == "cuda" else "torch"
-    if logits_gemm == "triton":
-        if kernel != "triton":
-            raise ValueError("logits_gemm='triton' needs the Triton row kernels (kernel='triton', or 'auto' on CUDA)")
-        if isinstance(target, TopK):
-            raise ValueError("logits_gemm='triton' applies to dense targets and none, not to a top-k target")
-        if softcap is not None:
-            raise ValueError("logits_gemm='triton' does not apply a soft cap: use logits_gemm='torch'")
-    return logits_gemm
-
-
 def chunk_outputs(plan: SweepPlan, logits: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
     """The requested per-token quantities for one chunk of student logits (fp32, ``[c, V]``).
 
@@ -215,33 +186,19 @@ def _triton_chunk(
     """The fused path (:mod:`fdivctl.engine.triton_chunk`): outputs from one row kernel, written into
     ``stats`` (the chunk's columns of the sweep's ``[6, N]`` buffer, whose rows are the per-token outputs); the
     objective's cotangents by autograd on those ``[c]`` outputs alone (as they are for a :class:`LinearObjective`);
-    ``∂/∂z`` from a second row kernel, written in ``grad_dtype`` into ``out`` when given (else in place over the
-    logits when that is fp32).
-
-    With ``plan.logits_gemm == "triton"`` ``stats``' row 0 already holds the student's log-partition (the sweep's
-    GEMM made it), and a teacher head's target gives its own from its GEMM (row 1): the statistics kernel then
-    skips its first pass, and for fkl or no divergence under a linear objective, without entropy, the gradient
-    kernel sums the outputs itself (``sums``): one read of the row in all."""
+    ``∂/∂z`` from a second
+    row kernel, written in ``grad_dtype`` into ``out`` when given (else in place over the logits when
+    that is fp32)."""
     from fdivctl.engine import triton_chunk
 
     ids = None if plan.token_ids is None else plan.token_ids[rows].contiguous()
-    target, lse_p = None, None
-    if plan.target is not None:
-        target, lse_p = plan.target.dense_logits_lse(rows, plan.temperature, logits.shape[1], plan.logits_gemm,
-                                                     lse_out=stats[1])
-    # the log-partitions stats holds already (chunk_stats' lse_given): the student's, and the target's if any
-    lse_given = 0 if plan.logits_gemm != "triton" else 2 if plan.target is None or lse_p is not None else 1
+    target = None if plan.target is None else plan.target.dense_logits(rows, plan.temperature, logits.shape[1])
     args = (logits, target, logits.shape[1], ids, plan.entropy, plan.divergence, plan.temperature)
-    linear = isinstance(objective, LinearObjective)
-    chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}  # filled by the kernels
-    if with_grad and linear and lse_given == 2 and triton_chunk.sums_in_grad(plan.divergence, plan.entropy):
-        grad = triton_chunk.chunk_grad(*args, stats, objective.chunk_cotangents(rows, stats[0]),
-                                       _gradient_buffer(logits, grad_dtype, out), sums=True)
-        return chunk, objective(chunk, rows), grad
-    triton_chunk.chunk_stats(*args, out=stats, lse_given=lse_given)
+    triton_chunk.chunk_stats(*args, out=stats)
+    chunk = {name: stats[STAT_OFFSET + OUTPUT_NAMES.index(name)] for name in plan.outputs}
     if not with_grad:
         return chunk, None if objective is None else objective(chunk, rows), None
-    if linear:
+    if isinstance(objective, LinearObjective):
         value, cotangents = objective(chunk, rows), objective.chunk_cotangents(rows, stats[0])
     else:
         leaves = {name: value.detach().requires_grad_(True) for name, value in chunk.items()}
@@ -435,12 +392,7 @@ def sweep(
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
         h_chunk = hidden[rows]
-        if plan.logits_gemm == "triton":
-            from fdivctl.engine.triton_logits import logits_with_lse
-
-            logits, _ = logits_with_lse(h_chunk, weight_mm, bias, plan.temperature, lse_out=stats[0, rows])
-        else:
-            logits = linear_fp32(h_chunk, weight_mm, bias)
+        logits = linear_fp32(h_chunk, weight_mm, bias)
         cap_slope = soft_cap_(logits, plan.softcap, slope=with_grad)
         slot = None if pending is None else pending.slot(rows)
         if plan.kernel == "triton":

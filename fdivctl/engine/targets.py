@@ -66,15 +66,6 @@ class Target(ABC):
         ``log_q`` is the student's full log-softmax at ``temperature`` for those rows.
         """
 
-    def dense_logits_lse(
-        self, rows: slice, temperature: float, vocab_size: int, gemm: str, lse_out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """For a target with ``dense_logits`` (the Triton path's): those logits, and ``log Σ_j e^{t_j/T}`` over
-        the ids the row kernels read, written into ``lse_out`` (``[c]`` fp32) and returned, where the target's own
-        logits GEMM gives it with ``gemm="triton"`` (:mod:`fdivctl.engine.triton_logits`), else None (the row
-        kernel sums it)."""
-        return self.dense_logits(rows, temperature, vocab_size), None
-
 
 def _check_no_nan(name: str, tensor: torch.Tensor) -> None:
     if has_nan(tensor):
@@ -201,24 +192,12 @@ class TeacherHead(_DenseTarget):
     def dense_logits(self, rows: slice, temperature: float, vocab_size: int) -> torch.Tensor:
         """The teacher's logits ``[c, Vₜ]`` for ``rows`` (fp32, or fp64 for fp64 inputs), made now; the raw
         logits whatever the temperature, as :meth:`FullLogits.dense_logits`."""
-        logits = linear_fp32(self.hidden[rows].detach(), *self._head())
-        soft_cap_(logits, self.softcap)
-        return logits
-
-    def dense_logits_lse(self, rows, temperature, vocab_size, gemm, lse_out):
-        """The log-partition comes from the Triton GEMM's epilogue where it is over the ids the row kernels read:
-        no soft cap, and no columns past the student's ``vocab_size`` (a larger teacher head is truncated)."""
-        if gemm != "triton" or self.softcap is not None or self.weight.shape[0] > vocab_size:
-            return super().dense_logits_lse(rows, temperature, vocab_size, gemm, lse_out)
-        from fdivctl.engine.triton_logits import logits_with_lse
-
-        return logits_with_lse(self.hidden[rows].detach(), *self._head(), temperature, lse_out=lse_out)
-
-    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight as the matmuls read it (made once: :func:`~fdivctl.engine.matmul.matmul_weight`), the bias."""
         if self._weight_mm is None:
             self._weight_mm = matmul_weight(self.weight.detach())
-        return self._weight_mm, None if self.bias is None else self.bias.detach()
+        bias = None if self.bias is None else self.bias.detach()
+        logits = linear_fp32(self.hidden[rows].detach(), self._weight_mm, bias)
+        soft_cap_(logits, self.softcap)
+        return logits
 
     def support(self, rows, log_q, temperature):
         logits = self.dense_logits(rows, temperature, log_q.shape[-1]).to(log_q.dtype)

@@ -220,33 +220,29 @@ def lane_weights(m):
 
 
 @triton.jit
-def _online_lses(z_row, t_row, n_cols, t_width, inv_t, WITH_Z: tl.constexpr, WITH_T: tl.constexpr,
-                 BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _online_lses(z_row, t_row, n_cols, t_width, inv_t, WITH_T: tl.constexpr, BLOCK: tl.constexpr,
+                 STAGES: tl.constexpr):
     """``(log Σ_j exp(z_j / T), log Σ_j exp(t_j / T))`` over one row, both in one loop over its blocks (running
-    maxima and rescaled sums per lane, merged at the end); each is 0 without its ``WITH_Z`` / ``WITH_T``."""
+    maxima and rescaled sums per lane, merged at the end); the second is 0 without ``WITH_T``."""
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     m_t = tl.full([BLOCK], float("-inf"), tl.float32)
     s_t = tl.zeros([BLOCK], tl.float32)
     for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
-        if WITH_Z:
-            x = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
-            m, r, w, _, _ = lane_step(m, x)
-            s = r * s + w
+        x = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
+        m, r, w, _, _ = lane_step(m, x)
+        s = r * s + w
         if WITH_T:
             y = tl.load(t_row + cols, mask=cols < t_width, other=float("-inf")).to(tl.float32) * inv_t
             m_t, r_t, w_t, _, _ = lane_step(m_t, y)
             s_t = r_t * s_t + w_t
-    lse_z = 0.0
-    if WITH_Z:
-        big, f, _ = lane_weights(m)
-        lse_z = big + tl.log(tl.sum(f * s, 0))
+    big, f, _ = lane_weights(m)
     lse_t = 0.0
     if WITH_T:
         big_t, f_t, _ = lane_weights(m_t)
         lse_t = big_t + tl.log(tl.sum(f_t * s_t, 0))
-    return lse_z, lse_t
+    return big + tl.log(tl.sum(f * s, 0)), lse_t
 
 
 @triton.jit
@@ -259,8 +255,7 @@ def _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p):
 def _stats_kernel(
     z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, n_cols, inv_t,
     w, log_w, log_1mw,
-    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, LSE_GIVEN: tl.constexpr, BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
+    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -270,8 +265,7 @@ def _stats_kernel(
                                                         STAGES)
     else:
         lse_q, lse_p, ent, div, slope = _two_pass_stats(z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
-                                                        stats_ptr + row, stats_ptr + stats_stride + row, DIV,
-                                                        WANT_ENT, LSE_GIVEN, BLOCK, STAGES)
+                                                        DIV, WANT_ENT, BLOCK, STAGES)
     logprob = 0.0
     if HAS_Y:
         y = tl.load(y_ptr + row)
@@ -286,22 +280,12 @@ def _stats_kernel(
 
 @triton.jit
 def _two_pass_stats(
-    z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw, lse_q_ptr, lse_p_ptr,
-    DIV: tl.constexpr, WANT_ENT: tl.constexpr, LSE_GIVEN: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
+    DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """``(lse_q, lse_p, Σ q log q, D, S)`` of one row for any divergence: the log-partitions first
-    (:func:`_online_lses`), then the summands ``g`` and ``a`` from the normalized log-probs.  ``LSE_GIVEN`` of
-    them (1: ``lse_q``; 2: both) are read from ``lse_q_ptr`` / ``lse_p_ptr`` instead (the logits GEMMs'
-    epilogues made them: :mod:`fdivctl.engine.triton_logits`): with both, one read of the row instead of two."""
-    if LSE_GIVEN == 2:
-        lse_q = tl.load(lse_q_ptr)
-        lse_p = 0.0
-        if DIV >= 0:
-            lse_p = tl.load(lse_p_ptr)
-    else:
-        lse_q, lse_p = _online_lses(z_row, t_row, n_cols, t_width, inv_t, LSE_GIVEN == 0, DIV >= 0, BLOCK, STAGES)
-        if LSE_GIVEN == 1:
-            lse_q = tl.load(lse_q_ptr)
+    (:func:`_online_lses`), then the summands ``g`` and ``a`` from the normalized log-probs."""
+    lse_q, lse_p = _online_lses(z_row, t_row, n_cols, t_width, inv_t, DIV >= 0, BLOCK, STAGES)
     ent = tl.zeros([BLOCK], tl.float32)  # per lane, summed once at the end
     div = tl.zeros([BLOCK], tl.float32)
     slope = tl.zeros([BLOCK], tl.float32)
@@ -406,8 +390,8 @@ def _one_pass_stats(
 def _grad_kernel(
     z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, cot_ptr, g_ptr, g_stride,
     n_rows, n_cols, inv_t, w, log_w, log_1mw,
-    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, REST: tl.constexpr, SUMS: tl.constexpr,
-    BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, REST: tl.constexpr, BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -415,17 +399,8 @@ def _grad_kernel(
     g_row = g_ptr + row * g_stride
     lse_q = tl.load(stats_ptr + row)
     lse_p = tl.load(stats_ptr + stats_stride + row)
-    entropy = 0.0
-    if WANT_ENT:
-        entropy = tl.load(stats_ptr + 3 * stats_stride + row)
-    if SUMS:  # fkl's S = −Σ p = −1, no divergence's 0: known before the row is read
-        div = tl.zeros([BLOCK], tl.float32)
-        if DIV == _FKL:
-            slope = -1.0
-        else:
-            slope = 0.0
-    else:
-        slope = tl.load(stats_ptr + 5 * stats_stride + row)
+    entropy = tl.load(stats_ptr + 3 * stats_stride + row)
+    slope = tl.load(stats_ptr + 5 * stats_stride + row)
     c_lp = tl.load(cot_ptr + row) * inv_t
     c_ent = tl.load(cot_ptr + n_rows + row) * inv_t
     c_div = tl.load(cot_ptr + 2 * n_rows + row) * inv_t
@@ -435,8 +410,6 @@ def _grad_kernel(
     y = -1
     if HAS_Y:
         y = tl.load(y_ptr + row)
-        if SUMS:  # before the loop: the gradient may be written over the logits
-            tl.store(stats_ptr + 2 * stats_stride + row, tl.load(z_row + y) * inv_t - lse_q)
     for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -459,15 +432,9 @@ def _grad_kernel(
             grad -= c_ent * q * (lq + entropy)
         if DIV >= 0:
             lp = _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p)
-            g, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
+            _, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
             grad += c_div * (a - q * slope)
-            if SUMS:
-                div += tl.where(mask, g, 0.0)
         tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
-    if SUMS:
-        if DIV >= 0:
-            tl.store(stats_ptr + 4 * stats_stride + row, tl.sum(div, 0))
-        tl.store(stats_ptr + 5 * stats_stride + row, slope)
 
 
 def _row_args(logits, target_logits, vocab_size, token_ids, divergence) -> tuple[tuple, dict]:
@@ -499,16 +466,10 @@ def _launch(kernel, launch: Launch, logits: torch.Tensor, *args, **kwargs) -> No
         kernel[(logits.shape[0],)](*args, **kwargs, BLOCK=launch.block, STAGES=1, num_warps=launch.warps)
 
 
-def stats_launch(divergence: Divergence | None, lse_given: int = 0) -> Launch:
+def stats_launch(divergence: Divergence | None) -> Launch:
     """The statistics kernel's launch for ``divergence``: :data:`STATS_LAUNCH` where it reads the row once
-    (none, fkl, rkl; the others with both log-partitions given), :data:`TWO_PASS_STATS_LAUNCH` where twice."""
-    return STATS_LAUNCH if divergence_code(divergence)[0] <= RKL or lse_given == 2 else TWO_PASS_STATS_LAUNCH
-
-
-def sums_in_grad(divergence: Divergence | None, entropy: bool) -> bool:
-    """Whether :func:`chunk_grad` can sum the chunk's outputs itself (``sums=True``), no statistics pass: its
-    ``S`` is known without reading the row (fkl's −1, none without a divergence) and no entropy is asked for."""
-    return divergence_code(divergence)[0] in (NO_DIVERGENCE, FKL) and not entropy
+    (none, fkl, rkl), :data:`TWO_PASS_STATS_LAUNCH` where twice."""
+    return STATS_LAUNCH if divergence_code(divergence)[0] <= RKL else TWO_PASS_STATS_LAUNCH
 
 
 def chunk_stats(
@@ -520,7 +481,6 @@ def chunk_stats(
     divergence: Divergence | None,
     temperature: float,
     out: torch.Tensor,
-    lse_given: int = 0,
 ) -> torch.Tensor:
     """Per-row ``[6, c]`` fp32: the log-partitions, log-prob, entropy, divergence and ``S`` (:data:`STAT_ROWS`),
     written into ``out`` (any ``[6, c]`` fp32 view with unit column stride: the sweep passes the chunk's columns
@@ -529,16 +489,12 @@ def chunk_stats(
     ``logits`` ``[c, V]`` fp32 with unit column stride; ``target_logits``
     ``[c, Vₜ]`` (any float dtype, unit column stride) is read over its first
     ``min(Vₜ, V)`` columns, columns past ``Vₜ`` count as ``−inf`` (padding).
-
-    ``lse_given``: how many of the log-partitions ``out`` already holds in its rows 0 and 1 (1: the student's;
-    2: both; :mod:`fdivctl.engine.triton_logits` makes them in the logits GEMM): the divergences read in two
-    passes (all but none, fkl and rkl) then skip their first.
     """
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        _launch(_stats_kernel, stats_launch(divergence, lse_given), logits, *head, out, out.stride(0), vocab_size,
-                1.0 / temperature, **params, WANT_ENT=entropy, LSE_GIVEN=lse_given)
+        _launch(_stats_kernel, stats_launch(divergence), logits, *head, out, out.stride(0), vocab_size,
+                1.0 / temperature, **params, WANT_ENT=entropy)
     return out
 
 
@@ -554,16 +510,11 @@ def chunk_grad(
     cotangents: torch.Tensor,
     out: torch.Tensor,
     rest: bool = False,
-    sums: bool = False,
 ) -> torch.Tensor:
     """Write ``∂L/∂z`` ``[c, V]`` into ``out`` (which may be ``logits`` itself) and return it.
 
     ``cotangents`` ``[3, c]`` fp32 holds ``∂L/∂ log q(y)``, ``∂L/∂H`` and
     ``∂L/∂D`` per row (zeros for outputs the objective does not use).
-
-    ``sums=True`` (where :func:`sums_in_grad` allows it, with both log-partitions in ``stats``' rows 0 and 1 and
-    the cotangents known before the outputs: a linear objective): no :func:`chunk_stats` before, this pass also
-    writes the log-prob, ``D`` and ``S`` into ``stats``' rows 2, 4 and 5, so the row is read once in all.
 
     ``rest=True``: the gradient that flows through the rest of each row, the entries outside a top-k set,
     which ``logits`` holds as ``−inf`` (no target, no divergence).  With ``x = z/T``, ``q'`` the rest's
@@ -580,5 +531,5 @@ def chunk_grad(
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
         _launch(_grad_kernel, GRAD_LAUNCH, logits, *head, stats, stats.stride(0), cotangents, out, out.stride(0),
-                rows, vocab_size, 1.0 / temperature, **params, WANT_ENT=entropy, REST=rest, SUMS=sums)
+                rows, vocab_size, 1.0 / temperature, **params, WANT_ENT=entropy, REST=rest)
     return out

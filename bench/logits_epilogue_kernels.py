@@ -14,17 +14,17 @@ Two kernels sharing the tile order and the epilogue:
 * ``tma`` — one persistent program per multiprocessor walking the tiles, operands loaded through host-made tensor
   descriptors (Hopper's bulk-copy engine, sm90+).
 
-On CUDA the launch (kernel, tile, warps, stages) is the fastest of :data:`CANDIDATES`, timed once per head on its
-first call, as Triton's autotuner does.  The engine uses this GEMM where ``logits_gemm="triton"``
-(:func:`fdivctl.engine.divergence_loss`): jsd and the other two-pass divergences then read the logits twice instead
-of three times, fkl under fixed token weights once instead of twice.  cuBLAS stays the default until
-``bench/logits_epilogue.py`` and ``bench/loss_engine.py`` show this pays on a chip.  Runs on CUDA; on the CPU only
-under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+``bench/logits_epilogue.py`` times each launch of :data:`CANDIDATES` against cuBLAS's GEMM alone and against
+cuBLAS's GEMM plus the statistics pass it would save.  Measured on an H200 (2026-11-27,
+``bench/results/row_kernels_cuda_h200_epilogue.txt``): the fastest launch ran at 0.70–0.75 of cuBLAS's rate and
+0.81–0.89 of cuBLAS plus the statistics pass, and the engine built on it (each chunk's and the teacher's logits
+from this GEMM, the row kernels skipping the pass it saves) ran 0.89–0.98× the cuBLAS path's speed at every
+benchmark shape (``bench/results/loss_engine_cuda_h200_epilogue.jsonl``), so the engine keeps cuBLAS and this
+stays a benchmark.  Runs on CUDA; on the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import torch
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from fdivctl.engine.triton_topk import raise_max
+
 
 class GemmConfig(NamedTuple):
     """A launch of the GEMM: output tile ``block_m × block_n``, ``block_k`` of the inner dimension per step,
@@ -46,25 +47,18 @@ class GemmConfig(NamedTuple):
     stages: int
 
 
-#: the launches tried on CUDA, once per device, dtype, head shape and bias (:func:`tune`), the fastest kept: tiles
-#: around the Hopper bf16 one of Triton's matmul tutorials (128 × 256 × 64, 8 warps, 3 stages), ``tma`` only on
-#: compute capability 9 and up; ``bench/logits_epilogue.py`` times each against cuBLAS
+#: the launches timed on CUDA: tiles around the Hopper bf16 one of Triton's matmul tutorials (128 × 256 × 64,
+#: 8 warps, 3 stages), ``tma`` only on compute capability 9 and up.  The ``tma`` kernel stages its fp32 output tile
+#: in shared memory: at 128 × 256 × 64 (three or four stages) and 128 × 128 × 128 (three) it asked for 262–328 KB,
+#: over the 227 KB a program may have on an H200, so those are not tried
 CANDIDATES = (
-    ("tma", GemmConfig(128, 256, 64, 8, 8, 3)),
-    ("tma", GemmConfig(128, 256, 64, 8, 8, 4)),
     ("tma", GemmConfig(128, 128, 64, 8, 8, 4)),
-    ("tma", GemmConfig(128, 128, 128, 8, 8, 3)),
     ("pointer", GemmConfig(128, 256, 64, 8, 8, 3)),
     ("pointer", GemmConfig(128, 128, 64, 8, 8, 4)),
     ("pointer", GemmConfig(256, 128, 64, 8, 8, 3)),
 )
-#: the launch off CUDA (Triton's CPU interpreter, where timing tells nothing)
-UNTUNED_LAUNCH = ("pointer", GemmConfig(128, 256, 64, 8, 8, 3))
 #: rows per program and tiles per step of the kernel that merges the tiles' row statistics
 MERGE_ROWS, MERGE_TILES = 32, 64
-#: (device index, dtype, head shape, bias?) → the launch :func:`tune` chose
-_TUNED: dict[tuple, tuple[str, GemmConfig]] = {}
-
 
 @triton.jit
 def _tile(index, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -172,73 +166,17 @@ def logits_with_lse(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
-    launch: tuple[str, GemmConfig] | None = None,
-    lse_out: torch.Tensor | None = None,
+    launch: tuple[str, GemmConfig],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z = hidden @ weightᵀ (+ bias)`` fp32 ``[M, V]``, ``log Σ_j e^{z_j / temperature}`` fp32 ``[M]``), the
     GEMM accumulating in fp32 (fp32 operands multiply in IEEE fp32, not TF32).  ``hidden`` ``[M, K]`` and
     ``weight`` ``[V, K]`` in one dtype with unit column stride.  ``launch``: ``(kernel, config)``, ``kernel``
-    ``"pointer"`` or ``"tma"`` (``tma`` falls back to ``pointer`` for operands it cannot address); by default on CUDA the
-    fastest of :data:`CANDIDATES` for this head, timed on its first call (:func:`tune`), elsewhere (Triton's
-    interpreter) :data:`UNTUNED_LAUNCH`.  ``lse_out``: an fp32 ``[M]`` tensor with unit stride to write the
-    log-partitions into (the sweep's statistics row), returned as the second result."""
+    ``"pointer"`` or ``"tma"`` (``tma`` falls back to ``pointer`` for operands it cannot address): the GEMM, then
+    one small kernel merging its tiles' row statistics."""
     x = hidden.to(weight.dtype)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if launch is None:
-        launch = UNTUNED_LAUNCH if x.device.type != "cuda" else _tuned_launch(x, weight, bias, temperature)
-    return _run(x, weight, bias, temperature, *launch, lse_out)
-
-
-def _tuned_launch(x, weight, bias, temperature) -> tuple[str, GemmConfig]:
-    """The launch :func:`tune` chose for this device, dtype, head shape and bias, tuning on the first call."""
-    key = (x.device.index, weight.dtype, tuple(weight.shape), bias is not None)
-    if key not in _TUNED:
-        hopper = torch.cuda.get_device_capability(x.device)[0] >= 9
-        _TUNED[key] = tune(x, weight, bias, temperature, [c for c in CANDIDATES if hopper or c[0] != "tma"])
-    return _TUNED[key]
-
-
-def tune(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-    candidates: list[tuple[str, GemmConfig]],
-    repeats: int = 3,
-) -> tuple[str, GemmConfig]:
-    """The fastest of ``candidates`` on these operands: each run once (compiling it), then timed over ``repeats``
-    runs.  A launch the compiler or the chip refuses (more shared memory than a program may have, an API this
-    Triton lacks) is skipped; RuntimeError, naming each refusal, where none runs."""
-    timings, refused = [], []
-    for kernel, config in candidates:
-        try:
-            _run(x, weight, bias, temperature, kernel, config)
-            _synchronize(x.device)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                _run(x, weight, bias, temperature, kernel, config)
-            _synchronize(x.device)
-        except Exception as error:  # noqa: BLE001 — any refusal of one launch leaves the others to try
-            refused.append(f"{kernel} {tuple(config)}: {type(error).__name__}: {error}"[:300])
-            continue
-        timings.append((time.perf_counter() - start, kernel, config))
-    if not timings:
-        raise RuntimeError("no launch of the logits GEMM runs here: " + "; ".join(refused))
-    _, kernel, config = min(timings, key=lambda timing: timing[0])
-    return kernel, config
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _run(
-    x, weight, bias, temperature, kernel: str, config: GemmConfig, lse_out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`logits_with_lse` at one launch: the GEMM, then one small kernel merging its tiles' row statistics."""
-    block_m, block_n, block_k, group_m, warps, stages = config
+    kernel, (block_m, block_n, block_k, group_m, warps, stages) = launch
     if kernel == "tma" and not (_descriptor_ok(x) and _descriptor_ok(weight)):
         kernel = "pointer"
     (m, k), n = x.shape, weight.shape[0]
@@ -260,7 +198,7 @@ def _run(
             _tma_kernel[(programs,)](TensorDescriptor.from_tensor(x, [block_m, block_k]),
                                      TensorDescriptor.from_tensor(weight, [block_n, block_k]), *tail,
                                      PROGRAMS=programs, **meta)
-    lse = torch.empty(m, dtype=torch.float32, device=x.device) if lse_out is None else lse_out
+    lse = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         _merge_kernel[(triton.cdiv(m, MERGE_ROWS),)](part, part.stride(0), tiles_n, m, lse, BLOCK_TILES=MERGE_TILES,
                                                      BLOCK_ROWS=MERGE_ROWS)
