@@ -23,15 +23,9 @@ one- and the two-pass statistics alike); the records carry ``stats_launch`` and 
 ``stats_max_diff`` / ``grad_max_diff``, the largest difference from the first pair's outputs (same inputs: only the
 summation order may differ).  A pair that does not compile or run is printed with its ``error``.
 
-``--splits 1,2,4,8`` times the kernels with each row's columns dealt to that many programs
-(``triton_chunk.COLUMN_SPLITS``; the records' ``stats_splits`` / ``grad_splits``, capped at a row's blocks), the
-differences again from the first: a chunk of a few hundred rows, one program each, leaves most of a GPU's
-multiprocessors with two or three programs and its last wave partly empty.
-
     python bench/chunk_kernels.py --quick          # CPU, Triton's interpreter, a small chunk (the harness only)
     python bench/chunk_kernels.py --device cuda    # 384 rows × V = 151936 (the default chunk there)
     python bench/chunk_kernels.py --device cuda --launches 2048x16x1/4096x16x1 2048x16x3/4096x16x3
-    python bench/chunk_kernels.py --device cuda --splits 1,2,4,8
 """
 
 from __future__ import annotations
@@ -52,9 +46,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small chunk under Triton's CPU interpreter")
     parser.add_argument("--launches", nargs="*", default=None,
                         help="STATS/GRAD launch pairs, each BLOCKxWARPSxSTAGES (default: the engine's own)")
-    parser.add_argument("--splits", default=None,
-                        help="programs per row to time, comma-separated, e.g. 1,2,4,8 (default: the engine's choice, "
-                             "triton_chunk.column_splits)")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.vocab, args.repeats = 8, 4096, 3
@@ -77,10 +68,8 @@ def main() -> None:
     row_bytes = args.rows * args.vocab * 4  # one fp32 [rows, V] tensor
     # None: the engine's own launches (the statistics' by divergence, triton_chunk.stats_launch)
     launches = [_launch_pair(text, triton_chunk.Launch) for text in args.launches] if args.launches else [None]
-    splits = [None] if args.splits is None else [int(n) for n in args.splits.split(",")]
     reference = {}  # divergence → the first launch's statistics and gradient
-    for pair, split, name in itertools.product(launches, splits, args.divergences.split(",")):
-        triton_chunk.COLUMN_SPLITS = split  # None: column_splits' own rule
+    for pair, name in itertools.product(launches, args.divergences.split(",")):
         if pair is not None:  # both statistics launches (one- and two-pass) and the gradient's
             triton_chunk.STATS_LAUNCH, triton_chunk.GRAD_LAUNCH = pair
             triton_chunk.TWO_PASS_STATS_LAUNCH = pair[0]
@@ -90,13 +79,10 @@ def main() -> None:
             "divergence": name, "rows": args.rows, "vocab": args.vocab,
             "stats_launch": triton_chunk.stats_launch(divergence)._asdict(),
             "grad_launch": triton_chunk.GRAD_LAUNCH._asdict(),
-            "stats_splits": triton_chunk.column_splits(args.rows, args.vocab, triton_chunk.stats_launch(divergence).block,
-                                                       device),
-            "grad_splits": triton_chunk.column_splits(args.rows, args.vocab, triton_chunk.GRAD_LAUNCH.block, device),
         }
         target = None if divergence is None else t
         kernel_args = (z, target, args.vocab, ids, True, divergence, 1.0)
-        passes = 1 if triton_chunk.divergence_code(divergence)[0] <= triton_chunk.RKL else 2  # the statistics
+        passes = 1 if triton_chunk.divergence_code(divergence)[0] <= triton_chunk.RKL else 2  # _stats_kernel's
         stats_bytes = passes * row_bytes * (1 if target is None else 2)
         grad_bytes = row_bytes * (1 if target is None else 2) + args.rows * args.vocab * 2
         try:
@@ -107,7 +93,7 @@ def main() -> None:
         except Exception as error:  # a launch the compiler or the chip refuses: the sweep goes on
             print(json.dumps({**head, "error": f"{type(error).__name__}: {error}"[:500]}), flush=True)
             continue
-        # every launch and split must give the first one's outputs: the largest difference from them, 0 for the first
+        # every launch must give the first one's outputs: the largest difference from them, 0 for the first
         first = reference.setdefault(name, (stats.clone(), grad.clone()))
         record = {
             **head,

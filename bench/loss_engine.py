@@ -285,8 +285,6 @@ def _worker(variant, args, shape, div_specs, repeats, env=None):
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.weight_grad_rows:
         cmd += ["--weight-grad-rows", str(args.weight_grad_rows)]
-    if args.column_splits:
-        cmd += ["--column-splits", str(args.column_splits)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise SystemExit(f"benchmark worker {variant} failed:\n{done.stderr}")
@@ -359,7 +357,6 @@ def _record(args, shape, div_spec, results):
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "grad_mode": args.grad_mode,
         "chunk_size": chunk,
-        "column_splits": args.column_splits,  # None: the engine's choice (triton_chunk.column_splits)
         "weight_grad_rows": args.weight_grad_rows or engine.default_weight_grad_rows(chunk, shape[1], device),
         "weight_grad_rows_bf16acc": args.weight_grad_rows or engine.default_weight_grad_rows(chunk, shape[1], device,
                                                                                              "param"),
@@ -415,9 +412,6 @@ def parse_args(argv=None):
     parser.add_argument("--weight-grad-rows", default=None,
                         help="logit-gradient rows per weight-gradient GEMM (engine's weight_grad_rows; 0 or not given: "
                         "its default); comma-separated: each, for each --chunk-size")
-    parser.add_argument("--column-splits", default=None,
-                        help="programs per row of the Triton row kernels (triton_chunk.COLUMN_SPLITS; 0 or not given: "
-                        "the engine's choice); comma-separated: each, for each --chunk-size")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
         "--variants", default=None,
@@ -439,16 +433,6 @@ def parse_args(argv=None):
     return args
 
 
-def _set_column_splits(splits):
-    """The Triton row kernels' programs per row (``triton_chunk.COLUMN_SPLITS``); None: the engine's own choice
-    (nothing to import where Triton was never loaded)."""
-    if splits is None and "fdivctl.engine.triton_chunk" not in sys.modules:
-        return
-    from fdivctl.engine import triton_chunk
-
-    triton_chunk.COLUMN_SPLITS = splits
-
-
 def _int_list(text):
     """``"512,1024"`` → [512, 1024]; None → [None] (the engine's default); 0 stands for the default too."""
     return [int(x) or None for x in text.split(",")] if text else [None]
@@ -459,8 +443,6 @@ def main(argv=None):
     if args.worker:
         args.chunk_size = args.chunk_size and int(args.chunk_size)
         args.weight_grad_rows = args.weight_grad_rows and int(args.weight_grad_rows)
-        args.column_splits = args.column_splits and int(args.column_splits)
-        _set_column_splits(args.column_splits or None)
         shape = tuple(int(x) for x in args.worker_shape.split(","))
         for spec in args.divergences.split(","):
             result = measure(
@@ -474,7 +456,6 @@ def main(argv=None):
     args.matmul_ceiling_tflops = matmul_ceiling_tflops(DTYPES[args.dtype], args.device)
     chunk_sizes = _int_list(args.chunk_size)
     grad_rows = _int_list(args.weight_grad_rows)
-    column_splits = _int_list(args.column_splits)
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     elif args.device == "cuda":
@@ -482,9 +463,7 @@ def main(argv=None):
     else:
         shapes = CPU_QUICK if args.quick else CPU_FULL
     for shape in shapes:
-        for args.chunk_size, args.weight_grad_rows, args.column_splits in itertools.product(chunk_sizes, grad_rows,
-                                                                                           column_splits):
-            _set_column_splits(args.column_splits)
+        for args.chunk_size, args.weight_grad_rows in itertools.product(chunk_sizes, grad_rows):
             for record in run_shape(args, shape, args.divergences.split(",")):
                 print(json.dumps(record), flush=True)
 

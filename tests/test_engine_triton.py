@@ -172,44 +172,6 @@ def test_triton_rows_longer_than_a_block_match_the_torch_path(monkeypatch, div):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-@case
-@pytest.mark.parametrize("entry", ENTRIES, ids=entry_id)
-@pytest.mark.parametrize("splits", [2, 4])
-def test_triton_rows_split_among_programs_match_the_torch_path(monkeypatch, entry, splits):
-    """Each row's 70 columns (five blocks of 16) dealt to ``splits`` programs (``COLUMN_SPLITS``; four: runs of
-    two blocks, so the fourth program gets no column): every registry divergence's outputs and gradients, through
-    the one-pass states merged over programs as over lanes and the two-pass log-partitions merged before the
-    second pass, equal the PyTorch path's; the teacher has ``−inf`` entries (row 0's whole first block) and
-    per-row maxima fall in different programs' columns."""
-    from fdivctl.engine import triton_chunk
-
-    _set_block(monkeypatch, 16)
-    monkeypatch.setattr(triton_chunk, "TWO_PASS_STATS_LAUNCH", triton_chunk.TWO_PASS_STATS_LAUNCH._replace(block=16))
-    monkeypatch.setattr(triton_chunk, "COLUMN_SPLITS", splits)
-    name, params = entry
-    hidden, weight, bias, _, _, tokens = _inputs(n=9, v=70, t_vocab=70)
-    weight.data[:, 0] += torch.linspace(-3, 3, 70)
-    teacher = _masked_teacher(9, 70, 7)
-    if name == "rkl":  # ~1e30 where the teacher has no mass: its own test; here a finite teacher
-        teacher = torch.randn(9, 70, generator=torch.Generator().manual_seed(8))
-    divergence = divergences.get(name, **params)
-
-    def objective(out, rows):
-        return ((out["logprob"] * torch.linspace(-1, 1, 9)[rows]).sum() - 0.3 * out["entropy"].sum()
-                + 0.7 * out["divergence"].sum())
-
-    results = {}
-    for kernel in ("torch", "triton"):
-        total, outputs = engine.token_loss(
-            hidden, weight, objective, bias=bias, token_ids=tokens[:9], entropy=True, target=engine.FullLogits(teacher),
-            divergence=divergence, temperature=0.8, chunk_size=4, kernel=kernel,
-        )
-        results[kernel] = (total, outputs.logprob, outputs.entropy, outputs.divergence,
-                           *torch.autograd.grad(total, (hidden, weight, bias)))
-    for ours, ref in zip(results["triton"], results["torch"]):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-
-
 class _SharedMemoryShort:
     """A row kernel as a GPU with too little shared memory for pipelined loads has it: every launch with more than
     one stage refused with Triton's OutOfResources before it runs, as Triton refuses it; one stage runs the real
@@ -239,7 +201,7 @@ def test_a_gpu_short_of_shared_memory_runs_the_row_kernels_at_one_stage(monkeypa
     monkeypatch.setattr(triton_chunk, "_ONE_STAGE", set())
     monkeypatch.setattr(triton_chunk, "STATS_LAUNCH", triton_chunk.STATS_LAUNCH._replace(stages=3))
     monkeypatch.setattr(triton_chunk, "GRAD_LAUNCH", triton_chunk.GRAD_LAUNCH._replace(stages=3))
-    short = {name: _SharedMemoryShort(getattr(triton_chunk, name)) for name in ("_partial_stats_kernel", "_grad_kernel")}
+    short = {name: _SharedMemoryShort(getattr(triton_chunk, name)) for name in ("_stats_kernel", "_grad_kernel")}
     for name, kernel in short.items():
         monkeypatch.setattr(triton_chunk, name, kernel)
     hidden, weight, _, th, tw, _ = _inputs()

@@ -1,16 +1,15 @@
 """Triton kernels for one chunk of the sweep: per-token outputs and ``∂/∂z`` in two row passes.
 
 For a chunk of fp32 student logits ``z [c, V]`` (and, for a dense target, the
-target's logits ``t [c, Vₜ]``), each row's columns dealt in equal runs to a few
-programs (:func:`column_splits`):
+target's logits ``t [c, Vₜ]``), one program per row:
 
-* the statistics — ``log q(y)``, ``H(q) = −Σ q log q``,
+* :func:`_stats_kernel` — ``log q(y)``, ``H(q) = −Σ q log q``,
   ``D = Σ_i g(log q_i, log p_i)`` (the registry entry's summand) and
   ``S = Σ_i ∂g/∂log q_i``.  Without a divergence and for fkl / rkl (the RL
   regularizer's and distillation's usual choices) in one read of the row, all
-  sums kept against running maxima (:func:`_one_pass_lanes`); for the others in
+  sums kept against running maxima (:func:`_one_pass_stats`); for the others in
   two: the log-partition functions of ``z/T`` and ``t/T`` first, then the
-  summands of the normalized log-probs (:func:`_second_pass_kernel`).  With the
+  summands of the normalized log-probs (:func:`_two_pass_stats`).  With the
   gradient pass that makes 2 reads of ``z`` and ``t`` per row instead of 3 (18
   instead of 26 bytes per vocabulary entry with fp32 logits and a bf16
   gradient).  Every sum is kept per lane of the block and reduced across the
@@ -22,10 +21,6 @@ programs (:func:`column_splits`):
   an H200, per-lane against per-block in one run (``bench/chunk_kernels.py``,
   ``bench/results/row_kernels_cuda_h200.txt``): rkl 245 vs 326 µs, fkl 211 vs
   261 µs, jsd (two passes) 321 vs 486 µs; without a divergence 131 vs 121 µs.
-  Each program's lanes are merged into one state (:func:`_merge_one_pass`), and
-  a row's programs' states are merged the same way, the programs taking the
-  lanes' place (:func:`_finish_stats_kernel`; the two-pass log-partitions before
-  the second pass, :func:`_split_lses`).
 * :func:`_grad_kernel` — given per-token cotangents ``c_lp, c_ent, c_div``
   (the objective's derivative with respect to each output) writes
 
@@ -66,7 +61,6 @@ set before the first import of triton), which the tests use.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -109,16 +103,6 @@ STATS_LAUNCH = Launch(block=2048, warps=16, stages=3)
 TWO_PASS_STATS_LAUNCH = Launch(block=2048, warps=16, stages=1)
 #: the gradient kernel's: three stages took jsd 282 → 246 µs and rkl 275 → 243 there, fkl and none unchanged
 GRAD_LAUNCH = Launch(block=4096, warps=16, stages=3)
-#: each row's columns are dealt to at most this many programs (:func:`column_splits`)
-MAX_SPLITS = 8
-#: the programs per multiprocessor the split aims at on CUDA: one program per row of a 384-row chunk puts 2–3 on
-#: each of an H100's 132, two of them resident at a time, so the last wave runs half empty
-PROGRAMS_PER_SM = 8
-#: None: :func:`column_splits` chooses the splits per row; an int fixes them (the benchmarks time several)
-COLUMN_SPLITS: int | None = None
-#: rows of the split statistics' scratch ``[PART_ROWS, splits, c]``: one program's state (:func:`_merge_one_pass`),
-#: or the two-pass kernels' log-partition state (rows 0–3) and sums (rows 4–6)
-PART_ROWS = 9
 _LOG_FLOOR = tl.constexpr(LOG_FLOOR)
 _FKL = tl.constexpr(FKL)
 _RKL = tl.constexpr(RKL)
@@ -236,51 +220,29 @@ def lane_weights(m):
 
 
 @triton.jit
-def _columns(n_cols, splits, BLOCK: tl.constexpr):
-    """This program's columns ``[lo, hi)`` of its row: the row's blocks dealt in equal runs to ``splits`` programs
-    (``program_id(1)``); a program past the row's last block gets none."""
-    per = tl.cdiv(tl.cdiv(n_cols, BLOCK), splits) * BLOCK
-    lo = tl.program_id(1) * per
-    return lo, tl.minimum(lo + per, n_cols)
-
-
-@triton.jit
-def _lse_state(z_row, t_row, lo, hi, t_width, inv_t, WITH_T: tl.constexpr, BLOCK: tl.constexpr,
-               STAGES: tl.constexpr):
-    """``(M, Σ e^{z/T − M}, Mₜ, Σ e^{t/T − Mₜ})`` over the columns ``[lo, hi)`` of one row, both in one loop (running
-    maxima and rescaled sums per lane, merged at the end); the last two −inf and 0 without ``WITH_T``."""
+def _online_lses(z_row, t_row, n_cols, t_width, inv_t, WITH_T: tl.constexpr, BLOCK: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """``(log Σ_j exp(z_j / T), log Σ_j exp(t_j / T))`` over one row, both in one loop over its blocks (running
+    maxima and rescaled sums per lane, merged at the end); the second is 0 without ``WITH_T``."""
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     m_t = tl.full([BLOCK], float("-inf"), tl.float32)
     s_t = tl.zeros([BLOCK], tl.float32)
-    for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(z_row + cols, mask=cols < hi, other=float("-inf")).to(tl.float32) * inv_t
+        x = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
         m, r, w, _, _ = lane_step(m, x)
         s = r * s + w
         if WITH_T:
-            y = tl.load(t_row + cols, mask=(cols < hi) & (cols < t_width), other=float("-inf")).to(tl.float32)
-            m_t, r_t, w_t, _, _ = lane_step(m_t, y * inv_t)
+            y = tl.load(t_row + cols, mask=cols < t_width, other=float("-inf")).to(tl.float32) * inv_t
+            m_t, r_t, w_t, _, _ = lane_step(m_t, y)
             s_t = r_t * s_t + w_t
     big, f, _ = lane_weights(m)
-    big_t, f_t, _ = lane_weights(m_t)
-    return big, tl.sum(f * s, 0), big_t, tl.sum(f_t * s_t, 0)
-
-
-@triton.jit
-def _split_lses(part_ptr, part_stride, n_rows, row, splits, WITH_T: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
-    """``(log Σ_j e^{z_j/T}, log Σ_j e^{t_j/T})`` of one row from its programs' :func:`_lse_state` (scratch rows 0–3,
-    merged as the lanes are); the second 0 without ``WITH_T``."""
-    split = tl.arange(0, BLOCK_SPLITS)
-    at = part_ptr + split * n_rows + row
-    inside = split < splits
-    big, f, _ = lane_weights(tl.load(at, mask=inside, other=float("-inf")))
-    lse_q = big + tl.log(tl.sum(f * tl.load(at + part_stride, mask=inside, other=0.0), 0))
-    lse_p = 0.0
+    lse_t = 0.0
     if WITH_T:
-        big_t, f_t, _ = lane_weights(tl.load(at + 2 * part_stride, mask=inside, other=float("-inf")))
-        lse_p = big_t + tl.log(tl.sum(f_t * tl.load(at + 3 * part_stride, mask=inside, other=0.0), 0))
-    return lse_q, lse_p
+        big_t, f_t, _ = lane_weights(m_t)
+        lse_t = big_t + tl.log(tl.sum(f_t * s_t, 0))
+    return big + tl.log(tl.sum(f * s, 0)), lse_t
 
 
 @triton.jit
@@ -290,110 +252,24 @@ def _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p):
 
 
 @triton.jit
-def _partial_stats_kernel(
-    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, part_ptr, part_stride, n_rows, n_cols, inv_t, splits,
+def _stats_kernel(
+    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, n_cols, inv_t,
     w, log_w, log_1mw,
     DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """One program per row and column range (:func:`_columns`): for none, fkl and rkl every sum of the one-pass
-    statistics, merged over the program's lanes (:func:`_merge_one_pass`); for the others the first of the two
-    passes, the log-partitions' state (:func:`_lse_state`); into the scratch ``part[k, split, row]``."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     t_row = t_ptr + row * t_stride
-    lo, hi = _columns(n_cols, splits, BLOCK)
-    at = part_ptr + tl.program_id(1) * n_rows + row
-    if DIV <= _RKL:
-        m, s, u, m_p, s_p, acc, mass_f, u_inf, mass_inf = _one_pass_lanes(z_row, t_row, lo, hi, t_width, inv_t, DIV,
-                                                                           WANT_ENT, BLOCK, STAGES)
-        big, s_row, u_row, big_p, s_p_row, acc_row, mass_f_row, u_inf_row, mass_inf_row = _merge_one_pass(
-            m, s, u, m_p, s_p, acc, mass_f, u_inf, mass_inf, DIV)
-        tl.store(at, big)
-        tl.store(at + part_stride, s_row)
-        tl.store(at + 2 * part_stride, u_row)
-        tl.store(at + 3 * part_stride, big_p)
-        tl.store(at + 4 * part_stride, s_p_row)
-        tl.store(at + 5 * part_stride, acc_row)
-        tl.store(at + 6 * part_stride, mass_f_row)
-        tl.store(at + 7 * part_stride, u_inf_row)
-        tl.store(at + 8 * part_stride, mass_inf_row)
+    if DIV <= _RKL:  # none, fkl, rkl: every statistic in one read of the row
+        lse_q, lse_p, ent, div, slope = _one_pass_stats(z_row, t_row, n_cols, t_width, inv_t, DIV, WANT_ENT, BLOCK,
+                                                        STAGES)
     else:
-        big, s_row, big_t, s_t_row = _lse_state(z_row, t_row, lo, hi, t_width, inv_t, DIV >= 0, BLOCK, STAGES)
-        tl.store(at, big)
-        tl.store(at + part_stride, s_row)
-        tl.store(at + 2 * part_stride, big_t)
-        tl.store(at + 3 * part_stride, s_t_row)
-
-
-@triton.jit
-def _second_pass_kernel(
-    z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, part_ptr, part_stride, n_rows, n_cols, inv_t, splits,
-    w, log_w, log_1mw,
-    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-):
-    """The second pass of the two-pass statistics (jsd and the others), per row and column range: the row's
-    log-partitions from the first pass's states (:func:`_split_lses`), then ``Σ q log q``, ``D`` and ``S`` over the
-    range from the normalized log-probs (per lane, summed once after the loop), into scratch rows 4–6."""
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * z_stride
-    t_row = t_ptr + row * t_stride
-    lse_q, lse_p = _split_lses(part_ptr, part_stride, n_rows, row, splits, DIV >= 0, BLOCK_SPLITS)
-    lo, hi = _columns(n_cols, splits, BLOCK)
-    ent = tl.zeros([BLOCK], tl.float32)
-    div = tl.zeros([BLOCK], tl.float32)
-    slope = tl.zeros([BLOCK], tl.float32)
-    for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < hi
-        lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
-        if WANT_ENT:
-            ent += tl.where(mask, tl.exp(lq) * lq, 0.0)
-        if DIV >= 0:
-            lp = _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p)
-            g, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
-            div += tl.where(mask, g, 0.0)
-            slope += tl.where(mask, a, 0.0)
-    at = part_ptr + tl.program_id(1) * n_rows + row
-    tl.store(at + 4 * part_stride, tl.sum(ent, 0))
-    tl.store(at + 5 * part_stride, tl.sum(div, 0))
-    tl.store(at + 6 * part_stride, tl.sum(slope, 0))
-
-
-@triton.jit
-def _finish_stats_kernel(
-    z_ptr, z_stride, y_ptr, part_ptr, part_stride, stats_ptr, stats_stride, n_rows, splits, inv_t,
-    DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-):
-    """One program per row: its programs' states merged (one-pass: :func:`_merge_one_pass` again, the programs
-    taking the lanes' place; two-pass: the log-partitions and the sums of the second pass), the log-prob of the
-    row's token, and the six statistics (:data:`STAT_ROWS`) written."""
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.arange(0, BLOCK_SPLITS)
-    inside = split < splits
-    at = part_ptr + split * n_rows + row
-    if DIV <= _RKL:
-        ninf = float("-inf")
-        big, s_row, u_row, big_p, s_p_row, acc_row, mass_f_row, u_inf_row, mass_inf_row = _merge_one_pass(
-            tl.load(at, mask=inside, other=ninf), tl.load(at + part_stride, mask=inside, other=0.0),
-            tl.load(at + 2 * part_stride, mask=inside, other=0.0),
-            tl.load(at + 3 * part_stride, mask=inside, other=ninf),
-            tl.load(at + 4 * part_stride, mask=inside, other=0.0),
-            tl.load(at + 5 * part_stride, mask=inside, other=0.0),
-            tl.load(at + 6 * part_stride, mask=inside, other=0.0),
-            tl.load(at + 7 * part_stride, mask=inside, other=0.0),
-            tl.load(at + 8 * part_stride, mask=inside, other=0.0), DIV)
-        lse_q, lse_p, ent, div, slope = _one_pass_outputs(big, s_row, u_row, big_p, s_p_row, acc_row, mass_f_row,
-                                                          u_inf_row, mass_inf_row, DIV, WANT_ENT)
-    else:
-        lse_q, lse_p = _split_lses(part_ptr, part_stride, n_rows, row, splits, DIV >= 0, BLOCK_SPLITS)
-        ent = tl.sum(tl.load(at + 4 * part_stride, mask=inside, other=0.0), 0)
-        div = tl.sum(tl.load(at + 5 * part_stride, mask=inside, other=0.0), 0)
-        slope = tl.sum(tl.load(at + 6 * part_stride, mask=inside, other=0.0), 0)
+        lse_q, lse_p, ent, div, slope = _two_pass_stats(z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
+                                                        DIV, WANT_ENT, BLOCK, STAGES)
     logprob = 0.0
     if HAS_Y:
         y = tl.load(y_ptr + row)
-        logprob = tl.load(z_ptr + row * z_stride + y) * inv_t - lse_q
+        logprob = tl.load(z_row + y) * inv_t - lse_q
     tl.store(stats_ptr + row, lse_q)
     tl.store(stats_ptr + stats_stride + row, lse_p)
     tl.store(stats_ptr + 2 * stats_stride + row, logprob)
@@ -403,12 +279,38 @@ def _finish_stats_kernel(
 
 
 @triton.jit
-def _one_pass_lanes(
-    z_row, t_row, lo, hi, t_width, inv_t, DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
+def _two_pass_stats(
+    z_row, t_row, n_cols, t_width, inv_t, w, log_w, log_1mw,
+    DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
+):
+    """``(lse_q, lse_p, Σ q log q, D, S)`` of one row for any divergence: the log-partitions first
+    (:func:`_online_lses`), then the summands ``g`` and ``a`` from the normalized log-probs."""
+    lse_q, lse_p = _online_lses(z_row, t_row, n_cols, t_width, inv_t, DIV >= 0, BLOCK, STAGES)
+    ent = tl.zeros([BLOCK], tl.float32)  # per lane, summed once at the end
+    div = tl.zeros([BLOCK], tl.float32)
+    slope = tl.zeros([BLOCK], tl.float32)
+    if WANT_ENT or DIV >= 0:
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            lq = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t - lse_q
+            if WANT_ENT:
+                ent += tl.where(mask, tl.exp(lq) * lq, 0.0)
+            if DIV >= 0:
+                lp = _load_log_p(t_row, cols, mask, t_width, inv_t, lse_p)
+                g, a = _summand(lq, lp, DIV, w, log_w, log_1mw)
+                div += tl.where(mask, g, 0.0)
+                slope += tl.where(mask, a, 0.0)
+    return lse_q, lse_p, tl.sum(ent, 0), tl.sum(div, 0), tl.sum(slope, 0)
+
+
+@triton.jit
+def _one_pass_stats(
+    z_row, t_row, n_cols, t_width, inv_t, DIV: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """The state of the columns ``[lo, hi)`` of one row, per lane, from a single read of ``z`` (and ``t``), for no
-    divergence, fkl or rkl (:func:`_merge_one_pass` merges it, :func:`_one_pass_outputs` finishes it): every sum is kept relative to a running maximum and rescaled when it grows
+    """``(lse_q, lse_p, Σ q log q, D, S)`` of one row in a single read of ``z`` (and ``t``), for no
+    divergence, fkl or rkl: every sum is kept relative to a running maximum and rescaled when it grows
     (the online softmax of Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018, Alg. 3,
     carried to the sums below), so nothing needs ``log Z`` before the end.  Each lane of the block keeps its own
     maximum and sums (:func:`lane_step`), merged across lanes once after the loop (:func:`lane_weights`).
@@ -435,9 +337,9 @@ def _one_pass_lanes(
     mass_f = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_F e^{x−m}
     u_inf = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_{y=−∞} e^{x−m}(x − m)
     mass_inf = tl.zeros([BLOCK], tl.float32)  # rkl: Σ_{y=−∞} e^{x−m}
-    for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < hi
+        mask = cols < n_cols
         x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         m_new, r, e, drop, centred = lane_step(m, x)
         if WANT_ENT:
@@ -458,55 +360,36 @@ def _one_pass_lanes(
             s_p = r_p * s_p + e_p
         s = r * s + e
         m = m_new
-    return m, s, u, m_p, s_p, acc, mass_f, u_inf, mass_inf
-
-
-@triton.jit
-def _merge_one_pass(m, s, u, m_p, s_p, acc, mass_f, u_inf, mass_inf, DIV: tl.constexpr):
-    """The one-pass state of several lanes (of one program) or of several programs (of one row), each kept against
-    its own maxima ``m`` / ``mₚ``, carried to their common maxima and summed (:func:`lane_weights`): every sum
-    ``× e^{m−M}`` (fkl's ``acc`` ``× e^{mₚ−Mₚ}``), and those of ``(x − m)`` also ``+ δ·`` their mass, ``δ = m − M``.
-    Returns the merged ``(M, s, u, Mₚ, sₚ, acc, mass_f, u_inf, mass_inf)``."""
-    big, f, delta = lane_weights(m)
-    big_p, f_p, _ = lane_weights(m_p)
-    if DIV == _FKL:
-        acc_row = tl.sum(f_p * acc, 0)
-    else:
-        acc_row = tl.sum(f * acc, 0)
-    return (big, tl.sum(f * s, 0), tl.sum(f * (u + delta * s), 0), big_p, tl.sum(f_p * s_p, 0), acc_row,
-            tl.sum(f * mass_f, 0), tl.sum(f * (u_inf + delta * mass_inf), 0), tl.sum(f * mass_inf, 0))
-
-
-@triton.jit
-def _one_pass_outputs(big, s_row, u_row, big_p, s_p_row, acc_row, mass_f_row, u_inf_row, mass_inf_row,
-                      DIV: tl.constexpr, WANT_ENT: tl.constexpr):
-    """``(lse_q, lse_p, Σ q log q, D, S)`` of one row from its merged one-pass state (:func:`_one_pass_lanes`'
-    formulas)."""
+    big, f, delta = lane_weights(m)  # each lane's sums carried to the row's maximum: × e^{m−M}, u also + δ·s
+    s_row = tl.sum(f * s, 0)
     log_s = tl.log(s_row)
     lse_q = big + log_s
     lse_p = 0.0
     div = 0.0
     slope = 0.0
     if DIV >= 0:
+        big_p, f_p, _ = lane_weights(m_p)
+        s_p_row = tl.sum(f_p * s_p, 0)
         log_s_p = tl.log(s_p_row)
         lse_p = big_p + log_s_p
         gap = (big - big_p) + (log_s - log_s_p)  # log Z_q − log Z_p, without adding two large numbers first
         if DIV == _FKL:
-            div = acc_row / s_p_row + gap
+            div = tl.sum(f_p * acc, 0) / s_p_row + gap
             slope = -1.0
         else:
-            div = (acc_row - gap * mass_f_row + u_inf_row - (log_s + _LOG_FLOOR) * mass_inf_row) / s_row
+            merged = tl.sum(f * (acc - gap * mass_f + u_inf + delta * mass_inf - (log_s + _LOG_FLOOR) * mass_inf), 0)
+            div = merged / s_row
             slope = div + 1.0
     ent = 0.0
     if WANT_ENT:
-        ent = u_row / s_row - log_s
+        ent = tl.sum(f * (u + delta * s), 0) / s_row - log_s
     return lse_q, lse_p, ent, div, slope
 
 
 @triton.jit
 def _grad_kernel(
     z_ptr, z_stride, t_ptr, t_stride, t_width, y_ptr, stats_ptr, stats_stride, cot_ptr, g_ptr, g_stride,
-    n_rows, n_cols, inv_t, splits, w, log_w, log_1mw,
+    n_rows, n_cols, inv_t, w, log_w, log_1mw,
     DIV: tl.constexpr, HAS_Y: tl.constexpr, WANT_ENT: tl.constexpr, REST: tl.constexpr, BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
@@ -527,10 +410,9 @@ def _grad_kernel(
     y = -1
     if HAS_Y:
         y = tl.load(y_ptr + row)
-    lo, hi = _columns(n_cols, splits, BLOCK)
-    for start in tl.range(lo, hi, BLOCK, num_stages=STAGES):
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < hi
+        mask = cols < n_cols
         if REST:  # −inf entries (the top k): q = 0, and no −inf − (−inf) where the whole row is −inf
             x = tl.load(z_row + cols, mask=mask, other=float("-inf")) * inv_t
             finite = x > float("-inf")
@@ -568,43 +450,20 @@ def _row_args(logits, target_logits, vocab_size, token_ids, divergence) -> tuple
 _ONE_STAGE: set[tuple] = set()
 
 
-def _launch(kernel, launch: Launch, logits: torch.Tensor, splits: int, *args, **kwargs) -> None:
-    """``kernel`` over ``logits``' rows, ``splits`` programs each (:func:`column_splits`), with ``launch``'s block,
-    warps and stages.  Pipelined loads wait in shared memory (the gradient kernel's three stages of fp32 blocks of
-    the two rows: up to 96 KB), which can be more than a GPU gives a program (~100 KB on sm89, 64 KB on sm75);
-    there Triton refuses the launch before it runs (OutOfResources), and the kernel runs, from then on, at one stage
-    (only its reductions' few KB)."""
+def _launch(kernel, launch: Launch, logits: torch.Tensor, *args, **kwargs) -> None:
+    """``kernel`` over ``logits``' rows, one program each, with ``launch``'s block, warps and stages.  Pipelined
+    loads wait in shared memory (the gradient kernel's three stages of fp32 blocks of the two rows: up to 96 KB),
+    which can be more than a GPU gives a program (~100 KB on sm89, 64 KB on sm75); there Triton refuses the launch
+    before it runs (OutOfResources), and the kernel runs, from then on, at one stage (only its reductions' few KB)."""
     key = (kernel, launch, logits.device.index)
     stages = 1 if key in _ONE_STAGE else launch.stages
-    grid = (logits.shape[0], splits)
     try:
-        kernel[grid](*args, **kwargs, BLOCK=launch.block, STAGES=stages, num_warps=launch.warps)
+        kernel[(logits.shape[0],)](*args, **kwargs, BLOCK=launch.block, STAGES=stages, num_warps=launch.warps)
     except OutOfResources:
         if stages == 1:
             raise
         _ONE_STAGE.add(key)
-        kernel[grid](*args, **kwargs, BLOCK=launch.block, STAGES=1, num_warps=launch.warps)
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def column_splits(rows: int, n_cols: int, block: int, device: torch.device) -> int:
-    """Programs per row for a row kernel over ``rows`` rows of ``n_cols`` columns in blocks of ``block``: on CUDA
-    the least power of two that gives :data:`PROGRAMS_PER_SM` programs per multiprocessor, at most
-    :data:`MAX_SPLITS` and the row's blocks; 1 elsewhere (Triton's interpreter); :data:`COLUMN_SPLITS` where set."""
-    blocks = -(-n_cols // block)
-    if COLUMN_SPLITS is not None:
-        return max(1, min(COLUMN_SPLITS, blocks))
-    if device.type != "cuda":
-        return 1
-    want = min(-(-PROGRAMS_PER_SM * _multiprocessors(device.index or 0) // max(rows, 1)), MAX_SPLITS, blocks)
-    splits = 1
-    while splits < want:
-        splits *= 2
-    return min(splits, MAX_SPLITS)
+        kernel[(logits.shape[0],)](*args, **kwargs, BLOCK=launch.block, STAGES=1, num_warps=launch.warps)
 
 
 def stats_launch(divergence: Divergence | None) -> Launch:
@@ -634,18 +493,8 @@ def chunk_stats(
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        launch = stats_launch(divergence)
-        splits = column_splits(rows, vocab_size, launch.block, logits.device)
-        block_splits = max(2, triton.next_power_of_2(splits))
-        part = torch.empty(PART_ROWS, splits, rows, dtype=torch.float32, device=logits.device)
-        tail = (part, part.stride(0), rows, vocab_size, 1.0 / temperature, splits)
-        _launch(_partial_stats_kernel, launch, logits, splits, *head, *tail, **params, WANT_ENT=entropy)
-        if params["DIV"] > RKL:
-            _launch(_second_pass_kernel, launch, logits, splits, *head, *tail, **params, WANT_ENT=entropy,
-                    BLOCK_SPLITS=block_splits)
-        _finish_stats_kernel[(rows,)](logits, logits.stride(0), head[5], part, part.stride(0), out, out.stride(0),
-                                      rows, splits, 1.0 / temperature, DIV=params["DIV"], HAS_Y=params["HAS_Y"],
-                                      WANT_ENT=entropy, BLOCK_SPLITS=block_splits, num_warps=1)
+        _launch(_stats_kernel, stats_launch(divergence), logits, *head, out, out.stride(0), vocab_size,
+                1.0 / temperature, **params, WANT_ENT=entropy)
     return out
 
 
@@ -681,7 +530,6 @@ def chunk_grad(
     rows = logits.shape[0]
     if rows:
         head, params = _row_args(logits, target_logits, vocab_size, token_ids, divergence)
-        splits = column_splits(rows, vocab_size, GRAD_LAUNCH.block, logits.device)
-        _launch(_grad_kernel, GRAD_LAUNCH, logits, splits, *head, stats, stats.stride(0), cotangents, out,
-                out.stride(0), rows, vocab_size, 1.0 / temperature, splits, **params, WANT_ENT=entropy, REST=rest)
+        _launch(_grad_kernel, GRAD_LAUNCH, logits, *head, stats, stats.stride(0), cotangents, out, out.stride(0),
+                rows, vocab_size, 1.0 / temperature, **params, WANT_ENT=entropy, REST=rest)
     return out
