@@ -50,7 +50,7 @@ class GemmConfig(NamedTuple):
 #: the launches timed on CUDA: tiles around the Hopper bf16 one of Triton's matmul tutorials (128 × 256 × 64,
 #: 8 warps, 3 stages), ``tma`` only on compute capability 9 and up.  The ``tma`` kernel stages its fp32 output tile
 #: in shared memory: at 128 × 256 × 64 (three or four stages) and 128 × 128 × 128 (three) it asked for 262–328 KB,
-#: over the 227 KB a program may have on an H200, so those are not tried
+#: over the 227 KB a program may have on an H100 or H200, so those are not tried
 CANDIDATES = (
     ("tma", GemmConfig(128, 128, 64, 8, 8, 4)),
     ("pointer", GemmConfig(128, 256, 64, 8, 8, 3)),
@@ -59,6 +59,7 @@ CANDIDATES = (
 )
 #: rows per program and tiles per step of the kernel that merges the tiles' row statistics
 MERGE_ROWS, MERGE_TILES = 32, 64
+
 
 @triton.jit
 def _tile(index, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
