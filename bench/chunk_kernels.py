@@ -9,7 +9,9 @@ times both (median of ``--repeats`` after a warm-up) and prints one JSON object 
 ``grad_ms``, the bytes each must move (``*_bytes``: one read of ``z`` and ``t`` per pass, the one-pass
 statistics of none / fkl / rkl, two for the others; the gradient reads both once and writes bf16) and
 ``*_gb_per_s``, and ``stats_vs_grad_bandwidth`` (the first ÷ the second: below 1, the statistics kernel reaches
-less of the bandwidth than the gradient kernel, which reduces nothing in its loop).
+less of the bandwidth than the gradient kernel, which reduces nothing in its loop).  ``torch_row_sum_gb_per_s`` is
+``torch.sum(z, dim=1)``'s read bandwidth on the same rows in the same run, and ``stats_vs_row_sum_bandwidth`` the
+statistics kernel's over it: how near a plain row reduction of the chip it reads.
 
 On an H100 the rkl ``full`` step's profile gave 305 µs per 384-row chunk for the statistics (466 MB: 1.5 TB/s)
 and 209 µs for the gradient (583 MB: 2.8 TB/s), before the statistics kept their sums per lane
@@ -66,6 +68,8 @@ def main() -> None:
     stats = torch.empty(len(triton_chunk.STAT_ROWS), args.rows, device=device)
     grad = torch.empty(args.rows, args.vocab, dtype=torch.bfloat16, device=device)
     row_bytes = args.rows * args.vocab * 4  # one fp32 [rows, V] tensor
+    # the chip's read bandwidth on the same rows, by PyTorch's own row reduction: the bar for both kernels
+    read_gb_per_s = row_bytes / median_ms(lambda: torch.sum(z, dim=1), device, args.repeats) / 1e6
     # None: the engine's own launches (the statistics' by divergence, triton_chunk.stats_launch)
     launches = [_launch_pair(text, triton_chunk.Launch) for text in args.launches] if args.launches else [None]
     reference = {}  # divergence → the first launch's statistics and gradient
@@ -103,6 +107,8 @@ def main() -> None:
             "grad_ms": grad_ms, "grad_bytes": grad_bytes, "grad_gb_per_s": grad_bytes / grad_ms / 1e6,
         }
         record["stats_vs_grad_bandwidth"] = record["stats_gb_per_s"] / record["grad_gb_per_s"]
+        record["torch_row_sum_gb_per_s"] = read_gb_per_s
+        record["stats_vs_row_sum_bandwidth"] = record["stats_gb_per_s"] / read_gb_per_s
         print(json.dumps(record), flush=True)
 
 
