@@ -99,8 +99,8 @@ def measure(h, w, temperature: float, repeats: int, configs: list[tuple] | None)
     for kernel, config in CANDIDATES if configs is None else configs:
         launch = (kernel, GemmConfig(*config))
         try:
-            logits, lse = logits_with_lse(h, w, None, temperature, launch)
-            ms = median_ms(lambda launch=launch: logits_with_lse(h, w, None, temperature, launch), device, repeats)
+            logits, lse = logits_with_lse(h, w, temperature, launch)
+            ms = median_ms(lambda launch=launch: logits_with_lse(h, w, temperature, launch), device, repeats)
         except Exception as error:  # a configuration the compiler or the chip refuses: the others go on
             print(json.dumps({**record, "kernel": kernel, "config": config,
                               "error": f"{type(error).__name__}: {error}"[:400]}), flush=True)

@@ -1,4 +1,4 @@
-"""A chunk's logits GEMM with the log-partition in its epilogue: ``z = h Wᵀ (+ b)`` in fp32 and
+"""A chunk's logits GEMM with the log-partition in its epilogue: ``z = h Wᵀ`` in fp32 and
 ``log Z = log Σ_j e^{z_j / T}`` per row, from one pass over the operands.
 
 The engine's row kernels (:mod:`fdivctl.engine.triton_chunk`) need ``log Z`` of the student (and of a teacher
@@ -73,14 +73,12 @@ def _tile(index, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def _epilogue(acc, pid_m, pid_n, bias_ptr, z_ptr, part_ptr, M, N, stride_z, part_stride, inv_t,
-              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store the fp32 tile ``acc`` (+ bias) of ``z``, and per row ``max_j x_j`` and ``Σ_j e^{x_j − max}`` over its
-    columns (``x = z · inv_t``; a row of −inf only, from a −inf bias, gives −inf and 0, no −inf − (−inf))."""
+def _epilogue(acc, pid_m, pid_n, z_ptr, part_ptr, M, N, stride_z, part_stride, inv_t,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the fp32 tile ``acc`` of ``z``, and per row ``max_j x_j`` and ``Σ_j e^{x_j − max}`` over its
+    columns (``x = z · inv_t``; a row of −inf only gives −inf and 0, no −inf − (−inf))."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], acc, mask=inside)
     x = tl.where(cols[None, :] < N, acc * inv_t, float("-inf"))
@@ -92,8 +90,8 @@ def _epilogue(acc, pid_m, pid_n, bias_ptr, z_ptr, part_ptr, M, N, stride_z, part
 
 
 @triton.jit
-def _pointer_kernel(h_ptr, w_ptr, stride_h, stride_w, bias_ptr, z_ptr, part_ptr, M, N, K, stride_z, part_stride,
-                    inv_t, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _pointer_kernel(h_ptr, w_ptr, stride_h, stride_w, z_ptr, part_ptr, M, N, K, stride_z, part_stride,
+                    inv_t, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``z = h Wᵀ`` per program (fp32 accumulation), then the epilogue."""
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -110,13 +108,12 @@ def _pointer_kernel(h_ptr, w_ptr, stride_h, stride_w, bias_ptr, z_ptr, part_ptr,
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    _epilogue(acc, pid_m, pid_n, bias_ptr, z_ptr, part_ptr, M, N, stride_z, part_stride, inv_t, HAS_BIAS, BLOCK_M,
-              BLOCK_N)
+    _epilogue(acc, pid_m, pid_n, z_ptr, part_ptr, M, N, stride_z, part_stride, inv_t, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _tma_kernel(h_desc, w_desc, bias_ptr, z_ptr, part_ptr, M, N, K, stride_z, part_stride, inv_t,
-                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tma_kernel(h_desc, w_desc, z_ptr, part_ptr, M, N, K, stride_z, part_stride, inv_t,
+                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
     """The same tiles, ``PROGRAMS`` persistent programs each taking every ``PROGRAMS``-th, the operand blocks
     loaded through tensor descriptors (out-of-range rows and columns read as zeros)."""
@@ -131,8 +128,7 @@ def _tma_kernel(h_desc, w_desc, bias_ptr, z_ptr, part_ptr, M, N, K, stride_z, pa
                 acc = tl.dot(a, b.T, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b.T, acc)
-        _epilogue(acc, pid_m, pid_n, bias_ptr, z_ptr, part_ptr, M, N, stride_z, part_stride, inv_t, HAS_BIAS,
-                  BLOCK_M, BLOCK_N)
+        _epilogue(acc, pid_m, pid_n, z_ptr, part_ptr, M, N, stride_z, part_stride, inv_t, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -165,11 +161,10 @@ def _descriptor_ok(tensor: torch.Tensor) -> bool:
 def logits_with_lse(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
     temperature: float,
     launch: tuple[str, GemmConfig],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z = hidden @ weightᵀ (+ bias)`` fp32 ``[M, V]``, ``log Σ_j e^{z_j / temperature}`` fp32 ``[M]``), the
+    """``(z = hidden @ weightᵀ`` fp32 ``[M, V]``, ``log Σ_j e^{z_j / temperature}`` fp32 ``[M]``), the
     GEMM accumulating in fp32 (fp32 operands multiply in IEEE fp32, not TF32).  ``hidden`` ``[M, K]`` and
     ``weight`` ``[V, K]`` in one dtype with unit column stride.  ``launch``: ``(kernel, config)``, ``kernel``
     ``"pointer"`` or ``"tma"`` (``tma`` falls back to ``pointer`` for operands it cannot address): the GEMM, then
@@ -185,9 +180,9 @@ def logits_with_lse(
     tiles = triton.cdiv(m, block_m) * tiles_n
     logits = torch.empty(m, n, dtype=torch.float32, device=x.device)
     part = torch.empty(2, tiles_n, m, dtype=torch.float32, device=x.device)  # per tile and row: max, Σ e^{x − max}
-    tail = (x if bias is None else bias, logits, part, m, n, k, logits.stride(0), part.stride(0), 1.0 / temperature)
-    meta = {"HAS_BIAS": bias is not None, "IEEE": weight.dtype == torch.float32, "BLOCK_M": block_m,
-            "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
+    tail = (logits, part, m, n, k, logits.stride(0), part.stride(0), 1.0 / temperature)
+    meta = {"IEEE": weight.dtype == torch.float32, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
     if m:
         if kernel == "pointer":
             _pointer_kernel[(tiles,)](x, weight, x.stride(0), weight.stride(0), *tail, **meta)
